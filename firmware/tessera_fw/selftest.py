@@ -1,0 +1,79 @@
+# Firmware self-test: known-answer checks of every subsystem, run on the board itself.
+# Each suite module exposes CHECKS, a tuple of (name, function); a check raises on failure.
+# Output: one line per check, then "SELFTEST PASS n/n ..." or "SELFTEST FAIL k/n ...".
+import gc
+import sys
+import time
+
+SUITES = ("tessera_fw.crypto.selftest",)
+
+
+def _ticks_ms():
+    try:
+        return time.ticks_ms()
+    except AttributeError:
+        return int(time.time() * 1000)
+
+
+def _peak():
+    try:
+        import micropython
+
+        return micropython.mem_peak()  # unix port with mem stats
+    except (ImportError, AttributeError):
+        return -1
+
+
+def run(suites=SUITES, out=print):
+    gc.collect()
+    base = gc.mem_alloc()
+    low_free = gc.mem_free()
+    passed = failed = 0
+    t0 = _ticks_ms()
+    for suite in suites:
+        mod = __import__(suite, None, None, ("CHECKS",))
+        for name, fn in mod.CHECKS:
+            gc.collect()
+            start = _ticks_ms()
+            try:
+                fn()
+                ok = True
+                why = ""
+            except Exception as e:  # report and keep going: every check gets its line
+                ok = False
+                why = "%s: %s" % (type(e).__name__, e)
+            free = gc.mem_free()
+            if free < low_free:
+                low_free = free
+            if ok:
+                passed += 1
+            else:
+                failed += 1
+            out("%s %s %dms%s" % ("ok  " if ok else "FAIL", name, _ticks_ms() - start, (" " + why) if why else ""))
+    gc.collect()
+    total = passed + failed
+    out("SELFTEST %s %d/%d in %dms heap_used=%d min_free=%d peak=%d platform=%s" % (
+        "PASS" if not failed else "FAIL", passed, total, _ticks_ms() - t0,
+        gc.mem_alloc() - base, low_free, _peak(), sys.platform))
+    return failed == 0
+
+
+def status():
+    """One JSON line describing the board (used by `tessera board status`)."""
+    import json
+    import os
+    import tessera_fw
+
+    gc.collect()
+    try:
+        files = sorted(os.listdir("lib/tessera_fw")) if "tessera_fw" in os.listdir("lib") else []
+    except OSError:
+        files = []
+    print(json.dumps({
+        "firmware": tessera_fw.VERSION,
+        "platform": sys.platform,
+        "micropython": ".".join(str(v) for v in sys.implementation.version[:3]),
+        "mem_free": gc.mem_free(),
+        "mem_alloc": gc.mem_alloc(),
+        "lib": files,
+    }))

