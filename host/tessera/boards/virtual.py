@@ -3,8 +3,9 @@
 The process runs with the board profile's heap (-X heapsize=) in its own filesystem
 directory, with ./lib on its module path like /lib on a real board. A second pty is the
 "USB serial port" that mpremote connects to; the bridge copies bytes between the two.
-When the interpreter exits (a soft reset ends a unix process) the bridge starts it again,
-as a board reboots, so `mpremote connect <pty> resume ...` works exactly as on hardware.
+At start the interpreter runs boot.py and main.py from its filesystem like a board, then
+waits in the REPL. When it exits (a soft reset ends a unix process; a test may kill it to
+simulate a power cut) the bridge starts it again, as a board reboots, so `mpremote connect <pty> resume ...` works exactly as on hardware.
 
 Run the bridge with `python -m tessera.boards.virtual --board esp32 --dir DIR`; normally
 `tessera board virtual start` or VirtualBoard.start() does that.
@@ -12,12 +13,14 @@ Run the bridge with `python -m tessera.boards.virtual --board esp32 --dir DIR`; 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import select
 import signal
 import subprocess
 import sys
+import termios
 import time
 import tty
 from dataclasses import dataclass
@@ -120,13 +123,50 @@ def running_boards() -> list[tuple[VirtualBoard, dict]]:
 # ---------------------------------------------------------------- the bridge process
 
 
-def _spawn(interp: str, heap: str, fs: Path, slave: int) -> subprocess.Popen:
+# Boot sequence of a real board: run boot.py then main.py from the filesystem root, as
+# scripts; Ctrl-C or an exception in them drops to the REPL (-i), where mpremote takes over.
+BOOT_SCRIPT = """\
+import os, sys
+sys.path[0] = ''
+for _f in ('boot.py', 'main.py'):
+    try:
+        os.stat(_f)
+    except OSError:
+        continue
+    try:
+        exec(open(_f).read(), {'__name__': '__main__'})
+    except KeyboardInterrupt:
+        print('%s interrupted' % _f)
+        break
+    except Exception as _e:
+        sys.print_exception(_e)
+        break
+"""
+
+
+def _spawn(interp: str, heap: str, fs: Path, slave: int, boot: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MICROPY")}
     env["MICROPYPATH"] = ".frozen:./lib"
+
+    def as_console() -> None:
+        # New session with the pty as controlling terminal, so the Ctrl-C that mpremote
+        # sends becomes SIGINT and interrupts a running main.py, as on a board.
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
     return subprocess.Popen(
-        [interp, "-X", f"heapsize={heap}"], stdin=slave, stdout=slave, stderr=slave, cwd=fs, env=env,
-        start_new_session=True,
+        [interp, "-X", f"heapsize={heap}", "-i", str(boot)], stdin=slave, stdout=slave, stderr=slave,
+        cwd=fs, env=env, preexec_fn=as_console,
     )
+
+
+def _console_mode(fd: int) -> None:
+    """Raw (no \\n -> \\r\\n rewriting: mpremote expects the exact bytes) but with ISIG,
+    so Ctrl-C raises SIGINT in the interpreter while it runs code."""
+    tty.setraw(fd)
+    attrs = termios.tcgetattr(fd)
+    attrs[3] |= termios.ISIG
+    termios.tcsetattr(fd, termios.TCSANOW, attrs)
 
 
 def serve(board: str, directory: Path) -> int:
@@ -136,10 +176,12 @@ def serve(board: str, directory: Path) -> int:
     interp = micropython_path()
     dev_master, dev_slave = os.openpty()  # the board's side: the interpreter's console
     usb_master, usb_slave = os.openpty()  # the host's side: the "USB serial port"
-    tty.setraw(dev_slave)  # no \n -> \r\n rewriting: mpremote expects the exact bytes
+    _console_mode(dev_slave)
     tty.setraw(usb_slave)
+    boot = directory / "vboot.py"
+    boot.write_text(BOOT_SCRIPT)
     port = os.ttyname(usb_slave)
-    proc = _spawn(interp, prof.heapsize_arg, fs, dev_slave)
+    proc = _spawn(interp, prof.heapsize_arg, fs, dev_slave, boot)
     boots = 1
     stopping = False
 
@@ -175,7 +217,7 @@ def serve(board: str, directory: Path) -> int:
             if proc.poll() is not None and not stopping:
                 # The interpreter ended (soft reset, sys.exit, crash): reboot the "board".
                 print(f"interpreter exited with {proc.returncode}; rebooting", flush=True)
-                proc = _spawn(interp, prof.heapsize_arg, fs, dev_slave)
+                proc = _spawn(interp, prof.heapsize_arg, fs, dev_slave, boot)
                 boots += 1
                 write_state()
     finally:

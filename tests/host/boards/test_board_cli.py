@@ -134,3 +134,25 @@ def test_mip_install_from_package_json(tessera_var):
         assert "SELFTEST PASS" in out
     finally:
         vb.stop()
+
+
+def test_virtual_board_runs_main_py_at_boot_and_mpremote_interrupts_it(tessera_var):
+    """Like hardware: main.py starts at boot; mpremote's Ctrl-C stops it and gets a REPL."""
+    vb = VirtualBoard("boot-test", "esp32")
+    try:
+        port = vb.start(fresh=True)
+        r = Remote(port)
+        r.exec("open('main.py', 'w').write('import time\\nn = 0\\nwhile True:\\n    n += 1\\n    open(\"alive\", \"w\").write(str(n))\\n    time.sleep(0.05)\\n')")
+        boots = vb.state()["boots"]
+        r.run("exec", "import sys; sys.exit(0)")  # reboot
+        deadline = time.monotonic() + 5
+        while vb.state()["boots"] == boots and time.monotonic() < deadline:
+            time.sleep(0.05)
+        alive = vb.fs / "alive"
+        deadline = time.monotonic() + 5
+        while not alive.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert alive.exists(), "main.py did not run at boot"
+        assert r.exec("print(6 * 7)").strip() == "42"  # main.py was interrupted, REPL answered
+    finally:
+        vb.stop()
