@@ -9,6 +9,7 @@ from micropython import const
 _MODE_ECB = const(1)
 _MODE_CBC = const(2)
 BLOCK = const(16)
+_MAX_CTR = (1 << 128) - 1
 
 
 class AESError(ValueError):
@@ -68,21 +69,32 @@ class CTR:
         if len(counter) != BLOCK:
             raise AESError("counter must be 16 bytes")
         self._ecb = cryptolib.aes(key, _MODE_ECB)
-        self._ctr = int.from_bytes(counter, "big")
+        self._ctr = int.from_bytes(counter, "big")  # counter of the next keystream block
         self._blocks = bytearray(BLOCK * chunk)
         self._stream = bytearray(BLOCK * chunk)
         self._chunk = chunk
         self._left = 0  # unused keystream bytes at the end of _stream
+        # All `chunk` counter blocks in one big-integer expression, c*R + S, where R repeats
+        # a 1 in every 128-bit lane and S holds 0, 1, 2, ... : a few C-level operations per
+        # refill instead of a Python loop per block.
+        r = s = 0
+        for i in range(chunk):
+            r = (r << 128) | 1
+            s = (s << 128) | i
+        self._rep = r
+        self._steps = s
 
     def _refill(self):
-        b = self._blocks
         c = self._ctr
-        mask = (1 << 128) - 1
-        for i in range(self._chunk):
-            b[i * 16:i * 16 + 16] = c.to_bytes(16, "big")
-            c = (c + 1) & mask
-        self._ctr = c
-        self._ecb.encrypt(b, self._stream)
+        n = self._chunk
+        if c + n <= _MAX_CTR:
+            self._blocks[:] = (c * self._rep + self._steps).to_bytes(BLOCK * n, "big")
+        else:  # the counter wraps inside this chunk: lane by lane, modulo 2^128
+            b = self._blocks
+            for i in range(n):
+                b[i * BLOCK:(i + 1) * BLOCK] = ((c + i) & _MAX_CTR).to_bytes(BLOCK, "big")
+        self._ctr = (c + n) & _MAX_CTR
+        self._ecb.encrypt(self._blocks, self._stream)
         self._left = len(self._stream)
 
     def crypt(self, data, out=None):
@@ -90,6 +102,8 @@ class CTR:
         if out is None:
             out = bytearray(n)
         s = self._stream
+        mv = memoryview(data)
+        sv = memoryview(s)
         pos = 0
         while pos < n:
             if not self._left:
@@ -97,7 +111,7 @@ class CTR:
             start = len(s) - self._left
             take = min(self._left, n - pos)
             # XOR a run at once through big integers: one C-level operation per run.
-            x = int.from_bytes(data[pos:pos + take], "big") ^ int.from_bytes(s[start:start + take], "big")
+            x = int.from_bytes(mv[pos:pos + take], "big") ^ int.from_bytes(sv[start:start + take], "big")
             out[pos:pos + take] = x.to_bytes(take, "big")
             pos += take
             self._left -= take
