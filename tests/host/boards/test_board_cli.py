@@ -156,3 +156,43 @@ def test_virtual_board_runs_main_py_at_boot_and_mpremote_interrupts_it(tessera_v
         assert r.exec("print(6 * 7)").strip() == "42"  # main.py was interrupted, REPL answered
     finally:
         vb.stop()
+
+
+def test_repl_on_a_virtual_board_through_a_terminal(deployed_boards, tessera_var):
+    """`tessera board repl` attaches the user's terminal to the board's REPL."""
+    import os
+    import pty
+    import select
+    import sys
+
+    pid, fd = pty.fork()
+    if pid == 0:  # child: the CLI on a real terminal
+        os.execv(sys.executable, [sys.executable, "-m", "tessera", "board", "repl", "--port", deployed_boards["rp2040"].port])
+    seen = b""
+    try:
+        deadline = time.monotonic() + 15
+        sent = False
+        while time.monotonic() < deadline and b"4242" not in seen:
+            r, _, _ = select.select([fd], [], [], 0.2)
+            if r:
+                try:
+                    seen += os.read(fd, 4096)
+                except OSError:
+                    break
+            if not sent and b"Connected" in seen:
+                time.sleep(0.3)
+                os.write(fd, b"\rprint(42 * 101)\r")
+                sent = True
+        assert b"4242" in seen, seen[-300:]
+        os.write(fd, b"\x1d")  # Ctrl-] leaves mpremote's terminal
+        for _ in range(100):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            raise AssertionError("repl did not exit on Ctrl-]")
+    finally:
+        os.close(fd)
