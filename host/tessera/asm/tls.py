@@ -39,6 +39,8 @@ SUITE_ID = 0x002F
 OPENSSL_CIPHER = "AES128-SHA"  # OpenSSL's name for TLS_RSA_WITH_AES_128_CBC_SHA
 CIPHER_STRING = f"{OPENSSL_CIPHER}:@SECLEVEL=0"
 
+OP_NO_ENCRYPT_THEN_MAC = 1 << 19  # SSL_OP_NO_ENCRYPT_THEN_MAC (OpenSSL >= 1.1.0), not exported by ssl
+
 CT_CCS, CT_ALERT, CT_HANDSHAKE, CT_APPDATA = 20, 21, 22, 23
 
 
@@ -66,6 +68,9 @@ def make_context(creds: Credentials, server: bool) -> ssl.SSLContext:
     ctx.set_ciphers(CIPHER_STRING)  # the lowered security level is confined to this context
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_TICKET
     ctx.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    # RFC 2246 records are MAC-then-encrypt; keep OpenSSL from negotiating RFC 7366
+    # encrypt-then-MAC, which a strict 430-6 peer would not know (and which changes sizes).
+    ctx.options |= OP_NO_ENCRYPT_THEN_MAC
     ctx.verify_mode = ssl.CERT_REQUIRED  # clause 6.4 item 1: mutual authentication
     ctx.load_cert_chain(str(creds.cert_chain), str(creds.key))
     ctx.load_verify_locations(str(creds.trust))
