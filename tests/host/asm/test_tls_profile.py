@@ -129,8 +129,19 @@ def test_tls12_client_refused(pki, responder):
     c = pki.creds("initiator")
     ctx.load_cert_chain(str(c.cert_chain), str(c.key))
     ctx.load_verify_locations(str(c.trust))
+    proxy = RecordingProxy(responder.port)
+    pport = responder.lt.run(proxy.start())
     with pytest.raises((ssl.SSLError, ConnectionError)):
-        _raw_client(responder.port, ctx).recv(1)
+        _raw_client(pport, ctx).recv(1)
+    time.sleep(0.1)
+    responder.lt.run(proxy.stop())
+    s = parse_records(bytes(proxy.s2c))
+    # The responder never agrees to TLS 1.2: its ServerHello (if any) says TLS 1.0, which a
+    # 1.2-only client then rejects; no application data ever flows.
+    hello = [m for t, m in handshake_messages(s) if t == 2]
+    assert all(m[:2] == b"\x03\x01" for m in hello)
+    assert not [r for r in s if r.type == 23]
+    assert not any(e[3] == "LinkOpened" for e in responder.responder.log.events())
     assert SyncTLSClient(responder.port, pki.creds("initiator")).chan.handshake_done  # others still served
 
 
@@ -146,6 +157,9 @@ def test_other_cipher_suite_refused(pki, responder):
     ctx.load_verify_locations(str(c.trust))
     with pytest.raises((ssl.SSLError, ConnectionError)):
         _raw_client(responder.port, ctx).recv(1)
+    time.sleep(0.1)
+    logged = b"".join(responder.responder.log.get(e[0]) for e in responder.responder.log.events())
+    assert b"NO_SHARED_CIPHER" in logged
 
 
 def test_initiator_refuses_tls12_server(pki, tmp_path):
