@@ -48,6 +48,10 @@ class TLSProfileError(Exception):
     """The peer broke the ASM TLS profile (or is not speaking TLS at all)."""
 
 
+class TLSClosed(ConnectionError):
+    """The peer ended the TLS session with close_notify (an orderly close)."""
+
+
 @dataclass(frozen=True)
 class Credentials:
     """PEM files: our leaf certificate (+ intermediates), its key, and the trusted roots."""
@@ -235,7 +239,7 @@ class TLSChannel:
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
-                raise TLSProfileError("peer closed the TLS session") from None
+                raise TLSClosed("peer closed the TLS session") from None
             if not chunk:
                 break
             got += chunk
