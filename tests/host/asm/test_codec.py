@@ -199,3 +199,55 @@ def test_batch_count_length_mismatch(count, item_len, tail):
         assert err.kind in ("batch-item-length", "truncated-batch", "long-value", "duplicate-id", "short-value")
         return
     assert item_len == 4 and count * 4 == len(tail) and len(m.key_ids) == count
+
+
+# --------------------------------------------------------------------------- engine + handler
+requests = st.one_of(
+    st.builds(codec.GetTimeRequest, rid),
+    st.builds(codec.GetEventListRequest, rid, u32, u32),
+    st.builds(codec.GetEventIDRequest, rid, u32),
+    st.builds(codec.QuerySPBRequest, rid),
+    st.builds(codec.LEKeyLoadRequest, rid, lekeys),
+    st.builds(codec.LEKeyQueryIDRequest, rid, u32),
+    st.builds(codec.LEKeyQueryAllRequest, rid),
+    st.builds(codec.LEKeyPurgeIDRequest, rid, u32),
+    st.builds(codec.LEKeyPurgeAllRequest, rid),
+).map(lambda m: m.encode())
+wire_items = st.one_of(requests, st.sampled_from([bytes.fromhex(c["hex"]) for c in MALFORMED if c["expect"] != "fatal"]))
+
+
+@pytest.fixture(scope="module")
+def handler(tmp_path_factory, pki):
+    from tessera.asm.responder import Responder, ResponderConfig
+
+    r = Responder(ResponderConfig(pki.creds("responder"), tmp_path_factory.mktemp("h") / "h.db", port=0))
+    yield r
+    r.log.close()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.lists(wire_items, min_size=1, max_size=8), st.integers(1, 64))
+def test_pipelined_stream_gets_one_matching_response_each(handler, items, chunk):
+    """Any mix of valid and malformed requests, split anywhere: exactly one response per
+    request, in order, echoing the Request_ID or carrying the complete copy."""
+    eng = ResponderEngine()
+    stream = b"".join(items)
+    for i in range(0, len(stream), chunk):
+        eng.receive_data(stream[i:i + chunk])
+    answered = 0
+    while (ev := eng.next_event()) is not None:
+        raw = items[answered]
+        if isinstance(ev, MalformedRequest):
+            resp = codec.BadRequestResponse(ev.raw, codec.GeneralResponse.INVALID)
+        elif isinstance(ev, InvalidParameter):
+            resp = ev.response
+        else:
+            resp = handler.handle(ev.request, "t")
+        out = codec.decode(eng.send_response(resp))
+        if isinstance(out, codec.BadRequestResponse):
+            assert out.request_copy == raw
+        else:
+            assert out.request_id == int.from_bytes(raw[20:24], "big")
+            assert codec.BY_KEY[raw[:16]] in codec.RESPONSE_FOR and type(out) is codec.RESPONSE_FOR[codec.BY_KEY[raw[:16]]]
+        answered += 1
+    assert answered == len(items)

@@ -13,7 +13,7 @@ import pytest
 from tessera.asm import codec
 from tessera.asm.codec import LEKey
 from tessera.asm.initiator import Initiator
-from tessera.asm.tls import MAX_PLAINTEXT, TLSProfileError, make_context, parse_records
+from tessera.asm.tls import MAX_PLAINTEXT, TLSProfileError, parse_records
 
 from asm_helpers import SyncTLSClient
 
