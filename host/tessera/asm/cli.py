@@ -1,0 +1,221 @@
+"""`tessera asm`: the ASM responder and initiator (SMPTE 430-6) from the command line."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import secrets
+import ssl
+from pathlib import Path
+
+from tessera.asm.codec import GeneralResponse, LEKey, SPBStatus
+from tessera.asm.initiator import Initiator, LinkFailure, LogCollector, RequestRefused
+from tessera.asm.net import PeerRejected
+from tessera.asm.responder import Responder, ResponderConfig
+from tessera.asm.store import SecurityLog
+from tessera.asm.tls import ASM_PORT, Credentials, TLSProfileError
+from tessera.errors import TesseraError
+from tessera.paths import var_dir
+
+log = logging.getLogger("tessera.asm")
+
+
+def _creds(args: argparse.Namespace, default_name: str) -> Credentials:
+    if args.pki:
+        d = Path(args.pki)
+        name = args.name or default_name
+        cert, key, trust = d / f"{name}.pem", d / f"{name}.key", d / "root.pem"
+    else:
+        if not (args.cert and args.key and args.trust):
+            raise TesseraError("give --pki DIR [--name NAME], or --cert, --key and --trust")
+        cert, key, trust = Path(args.cert), Path(args.key), Path(args.trust)
+    for p in (cert, key, trust):
+        if not p.exists():
+            raise TesseraError(f"missing file: {p}")
+    return Credentials(cert, key, trust)
+
+
+def _add_creds(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("credentials")
+    g.add_argument("--pki", metavar="DIR", help="a directory made by `tessera pki create`")
+    g.add_argument("--name", help="leaf name inside --pki (default: initiator / responder)")
+    g.add_argument("--cert", help="PEM: our certificate followed by its intermediates")
+    g.add_argument("--key", help="PEM private key")
+    g.add_argument("--trust", help="PEM trusted root(s)")
+
+
+# --------------------------------------------------------------------------- responder
+def cmd_responder(args: argparse.Namespace) -> int:
+    cfg = ResponderConfig(
+        creds=_creds(args, "responder"), db=Path(args.db or var_dir() / "asm-responder.db"),
+        host=args.host, port=args.port, key_capacity=args.capacity,
+        persist_keys=Path(args.persist_keys) if args.persist_keys else None, budget=args.budget)
+
+    async def main() -> None:
+        r = Responder(cfg)
+        try:
+            port = await r.start()
+            print(f"ASM responder on {cfg.host}:{port}, security log {cfg.db}", flush=True)
+            await r.serve_forever()
+        finally:
+            await r.stop()
+
+    try:
+        asyncio.run(main())
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise TesseraError(f"responder: {exc}") from None
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Drive the responder's QuerySPB status (clause 7.5) through its database."""
+    slog = SecurityLog(Path(args.db or var_dir() / "asm-responder.db"))
+    try:
+        if args.state:
+            st = {"not-playing": SPBStatus.NOT_PLAYING, "playing": SPBStatus.PLAYING,
+                  "alert": SPBStatus.SECURITY_ALERT}[args.state]
+            slog.set_status(st)
+            if st is SPBStatus.SECURITY_ALERT:
+                slog.record("Operations", "SPBSecurityAlert", exceptions={"Reason": args.reason or "raised by operator"})
+        print(slog.get_status().name.lower().replace("_", "-"))
+    finally:
+        slog.close()
+    return 0
+
+
+# --------------------------------------------------------------------------- initiator
+def _keys_from(args: argparse.Namespace) -> list[LEKey]:
+    keys: list[LEKey] = []
+    if args.keys_file:
+        try:
+            for k in json.loads(Path(args.keys_file).read_text()):
+                keys.append(LEKey(int(k["id"]), bytes.fromhex(k["key"]), int(k.get("expire", args.expire)),
+                                  int(k["attribute"]) if "attribute" in k else int.from_bytes(secrets.token_bytes(8), "big")))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise TesseraError(f"bad keys file {args.keys_file}: {type(exc).__name__}") from None
+    for i in range(args.random):
+        # attribute data: the AES counter-mode seed, unique random per key (clause 8.1)
+        keys.append(LEKey(args.first_id + i, secrets.token_bytes(16), args.expire,
+                          int.from_bytes(secrets.token_bytes(8), "big")))
+    if not keys:
+        raise TesseraError("no keys: give --random N or --keys-file FILE")
+    return keys
+
+
+def _code(v: int) -> str:
+    try:
+        return GeneralResponse(v).name.lower()
+    except ValueError:
+        return str(v)
+
+
+async def _client(args: argparse.Namespace) -> int:
+    ini = Initiator(args.host, args.port, creds=_creds(args, "initiator"), timeout=args.timeout)
+    async with ini:
+        c = args.asm_command
+        if c == "get-time":
+            r = await ini.get_time()
+            print(f"time {r.time} response {_code(r.response)}")
+        elif c == "clock-offset":
+            o = await ini.clock_offset()
+            print(f"responder clock offset {o.offset:+.1f} s (+/- {o.uncertainty:.1f} s), responder time {o.responder_time}")
+        elif c == "event-list":
+            r = await ini.get_event_list(args.start, args.stop)
+            print(f"{len(r.event_ids)} event(s) in [{args.start}, {args.stop}]: {' '.join(map(str, sorted(r.event_ids)))}")
+        elif c == "event-id":
+            r = await ini.get_event_id(args.event_id)
+            if r.response != 0:
+                print(f"response {_code(r.response)}")
+                return 1
+            print(r.log_record.decode("utf-8", "replace"))
+        elif c == "query-spb":
+            r = await ini.query_spb()
+            print(f"protocol {r.protocol_version} status {SPBStatus(r.status).name.lower().replace('_', '-') if r.status < 3 else r.status} response {_code(r.response)}")
+        elif c == "key-load":
+            keys = _keys_from(args)
+            r = await ini.le_key_load(keys)
+            print(f"loaded {len(keys)} key(s) (IDs {keys[0].key_id}..{keys[-1].key_id}): overflow {r.overflow} response {_code(r.response)}")
+            return 0 if r.response == 0 else 1
+        elif c == "key-query":
+            r = await ini.le_key_query_id(args.key_id)
+            print(f"key {args.key_id} {'present' if r.present else 'absent'}")
+        elif c == "key-query-all":
+            r = await ini.le_key_query_all()
+            print(f"{len(r.key_ids)} key(s): {' '.join(map(str, sorted(r.key_ids)))}")
+        elif c == "key-purge":
+            r = await ini.le_key_purge_id(args.key_id)
+            print(f"key {args.key_id} {'was not there' if r.no_key_id else 'purged'}")
+        elif c == "key-purge-all":
+            r = await ini.le_key_purge_all()
+            print(f"all keys purged: response {_code(r.response)}")
+        elif c == "collect":
+            col = LogCollector(Path(args.db or var_dir() / "asm-initiator.db"), args.responder or f"{args.host}:{args.port}")
+            try:
+                res = await col.collect(ini)
+            finally:
+                col.close()
+            print(f"window {res.window}: {res.listed} listed, {res.stored} stored, {res.duplicates} already held")
+    return 0
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(_client(args))
+    except PeerRejected as exc:
+        raise TesseraError(str(exc)) from None
+    except RequestRefused as exc:
+        raise TesseraError(str(exc)) from None
+    except (LinkFailure, TLSProfileError, OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+        raise TesseraError(f"cannot talk to {args.host}:{args.port}: {exc or type(exc).__name__}") from None
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("asm", help="Auditorium Security Messages (SMPTE 430-6) responder and initiator",
+                       description="ASM over the constrained TLS 1.0 profile: run a responder, or send "
+                       "requests to one as the initiator (Security Manager).")
+    s = p.add_subparsers(dest="asm_command", metavar="ACTION", required=True)
+    r = s.add_parser("responder", help="run a responder (remote SPB with an LE key store)")
+    _add_creds(r)
+    r.add_argument("--host", default="127.0.0.1")
+    r.add_argument("--port", type=int, default=ASM_PORT, help="default 1173 (clause 6.4)")
+    r.add_argument("--db", help="security log database (default var/asm-responder.db)")
+    r.add_argument("--capacity", type=int, default=16, help="LE key slots (at least 16)")
+    r.add_argument("--persist-keys", metavar="FILE", help="keep LE keys in this SQLite file (default: memory only)")
+    r.add_argument("--budget", type=float, default=2.0, help="request-to-response limit in seconds")
+    r.set_defaults(func=cmd_responder)
+
+    st = s.add_parser("status", help="set or show the responder's QuerySPB status (via its database)")
+    st.add_argument("state", nargs="?", choices=("not-playing", "playing", "alert"))
+    st.add_argument("--reason", help="logged with an alert")
+    st.add_argument("--db", help="responder database (default var/asm-responder.db)")
+    st.set_defaults(func=cmd_status)
+
+    def client(name: str, help: str) -> argparse.ArgumentParser:
+        c = s.add_parser(name, help=help)
+        _add_creds(c)
+        c.add_argument("--host", default="127.0.0.1")
+        c.add_argument("--port", type=int, default=ASM_PORT)
+        c.add_argument("--timeout", type=float, default=2.0, help="seconds before a link failure")
+        c.set_defaults(func=cmd_client)
+        return c
+
+    client("get-time", "GetTime (clause 7.2)")
+    client("clock-offset", "measure the responder clock against ours with GetTime")
+    c = client("event-list", "GetEventList over an inclusive UTC window (clause 7.3)")
+    c.add_argument("--start", type=int, default=0)
+    c.add_argument("--stop", type=int, default=0xFFFFFFFF)
+    client("event-id", "GetEventID: print one log record (clause 7.4)").add_argument("event_id", type=int)
+    client("query-spb", "QuerySPB (clause 7.5)")
+    c = client("key-load", "LEKeyLoad (clause 8.1)")
+    c.add_argument("--random", type=int, default=0, metavar="N", help="load N fresh random keys")
+    c.add_argument("--first-id", type=int, default=1)
+    c.add_argument("--expire", type=int, default=3600, help="seconds of validity")
+    c.add_argument("--keys-file", help='JSON list of {"id", "key" (hex), "expire", "attribute"}')
+    client("key-query", "LEKeyQueryID (clause 8.2)").add_argument("key_id", type=int)
+    client("key-query-all", "LEKeyQueryAll (clause 8.3)")
+    client("key-purge", "LEKeyPurgeID (clause 8.4)").add_argument("key_id", type=int)
+    client("key-purge-all", "LEKeyPurgeAll (clause 8.5)")
+    c = client("collect", "pull the responder's security log into the initiator database")
+    c.add_argument("--db", help="initiator database (default var/asm-initiator.db)")
+    c.add_argument("--responder", help="label of this responder in the database (default host:port)")

@@ -1,0 +1,224 @@
+"""ASM initiator (the Security Manager side): Python API, clock offset and log collector."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tessera.asm.codec import (BadRequestResponse, GeneralResponse, GetEventIDRequest, GetEventListRequest,
+                               GetTimeRequest, LEKey, LEKeyLoadRequest, LEKeyPurgeAllRequest,
+                               LEKeyPurgeIDRequest, LEKeyQueryAllRequest, LEKeyQueryIDRequest, Message,
+                               QuerySPBRequest)
+from tessera.asm.engine import InitiatorEngine, ProtocolError
+from tessera.asm.net import Profile, TLSStream
+from tessera.asm.tls import ASM_PORT, Credentials, TLSChannel, TLSProfileError
+
+log = logging.getLogger("tessera.asm.initiator")
+
+
+class LinkFailure(Exception):
+    """No (valid) answer within the budget; the TLS session has been restarted."""
+
+
+class RequestRefused(Exception):
+    """The responder answered BadRequest."""
+
+    def __init__(self, resp: BadRequestResponse) -> None:
+        code = GeneralResponse(resp.response).name if resp.response in GeneralResponse._value2member_map_ else resp.response
+        super().__init__(f"responder answered BadRequest ({code})")
+        self.response = resp
+
+
+@dataclass(frozen=True)
+class ClockOffset:
+    offset: float  # responder clock minus ours, seconds
+    uncertainty: float  # half the round trip plus the 1-second resolution of GetTime
+    responder_time: int
+
+
+class Initiator:
+    """One TLS connection to a responder; every request of clauses 7 and 8 as a coroutine.
+
+    A request unanswered within `timeout` (2 s, clause 7) is a link failure: the session is
+    closed and reopened, LinkFailure is raised for that request, and the next call carries on.
+    """
+
+    def __init__(self, host: str, port: int = ASM_PORT, *, creds: Credentials, timeout: float = 2.0,
+                 connect_timeout: float = 5.0) -> None:
+        self.host, self.port = host, port
+        self.profile = Profile(creds, server=False)
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._stream: TLSStream | None = None
+        self._engine: InitiatorEngine | None = None
+        self.peer_thumbprint: str | None = None
+        self.link_restarts = 0
+        self._lock = asyncio.Lock()
+
+    async def __aenter__(self) -> Initiator:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        await self.close()
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), self.connect_timeout)
+        stream = TLSStream(reader, writer, TLSChannel(self.profile.ctx, server=False))
+        try:
+            await asyncio.wait_for(stream.handshake(), self.connect_timeout)
+            self.peer_thumbprint, _ = self.profile.check_peer(stream.chan.peer_certificate())
+        except BaseException:
+            await stream.aclose()
+            raise
+        self._stream, self._engine = stream, InitiatorEngine()
+        log.debug("connected to %s:%d", self.host, self.port)
+
+    async def close(self) -> None:
+        if self._stream is not None:
+            s, self._stream, self._engine = self._stream, None, None
+            await s.aclose()
+
+    async def _restart(self, why: str) -> None:
+        self.link_restarts += 1
+        log.warning("link failure (%s): restarting the TLS session", why)
+        await self.close()
+        try:
+            await self.connect()
+        except (OSError, asyncio.TimeoutError, TLSProfileError) as exc:
+            log.warning("reconnect failed: %s", exc)
+
+    async def request(self, build, retries: int = 0) -> Message:
+        """`build(request_id) -> request`. Raises LinkFailure or RequestRefused."""
+        async with self._lock:
+            for attempt in range(retries + 1):
+                if self._stream is None:
+                    await self.connect()
+                assert self._stream and self._engine
+                req = build(self._engine.new_request_id())
+                try:
+                    resp = await asyncio.wait_for(self._exchange(req), self.timeout)
+                except (asyncio.TimeoutError, ProtocolError, TLSProfileError, ConnectionError) as exc:
+                    why = "no answer within the budget" if isinstance(exc, asyncio.TimeoutError) else str(exc)
+                    await self._restart(why)
+                    if attempt == retries:
+                        raise LinkFailure(why) from None
+                    continue
+                if isinstance(resp, BadRequestResponse):
+                    raise RequestRefused(resp)
+                return resp
+        raise AssertionError("unreachable")
+
+    async def _exchange(self, req: Message) -> Message:
+        assert self._stream and self._engine
+        await self._stream.send(self._engine.send_request(req))
+        while True:
+            resp = self._engine.receive_data(await self._stream.recv())
+            if resp is not None:
+                return resp
+
+    # -- clause 7
+    async def get_time(self):
+        return await self.request(GetTimeRequest)
+
+    async def get_event_list(self, start: int, stop: int):
+        return await self.request(lambda r: GetEventListRequest(r, start, stop))
+
+    async def get_event_id(self, event_id: int):
+        return await self.request(lambda r: GetEventIDRequest(r, event_id))
+
+    async def query_spb(self):
+        return await self.request(QuerySPBRequest)
+
+    # -- clause 8
+    async def le_key_load(self, keys: list[LEKey]):
+        return await self.request(lambda r: LEKeyLoadRequest(r, tuple(keys)))
+
+    async def le_key_query_id(self, key_id: int):
+        return await self.request(lambda r: LEKeyQueryIDRequest(r, key_id))
+
+    async def le_key_query_all(self):
+        return await self.request(LEKeyQueryAllRequest)
+
+    async def le_key_purge_id(self, key_id: int):
+        return await self.request(lambda r: LEKeyPurgeIDRequest(r, key_id))
+
+    async def le_key_purge_all(self):
+        return await self.request(LEKeyPurgeAllRequest)
+
+    async def clock_offset(self) -> ClockOffset:
+        """Clause 7.2 note: the SM measures the responder's clock against its own."""
+        t0 = time.time()
+        resp = await self.get_time()
+        t1 = time.time()
+        mid = (t0 + t1) / 2
+        return ClockOffset(resp.time + 0.5 - mid, (t1 - t0) / 2 + 0.5, resp.time)
+
+
+# --------------------------------------------------------------------------- collector
+@dataclass(frozen=True)
+class CollectResult:
+    window: tuple[int, int] | None
+    listed: int
+    stored: int
+    duplicates: int
+
+
+class LogCollector:
+    """Pulls a responder's security log into the initiator's SQLite, window after window.
+
+    Windows are inclusive (clause 7.3) and book-ended: each run asks [next_start, T - 1]
+    where T is the responder's own GetTime, so the last second is complete before it is
+    asked for, the next run starts at T, and nothing falls between runs. Records are keyed
+    by (responder, Event ID), so a window asked twice (a crash between storing and
+    advancing) stores no duplicate.
+    """
+
+    def __init__(self, db: Path | str, responder: str) -> None:
+        self.responder = responder
+        self._db = sqlite3.connect(str(db), timeout=5.0)
+        self._db.executescript(
+            "CREATE TABLE IF NOT EXISTS collected (responder TEXT, event_id INTEGER, window_start INTEGER, "
+            "window_stop INTEGER, collected_at INTEGER, xml BLOB, PRIMARY KEY (responder, event_id));"
+            "CREATE TABLE IF NOT EXISTS collector_state (responder TEXT PRIMARY KEY, next_start INTEGER);")
+        self._db.commit()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def next_start(self) -> int:
+        row = self._db.execute("SELECT next_start FROM collector_state WHERE responder=?", (self.responder,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def records(self) -> list[tuple[int, bytes]]:
+        return [(r[0], bytes(r[1])) for r in self._db.execute(
+            "SELECT event_id, xml FROM collected WHERE responder=? ORDER BY event_id", (self.responder,))]
+
+    async def collect(self, ini: Initiator) -> CollectResult:
+        start = self.next_start()
+        now = (await ini.request(GetTimeRequest, retries=1)).time
+        stop = now - 1
+        if stop < start:
+            return CollectResult(None, 0, 0, 0)
+        lst = await ini.request(lambda r: GetEventListRequest(r, start, stop), retries=1)
+        if lst.response != GeneralResponse.SUCCESSFUL:
+            raise RuntimeError(f"GetEventList failed with response {lst.response}")
+        have = {r[0] for r in self._db.execute("SELECT event_id FROM collected WHERE responder=?", (self.responder,))}
+        stored = dups = 0
+        for eid in sorted(lst.event_ids):
+            if eid in have:
+                dups += 1
+                continue
+            rec = await ini.request(lambda r, e=eid: GetEventIDRequest(r, e), retries=1)
+            if rec.response != GeneralResponse.SUCCESSFUL:
+                raise RuntimeError(f"GetEventID {eid} failed with response {rec.response}")
+            self._db.execute("INSERT OR IGNORE INTO collected VALUES (?,?,?,?,?,?)",
+                             (self.responder, eid, start, stop, int(time.time()), rec.log_record))
+            stored += 1
+        self._db.execute("INSERT OR REPLACE INTO collector_state VALUES (?, ?)", (self.responder, stop + 1))
+        self._db.commit()
+        return CollectResult((start, stop), len(lst.event_ids), stored, dups)
