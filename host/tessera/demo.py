@@ -29,13 +29,14 @@ class DemoContext:
     workdir: Path
     boards: dict = field(default_factory=dict)  # board name -> tessera.boards.ops.Target
     cleanups: list[Callable[[], None]] = field(default_factory=list)
-    facts: list[str] = field(default_factory=list)  # one-line results for the summary
+    facts: dict[str, list[str]] = field(default_factory=dict)  # scenario title -> one-line results
+    current: str = ""
 
     def step(self, msg: str) -> None:
         log.info("  - %s", msg)
 
     def fact(self, msg: str) -> None:
-        self.facts.append(msg)
+        self.facts.setdefault(self.current, []).append(msg)
         log.info("  * %s", msg)
 
 
@@ -59,6 +60,7 @@ def run_demo(only: list[str] | None = None, keep: bool = False) -> int:
     try:
         for mod in mods:
             log.info("== %s", mod.TITLE)
+            ctx.current = mod.TITLE
             t0 = time.monotonic()
             try:
                 mod.run(ctx)
@@ -79,8 +81,8 @@ def run_demo(only: list[str] | None = None, keep: bool = False) -> int:
     print("\nTessera demo summary")
     for title, ok, secs, why in results:
         print(f"  [{'PASS' if ok else 'FAIL'}] {title} ({secs:.1f}s){'  ' + why if why else ''}")
-    for f in ctx.facts:
-        print(f"         {f}")
+        for f in ctx.facts.get(title, []):
+            print(f"         {f}")
     failed = sum(1 for r in results if not r[1])
     print(f"{len(results) - failed} of {len(results)} scenarios passed", flush=True)
     return 1 if failed else 0
