@@ -281,7 +281,7 @@ class EcmgCore:
     """State shared by all connections of one STKM generator."""
 
     def __init__(self, super_cas_ids: set[int], caps: EcmgCaps | None = None, max_channels: int = 64,
-                 max_streams_total: int = 4096) -> None:
+                 max_streams_total: int = 4096, ecm_id_known: Callable[[int, int], bool] | None = None) -> None:
         for s in super_cas_ids:
             if profile_of(s) not in (PROFILE_DRM, PROFILE_SMARTCARD):
                 raise ValueError(f"Super_CAS_id 0x{s:08x} is neither DRM (0x0001xxxx) nor Smartcard (0x0002xxxx) profile")
@@ -292,6 +292,7 @@ class EcmgCore:
         self.channels: dict[int, EcmgConnection] = {}
         self.ecm_ids: set[tuple[int, int]] = set()  # (Super_CAS_id, ECM_id): unique per KMS (14.1.1.3.1)
         self.streams_total = 0
+        self.ecm_id_known = ecm_id_known  # (Super_CAS_id, ECM_id) -> has keys for this STKM stream
 
 
 @dataclass
@@ -397,6 +398,8 @@ class EcmgConnection(Endpoint):
             raise self._fail(EE.TOO_MANY_STREAMS_ON_CHANNEL, "too many streams on this channel", msg)
         if self.core.streams_total >= self.core.max_streams_total:
             raise self._fail(EE.TOO_MANY_STREAMS_ON_ECMG, "too many streams on this generator", msg)
+        if self.core.ecm_id_known is not None and not self.core.ecm_id_known(self.super_cas_id or 0, ecm_id):
+            raise self._fail(EE.UNKNOWN_ECM_ID, f"no keys for ECM_id (stkmstream) {ecm_id}", msg)
         if ncp < self.core.caps.min_cp_duration:
             raise self._fail(EE.INVALID_VALUE, "nominal_CP_duration below min_CP_duration", msg)
         s = EcmStream(sid, ecm_id, ncp)
