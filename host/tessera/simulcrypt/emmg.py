@@ -10,7 +10,8 @@ import logging
 from tessera.simulcrypt import ltkm
 from tessera.simulcrypt.aio import close_writer, flush, read_loop
 from tessera.simulcrypt.engine import (
-    Alive, BandwidthAllocated, ChannelOpen, EmmgConnection, ErrorSent, Event, PeerError, State, StreamOpen,
+    Alive, BandwidthAllocated, ChannelOpen, EmmgConnection, ErrorSent, Event, PeerError, State, StreamClosed,
+    StreamOpen,
 )
 from tessera.simulcrypt.keystore import KeyStore
 from tessera.simulcrypt.stkm import KeyKind
@@ -62,7 +63,7 @@ class LtkmGenerator:
                 elif isinstance(ev, ErrorSent):
                     if self._wait and not self._wait.done():
                         self._wait.set_exception(EmmgError(f"bad answer from the MUX: {ev.detail}"))
-                elif isinstance(ev, (ChannelOpen, StreamOpen, BandwidthAllocated, Alive)):
+                elif isinstance(ev, (ChannelOpen, StreamOpen, StreamClosed, BandwidthAllocated, Alive)):
                     if isinstance(ev, BandwidthAllocated):
                         self.kbps = ev.kbps
                     if self._wait and not self._wait.done():
@@ -121,7 +122,12 @@ class LtkmGenerator:
 
     async def close(self) -> None:
         if self._writer and self.conn.state is State.OPEN:
-            self.conn.stream_close(self.stream_id)
+            if self.stream_id in self.conn.streams:
+                self.conn.stream_close(self.stream_id)
+                try:
+                    await self._request()  # stream_close_response before channel_close
+                except (asyncio.TimeoutError, ConnectionError, EmmgError):
+                    log.warning("no stream_close_response from the MUX")
             self.conn.close()
             flush(self.conn, self._writer)
             try:

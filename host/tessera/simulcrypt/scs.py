@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from tessera.simulcrypt import stkm
 from tessera.simulcrypt.aio import close_writer, flush, read_loop
 from tessera.simulcrypt.engine import (
-    Alive, ChannelOpen, EcmResponse, ErrorSent, Event, PeerError, ScsConnection, State, StreamOpen,
+    Alive, ChannelOpen, EcmResponse, ErrorSent, Event, PeerError, ScsConnection, State, StreamClosed, StreamOpen,
 )
 from tessera.simulcrypt.keystore import Key
 from tessera.simulcrypt.tables import Interface
@@ -162,7 +162,7 @@ class Scs:
 
         def on_events(events: list[Event]) -> None:
             for ev in events:
-                if isinstance(ev, (ChannelOpen, StreamOpen)) and link.setup and not link.setup.done():
+                if isinstance(ev, (ChannelOpen, StreamOpen, StreamClosed)) and link.setup and not link.setup.done():
                     link.setup.set_result(ev)
                 elif isinstance(ev, EcmResponse):
                     fut = link.pending.pop(ev.cp_number, None)
@@ -218,7 +218,14 @@ class Scs:
     async def close(self) -> None:
         for link in self.links:
             if link.up and link.conn and link.writer:
+                # stream_close_request, wait for the response, then channel_close (TS 103 197 5.4)
+                link.setup = asyncio.get_running_loop().create_future()
                 link.conn.stream_close(link.spec.stream_id)
+                flush(link.conn, link.writer)
+                try:
+                    await asyncio.wait_for(link.setup, self.timeout)
+                except (asyncio.TimeoutError, ConnectionError, ScsError):
+                    log.warning("%s: no stream_close_response from 0x%08x", self.service, link.spec.super_cas_id)
                 link.conn.close()
                 flush(link.conn, link.writer)
                 try:
