@@ -464,8 +464,9 @@ class ScsConnection(Endpoint):
     CHANNEL_ERROR, STREAM_ERROR = EM.CHANNEL_ERROR, EM.STREAM_ERROR
     STREAM_LEVEL = EcmgConnection.STREAM_LEVEL
 
-    def __init__(self, channel_id: int, super_cas_id: int, version: int = 3) -> None:
-        super().__init__(version)
+    def __init__(self, channel_id: int, super_cas_id: int, version: int = 3,
+                 user_types: frozenset[int] = frozenset()) -> None:
+        super().__init__(version, user_types)
         if profile_of(super_cas_id) not in (PROFILE_DRM, PROFILE_SMARTCARD):
             raise ValueError("Super_CAS_id profile must be 0x0001 (DRM) or 0x0002 (Smartcard)")
         self.channel_id = channel_id
@@ -519,6 +520,8 @@ class ScsConnection(Endpoint):
 
     def handle(self, msg: Message) -> list[Event]:
         t = msg.type
+        if t in self.user_types:
+            return [UserMessage(msg)]
         if t in (EM.CHANNEL_ERROR, EM.STREAM_ERROR):
             return [self._peer_error(msg)]
         cid = msg.int(EP.ECM_CHANNEL_ID)
