@@ -107,7 +107,8 @@ Sink = Callable[[CryptoPeriod], Awaitable[None] | None]
 class Scs:
     def __init__(self, service: str, generators: list[GeneratorSpec], *, cp_duration: int = 10,
                  protection: stkm.Protection = stkm.Protection.SRTP, access_rule: bytes = b"",
-                 sink: Sink | None = None, timeout: float = 2.0, version: int = 3) -> None:
+                 sink: Sink | None = None, timeout: float = 2.0, version: int = 3,
+                 keepalive: float | None = None) -> None:
         if not generators:
             raise ValueError("an SCS needs at least one STKM generator")
         self.service = service
@@ -119,6 +120,8 @@ class Scs:
         self.timeout = timeout
         self.version = version
         self.periods: list[CryptoPeriod] = []
+        self.keepalive = keepalive  # seconds between channel_test/stream_test rounds; None: off
+        self._keepalive_task: asyncio.Task | None = None
 
     # ---------------------------------------------------------------- connections
     async def start(self) -> None:
@@ -132,6 +135,15 @@ class Scs:
                 await self._drop(link)  # half set up (e.g. stream refused): start over next period
         if not any(l.up for l in self.links):
             raise ScsError(f"{self.service}: no STKM generator usable ({'; '.join(reasons)})")
+        if self.keepalive:
+            self._keepalive_task = asyncio.create_task(self._keepalive_loop(self.keepalive))
+
+    async def _keepalive_loop(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            for scid, ok in (await self.test_channels()).items():
+                if not ok:
+                    log.warning("%s: generator 0x%08x failed the keep-alive", self.service, scid)
 
     async def _connect(self, link: _Link) -> None:
         loop = asyncio.get_running_loop()
@@ -196,6 +208,8 @@ class Scs:
         out = {}
         for link in self.links:
             ok = False
+            if link.alive is not None and not link.alive.done():
+                continue  # a test is already in flight on this link
             if link.up:
                 assert link.conn and link.writer
                 link.alive = loop.create_future()
@@ -216,6 +230,9 @@ class Scs:
             await asyncio.gather(link.task, return_exceptions=True)
 
     async def close(self) -> None:
+        if self._keepalive_task:
+            self._keepalive_task.cancel()
+            await asyncio.gather(self._keepalive_task, return_exceptions=True)
         for link in self.links:
             if link.up and link.conn and link.writer:
                 # stream_close_request, wait for the response, then channel_close (TS 103 197 5.4)
