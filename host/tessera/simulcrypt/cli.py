@@ -47,6 +47,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
     ks = _db(args)
     try:
         if args.keys_cmd == "add":
+            from tessera.simulcrypt.tables import PROFILE_DRM, PROFILE_SMARTCARD, profile_of
+
+            allowed = (PROFILE_DRM,) if args.kind == "LTK" else (PROFILE_DRM, PROFILE_SMARTCARD)
+            if profile_of(args.owner) not in allowed:
+                raise TesseraError(f"owner 0x{args.owner:08x} is not a {'DRM' if args.kind == 'LTK' else 'DRM or Smartcard'}"
+                                   " profile id (0x0001xxxx" + ("" if args.kind == "LTK" else " / 0x0002xxxx") + ")")
             try:
                 k = ks.add(args.kind, args.owner, args.scope, size=args.size)
             except ValueError as exc:
