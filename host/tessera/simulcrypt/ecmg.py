@@ -27,6 +27,8 @@ ECHO_TYPE = 0x8F01
 class GeneratorStats:
     stkms: int = 0
     errors: int = 0
+    reads: int = 0      # socket reads handled (for messages-per-read figures)
+    messages: int = 0   # CW_provision + echo messages handled
     comp_times: list[float] = field(default_factory=list)  # seconds, CW_provision -> STKM built
 
 
@@ -68,10 +70,13 @@ class StkmGenerator:
 
         def on_events(events: list[Event]) -> bool:
             stop = False
+            self.stats.reads += 1
             for ev in events:
                 if isinstance(ev, CwProvision):
+                    self.stats.messages += 1
                     self._provision(conn, ev)
                 elif isinstance(ev, UserMessage):
+                    self.stats.messages += 1
                     conn.send(ev.msg.type, list(ev.msg.params))  # bench echo
                 elif isinstance(ev, CloseConnection):
                     stop = True
