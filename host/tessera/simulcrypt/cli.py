@@ -1,0 +1,252 @@
+"""`tessera simulcrypt`: the four SP-4 roles and the key store.
+
+    tessera simulcrypt keys add --kind SEK --owner 0x00010001 --scope 0x101
+    tessera simulcrypt keys list
+    tessera simulcrypt stkm-generator --super-cas-id 0x00010001 --port 2001
+    tessera simulcrypt scs --service tv1 --generator 127.0.0.1:2001:0x00010001:0x101 --periods 5
+    tessera simulcrypt mux --port 2002 --kbps 500
+    tessera simulcrypt ltkm-generator --mux 127.0.0.1:2002 --client-id 0x00010007 --data-id 1 \
+        --group 1 --key-owner 0x00010001 --key-scope 0x101 --kbps 16 --count 10
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from pathlib import Path
+
+from tessera.errors import TesseraError
+from tessera.paths import var_dir
+
+log = logging.getLogger("tessera.simulcrypt")
+
+
+def _int(s: str) -> int:
+    try:
+        return int(s, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
+
+
+def _db(args: argparse.Namespace):
+    from tessera.simulcrypt.keystore import KeyStore
+
+    path = Path(args.db) if args.db else var_dir() / "simulcrypt-keys.sqlite"
+    return KeyStore(path)
+
+
+def _caps(args: argparse.Namespace):
+    from tessera.simulcrypt.engine import EcmgCaps
+
+    return EcmgCaps(delay_start=args.delay_start, delay_stop=args.delay_stop, ecm_rep_period=args.rep_period,
+                    max_streams=args.max_streams, min_cp_duration=args.min_cp, lead_cw=1, cw_per_msg=2,
+                    max_comp_time=args.max_comp_time)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    ks = _db(args)
+    try:
+        if args.keys_cmd == "add":
+            from tessera.simulcrypt.tables import PROFILE_DRM, PROFILE_SMARTCARD, profile_of
+
+            allowed = (PROFILE_DRM,) if args.kind == "LTK" else (PROFILE_DRM, PROFILE_SMARTCARD)
+            if profile_of(args.owner) not in allowed:
+                raise TesseraError(f"owner 0x{args.owner:08x} is not a {'DRM' if args.kind == 'LTK' else 'DRM or Smartcard'}"
+                                   " profile id (0x0001xxxx" + ("" if args.kind == "LTK" else " / 0x0002xxxx") + ")")
+            try:
+                k = ks.add(args.kind, args.owner, args.scope, size=args.size)
+            except ValueError as exc:
+                raise TesseraError(str(exc)) from None
+            print(f"added {k.kind} id {k.key_id} owner 0x{k.owner:08x} scope 0x{k.scope:x}")
+        else:
+            rows = ks._db.execute("SELECT kind, owner, scope, key_id, length(material) FROM keys ORDER BY 1,2,3,4")
+            for kind, owner, scope, key_id, n in rows:
+                print(f"{kind} owner 0x{owner:08x} scope 0x{scope:04x} id {key_id} ({n * 8} bits)")
+    finally:
+        ks.close()
+    return 0
+
+
+async def _serve_forever(start, close) -> None:
+    await start()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await close()
+
+
+def cmd_stkm_generator(args: argparse.Namespace) -> int:
+    from tessera.simulcrypt.ecmg import StkmGenerator
+
+    ks = _db(args)
+    try:
+        gen = StkmGenerator(ks, set(args.super_cas_id), _caps(args), host=args.host, port=args.port)
+    except ValueError as exc:
+        raise TesseraError(str(exc)) from None
+
+    async def start():
+        port = await gen.start()
+        print(f"STKM generator on {args.host}:{port}", flush=True)
+
+    try:
+        asyncio.run(_serve_forever(start, gen.close))
+    except OSError as exc:
+        raise TesseraError(f"cannot listen: {exc}") from None
+    finally:
+        ks.close()
+    return 0
+
+
+def _parse_generator(text: str, n: int):
+    from tessera.simulcrypt.scs import GeneratorSpec
+
+    parts = text.split(":")
+    if len(parts) != 4:
+        raise TesseraError(f"--generator wants HOST:PORT:SUPER_CAS_ID:ECM_ID, got {text!r}")
+    try:
+        return GeneratorSpec(parts[0], int(parts[1]), int(parts[2], 0), n, 1, int(parts[3], 0))
+    except ValueError:
+        raise TesseraError(f"bad --generator {text!r}") from None
+
+
+def cmd_scs(args: argparse.Namespace) -> int:
+    from tessera.simulcrypt import stkm
+    from tessera.simulcrypt.scs import Scs, ScsError
+
+    specs = [_parse_generator(g, args.channel_id + i) for i, g in enumerate(args.generator)]
+    prot = stkm.Protection[args.protection.upper()]
+
+    def show(p) -> None:
+        kms = ", ".join(f"0x{s:08x}: {len(b)} B STKM in {p.latency[s] * 1000:.1f} ms"
+                        f"{'' if p.in_time[s] else ' (late)'}" for s, b in p.stkms.items())
+        miss = "".join(f"; 0x{s:08x} missing ({why})" for s, why in p.missing.items())
+        print(f"{args.service} CP {p.cp_number}: TEK ready, {kms}{miss}", flush=True)
+
+    async def main() -> None:
+        try:
+            scs = Scs(args.service, specs, cp_duration=args.cp_duration, protection=prot, sink=show)
+        except ValueError as exc:
+            raise TesseraError(str(exc)) from None
+        try:
+            await scs.start()
+            await scs.run(args.periods)
+        except (ScsError, OSError) as exc:
+            raise TesseraError(str(exc)) from None
+        finally:
+            await scs.close()
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_mux(args: argparse.Namespace) -> int:
+    from tessera.simulcrypt.mux import Multiplexer
+
+    mux = Multiplexer(args.kbps, host=args.host, port=args.port, udp=not args.no_udp)
+
+    async def start():
+        port = await mux.start()
+        print(f"MUX on {args.host}:{port} (UDP {mux.udp_port}), {args.kbps} kbit/s", flush=True)
+
+    try:
+        asyncio.run(_serve_forever(start, mux.close))
+    except OSError as exc:
+        raise TesseraError(f"cannot listen: {exc}") from None
+    return 0
+
+
+def cmd_ltkm_generator(args: argparse.Namespace) -> int:
+    from tessera.simulcrypt.emmg import EmmgError, LtkmGenerator, make_ltkms
+
+    host, _, port = args.mux.rpartition(":")
+    if not host or not port.isdigit():
+        raise TesseraError("--mux wants HOST:PORT")
+    ks = _db(args)
+
+    async def main() -> None:
+        try:
+            g = LtkmGenerator(args.client_id, args.channel_id, 1, args.data_id)
+        except ValueError as exc:
+            raise TesseraError(str(exc)) from None
+        try:
+            await g.connect(host, int(port))
+            kbps = await g.request_bandwidth(args.kbps)
+            ltkms = make_ltkms(ks, args.client_id, args.data_id, args.group, args.key_owner, args.key_scope, args.count)
+            if args.udp:
+                if not args.udp_port:
+                    raise TesseraError("--udp needs --udp-port")
+                await g.open_udp(host, args.udp_port)
+            await g.send(ltkms, via="udp" if args.udp else "tcp")
+            print(f"sent {len(ltkms)} LTKMs ({g.sent_bytes} bytes) within {kbps} kbit/s; "
+                  f"{len(g.errors)} errors from the MUX")
+        except (EmmgError, OSError, asyncio.TimeoutError) as exc:
+            raise TesseraError(f"LTKM generator: {exc or type(exc).__name__}") from None
+        finally:
+            await g.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        ks.close()
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("simulcrypt", help="OMA BCAST SP-4 over DVB SimulCrypt (STKM/LTKM generators, SCS, MUX)",
+                       description="OMA BCAST SP-4 over DVB SimulCrypt (ETSI TS 103 197): ECMG<->SCS for STKMs, "
+                       "EMMG<->MUX for LTKMs. Layouts of STKM/LTKM are Tessera's own (docs/bcast-profile.md).")
+    p.add_argument("--db", help="key store (SQLite); default var/simulcrypt-keys.sqlite")
+    s = p.add_subparsers(dest="sc_cmd", metavar="ROLE", required=True)
+
+    k = s.add_parser("keys", help="manage the key store (material is never printed)")
+    ks = k.add_subparsers(dest="keys_cmd", required=True)
+    a = ks.add_parser("add", help="add a random key")
+    a.add_argument("--kind", required=True, choices=["SEK", "PEK", "CWT", "LTK"])
+    a.add_argument("--owner", type=_int, required=True, help="Super_CAS_id (SEK/PEK/CWT) or client_id (LTK)")
+    a.add_argument("--scope", type=_int, default=0, help="ECM_id / stkmstream (SEK/PEK) or group id (LTK)")
+    a.add_argument("--size", type=int, default=16, choices=[16, 32])
+    ks.add_parser("list", help="list keys")
+    k.set_defaults(func=cmd_keys)
+
+    g = s.add_parser("stkm-generator", help="run an STKM generator (ECMG role, TCP server)")
+    g.add_argument("--super-cas-id", type=_int, action="append", required=True,
+                   help="0x0001xxxx (DRM) or 0x0002xxxx (Smartcard); repeatable")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", type=int, default=0)
+    g.add_argument("--delay-start", type=int, default=-200, help="ms (channel_status)")
+    g.add_argument("--delay-stop", type=int, default=0, help="ms")
+    g.add_argument("--rep-period", type=int, default=100, help="ECM_rep_period, ms")
+    g.add_argument("--max-streams", type=int, default=128)
+    g.add_argument("--min-cp", type=int, default=1, help="min_CP_duration, 100 ms units")
+    g.add_argument("--max-comp-time", type=int, default=100, help="ms")
+    g.set_defaults(func=cmd_stkm_generator)
+
+    c = s.add_parser("scs", help="run an SCS for one service against STKM generators")
+    c.add_argument("--service", required=True)
+    c.add_argument("--generator", action="append", required=True, metavar="HOST:PORT:SUPER_CAS_ID:ECM_ID")
+    c.add_argument("--channel-id", type=int, default=1, help="first ECM_channel_id (one per generator)")
+    c.add_argument("--cp-duration", type=int, default=10, help="nominal_CP_duration, 100 ms units")
+    c.add_argument("--periods", type=int, default=5)
+    c.add_argument("--protection", choices=["ipsec", "srtp", "ismacryp"], default="srtp")
+    c.set_defaults(func=cmd_scs)
+
+    m = s.add_parser("mux", help="run a multiplexer for LTKM streams (EMMG<->MUX server)")
+    m.add_argument("--host", default="127.0.0.1")
+    m.add_argument("--port", type=int, default=0)
+    m.add_argument("--kbps", type=int, default=2000, help="bandwidth pool for LTKM streams")
+    m.add_argument("--no-udp", action="store_true")
+    m.set_defaults(func=cmd_mux)
+
+    e = s.add_parser("ltkm-generator", help="send LTKMs to a MUX (EMMG role, DRM profile)")
+    e.add_argument("--mux", required=True, metavar="HOST:PORT")
+    e.add_argument("--client-id", type=_int, required=True, help="0x0001xxxx (DRM profile)")
+    e.add_argument("--channel-id", type=int, default=1)
+    e.add_argument("--data-id", type=_int, default=1)
+    e.add_argument("--group", type=_int, default=1, help="terminal group whose LTK encrypts the LTKMs")
+    e.add_argument("--key-owner", type=_int, required=True, help="Super_CAS_id of the delivered service key")
+    e.add_argument("--key-scope", type=_int, required=True, help="ECM_id of the delivered service key")
+    e.add_argument("--kbps", type=int, default=16)
+    e.add_argument("--count", type=int, default=10)
+    e.add_argument("--udp", action="store_true", help="data_provision over UDP")
+    e.add_argument("--udp-port", type=int)
+    e.set_defaults(func=cmd_ltkm_generator)

@@ -1,0 +1,153 @@
+"""LTKM generator: the EMMG role of TS 103 197 clause 6 as a TCP client of the MUX (BCAST
+SP-4 14.1.1.3.4, DRM profile only). Sets up a channel and an LTKM stream (data_type 0x00),
+asks for bandwidth, then sends LTKMs with data_provision over TCP or UDP, paced to stay
+within the allocated bandwidth."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from tessera.simulcrypt import ltkm
+from tessera.simulcrypt.aio import close_writer, flush, read_loop
+from tessera.simulcrypt.engine import (
+    Alive, BandwidthAllocated, ChannelOpen, EmmgConnection, ErrorSent, Event, PeerError, State, StreamClosed,
+    StreamOpen,
+)
+from tessera.simulcrypt.keystore import KeyStore
+from tessera.simulcrypt.stkm import KeyKind
+from tessera.simulcrypt.tables import Interface
+
+log = logging.getLogger("tessera.simulcrypt.emmg")
+
+
+class EmmgError(Exception):
+    pass
+
+
+class LtkmGenerator:
+    def __init__(self, client_id: int, channel_id: int = 1, stream_id: int = 1, data_id: int = 1, *,
+                 timeout: float = 2.0, version: int = 3) -> None:
+        self.conn = EmmgConnection(client_id, channel_id, version)  # refuses non-DRM client_id
+        self.stream_id, self.data_id = stream_id, data_id
+        self.timeout = timeout
+        self.kbps: int | None = None
+        self.errors: list[PeerError] = []
+        self.sent_bytes = 0
+        self._writer: asyncio.StreamWriter | None = None
+        self._task: asyncio.Task | None = None
+        self._wait: asyncio.Future | None = None
+        self._udp: asyncio.DatagramTransport | None = None
+
+    async def connect(self, host: str, port: int) -> None:
+        reader, self._writer = await asyncio.wait_for(asyncio.open_connection(host, port), self.timeout)
+        self._task = asyncio.create_task(self._reader(reader, self._writer))
+        self.conn.setup()
+        await self._request()
+        self.conn.stream_setup(self.stream_id, self.data_id)
+        await self._request()
+
+    async def _request(self) -> Event:
+        assert self._writer is not None
+        self._wait = asyncio.get_running_loop().create_future()
+        flush(self.conn, self._writer)
+        return await asyncio.wait_for(self._wait, self.timeout)
+
+    async def _reader(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        def on_events(events: list[Event]) -> None:
+            for ev in events:
+                if isinstance(ev, PeerError):
+                    self.errors.append(ev)
+                    log.warning("MUX reports %s", ev.describe(Interface.EMMG))
+                    if self._wait and not self._wait.done():
+                        self._wait.set_exception(EmmgError(ev.describe(Interface.EMMG)))
+                elif isinstance(ev, ErrorSent):
+                    if self._wait and not self._wait.done():
+                        self._wait.set_exception(EmmgError(f"bad answer from the MUX: {ev.detail}"))
+                elif isinstance(ev, (ChannelOpen, StreamOpen, StreamClosed, BandwidthAllocated, Alive)):
+                    if isinstance(ev, BandwidthAllocated):
+                        self.kbps = ev.kbps
+                    if self._wait and not self._wait.done():
+                        self._wait.set_result(ev)
+
+        try:
+            await read_loop(self.conn, reader, writer, on_events)
+        except (ConnectionError, OSError) as exc:
+            log.warning("MUX connection lost: %s", exc)
+        finally:
+            self.conn.state = State.CLOSED
+            if self._wait and not self._wait.done():
+                self._wait.set_exception(ConnectionError("MUX connection closed"))
+
+    async def request_bandwidth(self, kbps: int | None) -> int:
+        self.conn.bw_request(self.stream_id, kbps)
+        await self._request()
+        return self.kbps or 0
+
+    async def test(self) -> bool:
+        self.conn.test()
+        try:
+            await self._request()
+            return True
+        except (asyncio.TimeoutError, ConnectionError, EmmgError):
+            return False
+
+    async def open_udp(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._udp, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, remote_addr=(host, port))
+
+    async def send(self, ltkms: list[bytes], *, via: str = "tcp", per_message: int = 1, pace: bool = True) -> None:
+        """data_provision of the LTKMs, per_message datagrams per message. With pace, waits
+        so the datagram bytes never exceed the allocated bandwidth (kbit/s x 125 bytes/s)."""
+        if self._writer is None or self.conn.state is not State.OPEN:
+            raise EmmgError("not connected")
+        rate = (self.kbps or 0) * 125.0  # bytes per second
+        loop = asyncio.get_running_loop()
+        t = loop.time()
+        for i in range(0, len(ltkms), per_message):
+            chunk = ltkms[i:i + per_message]
+            size = sum(len(x) for x in chunk)
+            if pace and rate > 0:
+                t += size / rate
+            if via == "udp":
+                if self._udp is None:
+                    raise EmmgError("UDP not opened")
+                self._udp.sendto(self.conn.data_provision_msg(self.stream_id, chunk).encode())
+            else:
+                self.conn.data_provision(self.stream_id, chunk)
+                flush(self.conn, self._writer)
+                await self._writer.drain()
+            self.sent_bytes += size
+            if pace and rate > 0:
+                await asyncio.sleep(max(0.0, t - loop.time()))
+
+    async def close(self) -> None:
+        if self._writer and self.conn.state is State.OPEN:
+            if self.stream_id in self.conn.streams:
+                self.conn.stream_close(self.stream_id)
+                try:
+                    await self._request()  # stream_close_response before channel_close
+                except (asyncio.TimeoutError, ConnectionError, EmmgError):
+                    log.warning("no stream_close_response from the MUX")
+            self.conn.close()
+            flush(self.conn, self._writer)
+            try:
+                await self._writer.drain()
+            except (ConnectionError, OSError):
+                pass
+        if self._udp:
+            self._udp.close()
+        if self._writer:
+            await close_writer(self._writer)
+        if self._task:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+def make_ltkms(ks: KeyStore, client_id: int, data_id: int, group_id: int, key_owner: int, key_scope: int,
+               count: int = 1) -> list[bytes]:
+    """LTKMs that deliver the current service key of (key_owner, key_scope) to a group."""
+    ltk = ks.current("LTK", client_id, group_id) or ks.add("LTK", client_id, group_id)
+    sek = ks.current("SEK", key_owner, key_scope)
+    if sek is None:
+        raise EmmgError("no service key to deliver")
+    rec = ltkm.Ltkm(client_id, data_id, group_id, ltk.key_id, KeyKind.SEK, key_owner, key_scope, sek.key_id, sek.material)
+    return [ltkm.build(rec, ltk.material) for _ in range(count)]

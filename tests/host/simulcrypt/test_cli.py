@@ -1,0 +1,21 @@
+"""The `tessera simulcrypt` command group: key store and clean errors."""
+import pytest
+
+from tessera.cli import main
+
+
+def test_keys_and_errors(tmp_path, capsys):
+    db = str(tmp_path / "k.sqlite")
+    assert main(["simulcrypt", "--db", db, "keys", "add", "--kind", "SEK", "--owner", "0x00010001", "--scope", "0x101"]) == 0
+    assert main(["simulcrypt", "--db", db, "keys", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "SEK owner 0x00010001 scope 0x0101 id 1 (128 bits)" in out
+    # refused with a clean error (exit 2), no traceback
+    assert main(["simulcrypt", "--db", db, "keys", "add", "--kind", "SEK", "--owner", "0x00030001"]) == 2
+    assert main(["simulcrypt", "--db", db, "keys", "add", "--kind", "LTK", "--owner", "0x00020001"]) == 2
+    assert main(["simulcrypt", "--db", db, "ltkm-generator", "--mux", "127.0.0.1:1", "--client-id", "0x00020001",
+                 "--key-owner", "1", "--key-scope", "1"]) == 2
+    assert main(["simulcrypt", "--db", db, "scs", "--service", "x", "--generator", "nonsense"]) == 2
+    assert main(["simulcrypt", "--db", db, "scs", "--service", "x", "--generator", "127.0.0.1:1:0x00010001:1"]) == 2
+    with pytest.raises(SystemExit):
+        main(["simulcrypt", "keys", "add", "--kind", "XXX", "--owner", "1"])
