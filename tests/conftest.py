@@ -1,1 +1,1 @@
-pytest_plugins = ["mpy_plugin"]
+pytest_plugins = ["tests.mpy_plugin"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from asm_helpers import SyncTLSClient
+from .asm_helpers import SyncTLSClient
 from tessera.asm import codec
 from tessera.asm.codec import GeneralResponse, LEKey, SPBStatus
 from tessera.asm.initiator import Initiator, LinkFailure, LogCollector, RequestRefused

@@ -15,7 +15,7 @@ from tessera.asm.codec import LEKey
 from tessera.asm.initiator import Initiator
 from tessera.asm.tls import MAX_PLAINTEXT, TLSProfileError, parse_records
 
-from asm_helpers import SyncTLSClient
+from .asm_helpers import SyncTLSClient
 
 
 class RecordingProxy:

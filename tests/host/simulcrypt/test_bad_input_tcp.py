@@ -3,7 +3,7 @@ its error_status on the same connection, which stays usable; a neighbour channel
 same generator is unaffected throughout."""
 import asyncio
 
-from conftest import DRM, FAST, run
+from .conftest import DRM, FAST, run
 
 from tessera.simulcrypt.codec import Framer, Message, parse
 from tessera.simulcrypt.ecmg import StkmGenerator

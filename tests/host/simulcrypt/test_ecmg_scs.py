@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from conftest import DRM, FAST, SC, eventually, run
+from .conftest import DRM, FAST, SC, eventually, run
 
 from tessera.simulcrypt import stkm
 from tessera.simulcrypt.ecmg import StkmGenerator

@@ -5,7 +5,7 @@ import asyncio
 import socket
 
 import pytest
-from conftest import DRM, eventually, run
+from .conftest import DRM, eventually, run
 
 from tessera.simulcrypt import ltkm
 from tessera.simulcrypt.emmg import EmmgError, LtkmGenerator, make_ltkms

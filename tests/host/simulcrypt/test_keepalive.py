@@ -3,10 +3,10 @@ keep-alive, while a healthy one stays up; the engines never raise on arbitrary v
 traffic (hypothesis)."""
 import asyncio
 
-from conftest import DRM, FAST, SC, eventually, run
+from .conftest import DRM, FAST, SC, eventually, run
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_codec import valid_messages
+from .test_codec import valid_messages
 
 from tessera.simulcrypt import engine as E
 from tessera.simulcrypt.aio import read_loop

@@ -8,8 +8,8 @@ import shutil
 import subprocess
 import xml.etree.ElementTree as ET
 
-from conftest import DRM, FAST, eventually, run
-from pcapwrite import Flow, PcapWriter
+from .conftest import DRM, FAST, eventually, run
+from .pcapwrite import Flow, PcapWriter
 
 from tessera.simulcrypt.codec import Framer, parse
 from tessera.simulcrypt.ecmg import StkmGenerator
