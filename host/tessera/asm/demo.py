@@ -13,7 +13,7 @@ from tessera.asm.tls import Credentials, TLSProfileError
 from tessera.demo import DemoContext
 from tessera.pki import certs
 
-TITLE = "ASM (SMPTE 430-6): TLS 1.0 profile, LE keys, clock offset, security log, rogue certificate"
+TITLE = "ASM (SMPTE 430-6): TLS 1.0 profile, LE keys, clock offset, security log, rogue certificates, roles"
 ORDER = 30
 SKEW = 7.0  # simulated: the responder's clock runs this many seconds ahead
 
@@ -81,10 +81,12 @@ async def _run(ctx: DemoContext) -> None:
             s2 = (await ini.query_spb()).status
             ctx.fact(f"QuerySPB: {SPBStatus(s1).name} -> {SPBStatus(s2).name} after the alert was raised")
 
-            ctx.step("rogue initiators: a foreign root, and a forged dnQualifier under our own intermediate")
+            ctx.step("rogue initiators: a foreign root, a forged dnQualifier under our own intermediate, "
+                     "and a valid LD leaf posing as a Security Manager (role check)")
             refused = []
             for label, c in (("foreign root", Credentials(rp["mallory"], rp["mallory.key"], paths["root"])),
-                             ("forged dnQualifier", creds("forged"))):
+                             ("forged dnQualifier", creds("forged")),
+                             ("LD role as initiator", creds("responder"))):
                 try:
                     async with Initiator("127.0.0.1", port, creds=c, connect_timeout=3) as bad:
                         await bad.get_time()
@@ -103,7 +105,10 @@ async def _run(ctx: DemoContext) -> None:
                 col.close()
             if res2.window and res.window and res2.window[0] != res.window[1] + 1:
                 raise RuntimeError("collection windows have a gap")
-            cert_refusals = sum(1 for _, x in recs if b"<Name>CertificateRefused</Name>" in x or b"<Name>TLS</Name>" in x)
+            cert_refusals = sum(1 for _, x in recs if b"<Name>CertificateRefused</Name>" in x or b"<Name>TLS</Name>" in x
+                                or b"<Name>RoleRefused</Name>" in x)
+            if not any(b"<Name>RoleRefused</Name>" in x for _, x in recs):
+                raise RuntimeError("the LD leaf posing as an initiator was not logged as RoleRefused")
             ctx.fact(f"rogue certificates refused ({'; '.join(refused)}); responder logged {cert_refusals} link exceptions")
             ctx.fact(f"security log collected: {len(recs)} XML records over windows {res.window} and "
                      f"{res2.window} (book-ended, no gap)")

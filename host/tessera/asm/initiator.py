@@ -13,10 +13,11 @@ from tessera.asm.codec import (BadRequestResponse, GeneralResponse, GetEventIDRe
                                LEKeyPurgeIDRequest, LEKeyQueryAllRequest, LEKeyQueryIDRequest, Message,
                                QuerySPBRequest)
 from tessera.asm.engine import InitiatorEngine, ProtocolError
-from tessera.asm.net import Profile, TLSStream
+from tessera.asm.net import PeerRejected, Profile, RoleRefused, TLSStream
 from tessera.asm.tls import ASM_PORT, Credentials, TLSChannel, TLSProfileError
 
 log = logging.getLogger("tessera.asm.initiator")
+security_log = logging.getLogger("tessera.asm.security")
 
 
 class LinkFailure(Exception):
@@ -47,9 +48,10 @@ class Initiator:
     """
 
     def __init__(self, host: str, port: int = ASM_PORT, *, creds: Credentials, timeout: float = 2.0,
-                 connect_timeout: float = 5.0) -> None:
+                 connect_timeout: float = 5.0, responder_roles: frozenset[str] | None = None) -> None:
+        """`responder_roles`: leaf CN roles accepted from the responder (default net.RESPONDER_ROLES)."""
         self.host, self.port = host, port
-        self.profile = Profile(creds, server=False)
+        self.profile = Profile(creds, server=False, peer_roles=responder_roles)
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self._stream: TLSStream | None = None
@@ -72,6 +74,16 @@ class Initiator:
         try:
             await asyncio.wait_for(stream.handshake(), self.connect_timeout)
             self.peer_thumbprint, _ = self.profile.check_peer(stream.chan.peer_certificate())
+        except RoleRefused as exc:
+            security_log.warning("security event: responder %s:%d refused (thumbprint %s): %s",
+                                 self.host, self.port, exc.thumbprint, exc.violations[0])
+            await stream.aclose()
+            raise
+        except PeerRejected as exc:
+            security_log.warning("security event: responder %s:%d certificate refused (thumbprint %s): %s",
+                                 self.host, self.port, exc.thumbprint, "; ".join(exc.violations[:4]))
+            await stream.aclose()
+            raise
         except BaseException:
             await stream.aclose()
             raise

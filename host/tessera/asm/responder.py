@@ -18,7 +18,7 @@ from tessera.asm.codec import (BadRequestResponse, CodecError, GeneralResponse, 
                                LEKeyQueryIDRequest, LEKeyQueryIDResponse, Message, QuerySPBRequest,
                                QuerySPBResponse, SPBStatus)
 from tessera.asm.engine import InvalidParameter, MalformedRequest, ProtocolError, RequestReceived, ResponderEngine
-from tessera.asm.net import PeerRejected, Profile, TLSStream
+from tessera.asm.net import INITIATOR_ROLES, PeerRejected, Profile, RoleRefused, TLSStream
 from tessera.asm.store import KeyStore, SecurityLog
 from tessera.asm.tls import ASM_PORT, Credentials, TLSChannel, TLSProfileError
 
@@ -43,12 +43,13 @@ class ResponderConfig:
     max_value: int = codec.MAX_VALUE_LEN
     clock: Callable[[], float] = time.time  # the responder's UTC clock (tests skew it)
     processing_delay: float = 0.0  # test/bench knob: simulated work per request
+    initiator_roles: frozenset[str] = INITIATOR_ROLES  # leaf CN roles accepted from initiators
 
 
 class Responder:
     def __init__(self, cfg: ResponderConfig) -> None:
         self.cfg = cfg
-        self.profile = Profile(cfg.creds, server=True)
+        self.profile = Profile(cfg.creds, server=True, peer_roles=frozenset(cfg.initiator_roles))
         self.keys = KeyStore(cfg.key_capacity, clock=cfg.clock, persist=cfg.persist_keys)
         self.log = SecurityLog(cfg.db, clock=cfg.clock)
         self.work_lock = asyncio.Lock()  # one request is processed at a time (store + log)
@@ -107,9 +108,15 @@ class Responder:
             what = "handshake" if thumb is None else "request"
             log.info("%s: timed out in the %s", peer, what)
             self.log.record(ASM, "LinkException", thumbprint=thumb, exceptions={"Timeout": what})
+        except RoleRefused as exc:
+            log.warning("security: %s: initiator refused: %s", peer, exc)
+            self.log.record(ASM, "LinkException", thumbprint=exc.thumbprint,
+                            params={"Peer": f"{peer[0]}:{peer[1]}"},
+                            exceptions={"RoleRefused": exc.violations[0][:2000]})
         except PeerRejected as exc:
-            log.warning("%s: certificate refused: %s", peer, exc)
-            self.log.record(ASM, "LinkException", exceptions={"CertificateRefused": "; ".join(exc.violations)[:2000]})
+            log.warning("security: %s: certificate refused: %s", peer, exc)
+            self.log.record(ASM, "LinkException", thumbprint=exc.thumbprint,
+                            exceptions={"CertificateRefused": "; ".join(exc.violations)[:2000]})
         except (TLSProfileError, ProtocolError) as exc:
             log.info("%s: %s", peer, exc)
             self.log.record(ASM, "LinkException", thumbprint=thumb, exceptions={"TLS": str(exc)[:500]})

@@ -22,6 +22,21 @@ UTC = dt.timezone.utc
 ROLES = ("SM", "LD", "LE", "MB", "PR", "CS", "RES")  # role prefixes used in leaf CNs
 
 
+def leaf_roles(cert: x509.Certificate) -> frozenset[str]:
+    """The roles of a leaf whose CN is "<ROLE>.<name>".
+
+    Our reading of 430-2 (not in this repository): the part before the first "." names the
+    role; several roles are separated by spaces ("SM LS.name"). No CN or no "." -> no role.
+    """
+    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(cn) != 1:
+        return frozenset()
+    role, sep, rest = str(cn[0].value).partition(".")
+    if not sep or not rest:
+        return frozenset()
+    return frozenset(r for r in role.split(" ") if r)
+
+
 def dn_qualifier(public_key: rsa.RSAPublicKey) -> str:
     """base64(SHA-1(DER PKCS#1 RSAPublicKey))."""
     der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.PKCS1)
