@@ -81,6 +81,16 @@ async def _run(ctx: DemoContext) -> None:
             s2 = (await ini.query_spb()).status
             ctx.fact(f"QuerySPB: {SPBStatus(s1).name} -> {SPBStatus(s2).name} after the alert was raised")
 
+            ctx.step("extending the chain: issuing SM.backup under the kept intermediate key")
+            backup, _ = certs.issue_leaf(base / "pki", "SM", "backup")
+            if certs.validate_chain(certs.load_pems(base / "pki" / "backup.pem", paths["root"])):
+                raise RuntimeError("the issued leaf fails the 430-2 profile")
+            async with Initiator("127.0.0.1", port, creds=creds("backup")) as ini2:
+                if (await ini2.get_time()).response != 0:
+                    raise RuntimeError("the issued leaf could not talk to the responder")
+            ctx.fact(f"SM.backup (thumbprint {certs.thumbprint(backup.cert)}) passes the 430-2 check "
+                     f"and ran a GetTime session")
+
             ctx.step("rogue initiators: a foreign root, a forged dnQualifier under our own intermediate, "
                      "and a valid LD leaf posing as a Security Manager (role check)")
             refused = []
