@@ -189,7 +189,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--port", type=int, default=ASM_PORT, help="default 1173 (clause 6.4)")
     r.add_argument("--db", help="security log database (default var/asm-responder.db)")
     r.add_argument("--capacity", type=int, default=16, help="LE key slots (at least 16)")
-    r.add_argument("--persist-keys", metavar="FILE", help="keep LE keys in this SQLite file (default: memory only)")
+    r.add_argument("--persist-keys", metavar="FILE", help="keep LE keys in this SQLite file, sealed with AES-256-GCM under the key "
+                   "in $TESSERA_ASM_STORE_KEY (64 hex digits) or FILE.key (made 0600 if absent); "
+                   "default: memory only")
     r.add_argument("--budget", type=float, default=2.0, help="request-to-response limit in seconds")
     r.add_argument("--initiator-role", type=_role, action="append", metavar="ROLE",
                    help=f"leaf CN role accepted from initiators (repeatable; default {','.join(sorted(INITIATOR_ROLES))})")

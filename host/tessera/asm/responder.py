@@ -74,6 +74,7 @@ class Responder:
             await self._server.wait_closed()
             self._server = None
         self.log.close()
+        self.keys.close()
 
     async def serve_forever(self) -> None:
         assert self._server
