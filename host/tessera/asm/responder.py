@@ -99,12 +99,13 @@ class Responder:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         stream = TLSStream(reader, writer, TLSChannel(self.profile.ctx, server=True))
+        engine = ResponderEngine(self.cfg.max_value)
         thumb: str | None = None
         try:
             await asyncio.wait_for(stream.handshake(), self.cfg.handshake_timeout)
             thumb, _ = self.profile.check_peer(stream.chan.peer_certificate())
             self.log.record(ASM, "LinkOpened", thumbprint=thumb, params={"Peer": f"{peer[0]}:{peer[1]}"})
-            await self._serve(stream, thumb)
+            await self._serve(stream, engine, thumb)
         except asyncio.TimeoutError:
             what = "handshake" if thumb is None else "request"
             log.info("%s: timed out in the %s", peer, what)
@@ -129,10 +130,10 @@ class Responder:
         finally:
             await stream.aclose()
             if thumb is not None:
-                self.log.record(ASM, "LinkClosed", thumbprint=thumb)
+                extra = {"RepeatedRequestIDs": str(engine.repeats)} if engine.repeats else {}
+                self.log.record(ASM, "LinkClosed", thumbprint=thumb, params=extra)
 
-    async def _serve(self, stream: TLSStream, thumb: str) -> None:
-        engine = ResponderEngine(self.cfg.max_value)
+    async def _serve(self, stream: TLSStream, engine: ResponderEngine, thumb: str) -> None:
         loop = asyncio.get_running_loop()
         while True:
             timeout = self.cfg.request_timeout if engine.mid_request else self.cfg.idle_timeout
@@ -153,6 +154,8 @@ class Responder:
         if isinstance(ev, InvalidParameter):
             self.log.record(ASM, "LinkException", thumbprint=thumb, exceptions={"InvalidParameter": ev.error.kind})
             return ev.response
+        if ev.repeat:
+            self._repeated_id(ev, thumb)
         loop = asyncio.get_running_loop()
         left = self.cfg.budget - (loop.time() - t_end) - 0.05  # answer busy before the budget runs out
         try:
@@ -161,6 +164,18 @@ class Responder:
             log.info("busy: request not served within %.1fs", self.cfg.budget)
             self.log.record(ASM, "LinkException", thumbprint=thumb, exceptions={"ResponderBusy": ev.request.NAME})
             return BadRequestResponse(b"", GeneralResponse.BUSY)  # clause 7.1: busy -> empty copy
+
+    def _repeated_id(self, ev: RequestReceived, thumb: str) -> None:
+        """Clause 6.3 makes unique Request_IDs a *should* for the SM: serve the request, but
+        record the first repeat on a link as a security event (later ones are counted in
+        that link's LinkClosed record, so a faulty SM cannot flood the log)."""
+        if ev.repeat != 1:
+            return
+        rid = ev.request.request_id  # type: ignore[attr-defined]
+        log.warning("security: Request_ID %d repeated on one connection (%s); served anyway", rid, ev.request.NAME)
+        self.log.record(ASM, "LinkException", thumbprint=thumb,
+                        exceptions={"RepeatedRequestID": f"{rid} ({ev.request.NAME}); first repeat on this link, "
+                                    "later ones are counted in LinkClosed"})
 
     async def _work(self, req: Message, thumb: str) -> Message:
         async with self.work_lock:
