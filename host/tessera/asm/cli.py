@@ -164,6 +164,10 @@ async def _client(args: argparse.Namespace) -> int:
             finally:
                 col.close()
             print(f"window {res.window}: {res.listed} listed, {res.stored} stored, {res.duplicates} already held")
+            if res.clock_offset:
+                o = res.clock_offset
+                print(f"responder clock offset {o.offset:+.1f} s (+/- {o.uncertainty:.1f} s): stored records carry "
+                      f"raw and corrected times")
     return 0
 
 

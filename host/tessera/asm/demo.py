@@ -111,6 +111,7 @@ async def _run(ctx: DemoContext) -> None:
                 await asyncio.sleep(1.1)
                 res2 = await col.collect(ini)
                 recs = col.records()
+                col_timed = col.timed_records()
             finally:
                 col.close()
             if res2.window and res.window and res2.window[0] != res.window[1] + 1:
@@ -122,5 +123,11 @@ async def _run(ctx: DemoContext) -> None:
             ctx.fact(f"rogue certificates refused ({'; '.join(refused)}); responder logged {cert_refusals} link exceptions")
             ctx.fact(f"security log collected: {len(recs)} XML records over windows {res.window} and "
                      f"{res2.window} (book-ended, no gap)")
+            timed = col_timed
+            if not timed or any(t.ts_raw is None or t.ts_corrected is None for t in timed):
+                raise RuntimeError("collected records lack raw/corrected times")
+            worst = max(abs(t.ts_raw - t.ts_corrected - SKEW) for t in timed)
+            ctx.fact(f"collected records stored with raw and clock-corrected times "
+                     f"(offset {res.clock_offset.offset:+.1f} s removed; within {worst:.1f} s of the simulated skew)")
     finally:
         await resp.stop()
