@@ -10,6 +10,7 @@ import time
 import pytest
 
 from tessera.asm.initiator import Initiator
+from tessera.asm.responder import Responder, ResponderConfig
 from tessera.asm.tls import Credentials
 from tessera.cli import main
 from tessera.pki import certs
@@ -26,7 +27,7 @@ def mode(p) -> int:
     return stat.S_IMODE(p.stat().st_mode)
 
 
-def test_create_keeps_encrypted_ca_keys_and_issue_extends(tmp_path, monkeypatch, capsys, caplog, start_responder):
+def test_create_keeps_encrypted_ca_keys_and_issue_extends(tmp_path, monkeypatch, capsys, caplog):
     d = tmp_path / "pki"
     monkeypatch.setenv("TESSERA_TEST_PKI_PASS", SECRET)
     caplog.set_level(logging.DEBUG)
@@ -67,10 +68,7 @@ def test_create_keeps_encrypted_ca_keys_and_issue_extends(tmp_path, monkeypatch,
     assert SECRET not in out and all(SECRET not in r.getMessage() for r in caplog.records)
 
     # and the new leaf works in a real ASM session, recorded under its own thumbprint
-    r = start_responder()
     new_creds = Credentials(d / "second.pem", d / "second.key", d / "root.pem")
-    # our test responder trusts the session PKI, not this one: run one from the new directory
-    from tessera.asm.responder import Responder, ResponderConfig
 
     async def go():
         resp = Responder(ResponderConfig(Credentials(d / "responder.pem", d / "responder.key", d / "root.pem"),
@@ -84,7 +82,7 @@ def test_create_keeps_encrypted_ca_keys_and_issue_extends(tmp_path, monkeypatch,
         finally:
             await resp.stop()
 
-    t, events = r.lt.run(go())
+    t, events = asyncio.run(asyncio.wait_for(go(), 20))
     assert t.response == 0 and abs(t.time - time.time()) < 3
     assert any(e[3] == "LinkOpened" and e[4] == certs.thumbprint(leaf) for e in events)
 
