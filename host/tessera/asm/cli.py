@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tessera.asm.codec import GeneralResponse, LEKey, SPBStatus
 from tessera.asm.initiator import Initiator, LinkFailure, LogCollector, RequestRefused
-from tessera.asm.net import PeerRejected
+from tessera.asm.net import INITIATOR_ROLES, RESPONDER_ROLES, PeerRejected
 from tessera.asm.responder import Responder, ResponderConfig
 from tessera.asm.store import SecurityLog
 from tessera.asm.tls import ASM_PORT, Credentials, TLSProfileError
@@ -36,6 +36,12 @@ def _creds(args: argparse.Namespace, default_name: str) -> Credentials:
     return Credentials(cert, key, trust)
 
 
+def _role(s: str) -> str:
+    if not s or not s.isupper() or not s.isalnum():
+        raise argparse.ArgumentTypeError(f"a role is upper-case letters/digits, e.g. SM or LD; got {s!r}")
+    return s
+
+
 def _add_creds(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("credentials")
     g.add_argument("--pki", metavar="DIR", help="a directory made by `tessera pki create`")
@@ -50,7 +56,8 @@ def cmd_responder(args: argparse.Namespace) -> int:
     cfg = ResponderConfig(
         creds=_creds(args, "responder"), db=Path(args.db or var_dir() / "asm-responder.db"),
         host=args.host, port=args.port, key_capacity=args.capacity,
-        persist_keys=Path(args.persist_keys) if args.persist_keys else None, budget=args.budget)
+        persist_keys=Path(args.persist_keys) if args.persist_keys else None, budget=args.budget,
+        initiator_roles=frozenset(args.initiator_role or INITIATOR_ROLES))
 
     async def main() -> None:
         r = Responder(cfg)
@@ -111,7 +118,8 @@ def _code(v: int) -> str:
 
 
 async def _client(args: argparse.Namespace) -> int:
-    ini = Initiator(args.host, args.port, creds=_creds(args, "initiator"), timeout=args.timeout)
+    ini = Initiator(args.host, args.port, creds=_creds(args, "initiator"), timeout=args.timeout,
+                    responder_roles=frozenset(args.responder_role or RESPONDER_ROLES))
     async with ini:
         c = args.asm_command
         if c == "get-time":
@@ -156,6 +164,10 @@ async def _client(args: argparse.Namespace) -> int:
             finally:
                 col.close()
             print(f"window {res.window}: {res.listed} listed, {res.stored} stored, {res.duplicates} already held")
+            if res.clock_offset:
+                o = res.clock_offset
+                print(f"responder clock offset {o.offset:+.1f} s (+/- {o.uncertainty:.1f} s): stored records carry "
+                      f"raw and corrected times")
     return 0
 
 
@@ -181,8 +193,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--port", type=int, default=ASM_PORT, help="default 1173 (clause 6.4)")
     r.add_argument("--db", help="security log database (default var/asm-responder.db)")
     r.add_argument("--capacity", type=int, default=16, help="LE key slots (at least 16)")
-    r.add_argument("--persist-keys", metavar="FILE", help="keep LE keys in this SQLite file (default: memory only)")
+    r.add_argument("--persist-keys", metavar="FILE", help="keep LE keys in this SQLite file, sealed with AES-256-GCM under the key "
+                   "in $TESSERA_ASM_STORE_KEY (64 hex digits) or FILE.key (made 0600 if absent); "
+                   "default: memory only")
     r.add_argument("--budget", type=float, default=2.0, help="request-to-response limit in seconds")
+    r.add_argument("--initiator-role", type=_role, action="append", metavar="ROLE",
+                   help=f"leaf CN role accepted from initiators (repeatable; default {','.join(sorted(INITIATOR_ROLES))})")
     r.set_defaults(func=cmd_responder)
 
     st = s.add_parser("status", help="set or show the responder's QuerySPB status (via its database)")
@@ -197,6 +213,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         c.add_argument("--host", default="127.0.0.1")
         c.add_argument("--port", type=int, default=ASM_PORT)
         c.add_argument("--timeout", type=float, default=2.0, help="seconds before a link failure")
+        c.add_argument("--responder-role", type=_role, action="append", metavar="ROLE",
+                       help=f"leaf CN role accepted from the responder (repeatable; default {','.join(sorted(RESPONDER_ROLES))})")
         c.set_defaults(func=cmd_client)
         return c
 

@@ -13,7 +13,7 @@ from tessera.asm.tls import Credentials, TLSProfileError
 from tessera.demo import DemoContext
 from tessera.pki import certs
 
-TITLE = "ASM (SMPTE 430-6): TLS 1.0 profile, LE keys, clock offset, security log, rogue certificate"
+TITLE = "ASM (SMPTE 430-6): TLS 1.0 profile, LE keys, clock offset, security log, rogue certificates, roles"
 ORDER = 30
 SKEW = 7.0  # simulated: the responder's clock runs this many seconds ahead
 
@@ -81,10 +81,22 @@ async def _run(ctx: DemoContext) -> None:
             s2 = (await ini.query_spb()).status
             ctx.fact(f"QuerySPB: {SPBStatus(s1).name} -> {SPBStatus(s2).name} after the alert was raised")
 
-            ctx.step("rogue initiators: a foreign root, and a forged dnQualifier under our own intermediate")
+            ctx.step("extending the chain: issuing SM.backup under the kept intermediate key")
+            backup, _ = certs.issue_leaf(base / "pki", "SM", "backup")
+            if certs.validate_chain(certs.load_pems(base / "pki" / "backup.pem", paths["root"])):
+                raise RuntimeError("the issued leaf fails the 430-2 profile")
+            async with Initiator("127.0.0.1", port, creds=creds("backup")) as ini2:
+                if (await ini2.get_time()).response != 0:
+                    raise RuntimeError("the issued leaf could not talk to the responder")
+            ctx.fact(f"SM.backup (thumbprint {certs.thumbprint(backup.cert)}) passes the 430-2 check "
+                     f"and ran a GetTime session")
+
+            ctx.step("rogue initiators: a foreign root, a forged dnQualifier under our own intermediate, "
+                     "and a valid LD leaf posing as a Security Manager (role check)")
             refused = []
             for label, c in (("foreign root", Credentials(rp["mallory"], rp["mallory.key"], paths["root"])),
-                             ("forged dnQualifier", creds("forged"))):
+                             ("forged dnQualifier", creds("forged")),
+                             ("LD role as initiator", creds("responder"))):
                 try:
                     async with Initiator("127.0.0.1", port, creds=c, connect_timeout=3) as bad:
                         await bad.get_time()
@@ -99,13 +111,23 @@ async def _run(ctx: DemoContext) -> None:
                 await asyncio.sleep(1.1)
                 res2 = await col.collect(ini)
                 recs = col.records()
+                col_timed = col.timed_records()
             finally:
                 col.close()
             if res2.window and res.window and res2.window[0] != res.window[1] + 1:
                 raise RuntimeError("collection windows have a gap")
-            cert_refusals = sum(1 for _, x in recs if b"<Name>CertificateRefused</Name>" in x or b"<Name>TLS</Name>" in x)
+            cert_refusals = sum(1 for _, x in recs if b"<Name>CertificateRefused</Name>" in x or b"<Name>TLS</Name>" in x
+                                or b"<Name>RoleRefused</Name>" in x)
+            if not any(b"<Name>RoleRefused</Name>" in x for _, x in recs):
+                raise RuntimeError("the LD leaf posing as an initiator was not logged as RoleRefused")
             ctx.fact(f"rogue certificates refused ({'; '.join(refused)}); responder logged {cert_refusals} link exceptions")
             ctx.fact(f"security log collected: {len(recs)} XML records over windows {res.window} and "
                      f"{res2.window} (book-ended, no gap)")
+            timed = col_timed
+            if not timed or any(t.ts_raw is None or t.ts_corrected is None for t in timed):
+                raise RuntimeError("collected records lack raw/corrected times")
+            worst = max(abs(t.ts_raw - t.ts_corrected - SKEW) for t in timed)
+            ctx.fact(f"collected records stored with raw and clock-corrected times "
+                     f"(offset {res.clock_offset.offset:+.1f} s removed; within {worst:.1f} s of the simulated skew)")
     finally:
         await resp.stop()

@@ -23,6 +23,7 @@ class ProtocolError(Exception):
 class RequestReceived:
     request: Message
     raw: bytes
+    repeat: int = 0  # 0, or n: the n-th request on this connection reusing an earlier Request_ID
 
 
 @dataclass(frozen=True)
@@ -63,11 +64,31 @@ def _invalid_response(frame: Frame, err: CodecError) -> Message | None:
 
 
 class ResponderEngine:
-    def __init__(self, max_value: int = codec.MAX_VALUE_LEN) -> None:
+    """Clause 6.3: the SM "should select unique values" of Request_ID per TLS connection.
+    That is a recommendation to the initiator, not a reason for the responder to refuse, so
+    a repeat is served normally and only flagged (`RequestReceived.repeat`, `repeats`) for
+    the security log. The last `id_window` distinct IDs are remembered (bounded memory).
+    """
+
+    def __init__(self, max_value: int = codec.MAX_VALUE_LEN, id_window: int = 65536) -> None:
         self._framer = codec.Framer(max_value)
         self._queue: deque[Event] = deque()
         self.state = State.IDLE
         self._current: Event | None = None
+        self._seen: set[int] = set()
+        self._seen_order: deque[int] = deque()
+        self._id_window = id_window
+        self.repeats = 0
+
+    def _note_id(self, rid: int) -> int:
+        if rid in self._seen:
+            self.repeats += 1
+            return self.repeats
+        self._seen.add(rid)
+        self._seen_order.append(rid)
+        if len(self._seen_order) > self._id_window:
+            self._seen.discard(self._seen_order.popleft())
+        return 0
 
     @property
     def mid_request(self) -> bool:
@@ -96,7 +117,7 @@ class ResponderEngine:
             elif getattr(msg, "request_id", 1) == 0:  # clause 6.3: Request_ID is non-zero
                 self._queue.append(MalformedRequest(raw, CodecError("zero-request-id", "Request_ID is zero")))
             else:
-                self._queue.append(RequestReceived(msg, raw))
+                self._queue.append(RequestReceived(msg, raw, self._note_id(msg.request_id)))  # type: ignore[attr-defined]
 
     def next_event(self) -> Event | None:
         if self.state is not State.IDLE or not self._queue:

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import sqlite3
 import time
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,10 +15,12 @@ from tessera.asm.codec import (BadRequestResponse, GeneralResponse, GetEventIDRe
                                LEKeyPurgeIDRequest, LEKeyQueryAllRequest, LEKeyQueryIDRequest, Message,
                                QuerySPBRequest)
 from tessera.asm.engine import InitiatorEngine, ProtocolError
-from tessera.asm.net import Profile, TLSStream
+from tessera.asm.net import PeerRejected, Profile, RoleRefused, TLSStream
+from tessera.asm.store import NS_LOG
 from tessera.asm.tls import ASM_PORT, Credentials, TLSChannel, TLSProfileError
 
 log = logging.getLogger("tessera.asm.initiator")
+security_log = logging.getLogger("tessera.asm.security")
 
 
 class LinkFailure(Exception):
@@ -47,9 +51,10 @@ class Initiator:
     """
 
     def __init__(self, host: str, port: int = ASM_PORT, *, creds: Credentials, timeout: float = 2.0,
-                 connect_timeout: float = 5.0) -> None:
+                 connect_timeout: float = 5.0, responder_roles: frozenset[str] | None = None) -> None:
+        """`responder_roles`: leaf CN roles accepted from the responder (default net.RESPONDER_ROLES)."""
         self.host, self.port = host, port
-        self.profile = Profile(creds, server=False)
+        self.profile = Profile(creds, server=False, peer_roles=responder_roles)
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self._stream: TLSStream | None = None
@@ -72,6 +77,16 @@ class Initiator:
         try:
             await asyncio.wait_for(stream.handshake(), self.connect_timeout)
             self.peer_thumbprint, _ = self.profile.check_peer(stream.chan.peer_certificate())
+        except RoleRefused as exc:
+            security_log.warning("security event: responder %s:%d refused (thumbprint %s): %s",
+                                 self.host, self.port, exc.thumbprint, exc.violations[0])
+            await stream.aclose()
+            raise
+        except PeerRejected as exc:
+            security_log.warning("security event: responder %s:%d certificate refused (thumbprint %s): %s",
+                                 self.host, self.port, exc.thumbprint, "; ".join(exc.violations[:4]))
+            await stream.aclose()
+            raise
         except BaseException:
             await stream.aclose()
             raise
@@ -150,22 +165,51 @@ class Initiator:
     async def le_key_purge_all(self):
         return await self.request(LEKeyPurgeAllRequest)
 
-    async def clock_offset(self) -> ClockOffset:
+    async def clock_offset(self, retries: int = 0) -> ClockOffset:
         """Clause 7.2 note: the SM measures the responder's clock against its own."""
         t0 = time.time()
-        resp = await self.get_time()
+        resp = await self.request(GetTimeRequest, retries=retries)
         t1 = time.time()
         mid = (t0 + t1) / 2
         return ClockOffset(resp.time + 0.5 - mid, (t1 - t0) / 2 + 0.5, resp.time)
 
 
 # --------------------------------------------------------------------------- collector
+def record_timestamp(xml: bytes) -> int | None:
+    """The 430-4 style LogRecordHeader/TimeStamp of a record, as UTC epoch seconds."""
+    try:
+        root = ET.fromstring(xml)
+        text = root.findtext(f"{{{NS_LOG}}}LogRecordHeader/{{{NS_LOG}}}TimeStamp")
+        if not text:
+            return None
+        t = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        if t.tzinfo is None:
+            t = t.replace(tzinfo=dt.timezone.utc)
+        return int(t.timestamp())
+    except (ET.ParseError, ValueError):
+        return None
+
+
 @dataclass(frozen=True)
 class CollectResult:
     window: tuple[int, int] | None
     listed: int
     stored: int
     duplicates: int
+    clock_offset: ClockOffset | None = None
+
+
+@dataclass(frozen=True)
+class CollectedRecord:
+    event_id: int
+    ts_raw: int | None  # the responder's own TimeStamp (its clock)
+    ts_corrected: float | None  # ts_raw minus the offset measured at collection (the SM's "true time")
+    clock_offset: float | None
+    offset_uncertainty: float | None
+    xml: bytes
+
+
+_COLUMNS = (("ts_raw", "INTEGER"), ("ts_corrected", "REAL"), ("clock_offset", "REAL"), ("offset_uncertainty", "REAL"))
 
 
 class LogCollector:
@@ -176,6 +220,10 @@ class LogCollector:
     asked for, the next run starts at T, and nothing falls between runs. Records are keyed
     by (responder, Event ID), so a window asked twice (a crash between storing and
     advancing) stores no duplicate.
+
+    Clause 7.2 note: the SM removes the responder's clock delta in log reporting. Each run
+    measures the offset with that same GetTime and stores, next to the untouched XML, the
+    record's raw TimeStamp, the corrected time (raw - offset) and the offset used.
     """
 
     def __init__(self, db: Path | str, responder: str) -> None:
@@ -183,8 +231,13 @@ class LogCollector:
         self._db = sqlite3.connect(str(db), timeout=5.0)
         self._db.executescript(
             "CREATE TABLE IF NOT EXISTS collected (responder TEXT, event_id INTEGER, window_start INTEGER, "
-            "window_stop INTEGER, collected_at INTEGER, xml BLOB, PRIMARY KEY (responder, event_id));"
+            "window_stop INTEGER, collected_at INTEGER, xml BLOB, ts_raw INTEGER, ts_corrected REAL, "
+            "clock_offset REAL, offset_uncertainty REAL, PRIMARY KEY (responder, event_id));"
             "CREATE TABLE IF NOT EXISTS collector_state (responder TEXT PRIMARY KEY, next_start INTEGER);")
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(collected)")}
+        for col, typ in _COLUMNS:  # databases made before times were corrected
+            if col not in have:
+                self._db.execute(f"ALTER TABLE collected ADD COLUMN {col} {typ}")
         self._db.commit()
 
     def close(self) -> None:
@@ -198,12 +251,18 @@ class LogCollector:
         return [(r[0], bytes(r[1])) for r in self._db.execute(
             "SELECT event_id, xml FROM collected WHERE responder=? ORDER BY event_id", (self.responder,))]
 
+    def timed_records(self) -> list[CollectedRecord]:
+        return [CollectedRecord(r[0], r[1], r[2], r[3], r[4], bytes(r[5])) for r in self._db.execute(
+            "SELECT event_id, ts_raw, ts_corrected, clock_offset, offset_uncertainty, xml FROM collected "
+            "WHERE responder=? ORDER BY event_id", (self.responder,))]
+
     async def collect(self, ini: Initiator) -> CollectResult:
         start = self.next_start()
-        now = (await ini.request(GetTimeRequest, retries=1)).time
+        off = await ini.clock_offset(retries=1)
+        now = off.responder_time
         stop = now - 1
         if stop < start:
-            return CollectResult(None, 0, 0, 0)
+            return CollectResult(None, 0, 0, 0, off)
         lst = await ini.request(lambda r: GetEventListRequest(r, start, stop), retries=1)
         if lst.response != GeneralResponse.SUCCESSFUL:
             raise RuntimeError(f"GetEventList failed with response {lst.response}")
@@ -216,9 +275,16 @@ class LogCollector:
             rec = await ini.request(lambda r, e=eid: GetEventIDRequest(r, e), retries=1)
             if rec.response != GeneralResponse.SUCCESSFUL:
                 raise RuntimeError(f"GetEventID {eid} failed with response {rec.response}")
-            self._db.execute("INSERT OR IGNORE INTO collected VALUES (?,?,?,?,?,?)",
-                             (self.responder, eid, start, stop, int(time.time()), rec.log_record))
+            raw = record_timestamp(rec.log_record)
+            if raw is None:
+                log.info("event %d: no readable TimeStamp; stored without times", eid)
+            corrected = None if raw is None else raw - off.offset
+            self._db.execute("INSERT OR IGNORE INTO collected (responder, event_id, window_start, window_stop, "
+                             "collected_at, xml, ts_raw, ts_corrected, clock_offset, offset_uncertainty) "
+                             "VALUES (?,?,?,?,?,?,?,?,?,?)",
+                             (self.responder, eid, start, stop, int(time.time()), rec.log_record, raw, corrected,
+                              off.offset, off.uncertainty))
             stored += 1
         self._db.execute("INSERT OR REPLACE INTO collector_state VALUES (?, ?)", (self.responder, stop + 1))
         self._db.commit()
-        return CollectResult((start, stop), len(lst.event_ids), stored, dups)
+        return CollectResult((start, stop), len(lst.event_ids), stored, dups, off)

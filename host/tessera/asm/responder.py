@@ -18,7 +18,7 @@ from tessera.asm.codec import (BadRequestResponse, CodecError, GeneralResponse, 
                                LEKeyQueryIDRequest, LEKeyQueryIDResponse, Message, QuerySPBRequest,
                                QuerySPBResponse, SPBStatus)
 from tessera.asm.engine import InvalidParameter, MalformedRequest, ProtocolError, RequestReceived, ResponderEngine
-from tessera.asm.net import PeerRejected, Profile, TLSStream
+from tessera.asm.net import INITIATOR_ROLES, PeerRejected, Profile, RoleRefused, TLSStream
 from tessera.asm.store import KeyStore, SecurityLog
 from tessera.asm.tls import ASM_PORT, Credentials, TLSChannel, TLSProfileError
 
@@ -43,12 +43,13 @@ class ResponderConfig:
     max_value: int = codec.MAX_VALUE_LEN
     clock: Callable[[], float] = time.time  # the responder's UTC clock (tests skew it)
     processing_delay: float = 0.0  # test/bench knob: simulated work per request
+    initiator_roles: frozenset[str] = INITIATOR_ROLES  # leaf CN roles accepted from initiators
 
 
 class Responder:
     def __init__(self, cfg: ResponderConfig) -> None:
         self.cfg = cfg
-        self.profile = Profile(cfg.creds, server=True)
+        self.profile = Profile(cfg.creds, server=True, peer_roles=frozenset(cfg.initiator_roles))
         self.keys = KeyStore(cfg.key_capacity, clock=cfg.clock, persist=cfg.persist_keys)
         self.log = SecurityLog(cfg.db, clock=cfg.clock)
         self.work_lock = asyncio.Lock()  # one request is processed at a time (store + log)
@@ -73,6 +74,7 @@ class Responder:
             await self._server.wait_closed()
             self._server = None
         self.log.close()
+        self.keys.close()
 
     async def serve_forever(self) -> None:
         assert self._server
@@ -97,19 +99,26 @@ class Responder:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         stream = TLSStream(reader, writer, TLSChannel(self.profile.ctx, server=True))
+        engine = ResponderEngine(self.cfg.max_value)
         thumb: str | None = None
         try:
             await asyncio.wait_for(stream.handshake(), self.cfg.handshake_timeout)
             thumb, _ = self.profile.check_peer(stream.chan.peer_certificate())
             self.log.record(ASM, "LinkOpened", thumbprint=thumb, params={"Peer": f"{peer[0]}:{peer[1]}"})
-            await self._serve(stream, thumb)
+            await self._serve(stream, engine, thumb)
         except asyncio.TimeoutError:
             what = "handshake" if thumb is None else "request"
             log.info("%s: timed out in the %s", peer, what)
             self.log.record(ASM, "LinkException", thumbprint=thumb, exceptions={"Timeout": what})
+        except RoleRefused as exc:
+            log.warning("security: %s: initiator refused: %s", peer, exc)
+            self.log.record(ASM, "LinkException", thumbprint=exc.thumbprint,
+                            params={"Peer": f"{peer[0]}:{peer[1]}"},
+                            exceptions={"RoleRefused": exc.violations[0][:2000]})
         except PeerRejected as exc:
-            log.warning("%s: certificate refused: %s", peer, exc)
-            self.log.record(ASM, "LinkException", exceptions={"CertificateRefused": "; ".join(exc.violations)[:2000]})
+            log.warning("security: %s: certificate refused: %s", peer, exc)
+            self.log.record(ASM, "LinkException", thumbprint=exc.thumbprint,
+                            exceptions={"CertificateRefused": "; ".join(exc.violations)[:2000]})
         except (TLSProfileError, ProtocolError) as exc:
             log.info("%s: %s", peer, exc)
             self.log.record(ASM, "LinkException", thumbprint=thumb, exceptions={"TLS": str(exc)[:500]})
@@ -121,10 +130,10 @@ class Responder:
         finally:
             await stream.aclose()
             if thumb is not None:
-                self.log.record(ASM, "LinkClosed", thumbprint=thumb)
+                extra = {"RepeatedRequestIDs": str(engine.repeats)} if engine.repeats else {}
+                self.log.record(ASM, "LinkClosed", thumbprint=thumb, params=extra)
 
-    async def _serve(self, stream: TLSStream, thumb: str) -> None:
-        engine = ResponderEngine(self.cfg.max_value)
+    async def _serve(self, stream: TLSStream, engine: ResponderEngine, thumb: str) -> None:
         loop = asyncio.get_running_loop()
         while True:
             timeout = self.cfg.request_timeout if engine.mid_request else self.cfg.idle_timeout
@@ -145,6 +154,8 @@ class Responder:
         if isinstance(ev, InvalidParameter):
             self.log.record(ASM, "LinkException", thumbprint=thumb, exceptions={"InvalidParameter": ev.error.kind})
             return ev.response
+        if ev.repeat:
+            self._repeated_id(ev, thumb)
         loop = asyncio.get_running_loop()
         left = self.cfg.budget - (loop.time() - t_end) - 0.05  # answer busy before the budget runs out
         try:
@@ -153,6 +164,18 @@ class Responder:
             log.info("busy: request not served within %.1fs", self.cfg.budget)
             self.log.record(ASM, "LinkException", thumbprint=thumb, exceptions={"ResponderBusy": ev.request.NAME})
             return BadRequestResponse(b"", GeneralResponse.BUSY)  # clause 7.1: busy -> empty copy
+
+    def _repeated_id(self, ev: RequestReceived, thumb: str) -> None:
+        """Clause 6.3 makes unique Request_IDs a *should* for the SM: serve the request, but
+        record the first repeat on a link as a security event (later ones are counted in
+        that link's LinkClosed record, so a faulty SM cannot flood the log)."""
+        if ev.repeat != 1:
+            return
+        rid = ev.request.request_id  # type: ignore[attr-defined]
+        log.warning("security: Request_ID %d repeated on one connection (%s); served anyway", rid, ev.request.NAME)
+        self.log.record(ASM, "LinkException", thumbprint=thumb,
+                        exceptions={"RepeatedRequestID": f"{rid} ({ev.request.NAME}); first repeat on this link, "
+                                    "later ones are counted in LinkClosed"})
 
     async def _work(self, req: Message, thumb: str) -> Message:
         async with self.work_lock:

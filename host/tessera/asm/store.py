@@ -4,14 +4,21 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import logging
+import os
+import secrets
 import sqlite3
+import stat
+import struct
 import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from tessera.asm.codec import LEKey, SPBStatus
 
@@ -26,25 +33,143 @@ class _Held:
     expires_at: float  # responder clock, seconds
 
 
+STORE_KEY_ENV = "TESSERA_ASM_STORE_KEY"  # 64 hex digits: the AES-256-GCM storage key
+_AAD = b"tessera-asm-lekey-v1"
+
+
+class KeyStoreError(ValueError):
+    """The persistent key store cannot be opened safely (never carries key material)."""
+
+
+class StorageKey:
+    """The 32-byte key sealing persisted LE keys; its bytes never appear in repr or str."""
+
+    __slots__ = ("_aead", "source")
+
+    def __init__(self, key: bytes, source: str) -> None:
+        if len(key) != 32:
+            raise KeyStoreError(f"the storage key from {source} is not 32 bytes")
+        self._aead = AESGCM(key)
+        self.source = source
+
+    def __repr__(self) -> str:
+        return f"StorageKey(source={self.source!r})"
+
+    @staticmethod
+    def _aad(key_id: int, expires_at: float) -> bytes:
+        # binds each sealed key to its ID and expiry: rows cannot be swapped or prolonged
+        return _AAD + struct.pack(">Id", key_id, expires_at)
+
+    def seal(self, k: LEKey, expires_at: float) -> tuple[bytes, bytes]:
+        nonce = secrets.token_bytes(12)
+        plain = struct.pack(">16sIQ", k.key, k.expire, k.attribute)
+        return nonce, self._aead.encrypt(nonce, plain, self._aad(k.key_id, expires_at))
+
+    def open(self, key_id: int, expires_at: float, nonce: bytes, sealed: bytes) -> LEKey:
+        plain = self._aead.decrypt(nonce, sealed, self._aad(key_id, expires_at))
+        key, expire, attribute = struct.unpack(">16sIQ", plain)
+        return LEKey(key_id, key, expire, attribute)
+
+
+def storage_key_path(db: Path) -> Path:
+    return db.with_name(db.name + ".key")
+
+
+def load_storage_key(db: Path, env: Mapping[str, str] | None = None) -> StorageKey:
+    """TESSERA_ASM_STORE_KEY if set, else `<db>.key` (created 0600 with a random key if absent)."""
+    env = os.environ if env is None else env
+    if env.get(STORE_KEY_ENV):
+        try:
+            raw = bytes.fromhex(env[STORE_KEY_ENV].strip())
+        except ValueError:
+            raw = b""
+        if len(raw) != 32:  # the value itself is never repeated
+            raise KeyStoreError(f"{STORE_KEY_ENV} must be 64 hex digits (a 32-byte key)")
+        return StorageKey(raw, STORE_KEY_ENV)
+    path = storage_key_path(db)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        st = path.stat()
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            raise KeyStoreError(f"{path} is accessible by group or others (mode "
+                                f"{stat.S_IMODE(st.st_mode):o}); it must be 0600") from None
+        if hasattr(os, "getuid") and st.st_uid != os.getuid():
+            raise KeyStoreError(f"{path} is not owned by this user") from None
+        try:
+            raw = bytes.fromhex(path.read_text().strip())
+        except ValueError:
+            raw = b""
+        if len(raw) != 32:
+            raise KeyStoreError(f"{path} does not hold a 32-byte key in hex") from None
+        return StorageKey(raw, str(path))
+    raw = secrets.token_bytes(32)
+    try:
+        os.write(fd, raw.hex().encode() + b"\n")
+    finally:
+        os.close(fd)
+    log.info("created the LE key storage key %s (mode 0600)", path)
+    return StorageKey(raw, str(path))
+
+
 class KeyStore:
-    """LE keys by ID. In memory only unless `persist` names an SQLite file (opt-in, and the
-    keys are then stored unencrypted at rest: see docs/asm.md)."""
+    """LE keys by ID, in memory; with `persist` also in an SQLite file, sealed with AES-256-GCM.
+
+    The storage key comes from TESSERA_ASM_STORE_KEY or a 0600 file `<persist>.key` (see
+    `load_storage_key`). Only key IDs and expiry times are stored in clear. Keys already
+    expired are deleted when the store is opened.
+    """
 
     def __init__(self, capacity: int = MIN_KEY_CAPACITY, clock: Callable[[], float] = time.time,
-                 persist: Path | None = None) -> None:
+                 persist: Path | None = None, env: Mapping[str, str] | None = None) -> None:
         if capacity < MIN_KEY_CAPACITY:
             raise ValueError(f"capacity must be at least {MIN_KEY_CAPACITY}")
         self.capacity = capacity
         self.clock = clock
         self._keys: dict[int, _Held] = {}
         self._db: sqlite3.Connection | None = None
+        self._sk: StorageKey | None = None
         if persist is not None:
-            self._db = sqlite3.connect(str(persist), check_same_thread=False)
-            self._db.execute("CREATE TABLE IF NOT EXISTS lekeys (key_id INTEGER PRIMARY KEY, key BLOB, "
-                             "expire INTEGER, attribute INTEGER, expires_at REAL)")
-            for kid, key, exp, attr, at in self._db.execute("SELECT * FROM lekeys"):
-                self._keys[kid] = _Held(LEKey(kid, key, exp, attr), at)
-            self._db.commit()
+            self._open(Path(persist), env)
+
+    def __repr__(self) -> str:
+        return f"KeyStore(capacity={self.capacity}, held={len(self._keys)}, persistent={self._db is not None})"
+
+    def _open(self, persist: Path, env: Mapping[str, str] | None) -> None:
+        self._sk = load_storage_key(persist, env)
+        db = sqlite3.connect(str(persist), check_same_thread=False)
+        db.execute("PRAGMA secure_delete=ON")  # deleted rows are overwritten, not left in free pages
+        legacy = db.execute("SELECT name FROM sqlite_master WHERE type='table' AND name='lekeys'").fetchone()
+        if legacy:  # the unencrypted table of earlier versions: wipe it, the SM reloads keys
+            n = db.execute("SELECT COUNT(*) FROM lekeys").fetchone()[0]
+            db.execute("DROP TABLE lekeys")
+            db.commit()
+            db.execute("VACUUM")
+            log.warning("security: discarded %d LE key(s) stored unencrypted by an earlier version in %s; "
+                        "the Security Manager must load them again", n, persist)
+        db.execute("CREATE TABLE IF NOT EXISTS lekeys_sealed (key_id INTEGER PRIMARY KEY, "
+                   "expires_at REAL NOT NULL, nonce BLOB NOT NULL, sealed BLOB NOT NULL)")
+        gone = db.execute("DELETE FROM lekeys_sealed WHERE expires_at <= ?", (self.clock(),)).rowcount
+        db.commit()
+        bad: list[int] = []
+        for kid, at, nonce, sealed in db.execute("SELECT key_id, expires_at, nonce, sealed FROM lekeys_sealed"):
+            try:
+                self._keys[kid] = _Held(self._sk.open(kid, at, nonce, sealed), at)
+            except (InvalidTag, struct.error, ValueError):
+                bad.append(kid)
+        if bad:
+            db.close()
+            self._keys.clear()
+            raise KeyStoreError(f"cannot decrypt stored LE key(s) {','.join(map(str, bad[:8]))} in {persist}: "
+                                f"wrong storage key ({self._sk.source}) or altered database")
+        self._db = db
+        if gone or self._keys:
+            log.info("LE key store %s: %d key(s) restored, %d expired key(s) purged", persist, len(self._keys), gone)
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
 
     def _expire(self) -> None:
         now = self.clock()
@@ -52,7 +177,7 @@ class KeyStore:
         for k in gone:
             del self._keys[k]
         if gone and self._db:
-            self._db.executemany("DELETE FROM lekeys WHERE key_id=?", [(k,) for k in gone])
+            self._db.executemany("DELETE FROM lekeys_sealed WHERE key_id=?", [(k,) for k in gone])
             self._db.commit()
 
     def load(self, keys: Iterable[LEKey]) -> bool:
@@ -65,9 +190,12 @@ class KeyStore:
         now = self.clock()
         for k in keys:
             self._keys[k.key_id] = _Held(k, now + k.expire)
-        if self._db:
-            self._db.executemany("INSERT OR REPLACE INTO lekeys VALUES (?,?,?,?,?)",
-                                 [(k.key_id, k.key, k.expire, k.attribute, now + k.expire) for k in keys])
+        if self._db and self._sk:
+            rows = []
+            for k in keys:
+                nonce, sealed = self._sk.seal(k, now + k.expire)
+                rows.append((k.key_id, now + k.expire, nonce, sealed))
+            self._db.executemany("INSERT OR REPLACE INTO lekeys_sealed VALUES (?,?,?,?)", rows)
             self._db.commit()
         return True
 
@@ -88,7 +216,7 @@ class KeyStore:
         self._expire()
         found = self._keys.pop(key_id, None) is not None
         if self._db:
-            self._db.execute("DELETE FROM lekeys WHERE key_id=?", (key_id,))
+            self._db.execute("DELETE FROM lekeys_sealed WHERE key_id=?", (key_id,))
             self._db.commit()
         return found
 
@@ -96,7 +224,7 @@ class KeyStore:
         n = len(self._keys)
         self._keys.clear()
         if self._db:
-            self._db.execute("DELETE FROM lekeys")
+            self._db.execute("DELETE FROM lekeys_sealed")
             self._db.commit()
         return n
 

@@ -18,8 +18,25 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import ExtensionOID, NameOID, SignatureAlgorithmOID
 
+from tessera.errors import TesseraError
+
 UTC = dt.timezone.utc
 ROLES = ("SM", "LD", "LE", "MB", "PR", "CS", "RES")  # role prefixes used in leaf CNs
+
+
+def leaf_roles(cert: x509.Certificate) -> frozenset[str]:
+    """The roles of a leaf whose CN is "<ROLE>.<name>".
+
+    Our reading of 430-2 (not in this repository): the part before the first "." names the
+    role; several roles are separated by spaces ("SM LS.name"). No CN or no "." -> no role.
+    """
+    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(cn) != 1:
+        return frozenset()
+    role, sep, rest = str(cn[0].value).partition(".")
+    if not sep or not rest:
+        return frozenset()
+    return frozenset(r for r in role.split(" ") if r)
 
 
 def dn_qualifier(public_key: rsa.RSAPublicKey) -> str:
@@ -51,9 +68,27 @@ class Issued:
     def cert_pem(self) -> bytes:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
-    def key_pem(self) -> bytes:
-        return self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption())
+    def key_pem(self, passphrase: bytes | None = None) -> bytes:
+        """PKCS#8 PEM, encrypted with `passphrase` (cryptography's best available scheme) if given."""
+        enc: serialization.KeySerializationEncryption = (
+            serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption())
+        return self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
+
+
+class PKIError(TesseraError):
+    """A PKI directory or key cannot be used (missing, encrypted without a passphrase, mismatched)."""
+
+
+def write_secret(path: Path, data: bytes) -> None:
+    """Write a private key readable by its owner only (mode 0600, also when the file existed)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
 
 
 def issue(cn: str, *, org: str, ou: str = "tessera", ca: bool, path_len: int | None = None,
@@ -107,22 +142,70 @@ def create_chain(org: str, leaves: list[tuple[str, str]], days: int = 365) -> Ch
     return Chain(root, inter, out)
 
 
-def write_chain(chain: Chain, d: Path) -> dict[str, Path]:
-    """Files: root.pem, intermediate.pem, <name>.pem (leaf + intermediate), <name>.key."""
+def write_leaf(d: Path, name: str, leaf: Issued, intermediate: Issued | x509.Certificate) -> dict[str, Path]:
+    """<name>.pem (leaf + intermediate) and <name>.key (unencrypted: TLS peers load it unattended)."""
+    inter = intermediate.cert if isinstance(intermediate, Issued) else intermediate
+    p, k = d / f"{name}.pem", d / f"{name}.key"
+    p.write_bytes(leaf.cert_pem() + inter.public_bytes(serialization.Encoding.PEM))
+    write_secret(k, leaf.key_pem())
+    return {name: p, name + ".key": k}
+
+
+def write_chain(chain: Chain, d: Path, passphrase: bytes | None = None) -> dict[str, Path]:
+    """Files: root.pem/.key, intermediate.pem/.key, <name>.pem (leaf + intermediate), <name>.key.
+
+    The CA keys are kept (mode 0600, encrypted with `passphrase` if given) so that
+    `issue_leaf` can extend the chain later; leaf keys are never encrypted.
+    """
     d.mkdir(parents=True, exist_ok=True)
-    paths = {"root": d / "root.pem", "intermediate": d / "intermediate.pem"}
+    paths = {"root": d / "root.pem", "intermediate": d / "intermediate.pem",
+             "root.key": d / "root.key", "intermediate.key": d / "intermediate.key"}
     paths["root"].write_bytes(chain.root.cert_pem())
     paths["intermediate"].write_bytes(chain.intermediate.cert_pem())
+    write_secret(paths["root.key"], chain.root.key_pem(passphrase))
+    write_secret(paths["intermediate.key"], chain.intermediate.key_pem(passphrase))
     for name, leaf in chain.leaves.items():
-        p = d / f"{name}.pem"
-        p.write_bytes(leaf.cert_pem() + chain.intermediate.cert_pem())
-        k = d / f"{name}.key"
-        k.write_bytes(b"")
-        os.chmod(k, 0o600)
-        k.write_bytes(leaf.key_pem())
-        paths[name] = p
-        paths[name + ".key"] = k
+        paths.update(write_leaf(d, name, leaf, chain.intermediate))
     return paths
+
+
+def key_is_encrypted(path: Path) -> bool:
+    return b"ENCRYPTED" in Path(path).read_bytes().split(b"\n", 1)[0]
+
+
+def load_ca(d: Path, which: str = "intermediate", passphrase: bytes | None = None) -> Issued:
+    """A CA certificate and its private key from a `write_chain` directory."""
+    cert_p, key_p = d / f"{which}.pem", d / f"{which}.key"
+    if not cert_p.exists():
+        raise PKIError(f"no {cert_p}: not a directory made by `tessera pki create`")
+    if not key_p.exists():
+        raise PKIError(f"no {key_p}: the {which} key was not kept (chains made before CA keys were "
+                       "kept cannot be extended; create a new one)")
+    cert = x509.load_pem_x509_certificate(cert_p.read_bytes())
+    encrypted = key_is_encrypted(key_p)
+    if encrypted and not passphrase:
+        raise PKIError(f"{key_p} is encrypted: give --passphrase-env VAR or --passphrase-prompt")
+    try:
+        key = serialization.load_pem_private_key(key_p.read_bytes(), passphrase if encrypted else None)
+    except (ValueError, TypeError):
+        # never repeat the passphrase or library detail that might echo key material
+        raise PKIError(f"cannot load {key_p}: wrong passphrase or damaged key") from None
+    if not isinstance(key, rsa.RSAPrivateKey) or key.public_key().public_numbers() != cert.public_key().public_numbers():
+        raise PKIError(f"{key_p} does not belong to {cert_p}")
+    return Issued(cert, key)
+
+
+def issue_leaf(d: Path, role: str, name: str, *, passphrase: bytes | None = None, days: int = 365,
+               force: bool = False) -> tuple[Issued, dict[str, Path]]:
+    """Issue one more leaf (CN "<ROLE>.<name>", dnQualifier of its key) under d's intermediate."""
+    if (d / f"{name}.pem").exists() and not force:
+        raise PKIError(f"{d / (name + '.pem')} exists (use --force to replace it)")
+    inter = load_ca(d, "intermediate", passphrase)
+    org = inter.cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value
+    if not inter.cert.not_valid_before_utc <= dt.datetime.now(UTC) < inter.cert.not_valid_after_utc:
+        raise PKIError("the intermediate certificate is not valid now")
+    leaf = issue(f"{role}.{name}", org=str(org), ca=False, parent=inter, days=days)
+    return leaf, write_leaf(d, name, leaf, inter)
 
 
 # --------------------------------------------------------------------------- validation

@@ -1,7 +1,9 @@
-"""`tessera pki`: create a SMPTE 430-2 style chain, validate certificates against the profile."""
+"""`tessera pki`: create a SMPTE 430-2 style chain, extend it, validate certificates against the profile."""
 from __future__ import annotations
 
 import argparse
+import getpass
+import os
 from pathlib import Path
 
 from cryptography.x509.oid import NameOID
@@ -14,20 +16,65 @@ def _leaf(spec: str) -> tuple[str, str]:
     role, sep, name = spec.partition(":")
     if not sep or not role.isupper() or not name or "/" in name:
         raise argparse.ArgumentTypeError(f"expected ROLE:name (e.g. SM:initiator), got {spec!r}")
+    if name in ("root", "intermediate") or name.startswith("."):
+        raise argparse.ArgumentTypeError(f"leaf name {name!r} would clash with the CA files")
     return role, name
+
+
+def _passphrase(args: argparse.Namespace, *, confirm: bool) -> bytes | None:
+    """From the environment variable named by --passphrase-env, or a prompt; never argv."""
+    if args.passphrase_env:
+        value = os.environ.get(args.passphrase_env)
+        if not value:
+            raise TesseraError(f"environment variable {args.passphrase_env} is not set or empty")
+        return value.encode()
+    if args.passphrase_prompt:
+        first = getpass.getpass("CA key passphrase: ")
+        if not first:
+            raise TesseraError("empty passphrase")
+        if confirm and getpass.getpass("again: ") != first:
+            raise TesseraError("the passphrases differ")
+        return first.encode()
+    return None
+
+
+def _print_leaf(name: str, leaf: certs.Issued, paths: dict[str, Path]) -> None:
+    cn = leaf.cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    print(f"{name}: CN={cn} thumbprint={certs.thumbprint(leaf.cert)} -> {paths[name]}, {paths[name + '.key']}")
 
 
 def cmd_create(args: argparse.Namespace) -> int:
     d = Path(args.dir)
     if d.exists() and any(d.iterdir()) and not args.force:
         raise TesseraError(f"{d} is not empty (use --force to overwrite)")
+    passphrase = _passphrase(args, confirm=True)  # before the keys exist, so a typo costs nothing
     chain = certs.create_chain(args.org, args.leaf or [("SM", "initiator"), ("LD", "responder")], days=args.days)
-    paths = certs.write_chain(chain, d)
+    paths = certs.write_chain(chain, d, passphrase)
     for name, leaf in chain.leaves.items():
-        cn = leaf.cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
-        print(f"{name}: CN={cn} thumbprint={certs.thumbprint(leaf.cert)} -> {paths[name]}, {paths[name + '.key']}")
+        _print_leaf(name, leaf, paths)
     print(f"root: {paths['root']}  intermediate: {paths['intermediate']}")
+    print(f"CA keys ({'encrypted' if passphrase else 'NOT encrypted'}, mode 0600): "
+          f"{paths['root.key']}, {paths['intermediate.key']}")
     return 0
+
+
+def cmd_issue(args: argparse.Namespace) -> int:
+    d = Path(args.dir)
+    passphrase = _passphrase(args, confirm=False)
+    role, name = args.leaf
+    try:
+        leaf, paths = certs.issue_leaf(d, role, name, passphrase=passphrase, days=args.days, force=args.force)
+    except OSError as exc:
+        raise TesseraError(f"cannot issue under {d}: {exc.strerror or exc}") from None
+    _print_leaf(name, leaf, paths)
+    return 0
+
+
+def _add_passphrase(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--passphrase-env", metavar="VAR",
+                   help="read the CA key passphrase from environment variable VAR")
+    g.add_argument("--passphrase-prompt", action="store_true", help="prompt for the CA key passphrase")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -71,7 +118,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a leaf with CN ROLE.NAME (repeatable; default SM:initiator and LD:responder)")
     c.add_argument("--days", type=int, default=365)
     c.add_argument("--force", action="store_true")
+    _add_passphrase(c)
     c.set_defaults(func=cmd_create)
+    i = s.add_parser("issue", help="issue another leaf under an existing intermediate",
+                     description="Issue a leaf (CN ROLE.NAME, dnQualifier of its new key) signed by the "
+                     "intermediate of a directory made by `tessera pki create`.")
+    i.add_argument("--dir", required=True, help="directory made by `tessera pki create`")
+    i.add_argument("--leaf", type=_leaf, required=True, metavar="ROLE:NAME", help="e.g. SM:sm2")
+    i.add_argument("--days", type=int, default=365, help="validity (clipped to the intermediate's)")
+    i.add_argument("--force", action="store_true", help="replace an existing leaf of that name")
+    _add_passphrase(i)
+    i.set_defaults(func=cmd_issue)
     v = s.add_parser("validate", help="check a certificate or chain against the 430-2 profile")
     v.add_argument("cert", nargs="+", help="PEM files (leaf and its chain, any order)")
     v.add_argument("--trust", help="PEM bundle used to complete the chain up to its root")

@@ -74,8 +74,8 @@ def start_responder(pki, tmp_path):
     started: list[Running] = []
     lt = LoopThread()
 
-    def _start(**kw) -> Running:
-        cfg = ResponderConfig(pki.creds("responder"), tmp_path / f"resp{len(started)}.db", port=0, **kw)
+    def _start(name: str = "responder", **kw) -> Running:
+        cfg = ResponderConfig(pki.creds(name), tmp_path / f"resp{len(started)}.db", port=0, **kw)
 
         async def mk():
             r = Responder(cfg)
