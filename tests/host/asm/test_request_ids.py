@@ -6,7 +6,7 @@ import time
 
 from hypothesis import given, settings, strategies as st
 
-from asm_helpers import SyncTLSClient
+from .asm_helpers import SyncTLSClient
 from tessera.asm import codec
 from tessera.asm.codec import GetTimeRequest, GetTimeResponse
 from tessera.asm.engine import RequestReceived, ResponderEngine
