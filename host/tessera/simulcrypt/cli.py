@@ -28,6 +28,14 @@ def _int(s: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
 
 
+def _signed_ms(s: str) -> int:
+    """A signed 16-bit millisecond delay (delay_start, AC_delay_*, transition_delay_*)."""
+    v = _int(s)
+    if not -0x8000 <= v <= 0x7FFF:
+        raise argparse.ArgumentTypeError(f"{v} does not fit a signed 16-bit ms value")
+    return v
+
+
 def _db(args: argparse.Namespace):
     from tessera.simulcrypt.keystore import KeyStore
 
@@ -40,7 +48,9 @@ def _caps(args: argparse.Namespace):
 
     return EcmgCaps(delay_start=args.delay_start, delay_stop=args.delay_stop, ecm_rep_period=args.rep_period,
                     max_streams=args.max_streams, min_cp_duration=args.min_cp, lead_cw=1, cw_per_msg=2,
-                    max_comp_time=args.max_comp_time)
+                    max_comp_time=args.max_comp_time, ac_delay_start=args.ac_delay_start,
+                    ac_delay_stop=args.ac_delay_stop, transition_delay_start=args.transition_delay_start,
+                    transition_delay_stop=args.transition_delay_stop)
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -213,8 +223,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="0x0001xxxx (DRM) or 0x0002xxxx (Smartcard); repeatable")
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=0)
-    g.add_argument("--delay-start", type=int, default=-200, help="ms (channel_status)")
-    g.add_argument("--delay-stop", type=int, default=0, help="ms")
+    g.add_argument("--delay-start", type=_signed_ms, default=-200, help="ms (channel_status)")
+    g.add_argument("--delay-stop", type=_signed_ms, default=0, help="ms")
+    g.add_argument("--ac-delay-start", type=_signed_ms, help="AC_delay_start, ms; default: --delay-start")
+    g.add_argument("--ac-delay-stop", type=_signed_ms, help="AC_delay_stop, ms; default: --delay-stop")
+    g.add_argument("--transition-delay-start", type=_signed_ms,
+                   help="transition_delay_start, ms; default: --delay-start")
+    g.add_argument("--transition-delay-stop", type=_signed_ms, help="transition_delay_stop, ms; default: --delay-stop")
     g.add_argument("--rep-period", type=int, default=100, help="ECM_rep_period, ms")
     g.add_argument("--max-streams", type=int, default=128)
     g.add_argument("--min-cp", type=int, default=1, help="min_CP_duration, 100 ms units")

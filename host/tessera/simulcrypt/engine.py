@@ -266,10 +266,27 @@ class EcmgCaps:
     cw_per_msg: int = 2
     max_comp_time: int = 100       # ms
     section_tspkt_flag: int = SECTION_TSPKT_BCAST
+    # Optional in channel_status (signed ms). They replace delay_start / delay_stop for the
+    # first crypto-period after an access-criteria change / the last one before it (AC_*),
+    # and the first after a clear->scrambled / the last before a scrambled->clear transition
+    # (transition_*). None: the generator advertises the delay_start / delay_stop value; on
+    # the SCS side, None means the generator did not send it and delay_start / delay_stop apply.
+    ac_delay_start: int | None = None
+    ac_delay_stop: int | None = None
+    transition_delay_start: int | None = None
+    transition_delay_stop: int | None = None
 
     def params(self) -> list[tuple[int, int]]:
-        return [(EP.SECTION_TSPKT_FLAG, self.section_tspkt_flag), (EP.DELAY_START, self.delay_start),
-                (EP.DELAY_STOP, self.delay_stop), (EP.ECM_REP_PERIOD, self.ecm_rep_period),
+        def pick(v: int | None, default: int) -> int:
+            return default if v is None else v
+
+        return [(EP.SECTION_TSPKT_FLAG, self.section_tspkt_flag),
+                (EP.AC_DELAY_START, pick(self.ac_delay_start, self.delay_start)),
+                (EP.AC_DELAY_STOP, pick(self.ac_delay_stop, self.delay_stop)),
+                (EP.DELAY_START, self.delay_start), (EP.DELAY_STOP, self.delay_stop),
+                (EP.TRANSITION_DELAY_START, pick(self.transition_delay_start, self.delay_start)),
+                (EP.TRANSITION_DELAY_STOP, pick(self.transition_delay_stop, self.delay_stop)),
+                (EP.ECM_REP_PERIOD, self.ecm_rep_period),
                 (EP.MAX_STREAMS, self.max_streams), (EP.MIN_CP_DURATION, self.min_cp_duration),
                 (EP.LEAD_CW, self.lead_cw), (EP.CW_PER_MSG, self.cw_per_msg), (EP.MAX_COMP_TIME, self.max_comp_time)]
 
@@ -570,7 +587,10 @@ class ScsConnection(Endpoint):
             delay_start=msg.int(EP.DELAY_START) or 0, delay_stop=msg.int(EP.DELAY_STOP) or 0,
             ecm_rep_period=msg.int(EP.ECM_REP_PERIOD) or 0, max_streams=msg.int(EP.MAX_STREAMS) or 0,
             min_cp_duration=msg.int(EP.MIN_CP_DURATION) or 0, lead_cw=msg.int(EP.LEAD_CW) or 0,
-            cw_per_msg=msg.int(EP.CW_PER_MSG) or 0, max_comp_time=msg.int(EP.MAX_COMP_TIME) or 0)
+            cw_per_msg=msg.int(EP.CW_PER_MSG) or 0, max_comp_time=msg.int(EP.MAX_COMP_TIME) or 0,
+            ac_delay_start=msg.int(EP.AC_DELAY_START), ac_delay_stop=msg.int(EP.AC_DELAY_STOP),
+            transition_delay_start=msg.int(EP.TRANSITION_DELAY_START),
+            transition_delay_stop=msg.int(EP.TRANSITION_DELAY_STOP))
         if caps.cw_per_msg < 1 or caps.lead_cw > caps.cw_per_msg:
             raise self._fail(EE.INVALID_VALUE, "inconsistent lead_CW / CW_per_msg", msg)
         self.caps = caps
