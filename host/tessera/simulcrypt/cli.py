@@ -152,7 +152,10 @@ def cmd_scs(args: argparse.Namespace) -> int:
 def cmd_mux(args: argparse.Namespace) -> int:
     from tessera.simulcrypt.mux import Multiplexer
 
-    mux = Multiplexer(args.kbps, host=args.host, port=args.port, udp=not args.no_udp)
+    if args.channels_per_client is not None and args.channels_per_client < 1:
+        raise TesseraError("--channels-per-client must be at least 1")
+    mux = Multiplexer(args.kbps, host=args.host, port=args.port, udp=not args.no_udp,
+                      channels_per_client=args.channels_per_client)
 
     async def start():
         port = await mux.start()
@@ -250,6 +253,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--port", type=int, default=0)
     m.add_argument("--kbps", type=int, default=2000, help="bandwidth pool for LTKM streams")
     m.add_argument("--no-udp", action="store_true")
+    m.add_argument("--channels-per-client", type=int, metavar="N",
+                   help="refuse more than N open channels per client_id with 'client_id already in use' "
+                   "(0x0014); default: no limit")
     m.set_defaults(func=cmd_mux)
 
     e = s.add_parser("ltkm-generator", help="send LTKMs to a MUX (EMMG role, DRM profile)")

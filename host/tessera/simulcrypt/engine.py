@@ -244,6 +244,11 @@ class Endpoint:
         raise NotImplementedError
 
 
+def _int4_or_none(msg: Message, code: int) -> int | None:
+    v = msg.get(code)
+    return int.from_bytes(v, "big") if v is not None and len(v) == 4 else None
+
+
 def _int_or_none(msg: Message, code: int) -> int | None:
     v = msg.get(code)
     if v is None or len(v) != 2:
@@ -614,6 +619,18 @@ class _MuxItf(Endpoint):
     def _ids(self) -> list[tuple[int, int | bytes]]:
         return [(MP.CLIENT_ID, self.client_id or 0)]
 
+    def _answer_error(self, exc: ProtocolError) -> list[Event]:
+        # before the channel is open (a refused channel_setup), answer with the client_id
+        # the peer sent rather than 0
+        client = _int4_or_none(exc.msg, MP.CLIENT_ID) if exc.msg is not None else None
+        if self.client_id is not None or client is None:
+            return super()._answer_error(exc)
+        self.client_id = client
+        try:
+            return super()._answer_error(exc)
+        finally:
+            self.client_id = None
+
 
 @dataclass
 class DataStream:
@@ -729,8 +746,15 @@ class MuxCore:
 
     def __init__(self, total_kbps: int = 2000, clients: set[int] | None = None, max_channels: int = 32,
                  max_streams_per_channel: int = 16, max_streams_total: int = 256, burst_seconds: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, channels_per_client: int | None = None) -> None:
         self.total_kbps = total_kbps
+        # Open channels one client_id may hold; one more gets `client_id already in use`
+        # (0x0014). None: no limit, the default. The reference does not say when 0x0014 is due,
+        # and since every EMMG<->MUX message names client_id AND data_channel_id, one client
+        # may run several channels; the limit is a project option.
+        if channels_per_client is not None and channels_per_client < 1:
+            raise ValueError("channels_per_client must be at least 1 (or None for no limit)")
+        self.channels_per_client = channels_per_client
         self.clients = clients  # None: any DRM-profile client_id
         self.max_channels = max_channels
         self.max_streams_per_channel = max_streams_per_channel
@@ -833,6 +857,9 @@ class MuxConnection(_MuxItf):
             raise self._fail(ME.INVALID_VALUE, "section_TSpkt_flag must be 0x02 (BCAST 14.1.1.3.4)", msg)
         if (client, cid) in self.core.channels:
             raise self._fail(ME.DATA_CHANNEL_ID_IN_USE, f"data_channel_id {cid} already in use", msg)
+        limit = self.core.channels_per_client
+        if limit is not None and sum(1 for c, _ in self.core.channels if c == client) >= limit:
+            raise self._fail(ME.CLIENT_ID_IN_USE, f"client_id 0x{client:08x} already has {limit} open channel(s)", msg)
         if len(self.core.channels) >= self.core.max_channels:
             raise self._fail(ME.TOO_MANY_CHANNELS_ON_MUX, "too many channels", msg)
         self.version = msg.version

@@ -37,3 +37,7 @@ def test_generator_optional_delays():
     assert params[EP.TRANSITION_DELAY_START] == -100 and params[EP.AC_DELAY_STOP] == 0  # default: the delay_* value
     with pytest.raises(SystemExit):
         generator_caps("--ac-delay-stop", "40000")  # does not fit the signed 16-bit parameter
+
+
+def test_mux_channels_per_client_validated():
+    assert main(["simulcrypt", "mux", "--channels-per-client", "0"]) == 2
