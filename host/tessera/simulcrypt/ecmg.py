@@ -39,10 +39,14 @@ class GeneratorStats:
 class StkmGenerator:
     def __init__(self, keystore: KeyStore, super_cas_ids: set[int], caps: EcmgCaps | None = None, *,
                  host: str = "127.0.0.1", port: int = 0, echo: bool = False, max_channels: int = 64,
-                 estimate_window: float = 1.0, clock: Callable[[], float] = time.perf_counter) -> None:
+                 estimate_window: float = 1.0, clock: Callable[[], float] = time.perf_counter,
+                 accept_cwe_v1: bool = False) -> None:
         """estimate_window: how long (s) a measured STKM build time counts towards the
-        admission estimate (see `_provision`); clock: seconds, injectable for tests."""
+        admission estimate (see `_provision`); clock: seconds, injectable for tests;
+        accept_cwe_v1: also accept the legacy CW_encryption layout 0x01, which has no
+        integrity protection (off: such a CW_provision gets invalid value)."""
         self.keystore = keystore
+        self.accept_cwe_v1 = accept_cwe_v1
         self.core = EcmgCore(super_cas_ids, caps, max_channels=max_channels,
                              ecm_id_known=lambda scid, ecm_id: keystore.traffic_key(scid, ecm_id) is not None)
         self.host, self.port = host, port
@@ -157,11 +161,12 @@ class StkmGenerator:
             raise LookupError(f"no service or program key for ECM_id {ev.ecm_id}")
         cws = [cw for _, cw in ev.cws]
         if ev.cw_encryption is not None:
-            key_id, counter = stkm.parse_cw_encryption(ev.cw_encryption)
+            _, key_id = stkm.cw_encryption_header(ev.cw_encryption)
             cwt = self.keystore.get("CWT", scid, key_id)
             if cwt is None:
                 raise stkm.StkmError(f"unknown CW transport key id {key_id}")
-            cws = stkm.crypt_cws(cwt.material, counter, cws)
+            cws = stkm.open_cws(cwt.material, ev.cw_encryption, stkm.CwContext(scid, ev.ecm_id, ev.cp_number),
+                                ev.cws, accept_v1=self.accept_cwe_v1)
         if ev.access_criteria is None:
             raise stkm.StkmError("no access_criteria received for this stream (protection type unknown)")
         ac = stkm.AccessCriteria.decode(ev.access_criteria)

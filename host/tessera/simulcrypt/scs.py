@@ -427,10 +427,9 @@ class Scs:
         cps = [(cp + i) & 0xFFFF for i in range(caps.lead_cw - caps.cw_per_msg + 1, caps.lead_cw + 1)]
         cws = [self.tekgen.tek(c) for c in cps]
         cwe = None
-        if link.spec.cw_key is not None:
-            counter = os.urandom(16)
-            cws = stkm.crypt_cws(link.spec.cw_key.material, counter, cws)
-            cwe = stkm.cw_encryption_param(link.spec.cw_key.key_id, counter)
+        if link.spec.cw_key is not None:  # layout v2: encrypted and authenticated (docs/bcast-profile.md)
+            cwe, cws = stkm.seal_cws(link.spec.cw_key.material, link.spec.cw_key.key_id,
+                                     stkm.CwContext(scid, link.spec.ecm_id, cp), list(zip(cps, cws)))
         ac = stkm.AccessCriteria(self.tekgen.protection, self.tekgen.traffic_params, period.access_rule).encode()
         stream = conn.streams.get(link.spec.stream_id)
         send_ac = ac if (link.sent_ac != ac or (stream and stream.access_criteria_transfer_mode)) else None
