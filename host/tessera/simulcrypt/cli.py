@@ -28,6 +28,13 @@ def _int(s: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
 
 
+def _byte(s: str) -> int:
+    v = _int(s)
+    if not 0 <= v <= 255:
+        raise argparse.ArgumentTypeError(f"{v} does not fit the one-byte parameter")
+    return v
+
+
 def _signed_ms(s: str) -> int:
     """A signed 16-bit millisecond delay (delay_start, AC_delay_*, transition_delay_*)."""
     v = _int(s)
@@ -46,11 +53,17 @@ def _db(args: argparse.Namespace):
 def _caps(args: argparse.Namespace):
     from tessera.simulcrypt.engine import EcmgCaps
 
-    return EcmgCaps(delay_start=args.delay_start, delay_stop=args.delay_stop, ecm_rep_period=args.rep_period,
-                    max_streams=args.max_streams, min_cp_duration=args.min_cp, lead_cw=1, cw_per_msg=2,
+    caps = EcmgCaps(delay_start=args.delay_start, delay_stop=args.delay_stop, ecm_rep_period=args.rep_period,
+                    max_streams=args.max_streams, min_cp_duration=args.min_cp, lead_cw=args.lead_cw,
+                    cw_per_msg=args.cw_per_msg,
                     max_comp_time=args.max_comp_time, ac_delay_start=args.ac_delay_start,
                     ac_delay_stop=args.ac_delay_stop, transition_delay_start=args.transition_delay_start,
                     transition_delay_stop=args.transition_delay_stop)
+    try:
+        caps.check()
+    except ValueError as exc:
+        raise TesseraError(str(exc)) from None
+    return caps
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -88,10 +101,12 @@ async def _serve_forever(start, close) -> None:
 def cmd_stkm_generator(args: argparse.Namespace) -> int:
     from tessera.simulcrypt.ecmg import StkmGenerator
 
+    caps = _caps(args)  # validated before anything is opened
     ks = _db(args)
     try:
-        gen = StkmGenerator(ks, set(args.super_cas_id), _caps(args), host=args.host, port=args.port)
+        gen = StkmGenerator(ks, set(args.super_cas_id), caps, host=args.host, port=args.port)
     except ValueError as exc:
+        ks.close()
         raise TesseraError(str(exc)) from None
 
     async def start():
@@ -237,6 +252,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-streams", type=int, default=128)
     g.add_argument("--min-cp", type=int, default=1, help="min_CP_duration, 100 ms units")
     g.add_argument("--max-comp-time", type=int, default=100, help="ms")
+    g.add_argument("--lead-cw", type=_byte, default=1,
+                   help="lead_CW: CWs after the current crypto-period in each CW_provision (0..CW_per_msg)")
+    g.add_argument("--cw-per-msg", type=_byte, default=2, help="CW_per_msg: CWs in each CW_provision (1..255)")
     g.set_defaults(func=cmd_stkm_generator)
 
     c = s.add_parser("scs", help="run an SCS for one service against STKM generators")

@@ -281,6 +281,14 @@ class EcmgCaps:
     transition_delay_start: int | None = None
     transition_delay_stop: int | None = None
 
+    def check(self) -> None:
+        """Raises ValueError for values a generator must not advertise."""
+        if not 1 <= self.cw_per_msg <= 255:
+            raise ValueError(f"CW_per_msg must be 1..255 (one byte, at least one CW), not {self.cw_per_msg}")
+        if not 0 <= self.lead_cw <= self.cw_per_msg:
+            raise ValueError(f"lead_CW must be 0..CW_per_msg ({self.cw_per_msg}), not {self.lead_cw}: "
+                             "the CWs of a CW_provision end lead_CW periods ahead")
+
     def params(self) -> list[tuple[int, int]]:
         def pick(v: int | None, default: int) -> int:
             return default if v is None else v
@@ -309,6 +317,7 @@ class EcmgCore:
                 raise ValueError(f"Super_CAS_id 0x{s:08x} is neither DRM (0x0001xxxx) nor Smartcard (0x0002xxxx) profile")
         self.super_cas_ids = set(super_cas_ids)
         self.caps = caps or EcmgCaps()
+        self.caps.check()
         self.max_channels = max_channels
         self.max_streams_total = max_streams_total
         self.channels: dict[int, EcmgConnection] = {}

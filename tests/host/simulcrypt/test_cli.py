@@ -41,3 +41,19 @@ def test_generator_optional_delays():
 
 def test_mux_channels_per_client_validated():
     assert main(["simulcrypt", "mux", "--channels-per-client", "0"]) == 2
+
+
+def test_generator_lead_cw_and_cw_per_msg(tmp_path):
+    caps = generator_caps()
+    assert (caps.lead_cw, caps.cw_per_msg) == (1, 2)  # the defaults
+    caps = generator_caps("--lead-cw", "2", "--cw-per-msg", "3")
+    assert (caps.lead_cw, caps.cw_per_msg) == (2, 3)
+    assert generator_caps("--lead-cw", "0", "--cw-per-msg", "1").cw_per_msg == 1
+    db = str(tmp_path / "k.sqlite")
+    gen = ["simulcrypt", "--db", db, "stkm-generator", "--super-cas-id", "0x00010001"]
+    # refused cleanly (exit 2) before any server starts
+    assert main(gen + ["--cw-per-msg", "0"]) == 2
+    assert main(gen + ["--lead-cw", "3", "--cw-per-msg", "2"]) == 2
+    for bad in (["--cw-per-msg", "256"], ["--lead-cw", "-1"], ["--lead-cw", "x"]):
+        with pytest.raises(SystemExit):
+            main(gen + bad)
