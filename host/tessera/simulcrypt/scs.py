@@ -358,6 +358,9 @@ class Scs:
         scrambled->clear transition. The delays of plan_period apply accordingly."""
         loop = asyncio.get_running_loop()
         dur = self.cp_duration / 10
+        outside = sorted(k for k in (access_rules or {}) if not 0 <= k < periods)
+        if outside:
+            raise ValueError(f"access_rules names period indexes {outside} outside this run of {periods}")
         rules = [self.access_rule]
         for k in range(periods):
             rules.append((access_rules or {}).get(k, rules[-1]))

@@ -67,6 +67,8 @@ def test_scs_schedule_over_changes_and_transitions(keystore):
         await scs.start()
         first = await scs.run(2)                                              # clear -> scrambled
         second = await scs.run(3, access_rules={1: b"new"}, clear_after=True)  # AC change, then -> clear
+        with pytest.raises(ValueError, match="outside"):
+            await scs.run(2, access_rules={2: b"x"})
         await scs.close()
         await gen.close()
         return first + second
