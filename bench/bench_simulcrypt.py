@@ -16,7 +16,7 @@ import sys
 import time
 
 from tessera.simulcrypt import stkm
-from tessera.simulcrypt.engine import EcmgCaps, EcmResponse, ScsConnection, UserMessage
+from tessera.simulcrypt.engine import EcmgCaps, EcmResponse, PeerError, ScsConnection, UserMessage
 from tessera.simulcrypt.tables import EM, EP
 
 DRM = 0x00010001
@@ -44,7 +44,7 @@ def serve(conn) -> None:
         conn.send(await g.start())
         while (cmd := await asyncio.get_running_loop().run_in_executor(None, conn.recv)) != "stop":
             conn.send((g.stats.reads, g.stats.messages))  # "stats"
-        conn.send(sorted(g.stats.comp_times))
+        conn.send((sorted(g.stats.comp_times), g.stats.refused, g.stats.over_time))
         await g.close()
 
     asyncio.run(main())
@@ -55,6 +55,7 @@ class Client:
         self.conn = ScsConnection(channel_id, DRM, user_types=frozenset({0x8F01}))
         self.stream_ids = stream_ids
         self.waiting: dict[int, asyncio.Future] = {}
+        self.refused = 0  # CW_provisions answered with out of computational resources (max_comp_time)
 
     async def open(self, port: int) -> None:
         self.reader, self.writer = await asyncio.open_connection("127.0.0.1", port)
@@ -79,6 +80,9 @@ class Client:
                     key = ev.stream_id
                 elif isinstance(ev, UserMessage):
                     key = ev.msg.int(EP.ECM_STREAM_ID)
+                elif isinstance(ev, PeerError) and ev.stream_id in self.waiting:
+                    key = ev.stream_id  # the generator refused: it could not meet max_comp_time
+                    self.refused += 1
                 else:
                     if not self.ready.done():
                         self.ready.set_result(ev)
@@ -173,7 +177,7 @@ def main() -> None:
         port = parent.recv()
         rows = asyncio.run(bench(port, parent))
         parent.send("stop")
-        comp = parent.recv()
+        comp, refused, over_time = parent.recv()
     finally:
         proc.join(10)
         if proc.is_alive():
@@ -195,7 +199,9 @@ def main() -> None:
         print(f"\nSTKM build time inside the generator (CW_provision event -> STKM bytes), {len(comp):,} STKMs: "
               f"median {statistics.median(comp) * 1e6:.0f} us, p99 {p(comp, 0.99):.3f} ms. "
               f"p99 round trip stays {'below' if all(r[5] < CAPS.max_comp_time for r in rows) else 'ABOVE'} "
-              f"max_comp_time ({CAPS.max_comp_time} ms) in both layouts.")
+              f"max_comp_time ({CAPS.max_comp_time} ms) in both layouts. The generator refused {refused:,} "
+              f"CW_provisions as unable to meet max_comp_time (out of computational resources, counted as round "
+              f"trips) and sent {over_time:,} STKMs later than max_comp_time after reading their CW_provision.")
 
 
 if __name__ == "__main__":

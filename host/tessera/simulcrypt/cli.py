@@ -28,6 +28,21 @@ def _int(s: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
 
 
+def _byte(s: str) -> int:
+    v = _int(s)
+    if not 0 <= v <= 255:
+        raise argparse.ArgumentTypeError(f"{v} does not fit the one-byte parameter")
+    return v
+
+
+def _signed_ms(s: str) -> int:
+    """A signed 16-bit millisecond delay (delay_start, AC_delay_*, transition_delay_*)."""
+    v = _int(s)
+    if not -0x8000 <= v <= 0x7FFF:
+        raise argparse.ArgumentTypeError(f"{v} does not fit a signed 16-bit ms value")
+    return v
+
+
 def _db(args: argparse.Namespace):
     from tessera.simulcrypt.keystore import KeyStore
 
@@ -38,9 +53,17 @@ def _db(args: argparse.Namespace):
 def _caps(args: argparse.Namespace):
     from tessera.simulcrypt.engine import EcmgCaps
 
-    return EcmgCaps(delay_start=args.delay_start, delay_stop=args.delay_stop, ecm_rep_period=args.rep_period,
-                    max_streams=args.max_streams, min_cp_duration=args.min_cp, lead_cw=1, cw_per_msg=2,
-                    max_comp_time=args.max_comp_time)
+    caps = EcmgCaps(delay_start=args.delay_start, delay_stop=args.delay_stop, ecm_rep_period=args.rep_period,
+                    max_streams=args.max_streams, min_cp_duration=args.min_cp, lead_cw=args.lead_cw,
+                    cw_per_msg=args.cw_per_msg,
+                    max_comp_time=args.max_comp_time, ac_delay_start=args.ac_delay_start,
+                    ac_delay_stop=args.ac_delay_stop, transition_delay_start=args.transition_delay_start,
+                    transition_delay_stop=args.transition_delay_stop)
+    try:
+        caps.check()
+    except ValueError as exc:
+        raise TesseraError(str(exc)) from None
+    return caps
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -78,10 +101,12 @@ async def _serve_forever(start, close) -> None:
 def cmd_stkm_generator(args: argparse.Namespace) -> int:
     from tessera.simulcrypt.ecmg import StkmGenerator
 
+    caps = _caps(args)  # validated before anything is opened
     ks = _db(args)
     try:
-        gen = StkmGenerator(ks, set(args.super_cas_id), _caps(args), host=args.host, port=args.port)
+        gen = StkmGenerator(ks, set(args.super_cas_id), caps, host=args.host, port=args.port)
     except ValueError as exc:
+        ks.close()
         raise TesseraError(str(exc)) from None
 
     async def start():
@@ -142,7 +167,10 @@ def cmd_scs(args: argparse.Namespace) -> int:
 def cmd_mux(args: argparse.Namespace) -> int:
     from tessera.simulcrypt.mux import Multiplexer
 
-    mux = Multiplexer(args.kbps, host=args.host, port=args.port, udp=not args.no_udp)
+    if args.channels_per_client is not None and args.channels_per_client < 1:
+        raise TesseraError("--channels-per-client must be at least 1")
+    mux = Multiplexer(args.kbps, host=args.host, port=args.port, udp=not args.no_udp,
+                      channels_per_client=args.channels_per_client)
 
     async def start():
         port = await mux.start()
@@ -213,12 +241,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="0x0001xxxx (DRM) or 0x0002xxxx (Smartcard); repeatable")
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=0)
-    g.add_argument("--delay-start", type=int, default=-200, help="ms (channel_status)")
-    g.add_argument("--delay-stop", type=int, default=0, help="ms")
+    g.add_argument("--delay-start", type=_signed_ms, default=-200, help="ms (channel_status)")
+    g.add_argument("--delay-stop", type=_signed_ms, default=0, help="ms")
+    g.add_argument("--ac-delay-start", type=_signed_ms, help="AC_delay_start, ms; default: --delay-start")
+    g.add_argument("--ac-delay-stop", type=_signed_ms, help="AC_delay_stop, ms; default: --delay-stop")
+    g.add_argument("--transition-delay-start", type=_signed_ms,
+                   help="transition_delay_start, ms; default: --delay-start")
+    g.add_argument("--transition-delay-stop", type=_signed_ms, help="transition_delay_stop, ms; default: --delay-stop")
     g.add_argument("--rep-period", type=int, default=100, help="ECM_rep_period, ms")
     g.add_argument("--max-streams", type=int, default=128)
     g.add_argument("--min-cp", type=int, default=1, help="min_CP_duration, 100 ms units")
     g.add_argument("--max-comp-time", type=int, default=100, help="ms")
+    g.add_argument("--lead-cw", type=_byte, default=1,
+                   help="lead_CW: CWs after the current crypto-period in each CW_provision (0..CW_per_msg)")
+    g.add_argument("--cw-per-msg", type=_byte, default=2, help="CW_per_msg: CWs in each CW_provision (1..255)")
     g.set_defaults(func=cmd_stkm_generator)
 
     c = s.add_parser("scs", help="run an SCS for one service against STKM generators")
@@ -235,6 +271,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--port", type=int, default=0)
     m.add_argument("--kbps", type=int, default=2000, help="bandwidth pool for LTKM streams")
     m.add_argument("--no-udp", action="store_true")
+    m.add_argument("--channels-per-client", type=int, metavar="N",
+                   help="refuse more than N open channels per client_id with 'client_id already in use' "
+                   "(0x0014); default: no limit")
     m.set_defaults(func=cmd_mux)
 
     e = s.add_parser("ltkm-generator", help="send LTKMs to a MUX (EMMG role, DRM profile)")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tessera.simulcrypt import stkm
@@ -30,12 +32,21 @@ class GeneratorStats:
     reads: int = 0      # socket reads handled (for messages-per-read figures)
     messages: int = 0   # CW_provision + echo messages handled
     comp_times: list[float] = field(default_factory=list)  # seconds, CW_provision -> STKM built
+    refused: int = 0    # CW_provisions answered with out of computational resources (max_comp_time)
+    over_time: int = 0  # STKMs sent later than max_comp_time after their CW_provision was read
 
 
 class StkmGenerator:
     def __init__(self, keystore: KeyStore, super_cas_ids: set[int], caps: EcmgCaps | None = None, *,
-                 host: str = "127.0.0.1", port: int = 0, echo: bool = False, max_channels: int = 64) -> None:
+                 host: str = "127.0.0.1", port: int = 0, echo: bool = False, max_channels: int = 64,
+                 estimate_window: float = 1.0, clock: Callable[[], float] = time.perf_counter,
+                 accept_cwe_v1: bool = False) -> None:
+        """estimate_window: how long (s) a measured STKM build time counts towards the
+        admission estimate (see `_provision`); clock: seconds, injectable for tests;
+        accept_cwe_v1: also accept the legacy CW_encryption layout 0x01, which has no
+        integrity protection (off: such a CW_provision gets invalid value)."""
         self.keystore = keystore
+        self.accept_cwe_v1 = accept_cwe_v1
         self.core = EcmgCore(super_cas_ids, caps, max_channels=max_channels,
                              ecm_id_known=lambda scid, ecm_id: keystore.traffic_key(scid, ecm_id) is not None)
         self.host, self.port = host, port
@@ -43,6 +54,9 @@ class StkmGenerator:
         self.stats = GeneratorStats()
         self._server: asyncio.AbstractServer | None = None
         self._conns: set[asyncio.StreamWriter] = set()
+        self.clock = clock
+        self.estimate_window = estimate_window
+        self._recent: deque[tuple[float, float]] = deque(maxlen=32)  # (when, build seconds)
 
     @property
     def caps(self) -> EcmgCaps:
@@ -70,11 +84,12 @@ class StkmGenerator:
 
         def on_events(events: list[Event]) -> bool:
             stop = False
+            received = self.clock()  # the whole chunk was read now; its messages queue behind each other
             self.stats.reads += 1
             for ev in events:
                 if isinstance(ev, CwProvision):
                     self.stats.messages += 1
-                    self._provision(conn, ev)
+                    self._provision(conn, ev, received)
                 elif isinstance(ev, UserMessage):
                     self.stats.messages += 1
                     conn.send(ev.msg.type, list(ev.msg.params))  # bench echo
@@ -94,8 +109,29 @@ class StkmGenerator:
             self._conns.discard(writer)
             await close_writer(writer)
 
-    def _provision(self, conn: EcmgConnection, ev: CwProvision) -> None:
-        t0 = time.perf_counter()
+    def estimate(self, now: float) -> float:
+        """Expected build time of the next STKM: the longest build measured within the last
+        estimate_window seconds (0 when there is none, so a recovered generator is probed
+        again). Conservative on purpose: max_comp_time is a promise to the SCS."""
+        return max((dt for t, dt in self._recent if now - t <= self.estimate_window), default=0.0)
+
+    def _provision(self, conn: EcmgConnection, ev: CwProvision, received: float | None = None) -> None:
+        """Answers one CW_provision. If the time it already waited since it was read plus the
+        expected build time exceeds max_comp_time, the generator knows it cannot keep its
+        promise and answers stream_error `out of computational resources` (0x000D) at once
+        instead of a late ECM_response. TS 103 197 (as the reference lists it) has no code
+        for an exceeded max_comp_time; 0x000D is this project's choice."""
+        t0 = self.clock()
+        received = t0 if received is None else received
+        budget = self.caps.max_comp_time / 1000
+        if (t0 - received) + self.estimate(t0) > budget:
+            self.stats.refused += 1
+            self.stats.errors += 1
+            log.warning("channel %s stream %d CP %d: cannot answer within max_comp_time %d ms, refused",
+                        conn.channel_id, ev.stream_id, ev.cp_number, self.caps.max_comp_time)
+            conn.send_stream_error(ev.stream_id, EE.OUT_OF_COMPUTATION,
+                                   f"cannot answer within max_comp_time {self.caps.max_comp_time} ms".encode())
+            return
         scid = conn.super_cas_id or 0
         try:
             datagram = self.build_stkm(scid, ev)
@@ -107,9 +143,17 @@ class StkmGenerator:
             self.stats.errors += 1
             conn.send_stream_error(ev.stream_id, EE.UNKNOWN_ECM_ID, str(exc).encode())
             return
+        done = self.clock()
+        self._recent.append((done, done - t0))
+        if done - received > budget:
+            # already built: send it and let the SCS judge; the estimate now refuses what follows
+            self.stats.over_time += 1
+            log.warning("channel %s stream %d CP %d: STKM took %.1f ms, max_comp_time is %d ms",
+                        conn.channel_id, ev.stream_id, ev.cp_number, (done - received) * 1000,
+                        self.caps.max_comp_time)
         conn.ecm_response(ev.stream_id, ev.cp_number, datagram)
         self.stats.stkms += 1
-        self.stats.comp_times.append(time.perf_counter() - t0)
+        self.stats.comp_times.append(done - t0)
 
     def build_stkm(self, scid: int, ev: CwProvision) -> bytes:
         key = self.keystore.traffic_key(scid, ev.ecm_id)
@@ -117,11 +161,12 @@ class StkmGenerator:
             raise LookupError(f"no service or program key for ECM_id {ev.ecm_id}")
         cws = [cw for _, cw in ev.cws]
         if ev.cw_encryption is not None:
-            key_id, counter = stkm.parse_cw_encryption(ev.cw_encryption)
+            _, key_id = stkm.cw_encryption_header(ev.cw_encryption)
             cwt = self.keystore.get("CWT", scid, key_id)
             if cwt is None:
                 raise stkm.StkmError(f"unknown CW transport key id {key_id}")
-            cws = stkm.crypt_cws(cwt.material, counter, cws)
+            cws = stkm.open_cws(cwt.material, ev.cw_encryption, stkm.CwContext(scid, ev.ecm_id, ev.cp_number),
+                                ev.cws, accept_v1=self.accept_cwe_v1)
         if ev.access_criteria is None:
             raise stkm.StkmError("no access_criteria received for this stream (protection type unknown)")
         ac = stkm.AccessCriteria.decode(ev.access_criteria)

@@ -244,6 +244,11 @@ class Endpoint:
         raise NotImplementedError
 
 
+def _int4_or_none(msg: Message, code: int) -> int | None:
+    v = msg.get(code)
+    return int.from_bytes(v, "big") if v is not None and len(v) == 4 else None
+
+
 def _int_or_none(msg: Message, code: int) -> int | None:
     v = msg.get(code)
     if v is None or len(v) != 2:
@@ -266,10 +271,35 @@ class EcmgCaps:
     cw_per_msg: int = 2
     max_comp_time: int = 100       # ms
     section_tspkt_flag: int = SECTION_TSPKT_BCAST
+    # Optional in channel_status (signed ms). They replace delay_start / delay_stop for the
+    # first crypto-period after an access-criteria change / the last one before it (AC_*),
+    # and the first after a clear->scrambled / the last before a scrambled->clear transition
+    # (transition_*). None: the generator advertises the delay_start / delay_stop value; on
+    # the SCS side, None means the generator did not send it and delay_start / delay_stop apply.
+    ac_delay_start: int | None = None
+    ac_delay_stop: int | None = None
+    transition_delay_start: int | None = None
+    transition_delay_stop: int | None = None
+
+    def check(self) -> None:
+        """Raises ValueError for values a generator must not advertise."""
+        if not 1 <= self.cw_per_msg <= 255:
+            raise ValueError(f"CW_per_msg must be 1..255 (one byte, at least one CW), not {self.cw_per_msg}")
+        if not 0 <= self.lead_cw <= self.cw_per_msg:
+            raise ValueError(f"lead_CW must be 0..CW_per_msg ({self.cw_per_msg}), not {self.lead_cw}: "
+                             "the CWs of a CW_provision end lead_CW periods ahead")
 
     def params(self) -> list[tuple[int, int]]:
-        return [(EP.SECTION_TSPKT_FLAG, self.section_tspkt_flag), (EP.DELAY_START, self.delay_start),
-                (EP.DELAY_STOP, self.delay_stop), (EP.ECM_REP_PERIOD, self.ecm_rep_period),
+        def pick(v: int | None, default: int) -> int:
+            return default if v is None else v
+
+        return [(EP.SECTION_TSPKT_FLAG, self.section_tspkt_flag),
+                (EP.AC_DELAY_START, pick(self.ac_delay_start, self.delay_start)),
+                (EP.AC_DELAY_STOP, pick(self.ac_delay_stop, self.delay_stop)),
+                (EP.DELAY_START, self.delay_start), (EP.DELAY_STOP, self.delay_stop),
+                (EP.TRANSITION_DELAY_START, pick(self.transition_delay_start, self.delay_start)),
+                (EP.TRANSITION_DELAY_STOP, pick(self.transition_delay_stop, self.delay_stop)),
+                (EP.ECM_REP_PERIOD, self.ecm_rep_period),
                 (EP.MAX_STREAMS, self.max_streams), (EP.MIN_CP_DURATION, self.min_cp_duration),
                 (EP.LEAD_CW, self.lead_cw), (EP.CW_PER_MSG, self.cw_per_msg), (EP.MAX_COMP_TIME, self.max_comp_time)]
 
@@ -287,6 +317,7 @@ class EcmgCore:
                 raise ValueError(f"Super_CAS_id 0x{s:08x} is neither DRM (0x0001xxxx) nor Smartcard (0x0002xxxx) profile")
         self.super_cas_ids = set(super_cas_ids)
         self.caps = caps or EcmgCaps()
+        self.caps.check()
         self.max_channels = max_channels
         self.max_streams_total = max_streams_total
         self.channels: dict[int, EcmgConnection] = {}
@@ -570,7 +601,10 @@ class ScsConnection(Endpoint):
             delay_start=msg.int(EP.DELAY_START) or 0, delay_stop=msg.int(EP.DELAY_STOP) or 0,
             ecm_rep_period=msg.int(EP.ECM_REP_PERIOD) or 0, max_streams=msg.int(EP.MAX_STREAMS) or 0,
             min_cp_duration=msg.int(EP.MIN_CP_DURATION) or 0, lead_cw=msg.int(EP.LEAD_CW) or 0,
-            cw_per_msg=msg.int(EP.CW_PER_MSG) or 0, max_comp_time=msg.int(EP.MAX_COMP_TIME) or 0)
+            cw_per_msg=msg.int(EP.CW_PER_MSG) or 0, max_comp_time=msg.int(EP.MAX_COMP_TIME) or 0,
+            ac_delay_start=msg.int(EP.AC_DELAY_START), ac_delay_stop=msg.int(EP.AC_DELAY_STOP),
+            transition_delay_start=msg.int(EP.TRANSITION_DELAY_START),
+            transition_delay_stop=msg.int(EP.TRANSITION_DELAY_STOP))
         if caps.cw_per_msg < 1 or caps.lead_cw > caps.cw_per_msg:
             raise self._fail(EE.INVALID_VALUE, "inconsistent lead_CW / CW_per_msg", msg)
         self.caps = caps
@@ -593,6 +627,18 @@ class _MuxItf(Endpoint):
 
     def _ids(self) -> list[tuple[int, int | bytes]]:
         return [(MP.CLIENT_ID, self.client_id or 0)]
+
+    def _answer_error(self, exc: ProtocolError) -> list[Event]:
+        # before the channel is open (a refused channel_setup), answer with the client_id
+        # the peer sent rather than 0
+        client = _int4_or_none(exc.msg, MP.CLIENT_ID) if exc.msg is not None else None
+        if self.client_id is not None or client is None:
+            return super()._answer_error(exc)
+        self.client_id = client
+        try:
+            return super()._answer_error(exc)
+        finally:
+            self.client_id = None
 
 
 @dataclass
@@ -709,8 +755,15 @@ class MuxCore:
 
     def __init__(self, total_kbps: int = 2000, clients: set[int] | None = None, max_channels: int = 32,
                  max_streams_per_channel: int = 16, max_streams_total: int = 256, burst_seconds: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, channels_per_client: int | None = None) -> None:
         self.total_kbps = total_kbps
+        # Open channels one client_id may hold; one more gets `client_id already in use`
+        # (0x0014). None: no limit, the default. The reference does not say when 0x0014 is due,
+        # and since every EMMG<->MUX message names client_id AND data_channel_id, one client
+        # may run several channels; the limit is a project option.
+        if channels_per_client is not None and channels_per_client < 1:
+            raise ValueError("channels_per_client must be at least 1 (or None for no limit)")
+        self.channels_per_client = channels_per_client
         self.clients = clients  # None: any DRM-profile client_id
         self.max_channels = max_channels
         self.max_streams_per_channel = max_streams_per_channel
@@ -813,6 +866,9 @@ class MuxConnection(_MuxItf):
             raise self._fail(ME.INVALID_VALUE, "section_TSpkt_flag must be 0x02 (BCAST 14.1.1.3.4)", msg)
         if (client, cid) in self.core.channels:
             raise self._fail(ME.DATA_CHANNEL_ID_IN_USE, f"data_channel_id {cid} already in use", msg)
+        limit = self.core.channels_per_client
+        if limit is not None and sum(1 for c, _ in self.core.channels if c == client) >= limit:
+            raise self._fail(ME.CLIENT_ID_IN_USE, f"client_id 0x{client:08x} already has {limit} open channel(s)", msg)
         if len(self.core.channels) >= self.core.max_channels:
             raise self._fail(ME.TOO_MANY_CHANNELS_ON_MUX, "too many channels", msg)
         self.version = msg.version

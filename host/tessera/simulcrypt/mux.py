@@ -42,8 +42,9 @@ class _Udp(asyncio.DatagramProtocol):
 class Multiplexer:
     def __init__(self, total_kbps: int = 2000, *, clients: set[int] | None = None, host: str = "127.0.0.1",
                  port: int = 0, udp: bool = True, routes: dict[int, tuple[str, int]] | None = None,
-                 max_streams_per_channel: int = 16) -> None:
-        self.core = MuxCore(total_kbps, clients, max_streams_per_channel=max_streams_per_channel)
+                 max_streams_per_channel: int = 16, channels_per_client: int | None = None) -> None:
+        self.core = MuxCore(total_kbps, clients, max_streams_per_channel=max_streams_per_channel,
+                            channels_per_client=channels_per_client)
         self.host, self.port = host, port
         self.udp_enabled = udp
         self.udp_port: int | None = None

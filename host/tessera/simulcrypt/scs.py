@@ -11,13 +11,14 @@ import asyncio
 import logging
 import os
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from tessera.simulcrypt import stkm
 from tessera.simulcrypt.aio import close_writer, flush, read_loop
 from tessera.simulcrypt.engine import (
-    Alive, ChannelOpen, EcmResponse, ErrorSent, Event, PeerError, ScsConnection, State, StreamClosed, StreamOpen,
+    Alive, ChannelOpen, EcmgCaps, EcmResponse, ErrorSent, Event, PeerError, ScsConnection, State, StreamClosed,
+    StreamOpen,
 )
 from tessera.simulcrypt.keystore import Key
 from tessera.simulcrypt.tables import Interface
@@ -60,6 +61,53 @@ class TekGenerator:
         return self._teks[cp]
 
 
+@dataclass(frozen=True)
+class PeriodTiming:
+    """One generator's schedule for one crypto-period (loop time, seconds)."""
+    provision_at: float      # CW_provision goes out: broadcast_start - max_comp_time
+    broadcast_start: float   # crypto-period start + the start delay that applies
+    broadcast_stop: float    # crypto-period end + the stop delay that applies
+    start_delay: str         # which channel_status parameter gave the start delay
+    stop_delay: str
+
+
+def plan_period(caps: EcmgCaps, start: float, end: float, *, after_clear: bool = False,
+                before_clear: bool = False, ac_changed: bool = False, ac_changes_next: bool = False) -> PeriodTiming:
+    """Schedule of one crypto-period [start, end) on a channel with these caps.
+
+    TS 103 197 channel_status delays (the reference gives only their names and types; this
+    reading of them is the published meaning of the parameters): transition_delay_start
+    replaces delay_start for the first crypto-period after a clear->scrambled transition,
+    transition_delay_stop replaces delay_stop for the last one before a scrambled->clear
+    transition; AC_delay_start replaces delay_start for the first crypto-period after an
+    access-criteria change, AC_delay_stop replaces delay_stop for the last one before it.
+    A delay the generator did not advertise falls back to delay_start / delay_stop. When
+    both rules hit the same period, the transition wins (our choice)."""
+    if after_clear and caps.transition_delay_start is not None:
+        d_start, r_start = caps.transition_delay_start, "transition_delay_start"
+    elif ac_changed and caps.ac_delay_start is not None:
+        d_start, r_start = caps.ac_delay_start, "AC_delay_start"
+    else:
+        d_start, r_start = caps.delay_start, "delay_start"
+    if before_clear and caps.transition_delay_stop is not None:
+        d_stop, r_stop = caps.transition_delay_stop, "transition_delay_stop"
+    elif ac_changes_next and caps.ac_delay_stop is not None:
+        d_stop, r_stop = caps.ac_delay_stop, "AC_delay_stop"
+    else:
+        d_stop, r_stop = caps.delay_stop, "delay_stop"
+    b_start = start + d_start / 1000
+    return PeriodTiming(b_start - caps.max_comp_time / 1000, b_start, end + d_stop / 1000, r_start, r_stop)
+
+
+@dataclass(frozen=True)
+class _Change:
+    """Where a crypto-period sits relative to transitions and access-criteria changes."""
+    after_clear: bool = False
+    before_clear: bool = False
+    ac_changed: bool = False
+    ac_changes_next: bool = False
+
+
 @dataclass
 class CryptoPeriod:
     """What the SCS hands to the scrambler and MUX for one crypto-period."""
@@ -76,6 +124,21 @@ class CryptoPeriod:
     latency: dict[int, float] = field(default_factory=dict)        # CW_provision -> ECM_response, s
     in_time: dict[int, bool] = field(default_factory=dict)         # STKM there before its broadcast start
     missing: dict[int, str] = field(default_factory=dict)          # Super_CAS_id -> why
+    access_rule: bytes = b""
+    timing: dict[int, PeriodTiming] = field(default_factory=dict)   # Super_CAS_id -> schedule
+    provisioned_at: dict[int, float] = field(default_factory=dict)  # first CW_provision actually sent
+    # Super_CAS_id -> (CP_number, STKM) of an earlier STKM from that generator that already
+    # carries this period's TEK (lead_CW >= 1): the scrambler keeps repeating it when the
+    # period's own STKM is missing
+    fallback: dict[int, tuple[int, bytes]] = field(default_factory=dict)
+
+
+@dataclass
+class ScsStats:
+    late: dict[int, int] = field(default_factory=dict)  # Super_CAS_id -> ECM_responses not within max_comp_time
+    retries: int = 0      # CW_provisions sent again after a late answer
+    discarded: int = 0    # answers that came after the SCS had given up on their CW_provision
+    fallbacks: int = 0    # missing STKMs covered by an earlier STKM
 
 
 class _Link:
@@ -88,6 +151,8 @@ class _Link:
         self.setup: asyncio.Future | None = None
         self.alive: asyncio.Future | None = None
         self.sent_ac: bytes | None = None
+        self.abandoned: dict[int, int] = {}  # CP_number -> CW_provisions given up on, answer still due
+        self.last_stkm: tuple[int, bytes, frozenset[int]] | None = None  # CP, STKM, CPs of the TEKs in it
 
     @property
     def up(self) -> bool:
@@ -108,7 +173,7 @@ class Scs:
     def __init__(self, service: str, generators: list[GeneratorSpec], *, cp_duration: int = 10,
                  protection: stkm.Protection = stkm.Protection.SRTP, access_rule: bytes = b"",
                  sink: Sink | None = None, timeout: float = 2.0, version: int = 3,
-                 keepalive: float | None = None) -> None:
+                 keepalive: float | None = None, retries: int = 1) -> None:
         if not generators:
             raise ValueError("an SCS needs at least one STKM generator")
         self.service = service
@@ -122,6 +187,9 @@ class Scs:
         self.periods: list[CryptoPeriod] = []
         self.keepalive = keepalive  # seconds between channel_test/stream_test rounds; None: off
         self._keepalive_task: asyncio.Task | None = None
+        self.retries = retries  # CW_provision resends after a late answer, while there is time (see _provision)
+        self.scrambled = False  # False: the next crypto-period follows a clear->scrambled transition
+        self.stats = ScsStats()
 
     # ---------------------------------------------------------------- connections
     async def start(self) -> None:
@@ -152,6 +220,7 @@ class Scs:
         link.conn = conn = ScsConnection(spec.channel_id, spec.super_cas_id, self.version)
         link.writer = writer
         link.sent_ac = None
+        link.abandoned.clear()
         link.setup = loop.create_future()
         link.task = asyncio.create_task(self._reader(link, reader, writer))
         conn.setup()
@@ -177,11 +246,18 @@ class Scs:
                 if isinstance(ev, (ChannelOpen, StreamOpen, StreamClosed)) and link.setup and not link.setup.done():
                     link.setup.set_result(ev)
                 elif isinstance(ev, EcmResponse):
+                    if link.abandoned.get(ev.cp_number):
+                        self._forget(link, ev.cp_number, "ECM_response")
+                        continue
                     fut = link.pending.pop(ev.cp_number, None)
                     if fut and not fut.done():
                         fut.set_result(ev.datagram)
                 elif isinstance(ev, Alive) and link.alive and not link.alive.done():
                     link.alive.set_result(True)
+                elif isinstance(ev, PeerError) and ev.stream_id is not None and link.abandoned:
+                    # a generator answers its CW_provisions in order: this error answers the
+                    # oldest one the SCS has already given up on
+                    self._forget(link, next(iter(link.abandoned)), f"stream_error ({ev.describe(Interface.ECMG)})")
                 elif isinstance(ev, PeerError):
                     exc = ScsError(f"generator reports {ev.describe(Interface.ECMG)}")
                     if link.setup and not link.setup.done():
@@ -201,6 +277,16 @@ class Scs:
             conn.state = State.CLOSED
             link.fail_all(ConnectionError("STKM generator connection closed"))
             await close_writer(writer)
+
+    def _forget(self, link: _Link, cp: int, what: str) -> None:
+        n = link.abandoned.get(cp, 0) - 1
+        if n > 0:
+            link.abandoned[cp] = n
+        else:
+            link.abandoned.pop(cp, None)
+        self.stats.discarded += 1
+        log.info("%s: %s from 0x%08x for CP %d came after max_comp_time, discarded", self.service, what,
+                 link.spec.super_cas_id, cp)
 
     async def test_channels(self) -> dict[int, bool]:
         """channel_test on every link (keep-alive); a link that does not answer in time is dropped."""
@@ -254,77 +340,135 @@ class Scs:
     # ---------------------------------------------------------------- crypto-periods
     def _lead(self) -> float:
         """Seconds between 'now' and the first crypto-period start so every generator can be
-        provisioned in time: max over channels of -delay_start + max_comp_time."""
+        provisioned in time: max over channels of -(most negative start delay) + max_comp_time."""
         lead = 0.0
         for link in self.links:
             if link.conn and link.conn.caps:
                 c = link.conn.caps
-                lead = max(lead, max(0, -c.delay_start) / 1000 + c.max_comp_time / 1000)
+                earliest = min(d for d in (c.delay_start, c.ac_delay_start, c.transition_delay_start) if d is not None)
+                lead = max(lead, max(0, -earliest) / 1000 + c.max_comp_time / 1000)
         return lead + 0.05
 
-    async def run(self, periods: int, first_cp: int = 0) -> list[CryptoPeriod]:
+    async def run(self, periods: int, first_cp: int = 0, *, access_rules: Mapping[int, bytes] | None = None,
+                  clear_after: bool = False) -> list[CryptoPeriod]:
+        """Scrambles `periods` crypto-periods. access_rules maps a period index (0-based in this
+        run) to the access rule that applies from that period on (an access-criteria change).
+        The first period of a run follows a clear->scrambled transition unless the previous
+        run ended scrambled; clear_after makes the last period the one before a
+        scrambled->clear transition. The delays of plan_period apply accordingly."""
         loop = asyncio.get_running_loop()
         dur = self.cp_duration / 10
+        outside = sorted(k for k in (access_rules or {}) if not 0 <= k < periods)
+        if outside:
+            raise ValueError(f"access_rules names period indexes {outside} outside this run of {periods}")
+        rules = [self.access_rule]
+        for k in range(periods):
+            rules.append((access_rules or {}).get(k, rules[-1]))
         t0 = loop.time() + self._lead()
         out = []
         for k in range(periods):
             cp = (first_cp + k) & 0xFFFF
             start = t0 + k * dur
+            rule = rules[k + 1]
+            change = _Change(after_clear=k == 0 and not self.scrambled, before_clear=clear_after and k == periods - 1,
+                             ac_changed=rule != rules[k] and not (k == 0 and not self.scrambled),
+                             ac_changes_next=k + 1 < periods and rules[k + 2] != rule)
             period = CryptoPeriod(self.service, cp, self.tekgen.tek(cp), start, start + dur,
-                                  self.tekgen.protection, self.tekgen.traffic_params)
-            await asyncio.gather(*(self._provision(link, period) for link in self.links))
+                                  self.tekgen.protection, self.tekgen.traffic_params, access_rule=rule)
+            await asyncio.gather(*(self._provision(link, period, change) for link in self.links))
             self.periods.append(period)
             out.append(period)
             if self.sink is not None:
                 res = self.sink(period)
                 if asyncio.iscoroutine(res):
                     await res
+        if periods:
+            self.access_rule = rules[-1]
+            self.scrambled = not clear_after
         return out
 
-    async def _provision(self, link: _Link, period: CryptoPeriod) -> None:
+    def _fail(self, link: _Link, period: CryptoPeriod, why: str) -> None:
+        """No STKM from this generator for this crypto-period. If the last STKM it delivered
+        already carries this period's TEK (lead_CW >= 1), the scrambler can keep repeating it."""
+        scid = link.spec.super_cas_id
+        period.missing[scid] = why
+        last = link.last_stkm
+        if last is not None and period.cp_number in last[2]:
+            period.fallback[scid] = (last[0], last[1])
+            self.stats.fallbacks += 1
+        log.warning("%s: no STKM from 0x%08x for CP %d: %s%s", self.service, scid, period.cp_number, why,
+                    f"; falling back to the STKM of CP {last[0]}" if scid in period.fallback and last else "")
+
+    async def _provision(self, link: _Link, period: CryptoPeriod, change: _Change = _Change()) -> None:
+        """CW_provision for one crypto-period on one generator, at the time the channel's
+        delays ask for. An ECM_response must come within max_comp_time: if it does not, the
+        attempt counts as failed (logged, `stats.late`), the answer is discarded if it still
+        comes, and the SCS sends the same CW_provision again (up to `retries` times) as long
+        as a new answer within max_comp_time would still arrive before the crypto-period
+        starts. Otherwise the period's STKM from this generator is missing, and `_fail`
+        falls back to the previous STKM when that one carries this period's TEK."""
         loop = asyncio.get_running_loop()
         scid = link.spec.super_cas_id
         if not link.up:
             try:  # the generator vanished earlier: try once per crypto-period to come back
                 await self._connect(link)
             except (OSError, asyncio.TimeoutError, ScsError, ConnectionError) as exc:
-                period.missing[scid] = f"generator unavailable ({type(exc).__name__})"
+                self._fail(link, period, f"generator unavailable ({type(exc).__name__})")
                 return
         conn, writer = link.conn, link.writer
         assert conn is not None and writer is not None and conn.caps is not None
         caps = conn.caps
-        need = period.start + caps.delay_start / 1000  # STKM broadcast starts (TS 103 197 5.3 delay_start)
-        send_at = need - caps.max_comp_time / 1000
-        await asyncio.sleep(max(0.0, send_at - loop.time()))
+        timing = plan_period(caps, period.start, period.end, after_clear=change.after_clear,
+                             before_clear=change.before_clear, ac_changed=change.ac_changed,
+                             ac_changes_next=change.ac_changes_next)
+        period.timing[scid] = timing
+        need = timing.broadcast_start
+        budget = caps.max_comp_time / 1000
+        await asyncio.sleep(max(0.0, timing.provision_at - loop.time()))
         cp = period.cp_number
         # CW_per_msg CWs ending lead_CW periods after the current one
         cps = [(cp + i) & 0xFFFF for i in range(caps.lead_cw - caps.cw_per_msg + 1, caps.lead_cw + 1)]
         cws = [self.tekgen.tek(c) for c in cps]
         cwe = None
-        if link.spec.cw_key is not None:
-            counter = os.urandom(16)
-            cws = stkm.crypt_cws(link.spec.cw_key.material, counter, cws)
-            cwe = stkm.cw_encryption_param(link.spec.cw_key.key_id, counter)
-        ac = stkm.AccessCriteria(self.tekgen.protection, self.tekgen.traffic_params, self.access_rule).encode()
+        if link.spec.cw_key is not None:  # layout v2: encrypted and authenticated (docs/bcast-profile.md)
+            cwe, cws = stkm.seal_cws(link.spec.cw_key.material, link.spec.cw_key.key_id,
+                                     stkm.CwContext(scid, link.spec.ecm_id, cp), list(zip(cps, cws)))
+        ac = stkm.AccessCriteria(self.tekgen.protection, self.tekgen.traffic_params, period.access_rule).encode()
         stream = conn.streams.get(link.spec.stream_id)
         send_ac = ac if (link.sent_ac != ac or (stream and stream.access_criteria_transfer_mode)) else None
-        fut = loop.create_future()
-        link.pending[cp] = fut
-        t_sent = loop.time()
-        try:
-            conn.cw_provision(link.spec.stream_id, cp, list(zip(cps, cws)), cw_encryption=cwe,
-                              cp_duration=self.cp_duration, access_criteria=send_ac)
-            flush(conn, writer)
-            link.sent_ac = ac
-            datagram = await asyncio.wait_for(fut, max(self.timeout, caps.max_comp_time / 1000))
-        except (asyncio.TimeoutError, ConnectionError, ScsError, RuntimeError) as exc:
-            link.pending.pop(cp, None)
-            period.missing[scid] = f"{type(exc).__name__}: {exc}"
-            log.warning("%s: no STKM from 0x%08x for CP %d: %s", self.service, scid, cp, exc)
-            return
+        attempt = 0
+        while True:
+            fut = loop.create_future()
+            link.pending[cp] = fut
+            t_sent = loop.time()
+            period.provisioned_at.setdefault(scid, t_sent)
+            try:
+                conn.cw_provision(link.spec.stream_id, cp, list(zip(cps, cws)), cw_encryption=cwe,
+                                  cp_duration=self.cp_duration, access_criteria=send_ac)
+                flush(conn, writer)
+                link.sent_ac = ac
+                datagram = await asyncio.wait_for(fut, budget)
+                break
+            except asyncio.TimeoutError:
+                link.pending.pop(cp, None)
+                link.abandoned[cp] = link.abandoned.get(cp, 0) + 1
+                self.stats.late[scid] = self.stats.late.get(scid, 0) + 1
+                log.warning("%s: no ECM_response from 0x%08x for CP %d within max_comp_time %d ms (attempt %d)",
+                            self.service, scid, cp, caps.max_comp_time, attempt + 1)
+                if attempt < self.retries and loop.time() + budget <= period.start and link.up:
+                    attempt += 1
+                    self.stats.retries += 1
+                    continue
+                self._fail(link, period, f"ECM_response exceeded max_comp_time ({caps.max_comp_time} ms)")
+                return
+            except (ConnectionError, ScsError, RuntimeError) as exc:
+                link.pending.pop(cp, None)
+                self._fail(link, period, f"{type(exc).__name__}: {exc}")
+                return
         now = loop.time()
+        link.last_stkm = (cp, datagram, frozenset(cps))
         period.stkms[scid] = datagram
         period.latency[scid] = now - t_sent
         period.in_time[scid] = now <= need
-        period.windows[scid] = (need, period.end + caps.delay_stop / 1000)
+        period.windows[scid] = (timing.broadcast_start, timing.broadcast_stop)
         period.rep_period_ms[scid] = caps.ecm_rep_period

@@ -88,28 +88,85 @@ class AccessCriteria:
         return cls(Protection(p[0]), fields.get(AC_TRAFFIC_PARAMS, b""), fields.get(AC_ACCESS_RULE, b""))
 
 
-# ---- CW_encryption (ours): alg 1 (0x01 AES-CTR) | CWT key_id 4 | counter 16
-CWE_AES_CTR = 0x01
+# ---- CW_encryption (ours). The first byte is the layout:
+#   v1 0x01: AES-CTR under the CWT key | key_id 4 | counter 16. Confidentiality only
+#            (legacy; a generator refuses it unless accept_cwe_v1 is set).
+#   v2 0x02: AES-CTR + HMAC-SHA-256, encrypt-then-MAC, separate derived keys:
+#            0x02 | key_id 4 | counter 16 | tag 16
+#            k_enc = HMAC-SHA-256(CWT, "tessera-cwe-v2 enc")[:16], k_mac likewise with "... mac";
+#            the CWs of one CW_provision, concatenated in message order, are AES-CTR under
+#            k_enc from the counter; tag = HMAC-SHA-256(k_mac, "tessera-cwe-v2" |
+#            Super_CAS_id 4 | ECM_id 2 | CP_number 2 | 0x02 | key_id 4 | counter 16 | n 1 |
+#            n x (CP 2 | len 1 | encrypted CW))[:16]
+CWE_V1_AES_CTR = 0x01
+CWE_V2_AES_CTR_HMAC = 0x02
+CWE_LABEL = b"tessera-cwe-v2"
+_CWE_LEN = {CWE_V1_AES_CTR: 21, CWE_V2_AES_CTR_HMAC: 37}
 
 
-def cw_encryption_param(key_id: int, counter: bytes) -> bytes:
-    return bytes([CWE_AES_CTR]) + key_id.to_bytes(4, "big") + counter
-
-
-def parse_cw_encryption(value: bytes) -> tuple[int, bytes]:
-    if len(value) != 21 or value[0] != CWE_AES_CTR:
-        raise StkmError("unsupported CW_encryption")
-    return int.from_bytes(value[1:5], "big"), value[5:]
+@dataclass(frozen=True)
+class CwContext:
+    """What the v2 tag binds the CWs to: the STKM stream and the crypto-period."""
+    super_cas_id: int
+    ecm_id: int
+    cp_number: int
 
 
 def crypt_cws(key: bytes, counter: bytes, cws: list[bytes]) -> list[bytes]:
-    """Encrypts (or decrypts) the CWs of one CW_provision, concatenated in message order."""
+    """AES-CTR over the CWs of one CW_provision, concatenated in message order (both ways)."""
     stream = aes.ctr_crypt(key, counter, b"".join(cws))
     out, pos = [], 0
     for cw in cws:
         out.append(stream[pos:pos + len(cw)])
         pos += len(cw)
     return out
+
+
+def _cwe_tag(cwt: bytes, head: bytes, ctx: CwContext, enc: list[tuple[int, bytes]]) -> bytes:
+    data = (CWE_LABEL + struct.pack(">IHH", ctx.super_cas_id, ctx.ecm_id, ctx.cp_number) + head + bytes([len(enc)])
+            + b"".join(cp.to_bytes(2, "big") + bytes([len(cw)]) + cw for cp, cw in enc))
+    return mac.hmac(derive(cwt, b"tessera-cwe-v2 mac"), data)[:TAG_LEN]
+
+
+def seal_cws(cwt: bytes, key_id: int, ctx: CwContext, cws: list[tuple[int, bytes]],
+             counter: bytes | None = None) -> tuple[bytes, list[bytes]]:
+    """Encrypts and authenticates the (CP, CW) pairs of one CW_provision (layout v2).
+    Returns the CW_encryption value and the encrypted CWs in the same order."""
+    counter = counter if counter is not None else os.urandom(NONCE_LEN)
+    if len(cws) > 255:
+        raise StkmError("too many CWs for one CW_provision")
+    enc = crypt_cws(derive(cwt, b"tessera-cwe-v2 enc"), counter, [cw for _, cw in cws])
+    head = bytes([CWE_V2_AES_CTR_HMAC]) + key_id.to_bytes(4, "big") + counter
+    return head + _cwe_tag(cwt, head, ctx, [(cp, e) for (cp, _), e in zip(cws, enc)]), enc
+
+
+def seal_cws_v1(cwt: bytes, key_id: int, cws: list[bytes], counter: bytes | None = None) -> tuple[bytes, list[bytes]]:
+    """The legacy layout v1 (no integrity), kept to talk to old SCSs in tests and migrations."""
+    counter = counter if counter is not None else os.urandom(NONCE_LEN)
+    return bytes([CWE_V1_AES_CTR]) + key_id.to_bytes(4, "big") + counter, crypt_cws(cwt, counter, cws)
+
+
+def cw_encryption_header(value: bytes) -> tuple[int, int]:
+    """(layout, CWT key_id) of a CW_encryption value, without any key."""
+    if not value or _CWE_LEN.get(value[0]) != len(value):
+        raise StkmError("unsupported CW_encryption layout")
+    return value[0], int.from_bytes(value[1:5], "big")
+
+
+def open_cws(cwt: bytes, value: bytes, ctx: CwContext, cws: list[tuple[int, bytes]], *,
+             accept_v1: bool = False) -> list[bytes]:
+    """Checks (v2) and decrypts the CWs of one CW_provision. A v2 tag that does not match
+    (any CW, CP number, the stream, the crypto-period or the header altered) raises
+    StkmError before anything is decrypted. v1 has no tag and is refused unless accept_v1."""
+    layout, _ = cw_encryption_header(value)
+    counter = value[5:21]
+    if layout == CWE_V1_AES_CTR:
+        if not accept_v1:
+            raise StkmError("CW_encryption layout 0x01 has no integrity protection; layout 0x02 required")
+        return crypt_cws(cwt, counter, [cw for _, cw in cws])
+    if not mac.ct_equal(_cwe_tag(cwt, value[:21], ctx, cws), value[21:]):
+        raise StkmError("CW_encryption tag mismatch")
+    return crypt_cws(derive(cwt, b"tessera-cwe-v2 enc"), counter, [cw for _, cw in cws])
 
 
 @dataclass

@@ -19,3 +19,41 @@ def test_keys_and_errors(tmp_path, capsys):
     assert main(["simulcrypt", "--db", db, "scs", "--service", "x", "--generator", "127.0.0.1:1:0x00010001:1"]) == 2
     with pytest.raises(SystemExit):
         main(["simulcrypt", "keys", "add", "--kind", "XXX", "--owner", "1"])
+
+
+def generator_caps(*opts):
+    from tessera.cli import build_parser
+    from tessera.simulcrypt.cli import _caps
+
+    return _caps(build_parser().parse_args(["simulcrypt", "stkm-generator", "--super-cas-id", "0x00010001", *opts]))
+
+
+def test_generator_optional_delays():
+    caps = generator_caps("--delay-start", "-100", "--ac-delay-start", "-300", "--transition-delay-stop", "250")
+    params = dict(caps.params())
+    from tessera.simulcrypt.tables import EP
+
+    assert params[EP.AC_DELAY_START] == -300 and params[EP.TRANSITION_DELAY_STOP] == 250
+    assert params[EP.TRANSITION_DELAY_START] == -100 and params[EP.AC_DELAY_STOP] == 0  # default: the delay_* value
+    with pytest.raises(SystemExit):
+        generator_caps("--ac-delay-stop", "40000")  # does not fit the signed 16-bit parameter
+
+
+def test_mux_channels_per_client_validated():
+    assert main(["simulcrypt", "mux", "--channels-per-client", "0"]) == 2
+
+
+def test_generator_lead_cw_and_cw_per_msg(tmp_path):
+    caps = generator_caps()
+    assert (caps.lead_cw, caps.cw_per_msg) == (1, 2)  # the defaults
+    caps = generator_caps("--lead-cw", "2", "--cw-per-msg", "3")
+    assert (caps.lead_cw, caps.cw_per_msg) == (2, 3)
+    assert generator_caps("--lead-cw", "0", "--cw-per-msg", "1").cw_per_msg == 1
+    db = str(tmp_path / "k.sqlite")
+    gen = ["simulcrypt", "--db", db, "stkm-generator", "--super-cas-id", "0x00010001"]
+    # refused cleanly (exit 2) before any server starts
+    assert main(gen + ["--cw-per-msg", "0"]) == 2
+    assert main(gen + ["--lead-cw", "3", "--cw-per-msg", "2"]) == 2
+    for bad in (["--cw-per-msg", "256"], ["--lead-cw", "-1"], ["--lead-cw", "x"]):
+        with pytest.raises(SystemExit):
+            main(gen + bad)

@@ -106,3 +106,32 @@ def test_peer_vanishes_mid_period(keystore):
     assert lost, "the DRM link should have been lost"
     assert all(SC in p.stkms for p in ra)  # the other KMS kept going
     assert DRM in ra[-1].stkms  # reconnected with the same ECM_channel_id once the generator freed it
+
+
+@pytest.mark.parametrize("lead, per", [(2, 3), (0, 1)])
+def test_other_lead_cw_and_cw_per_msg(keystore, lead, per):
+    """The SCS follows what the generator advertises: STKM k carries TEKs k+lead-per+1 .. k+lead."""
+    from tessera.simulcrypt.engine import EcmgCaps
+
+    caps = EcmgCaps(delay_start=-50, delay_stop=20, ecm_rep_period=50, max_streams=8, min_cp_duration=1,
+                    lead_cw=lead, cw_per_msg=per, max_comp_time=50)
+
+    async def main():
+        g = StkmGenerator(keystore, {DRM}, caps)
+        await g.start()
+        s = Scs("svc", [GeneratorSpec("127.0.0.1", g.port, DRM, 1, 1, 0x101)], cp_duration=2)
+        await s.start()
+        periods = await s.run(3, first_cp=5)
+        await s.close(), await g.close()
+        return s, periods
+
+    s, periods = run(main())
+    key = keystore.traffic_key(DRM, 0x101).material
+    for p in periods:
+        rec = stkm.parse(p.stkms[DRM], key)
+        assert [cp for cp, _ in rec.teks] == list(range(p.cp_number + lead - per + 1, p.cp_number + lead + 1))
+        assert dict(rec.teks)[p.cp_number] == p.tek
+    # with lead_CW >= 1 the STKM of a period already carries the next period's TEK
+    assert (periods[1].tek in [t for _, t in stkm.parse(periods[0].stkms[DRM], key).teks]) == (lead >= 1)
+    with pytest.raises(ValueError, match="lead_CW"):
+        StkmGenerator(keystore, {DRM}, EcmgCaps(lead_cw=3, cw_per_msg=2))

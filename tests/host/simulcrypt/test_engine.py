@@ -302,3 +302,33 @@ def test_mux_udp_entry():
     assert of(evs, E.ErrorSent)[0].status == ME.EXCEEDED_BANDWIDTH
     ee, _ = pump(e, m)
     assert of(ee, E.PeerError)[0].statuses == [ME.EXCEEDED_BANDWIDTH]
+
+
+def mux_setup(core, client, cid):
+    _, msgs = replies(E.MuxConnection(core), mframe(MM.CHANNEL_SETUP, [(MP.CLIENT_ID, client), (MP.DATA_CHANNEL_ID, cid),
+                                                                        (MP.SECTION_TSPKT_FLAG, 2)]), Interface.EMMG)
+    return msgs[0]
+
+
+def test_mux_several_channels_per_client_by_default():
+    """The default: one client_id may hold several channels (distinct data_channel_ids)."""
+    core = E.MuxCore()
+    for cid in (1, 2, 3):
+        assert mux_setup(core, 0x00010007, cid).type == MM.CHANNEL_STATUS
+    assert mux_setup(core, 0x00010007, 2).int(MP.ERROR_STATUS) == ME.DATA_CHANNEL_ID_IN_USE
+    assert len(core.channels) == 3
+
+
+def test_mux_client_id_in_use_with_a_limit():
+    core = E.MuxCore(channels_per_client=1)
+    _, m, e = mux_pair(core, client=0x00010007, cid=1)
+    refused = mux_setup(core, 0x00010007, 2)
+    assert refused.type == MM.CHANNEL_ERROR and refused.int(MP.ERROR_STATUS) == ME.CLIENT_ID_IN_USE == 0x0014
+    assert refused.int(MP.CLIENT_ID) == 0x00010007 and refused.int(MP.DATA_CHANNEL_ID) == 2
+    assert mux_setup(core, 0x00010008, 1).type == MM.CHANNEL_STATUS  # other clients are not affected
+    assert mux_setup(core, 0x00010007, 1).int(MP.ERROR_STATUS) == ME.DATA_CHANNEL_ID_IN_USE  # checked first
+    e.close()  # the client's channel closes: it may open one again
+    pump(e, m)
+    assert mux_setup(core, 0x00010007, 2).type == MM.CHANNEL_STATUS
+    with pytest.raises(ValueError):
+        E.MuxCore(channels_per_client=0)
