@@ -128,7 +128,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=cmd_build)
 
     q = s.add_parser("virtual", help="start, stop or list virtual boards (pty + MicroPython unix port)")
-    q.add_argument("action", choices=["start", "stop", "list"])
+    q.add_argument("action", choices=["start", "stop", "list"], help="start or stop a virtual board, or list the running ones")
     q.add_argument("board", nargs="?", help="board profile: heap limit and name")
     q.add_argument("--name", help="instance name (default: the board name); several can run at once")
     q.add_argument("--fresh", action="store_true", help="wipe the board's filesystem first")

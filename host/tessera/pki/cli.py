@@ -116,8 +116,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--org", default="Tessera", help="organisation (O) of every certificate")
     c.add_argument("--leaf", type=_leaf, action="append", metavar="ROLE:NAME",
                    help="a leaf with CN ROLE.NAME (repeatable; default SM:initiator and LD:responder)")
-    c.add_argument("--days", type=int, default=365)
-    c.add_argument("--force", action="store_true")
+    c.add_argument("--days", type=int, default=365, help="validity of the leaves in days (default 365)")
+    c.add_argument("--force", action="store_true", help="write into a directory that is not empty")
     _add_passphrase(c)
     c.set_defaults(func=cmd_create)
     i = s.add_parser("issue", help="issue another leaf under an existing intermediate",
@@ -135,5 +135,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--partial", action="store_true", help="do not require the chain to end in a root")
     v.set_defaults(func=cmd_validate)
     sh = s.add_parser("show", help="print subject, issuer and thumbprint")
-    sh.add_argument("cert")
+    sh.add_argument("cert", help="PEM file with one or more certificates")
     sh.set_defaults(func=cmd_show)
