@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     except TesseraError as exc:
         log.error("error: %s", exc)
         return 2
+    except OSError as exc:  # a file or socket problem a command did not foresee: still one clean line
+        log.debug("unexpected OSError", exc_info=True)
+        log.error("error: %s", exc)
+        return 2
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130

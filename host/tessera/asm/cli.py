@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import secrets
+import sqlite3
 import ssl
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from tessera.asm.net import INITIATOR_ROLES, RESPONDER_ROLES, PeerRejected
 from tessera.asm.responder import Responder, ResponderConfig
 from tessera.asm.store import SecurityLog
 from tessera.asm.tls import ASM_PORT, Credentials, TLSProfileError
+from tessera.cliargs import port as port_arg
 from tessera.errors import TesseraError
 from tessera.paths import var_dir
 
@@ -70,14 +72,18 @@ def cmd_responder(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(main())
-    except (OSError, ssl.SSLError, ValueError) as exc:
+    except (OSError, ssl.SSLError, ValueError, sqlite3.Error) as exc:
         raise TesseraError(f"responder: {exc}") from None
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Drive the responder's QuerySPB status (clause 7.5) through its database."""
-    slog = SecurityLog(Path(args.db or var_dir() / "asm-responder.db"))
+    db = Path(args.db or var_dir() / "asm-responder.db")
+    try:
+        slog = SecurityLog(db)
+    except sqlite3.Error as exc:
+        raise TesseraError(f"cannot open the responder database {db}: {exc}") from None
     try:
         if args.state:
             st = {"not-playing": SPBStatus.NOT_PLAYING, "playing": SPBStatus.PLAYING,
@@ -118,6 +124,7 @@ def _code(v: int) -> str:
 
 
 async def _client(args: argparse.Namespace) -> int:
+    keys = _keys_from(args) if args.asm_command == "key-load" else []  # a bad file fails before connecting
     ini = Initiator(args.host, args.port, creds=_creds(args, "initiator"), timeout=args.timeout,
                     responder_roles=frozenset(args.responder_role or RESPONDER_ROLES))
     async with ini:
@@ -141,7 +148,6 @@ async def _client(args: argparse.Namespace) -> int:
             r = await ini.query_spb()
             print(f"protocol {r.protocol_version} status {SPBStatus(r.status).name.lower().replace('_', '-') if r.status < 3 else r.status} response {_code(r.response)}")
         elif c == "key-load":
-            keys = _keys_from(args)
             r = await ini.le_key_load(keys)
             print(f"loaded {len(keys)} key(s) (IDs {keys[0].key_id}..{keys[-1].key_id}): overflow {r.overflow} response {_code(r.response)}")
             return 0 if r.response == 0 else 1
@@ -190,7 +196,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r = s.add_parser("responder", help="run a responder (remote SPB with an LE key store)")
     _add_creds(r)
     r.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    r.add_argument("--port", type=int, default=ASM_PORT, help="default 1173 (clause 6.4)")
+    r.add_argument("--port", type=port_arg, default=ASM_PORT, help="default 1173 (clause 6.4)")
     r.add_argument("--db", help="security log database (default var/asm-responder.db)")
     r.add_argument("--capacity", type=int, default=16, help="LE key slots (at least 16)")
     r.add_argument("--persist-keys", metavar="FILE", help="keep LE keys in this SQLite file, sealed with AES-256-GCM under the key "
@@ -212,7 +218,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         c = s.add_parser(name, help=help)
         _add_creds(c)
         c.add_argument("--host", default="127.0.0.1", help="responder address (default 127.0.0.1)")
-        c.add_argument("--port", type=int, default=ASM_PORT, help="responder port (default 1173, clause 6.4)")
+        c.add_argument("--port", type=port_arg, default=ASM_PORT, help="responder port (default 1173, clause 6.4)")
         c.add_argument("--timeout", type=float, default=2.0, help="seconds before a link failure")
         c.add_argument("--responder-role", type=_role, action="append", metavar="ROLE",
                        help=f"leaf CN role accepted from the responder (repeatable; default {','.join(sorted(RESPONDER_ROLES))})")

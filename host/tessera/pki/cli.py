@@ -81,10 +81,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     try:
         chain = certs.load_pems(*[Path(p) for p in args.cert])
     except (OSError, ValueError) as exc:
-        raise TesseraError(f"cannot read certificates: {exc}") from None
+        raise TesseraError(f"cannot read certificates: {_why(exc)}") from None
     if args.trust:
-        chain = certs.peer_chain(chain[0].public_bytes(certs.serialization.Encoding.DER),
-                                 chain + certs.load_pems(Path(args.trust)))
+        try:
+            trust = certs.load_pems(Path(args.trust))
+        except (OSError, ValueError) as exc:
+            raise TesseraError(f"cannot read {args.trust}: {_why(exc)}") from None
+        chain = certs.peer_chain(chain[0].public_bytes(certs.serialization.Encoding.DER), chain + trust)
     violations = certs.validate_chain(chain, require_root=not args.partial)
     for i, c in enumerate(certs.order_chain(chain)):
         print(f"[{i}] {c.subject.rfc4514_string()}")
@@ -97,8 +100,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _why(exc: Exception) -> str:
+    """One line: the OS reason with its file, or the first line of a parse error."""
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
 def cmd_show(args: argparse.Namespace) -> int:
-    for c in certs.load_pems(Path(args.cert)):
+    try:
+        loaded = certs.load_pems(Path(args.cert))
+    except (OSError, ValueError) as exc:
+        raise TesseraError(f"cannot read {args.cert}: {_why(exc)}") from None
+    for c in loaded:
         print(f"subject:    {c.subject.rfc4514_string()}")
         print(f"issuer:     {c.issuer.rfc4514_string()}")
         print(f"thumbprint: {certs.thumbprint(c)}")

@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sqlite3
 from pathlib import Path
 
+from tessera.cliargs import host_port, port as port_arg
 from tessera.errors import TesseraError
 from tessera.paths import var_dir
 
@@ -47,7 +49,10 @@ def _db(args: argparse.Namespace):
     from tessera.simulcrypt.keystore import KeyStore
 
     path = Path(args.db) if args.db else var_dir() / "simulcrypt-keys.sqlite"
-    return KeyStore(path)
+    try:
+        return KeyStore(path)
+    except sqlite3.Error as exc:
+        raise TesseraError(f"cannot open the key store {path}: {exc}") from None
 
 
 def _caps(args: argparse.Namespace):
@@ -128,8 +133,9 @@ def _parse_generator(text: str, n: int):
     parts = text.split(":")
     if len(parts) != 4:
         raise TesseraError(f"--generator wants HOST:PORT:SUPER_CAS_ID:ECM_ID, got {text!r}")
+    host, gport = host_port(":".join(parts[:2]), "--generator")
     try:
-        return GeneratorSpec(parts[0], int(parts[1]), int(parts[2], 0), n, 1, int(parts[3], 0))
+        return GeneratorSpec(host, gport, int(parts[2], 0), n, 1, int(parts[3], 0))
     except ValueError:
         raise TesseraError(f"bad --generator {text!r}") from None
 
@@ -186,9 +192,7 @@ def cmd_mux(args: argparse.Namespace) -> int:
 def cmd_ltkm_generator(args: argparse.Namespace) -> int:
     from tessera.simulcrypt.emmg import EmmgError, LtkmGenerator, make_ltkms
 
-    host, _, port = args.mux.rpartition(":")
-    if not host or not port.isdigit():
-        raise TesseraError("--mux wants HOST:PORT")
+    host, mux_port = host_port(args.mux, "--mux")
     ks = _db(args)
 
     async def main() -> None:
@@ -197,7 +201,7 @@ def cmd_ltkm_generator(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise TesseraError(str(exc)) from None
         try:
-            await g.connect(host, int(port))
+            await g.connect(host, mux_port)
             kbps = await g.request_bandwidth(args.kbps)
             ltkms = make_ltkms(ks, args.client_id, args.data_id, args.group, args.key_owner, args.key_scope, args.count)
             if args.udp:
@@ -241,7 +245,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--super-cas-id", type=_int, action="append", required=True,
                    help="0x0001xxxx (DRM) or 0x0002xxxx (Smartcard); repeatable")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    g.add_argument("--port", type=int, default=0, help="TCP port (default 0: any free port, printed)")
+    g.add_argument("--port", type=port_arg, default=0, help="TCP port (default 0: any free port, printed)")
     g.add_argument("--delay-start", type=_signed_ms, default=-200, help="ms (channel_status)")
     g.add_argument("--delay-stop", type=_signed_ms, default=0, help="ms")
     g.add_argument("--ac-delay-start", type=_signed_ms, help="AC_delay_start, ms; default: --delay-start")
@@ -271,7 +275,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     m = s.add_parser("mux", help="run a multiplexer for LTKM streams (EMMG<->MUX server)")
     m.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    m.add_argument("--port", type=int, default=0, help="TCP port (default 0: any free port, printed)")
+    m.add_argument("--port", type=port_arg, default=0, help="TCP port (default 0: any free port, printed)")
     m.add_argument("--kbps", type=int, default=2000, help="bandwidth pool for LTKM streams")
     m.add_argument("--no-udp", action="store_true", help="do not open the UDP data_provision port")
     m.add_argument("--channels-per-client", type=int, metavar="N",
@@ -290,5 +294,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--kbps", type=int, default=16, help="bandwidth to request, kbit/s (default 16)")
     e.add_argument("--count", type=int, default=10, help="number of LTKMs to send (default 10)")
     e.add_argument("--udp", action="store_true", help="data_provision over UDP")
-    e.add_argument("--udp-port", type=int, help="the MUX's UDP port (with --udp)")
+    e.add_argument("--udp-port", type=port_arg, help="the MUX's UDP port (with --udp)")
     e.set_defaults(func=cmd_ltkm_generator)
