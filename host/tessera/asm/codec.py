@@ -199,7 +199,7 @@ def _resp(v: int) -> GeneralResponse | int:
 class BadRequestResponse(Message):
     """Clause 7.1. No Request_ID: the copy carries it. Busy: the copy is empty."""
 
-    request_copy: bytes = b""
+    request_copy: bytes = field(default=b"", repr=False)  # the copy may hold LE keys
     response: int = GeneralResponse.INVALID
     FIELDS = (("request_copy", "var"), ("response", "B"))
     KEY = ul(0x01, 0x01)
@@ -403,7 +403,7 @@ RESPONSE_FOR: dict[type[Message], type[Message]] = {
 @dataclass(frozen=True)
 class Frame:
     key: bytes
-    value: bytes
+    value: bytes = field(repr=False)  # an LEKeyLoad value carries LE keys
 
     @property
     def raw(self) -> bytes:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tessera.asm import codec
 from tessera.asm.codec import (BadRequestResponse, CodecError, Frame, GeneralResponse, Message,
@@ -22,7 +22,7 @@ class ProtocolError(Exception):
 @dataclass(frozen=True)
 class RequestReceived:
     request: Message
-    raw: bytes
+    raw: bytes = field(repr=False)  # an LEKeyLoad carries LE keys
     repeat: int = 0  # 0, or n: the n-th request on this connection reusing an earlier Request_ID
 
 
@@ -30,7 +30,7 @@ class RequestReceived:
 class MalformedRequest:
     """Framed but not understood: answer BadRequest with the copy (clause 7.1)."""
 
-    raw: bytes
+    raw: bytes = field(repr=False)  # may be a malformed LEKeyLoad, keys included
     error: CodecError
 
 

@@ -24,6 +24,8 @@ TLV = struct.Struct(">HH")
 DEFAULT_MAX_BODY = 16384
 
 Value = int | bytes
+# Parameters whose value is key material: repr shows only their length.
+SECRET_PARAMS = frozenset({(Interface.ECMG, int(EP.CP_CW_COMBINATION))})
 
 
 class ProtocolError(Exception):
@@ -81,6 +83,11 @@ class Message:
             spec = table.get(code)
             out.append((int(code), encode_value(spec, value) if spec else bytes(value)))  # type: ignore[arg-type]
         return cls(itf, int(mtype), out, version)
+
+    def __repr__(self) -> str:
+        """Parameters as (code, value), except CP_CW_combination, whose CW is key material."""
+        shown = [(c, f"<{len(v)} bytes>" if (self.itf, c) in SECRET_PARAMS else v) for c, v in self.params]
+        return f"Message({self.itf.value} {self.name} v{self.version} params={shown})"
 
     @property
     def name(self) -> str:

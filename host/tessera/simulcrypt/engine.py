@@ -88,7 +88,7 @@ class CwProvision(Event):
     stream_id: int
     ecm_id: int
     cp_number: int
-    cws: list[tuple[int, bytes]]  # (CP number, CW); CW may be encrypted, see cw_encryption
+    cws: list[tuple[int, bytes]] = field(repr=False)  # (CP number, CW); CW may be encrypted, see cw_encryption
     cw_encryption: bytes | None
     cp_duration: int | None
     access_criteria: bytes | None
