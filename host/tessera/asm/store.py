@@ -4,10 +4,8 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import logging
-import os
 import secrets
 import sqlite3
-import stat
 import struct
 import threading
 import time
@@ -21,6 +19,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from tessera.asm.codec import LEKey, SPBStatus
+from tessera.crypto import atrest
 
 log = logging.getLogger("tessera.asm.store")
 
@@ -72,44 +71,13 @@ class StorageKey:
 
 
 def storage_key_path(db: Path) -> Path:
-    return db.with_name(db.name + ".key")
+    return atrest.key_file_path(db)
 
 
 def load_storage_key(db: Path, env: Mapping[str, str] | None = None) -> StorageKey:
     """TESSERA_ASM_STORE_KEY if set, else `<db>.key` (created 0600 with a random key if absent)."""
-    env = os.environ if env is None else env
-    if env.get(STORE_KEY_ENV):
-        try:
-            raw = bytes.fromhex(env[STORE_KEY_ENV].strip())
-        except ValueError:
-            raw = b""
-        if len(raw) != 32:  # the value itself is never repeated
-            raise KeyStoreError(f"{STORE_KEY_ENV} must be 64 hex digits (a 32-byte key)")
-        return StorageKey(raw, STORE_KEY_ENV)
-    path = storage_key_path(db)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        st = path.stat()
-        if stat.S_IMODE(st.st_mode) & 0o077:
-            raise KeyStoreError(f"{path} is accessible by group or others (mode "
-                                f"{stat.S_IMODE(st.st_mode):o}); it must be 0600") from None
-        if hasattr(os, "getuid") and st.st_uid != os.getuid():
-            raise KeyStoreError(f"{path} is not owned by this user") from None
-        try:
-            raw = bytes.fromhex(path.read_text().strip())
-        except ValueError:
-            raw = b""
-        if len(raw) != 32:
-            raise KeyStoreError(f"{path} does not hold a 32-byte key in hex") from None
-        return StorageKey(raw, str(path))
-    raw = secrets.token_bytes(32)
-    try:
-        os.write(fd, raw.hex().encode() + b"\n")
-    finally:
-        os.close(fd)
-    log.info("created the LE key storage key %s (mode 0600)", path)
-    return StorageKey(raw, str(path))
+    raw, source = atrest.load_storage_key(db, env, STORE_KEY_ENV, "LE key", KeyStoreError)
+    return StorageKey(raw, source)
 
 
 class KeyStore:

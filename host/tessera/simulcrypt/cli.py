@@ -46,12 +46,12 @@ def _signed_ms(s: str) -> int:
 
 
 def _db(args: argparse.Namespace):
-    from tessera.simulcrypt.keystore import KeyStore
+    from tessera.simulcrypt.keystore import KeyStore, KeyStoreError
 
     path = Path(args.db) if args.db else var_dir() / "simulcrypt-keys.sqlite"
     try:
         return KeyStore(path)
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, KeyStoreError, OSError) as exc:
         raise TesseraError(f"cannot open the key store {path}: {exc}") from None
 
 
@@ -87,9 +87,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 raise TesseraError(str(exc)) from None
             print(f"added {k.kind} id {k.key_id} owner 0x{k.owner:08x} scope 0x{k.scope:x}")
         else:
-            rows = ks._db.execute("SELECT kind, owner, scope, key_id, length(material) FROM keys ORDER BY 1,2,3,4")
-            for kind, owner, scope, key_id, n in rows:
-                print(f"{kind} owner 0x{owner:08x} scope 0x{scope:04x} id {key_id} ({n * 8} bits)")
+            for kind, owner, scope, key_id, bits in ks.list():
+                print(f"{kind} owner 0x{owner:08x} scope 0x{scope:04x} id {key_id} ({bits} bits)")
     finally:
         ks.close()
     return 0
