@@ -1,0 +1,305 @@
+# SCPM general and secure frames (docs/scpm-profile.md sections 2, 3, 5): encode, decode,
+# key derivation. Decoding works in preallocated buffers: the decoded PADATA is a
+# memoryview into the received frame (service 1, plain) or into the codec's plaintext
+# buffer (services 2, 3), valid until the next decode.
+import hashlib
+
+try:
+    import cryptolib
+except ImportError:  # firmware older than v1.19
+    import ucryptolib as cryptolib
+from micropython import const
+
+from tessera_fw.scpm.const import (
+    ERR_ALGORITHM, ERR_BCC, ERR_HEADER, ERR_LENGTH, ERR_MAC, ERR_NO_KEY, ERR_NOT_FOR_ME,
+    ERR_OVERSIZE, ERR_PADDING, ERR_SHD, ERR_TRUNCATED, HD_PLAIN, HD_SECURE, MAX_ADATA,
+    MAX_PADATA, SCPMError)
+
+_sha256 = hashlib.sha256
+_HDR = const(11)
+_MAC = const(16)
+_MAX_ENC = const(1040)  # 16 * ceil((2 + 1024 + 2) / 16)
+# service -> SHD byte 1 (cipher id << 4 | MAC id)
+_ALG = (0, 0x01, 0x10, 0x11)
+
+
+def hmac_sha256(key, *parts):
+    """One-shot HMAC-SHA-256 (RFC 2104) for key set-up and key management (not the hot path)."""
+    if len(key) > 64:
+        key = _sha256(key).digest()
+    ipad = bytearray(64)
+    opad = bytearray(64)
+    for i in range(len(key)):
+        ipad[i] = key[i]
+        opad[i] = key[i]
+    for i in range(64):
+        ipad[i] ^= 0x36
+        opad[i] ^= 0x5C
+    h = _sha256(ipad)
+    for p in parts:
+        h.update(p)
+    o = _sha256(opad)
+    o.update(h.digest())
+    return o.digest()
+
+
+def ct_equal(a, b):
+    """Constant-time comparison: time depends only on the lengths."""
+    if len(a) != len(b):
+        return False
+    r = 0
+    for i in range(len(a)):
+        r |= a[i] ^ b[i]
+    return r == 0
+
+
+def next_gen(gen):
+    return 1 if gen >= 255 else gen + 1
+
+
+class Key:
+    """A usage key (kind, index, generation) with its derived keys, computed once (1):
+    K_enc = HMAC(K, "SCPM-ENC")[0:16], K_mac = HMAC(K, "SCPM-MAC"). The MAC's padded
+    blocks and the AES objects are kept so a frame costs no key set-up."""
+
+    def __init__(self, kind, index, gen, key):
+        if len(key) != 16:
+            raise ValueError("key must be 16 bytes")
+        self.kind = kind
+        self.index = index
+        self.gen = gen
+        self.key = bytes(key)
+        self.k_enc = hmac_sha256(key, b"SCPM-ENC")[:16]
+        k_mac = hmac_sha256(key, b"SCPM-MAC")
+        ipad = bytearray(64)
+        opad = bytearray(64)
+        for i in range(64):
+            k = k_mac[i] if i < 32 else 0
+            ipad[i] = k ^ 0x36
+            opad[i] = k ^ 0x5C
+        self.ipad = bytes(ipad)
+        self.opad = bytes(opad)
+        self.ecb = cryptolib.aes(self.k_enc, 1)  # IV computation (encrypt only)
+        self.rx = {}  # peer address -> RxWindow (owner's bookkeeping)
+        self.tx = {}  # peer address -> TxCounter
+        # CBC decryption object reused across frames: its chaining state is the last
+        # ciphertext block, so decrypting the IV block first re-keys the chain to the IV.
+        self.cbc_dec = cryptolib.aes(self.k_enc, 2, bytes(16))
+
+    def shd(self, service):
+        return bytes((0x10 | service, _ALG[service], (self.kind << 4) | self.index, self.gen))
+
+    def mac(self, *parts):
+        h = _sha256(self.ipad)
+        for p in parts:
+            h.update(p)
+        o = _sha256(self.opad)
+        o.update(h.digest())
+        return o.digest()
+
+    def forget(self):
+        self.key = self.k_enc = self.ipad = self.opad = b""
+        self.ecb = self.cbc_dec = None
+
+
+def _put32(b, o, v):
+    b[o] = (v >> 24) & 0xFF
+    b[o + 1] = (v >> 16) & 0xFF
+    b[o + 2] = (v >> 8) & 0xFF
+    b[o + 3] = v & 0xFF
+
+
+def _get32(b, o):
+    return (b[o] << 24) | (b[o + 1] << 16) | (b[o + 2] << 8) | b[o + 3]
+
+
+def encode(sa, da, key, snf, padata, service=3):
+    """Build a general frame. key None: plain frame (HD 0x10, ADATA = padata).
+    Otherwise a secure frame with `service` 1, 2 or 3 under `key` with sequence `snf`."""
+    n = len(padata)
+    if key is None:
+        if n > MAX_ADATA:
+            raise SCPMError(ERR_OVERSIZE)
+        out = bytearray(_HDR + n)
+        out[0] = HD_PLAIN
+        _put32(out, 1, sa)
+        _put32(out, 5, da)
+        out[9] = n >> 8
+        out[10] = n & 0xFF
+        out[_HDR:] = padata
+        return out
+    if n > MAX_PADATA:
+        raise SCPMError(ERR_OVERSIZE)
+    if service == 1:
+        enc = 0
+        adata = 8 + 2 + n + _MAC
+    else:
+        enc = 2 + n + (2 if service == 2 else 0)
+        enc = (enc + 15) & ~15
+        adata = 8 + enc + (_MAC if service == 3 else 0)
+    out = bytearray(_HDR + adata)
+    mv = memoryview(out)
+    out[0] = HD_SECURE
+    _put32(out, 1, sa)
+    _put32(out, 5, da)
+    out[9] = adata >> 8
+    out[10] = adata & 0xFF
+    out[11:15] = key.shd(service)
+    _put32(out, 15, snf)
+    if service == 1:
+        out[19] = n >> 8
+        out[20] = n & 0xFF
+        out[21:21 + n] = padata
+    else:
+        pt = bytearray(enc)
+        pt[0] = n >> 8
+        pt[1] = n & 0xFF
+        pt[2:2 + n] = padata
+        if service == 2:
+            pt[2 + n:4 + n] = _sha256(memoryview(pt)[:2 + n]).digest()[:2]
+        iv = key.ecb.encrypt(bytes(out[11:19]) + bytes(out[1:9]))
+        cryptolib.aes(key.k_enc, 2, iv).encrypt(pt, mv[19:19 + enc])
+    if service != 2:
+        end = len(out) - _MAC
+        out[end:] = key.mac(mv[:end])[:_MAC]
+    return out
+
+
+class Codec:
+    """Receiver side of one node. decode() follows the receiver order of section 3 and
+    leaves its results in attributes (hd, sa, da, service, key, snf, padata, authority);
+    it raises SCPMError on the first failing check and then nothing has changed.
+
+    `ring` supplies lookup(sa, kind, index, gen) -> Key or None and window(sa, key) ->
+    an object with check(snf) (raises) and commit(snf) (returns True when the
+    reservation moved and must be persisted)."""
+
+    def __init__(self, addr):
+        self.addr = addr
+        self._pt = bytearray(_MAX_ENC)
+        self._ptmv = memoryview(self._pt)
+        self._ivin = bytearray(16)
+        self._iv = bytearray(16)
+        self._scratch = bytearray(16)
+        self.hd = self.sa = self.da = self.service = self.snf = self.authority = 0
+        self.key = None
+        self.padata = None
+        self.persist = False
+
+    def decode(self, data, ring):
+        n = len(data)
+        if n < _HDR:
+            raise SCPMError(ERR_TRUNCATED)
+        if n > _HDR + MAX_ADATA:
+            raise SCPMError(ERR_OVERSIZE)
+        hd = data[0]
+        if hd != HD_PLAIN and hd != HD_SECURE:
+            raise SCPMError(ERR_HEADER)
+        if (data[9] << 8) | data[10] != n - _HDR:
+            raise SCPMError(ERR_LENGTH)
+        mv = memoryview(data)
+        self.hd = hd
+        self.persist = False
+        if hd == HD_PLAIN:
+            if _get32(data, 5) != self.addr:
+                raise SCPMError(ERR_NOT_FOR_ME)
+            self.sa = _get32(data, 1)
+            self.da = self.addr
+            self.service = self.snf = self.authority = 0
+            self.key = None
+            self.padata = mv[_HDR:]
+            return self
+        # 1. sizes and secure header
+        if n < _HDR + 8:
+            raise SCPMError(ERR_TRUNCATED)
+        b0 = data[11]
+        svc = b0 & 3
+        if b0 >> 4 != 1 or b0 & 0x0C or svc == 0:
+            raise SCPMError(ERR_SHD)
+        b2 = data[13]
+        kind = b2 >> 4
+        index = b2 & 0x0F
+        gen = data[14]
+        if kind > 4 or (index and kind != 2) or gen == 0:
+            raise SCPMError(ERR_SHD)
+        if data[12] != _ALG[svc]:
+            raise SCPMError(ERR_ALGORITHM)
+        if svc == 1:
+            if n < _HDR + 8 + 2 + _MAC:
+                raise SCPMError(ERR_TRUNCATED)
+            enc = 0
+        else:
+            enc = n - _HDR - 8 - (_MAC if svc == 3 else 0)
+            if enc < 16:
+                raise SCPMError(ERR_TRUNCATED)
+            if enc & 15 or enc > _MAX_ENC:
+                raise SCPMError(ERR_PADDING)
+        if _get32(data, 5) != self.addr:
+            raise SCPMError(ERR_NOT_FOR_ME)
+        sa = _get32(data, 1)
+        # 2. key
+        key = ring.lookup(sa, kind, index, gen)
+        if key is None:
+            raise SCPMError(ERR_NO_KEY)
+        # 3. SNF pre-check
+        snf = _get32(data, 15)
+        win = ring.window(sa, key)
+        win.check(snf)
+        # 4. MDAS
+        if svc != 2:
+            end = n - _MAC
+            h = _sha256(key.ipad)
+            h.update(mv[:end])
+            o = _sha256(key.opad)
+            o.update(h.digest())
+            tag = o.digest()
+            r = 0
+            for i in range(_MAC):
+                r |= tag[i] ^ data[end + i]
+            if r:
+                raise SCPMError(ERR_MAC)
+        # 5. decrypt, PBC, PDG, BCC
+        if svc == 1:
+            pbc = (data[19] << 8) | data[20]
+            if pbc > MAX_PADATA:
+                raise SCPMError(ERR_OVERSIZE)
+            if pbc != n - _HDR - 8 - 2 - _MAC:
+                raise SCPMError(ERR_LENGTH)
+            padata = mv[21:21 + pbc]
+        else:
+            ivin = self._ivin
+            for i in range(8):  # SHD | SNF | SA | DA, copied without slicing
+                ivin[i] = data[11 + i]
+                ivin[8 + i] = data[1 + i]
+            iv = self._iv
+            key.ecb.encrypt(ivin, iv)
+            dec = key.cbc_dec
+            dec.decrypt(iv, self._scratch)  # chain state := IV
+            pt = self._pt
+            dec.decrypt(mv[19:19 + enc], pt)  # output may be longer than the input
+            pbc = (pt[0] << 8) | pt[1]
+            tail = 4 if svc == 2 else 2
+            if pbc > MAX_PADATA:
+                raise SCPMError(ERR_OVERSIZE)
+            if pbc + tail > enc:
+                raise SCPMError(ERR_LENGTH)
+            if enc - pbc - tail > 15:  # PBC disagrees with the blocks present
+                raise SCPMError(ERR_LENGTH)
+            for i in range(pbc + tail, enc):
+                if pt[i]:
+                    raise SCPMError(ERR_PADDING)
+            if svc == 2:
+                d = _sha256(self._ptmv[:2 + pbc]).digest()
+                if d[0] != pt[2 + pbc] or d[1] != pt[3 + pbc]:
+                    raise SCPMError(ERR_BCC)
+            padata = self._ptmv[2:2 + pbc]
+        # 6. commit
+        self.persist = win.commit(snf)
+        self.sa = sa
+        self.da = self.addr
+        self.service = svc
+        self.key = key
+        self.snf = snf
+        self.authority = kind
+        self.padata = padata
+        return self
