@@ -99,3 +99,73 @@ def mku_derive(txid, new_gen, nonce_k, nonce_d, yk, yd, z):
     t = bytes((txid >> 8, txid & 0xFF, new_gen)) + nonce_k + nonce_d + yk + yd
     mk = hmac_sha256(z, b"SCPM-MK", t)[:16]
     return mk, hmac_sha256(mk, b"SCPM-CONFIRM-D", t)[:16], hmac_sha256(mk, b"SCPM-CONFIRM-K", t)[:16]
+
+
+def iter_array(rel, member):
+    """Yield the elements (objects) of the top-level array `member` of a JSON file under
+    tests/vectors/, parsed one at a time: the whole file does not fit a board heap."""
+    import json
+
+    import mpytest
+
+    depth = 0
+    in_str = esc = False
+    key = bytearray()
+    last_key = b""
+    want = member.encode()
+    inside = False  # in the wanted array
+    buf = None
+    with open(mpytest.ROOT + "/tests/vectors/" + rel, "rb") as f:
+        while True:
+            chunk = f.read(2048)
+            if not chunk:
+                break
+            for c in chunk:
+                if buf is not None:
+                    buf.append(c)
+                if in_str:
+                    if esc:
+                        esc = False
+                    elif c == 0x5C:  # backslash
+                        esc = True
+                    elif c == 0x22:
+                        in_str = False
+                    elif depth == 1 and buf is None:
+                        key.append(c)
+                    continue
+                if c == 0x22:
+                    in_str = True
+                    if depth == 1:
+                        key = bytearray()
+                elif c == 0x3A and depth == 1:  # ':'
+                    last_key = bytes(key)
+                elif c == 0x7B or c == 0x5B:  # { [
+                    depth += 1
+                    if depth == 2 and c == 0x5B and last_key == want:
+                        inside = True
+                    elif depth == 3 and inside and c == 0x7B:
+                        buf = bytearray(b"{")
+                elif c == 0x7D or c == 0x5D:  # } ]
+                    depth -= 1
+                    if depth == 2 and buf is not None:
+                        yield json.loads(bytes(buf))
+                        buf = None
+                    elif depth == 1 and inside:
+                        return
+
+
+def scalar(rel, member):
+    """A top-level scalar (number) of a JSON vector file, without loading the file."""
+    import mpytest
+
+    pat = b'"' + member.encode() + b'":'
+    with open(mpytest.ROOT + "/tests/vectors/" + rel, "rb") as f:
+        head = f.read(4096)
+    i = head.find(pat)
+    j = i + len(pat)
+    while head[j] in b" \n\t":
+        j += 1
+    k = j
+    while head[k] in b"0123456789":
+        k += 1
+    return int(head[j:k])

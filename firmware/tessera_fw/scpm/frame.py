@@ -18,7 +18,7 @@ from tessera_fw.scpm.const import (
 _sha256 = hashlib.sha256
 _HDR = const(11)
 _MAC = const(16)
-_MAX_ENC = const(1040)  # 16 * ceil((2 + 1024 + 2) / 16)
+_MAX_ENC = const(1088)  # largest whole-block encrypted part of a 1100-byte ADATA (service 2)
 # service -> SHD byte 1 (cipher id << 4 | MAC id)
 _ALG = (0, 0x01, 0x10, 0x11)
 
@@ -232,7 +232,7 @@ class Codec:
             enc = n - _HDR - 8 - (_MAC if svc == 3 else 0)
             if enc < 16:
                 raise SCPMError(ERR_TRUNCATED)
-            if enc & 15 or enc > _MAX_ENC:
+            if enc & 15:
                 raise SCPMError(ERR_PADDING)
         if _get32(data, 5) != self.addr:
             raise SCPMError(ERR_NOT_FOR_ME)
@@ -283,8 +283,8 @@ class Codec:
                 raise SCPMError(ERR_OVERSIZE)
             if pbc + tail > enc:
                 raise SCPMError(ERR_LENGTH)
-            if enc - pbc - tail > 15:  # PBC disagrees with the blocks present
-                raise SCPMError(ERR_LENGTH)
+            if enc - pbc - tail > 15:  # more than 15 padding bytes: bad block count
+                raise SCPMError(ERR_PADDING)
             for i in range(pbc + tail, enc):
                 if pt[i]:
                     raise SCPMError(ERR_PADDING)
