@@ -19,6 +19,30 @@ REQUESTED = "REQUESTED"
 RETRY_MS = 5000
 RETRIES = 3
 
+# PDU length after OP | TXID (section 6, 7): fixed, or -minimum for variable-length PDUs
+_PDU_LEN = {
+    0x01: 0, 0x02: 16, 0x03: 50, 0x04: 2, 0x05: 18, 0x06: 2, 0x07: 17, 0x08: 1, 0x09: 17,
+    0x0A: 1, 0x10: 273, 0x11: 289, 0x12: 17, 0x13: 1, 0x14: 1, 0x15: 1, 0x18: 16, 0x19: 20,
+    0x1F: 2, 0x40: 1, 0x41: -1, 0x42: -2,
+}
+# answers and device-to-KSN messages: a device never answers them
+_RESPONSES = (0x02, 0x04, 0x06, 0x08, 0x0A, 0x11, 0x13, 0x15, 0x19, 0x1F, 0x42)
+
+
+def check_pdu(p):
+    """Validate the length of a KM or application PDU: ERR_MALFORMED / ERR_UNKNOWN_OP."""
+    n = len(p)
+    if n < 3:
+        raise SCPMError(C.ERR_MALFORMED)
+    want = _PDU_LEN.get(p[0])
+    if want is None:
+        raise SCPMError(C.ERR_UNKNOWN_OP)
+    if n - 3 != want if want >= 0 else n - 3 < -want:
+        raise SCPMError(C.ERR_MALFORMED)
+    if n > C.MAX_PADATA:
+        raise SCPMError(C.ERR_OVERSIZE)
+
+
 # prop id -> [name, read level, write level, value]
 DEFAULT_PROPS = (
     (1, "power", 1, 1, b"\x00"),
@@ -213,24 +237,25 @@ class Device:
 
     def _dispatch(self, f, out, now_ms):
         p = f.padata
-        n = len(p)
         sa = f.sa
         key = f.key
-        if n < 3:
-            self._count(C.ERR_MALFORMED)
-            out.append(self._frame(sa, key, self._km_error(0, C.ERR_MALFORMED, p[0] if n else 0), f.service))
+        txid = _u16(p, 1) if len(p) >= 3 else 0
+        op = p[0] if len(p) else 0
+        try:
+            check_pdu(p)
+        except SCPMError as e:
+            self._count(e.code)
+            out.append(self._frame(sa, key, self._km_error(txid, e.code, op), f.service))
             return
-        op = p[0]
-        txid = _u16(p, 1)
+        if op in _RESPONSES:  # never answer an answer (no ping-pong)
+            if op == C.OP_KM_ERROR:
+                self.events.append(("km_error", p[3]))
+            else:
+                self._count(C.ERR_STATE)
+            return
         if op >= C.OP_APP_GET:
-            if op > 0x7F:
-                self._count(C.ERR_UNKNOWN_OP)
-                out.append(self._frame(sa, key, self._km_error(txid, C.ERR_UNKNOWN_OP, op), f.service))
-                return
-            ans = self._app(op, txid, p, f.authority)
-            out.append(self._frame(sa, key, ans, f.service))
+            out.append(self._frame(sa, key, self._app(op, txid, p, f.authority), f.service))
             return
-        # key management
         try:
             ans, akey = self._km(f, op, txid, p, now_ms)
         except SCPMError as e:
@@ -248,17 +273,11 @@ class Device:
         """Execute one key-management request; return (answer PADATA or None, key to send under)."""
         key = f.key
         sa = f.sa
-        n = len(p)
-        if op == C.OP_KM_ERROR:
-            self.events.append(("km_error", p[3] if n > 3 else 0))
-            return None, None
         if key is None:  # plain frame: only ENROL_HELLO
             if op != C.OP_ENROL_HELLO:
                 raise SCPMError(C.ERR_AUTHORITY)
             if self.enrolled:
                 raise SCPMError(C.ERR_STATE)
-            if n != 3:
-                raise SCPMError(C.ERR_MALFORMED)
             nonce = bytes(self.rand(16))
             self._challenge = nonce
             return bytes((C.OP_ENROL_CHALLENGE, txid >> 8, txid & 0xFF)) + nonce, None
@@ -276,13 +295,13 @@ class Device:
         if last is not None and last[0] == txid and last[1] is not None and self.lookup(sa, C.KIND_MASTER, 0, last[1].gen) is last[1]:
             return last[2], last[1]  # retransmission: same answer, not re-executed
         if op == C.OP_SP_KEY_INIT:
-            if n != 21 or p[3] > 15 or p[4] == 0:
+            if p[3] > 15 or p[4] == 0:
                 raise SCPMError(C.ERR_MALFORMED)
             if self._install(C.KIND_SP, p[3], p[4], p[5:21]):
                 self.save()
             ans = bytes((C.OP_SP_KEY_INIT_ACK, txid >> 8, txid & 0xFF, p[3], p[4]))
         elif op == C.OP_MAKER_KEY_INIT or op == C.OP_USER_KEY_SET:
-            if n != 20 or p[3] == 0:
+            if p[3] == 0:
                 raise SCPMError(C.ERR_MALFORMED)
             kind = C.KIND_MAKER if op == C.OP_MAKER_KEY_INIT else C.KIND_USER
             if self._install(kind, 0, p[3], p[4:20]):
@@ -293,8 +312,6 @@ class Device:
         elif op == C.OP_MKU_COMMIT:
             return self._mku_commit(key, txid, p)
         elif op == C.OP_MKU_ABORT:
-            if n != 4:
-                raise SCPMError(C.ERR_MALFORMED)
             pd = self.pending
             if pd is not None:
                 if pd.key.gen != p[3]:
@@ -304,8 +321,6 @@ class Device:
                 self.events.append(("mku_aborted", p[3]))
             return None, None
         elif op == C.OP_SYNC_REQ:
-            if n != 19:
-                raise SCPMError(C.ERR_MALFORMED)
             pd = self.pending
             m = self.master
             ans = (bytes((C.OP_SYNC_RESP, txid >> 8, txid & 0xFF)) + bytes(p[3:19]) +
@@ -323,7 +338,7 @@ class Device:
             if last is not None and last[0] == txid and f.sa == self.ksn and last[1] is self.master:
                 return last[2], last[1]
             raise SCPMError(C.ERR_STATE)
-        if len(p) != 53 or p[19] == 0 or p[36] == 0:
+        if p[19] == 0 or p[36] == 0:
             raise SCPMError(C.ERR_MALFORMED)
         ch = self._challenge
         if ch is None:
@@ -354,8 +369,6 @@ class Device:
     def _mku_start(self, key, txid, p):
         from tessera_fw.crypto import dh
 
-        if len(p) != 276:
-            raise SCPMError(C.ERR_MALFORMED)
         pd = self.pending
         if key is not self.master:
             raise SCPMError(C.ERR_STATE)  # MKU_START travels under the current master key
@@ -392,8 +405,6 @@ class Device:
         return resp
 
     def _mku_commit(self, key, txid, p):
-        if len(p) != 20:
-            raise SCPMError(C.ERR_MALFORMED)
         pd = self.pending
         if pd is None or key is not pd.key:
             raise SCPMError(C.ERR_STATE)
@@ -418,8 +429,10 @@ class Device:
         """Send MKU_REQUEST(reason) and enter REQUESTED (section 6.5)."""
         if not self.enrolled or self.mku_state != IDLE:
             raise SCPMError(C.ERR_STATE)
-        r = self.rand(2)
-        txid = (r[0] << 8) | r[1]
+        txid = 0
+        while not txid:  # TXID 0 is reserved
+            r = self.rand(2)
+            txid = (r[0] << 8) | r[1]
         self._req = [txid, reason, now_ms + RETRY_MS, 0]
         self.mku_state = REQUESTED
         return [self._mku_request_frame()]
@@ -452,11 +465,7 @@ class Device:
         pid = p[3] if n > 3 else 0
         status = 0
         value = b""
-        if op != C.OP_APP_GET and op != C.OP_APP_SET:
-            status = C.ERR_UNKNOWN_OP
-        elif n < 4 or (op == C.OP_APP_GET and n != 4):
-            status = C.ERR_MALFORMED
-        else:
+        if True:
             prop = self.props.get(pid)
             if prop is None:
                 status = C.ERR_UNKNOWN_OP
