@@ -1,5 +1,7 @@
 # Helpers for the SCPM firmware tests (no tests here): a minimal hand-built KSN that
 # encodes frames with frame.encode and opens the device's answers with its own Codec.
+import io
+
 from tessera_fw.scpm import const as C
 from tessera_fw.scpm.frame import Codec, Key, encode, hmac_sha256
 from tessera_fw.scpm.snf import RxWindow, TxCounter
@@ -101,9 +103,33 @@ def mku_derive(txid, new_gen, nonce_k, nonce_d, yk, yd, z):
     return mk, hmac_sha256(mk, b"SCPM-CONFIRM-D", t)[:16], hmac_sha256(mk, b"SCPM-CONFIRM-K", t)[:16]
 
 
+class _Slice(io.IOBase):
+    """A stream over the next n bytes of a file, read in small pieces."""
+
+    def __init__(self, f, n):
+        self.f = f
+        self.n = n
+        self.buf = b""
+        self.pos = 0
+
+    def readinto(self, out):
+        if self.pos >= len(self.buf):
+            if self.n <= 0:
+                return 0
+            self.buf = self.f.read(min(256, self.n))
+            self.n -= len(self.buf)
+            self.pos = 0
+        k = min(len(out), len(self.buf) - self.pos)
+        out[:k] = self.buf[self.pos:self.pos + k]
+        self.pos += k
+        return k
+
+
 def iter_array(rel, member):
     """Yield the elements (objects) of the top-level array `member` of a JSON file under
-    tests/vectors/, parsed one at a time: the whole file does not fit a board heap."""
+    tests/vectors/, parsed one at a time: the whole file does not fit a board heap. Each
+    element is located by a byte scan, then read back in one piece (no growing buffers)."""
+    import gc
     import json
 
     import mpytest
@@ -114,15 +140,16 @@ def iter_array(rel, member):
     last_key = b""
     want = member.encode()
     inside = False  # in the wanted array
-    buf = None
+    start = -1
+    base = 0
     with open(mpytest.ROOT + "/tests/vectors/" + rel, "rb") as f:
+        chunk = bytearray(1024)  # reused: no allocation per read
         while True:
-            chunk = f.read(2048)
-            if not chunk:
+            got = f.readinto(chunk)
+            if not got:
                 break
-            for c in chunk:
-                if buf is not None:
-                    buf.append(c)
+            for i in range(got):
+                c = chunk[i]
                 if in_str:
                     if esc:
                         esc = False
@@ -130,7 +157,7 @@ def iter_array(rel, member):
                         esc = True
                     elif c == 0x22:
                         in_str = False
-                    elif depth == 1 and buf is None:
+                    elif depth == 1:
                         key.append(c)
                     continue
                 if c == 0x22:
@@ -144,14 +171,20 @@ def iter_array(rel, member):
                     if depth == 2 and c == 0x5B and last_key == want:
                         inside = True
                     elif depth == 3 and inside and c == 0x7B:
-                        buf = bytearray(b"{")
+                        start = base + i
                 elif c == 0x7D or c == 0x5D:  # } ]
                     depth -= 1
-                    if depth == 2 and buf is not None:
-                        yield json.loads(bytes(buf))
-                        buf = None
+                    if depth == 2 and start >= 0:
+                        here = f.tell()
+                        gc.collect()
+                        f.seek(start)
+                        obj = json.load(_Slice(f, base + i + 1 - start))  # streamed parse
+                        f.seek(here)
+                        start = -1
+                        yield obj
                     elif depth == 1 and inside:
                         return
+            base += got
 
 
 def scalar(rel, member):
