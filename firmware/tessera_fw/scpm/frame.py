@@ -3,6 +3,7 @@
 # memoryview into the received frame (service 1, plain) or into the codec's plaintext
 # buffer (services 2, 3), valid until the next decode.
 import hashlib
+import os
 
 try:
     import cryptolib
@@ -17,6 +18,10 @@ from tessera_fw.scpm.const import (
 
 _sha256 = hashlib.sha256
 _HDR = const(11)
+_HD_PLAIN = const(0x10)
+_HD_SECURE = const(0x11)
+_MAX_FRAME = const(1111)  # 11 + MAX_ADATA
+_MAX_PADATA = const(1024)
 _MAC = const(16)
 _MAX_ENC = const(1088)  # largest whole-block encrypted part of a 1100-byte ADATA (service 2)
 # service -> SHD byte 1 (cipher id << 4 | MAC id)
@@ -167,8 +172,9 @@ def encode(sa, da, key, snf, padata, service=3):
 
 class Codec:
     """Receiver side of one node. decode() follows the receiver order of section 3 and
-    leaves its results in attributes (hd, sa, da, service, key, snf, padata, authority);
-    it raises SCPMError on the first failing check and then nothing has changed.
+    leaves its results in attributes (hd, sa, da, service, key, snf, authority, and
+    `padata`, a memoryview built on access); it raises SCPMError on the first failing
+    check and then nothing has changed.
 
     `ring` supplies lookup(sa, kind, index, gen) -> Key or None and window(sa, key) ->
     an object with check(snf) (raises) and commit(snf) (returns True when the
@@ -181,40 +187,54 @@ class Codec:
         self._ivin = bytearray(16)
         self._iv = bytearray(16)
         self._scratch = bytearray(16)
+        self._blind = cryptolib.aes(os.urandom(16), 1)
+        self._bx = bytearray(32)
+        self._bx16 = memoryview(self._bx)[:16]
+        self._by = bytearray(16)
         self.hd = self.sa = self.da = self.service = self.snf = self.authority = 0
         self.key = None
-        self.padata = None
+        self._src = None  # buffer holding PADATA: the frame, or the plaintext buffer
+        self._off = self._len = 0
         self.persist = False
+
+    @property
+    def padata(self):
+        if self._src is None:
+            return None
+        return memoryview(self._src)[self._off:self._off + self._len]
 
     def decode(self, data, ring):
         n = len(data)
-        if n < _HDR:
+        if n < 11:
             raise SCPMError(ERR_TRUNCATED)
-        if n > _HDR + MAX_ADATA:
+        if n > _MAX_FRAME:
             raise SCPMError(ERR_OVERSIZE)
         hd = data[0]
-        if hd != HD_PLAIN and hd != HD_SECURE:
+        if hd != _HD_PLAIN and hd != _HD_SECURE:
             raise SCPMError(ERR_HEADER)
-        if (data[9] << 8) | data[10] != n - _HDR:
+        if (data[9] << 8) | data[10] != n - 11:
             raise SCPMError(ERR_LENGTH)
-        mv = memoryview(data)
-        self.hd = hd
         self.persist = False
-        if hd == HD_PLAIN:
-            if _get32(data, 5) != self.addr:
+        self._src = None
+        da = (data[5] << 24) | (data[6] << 16) | (data[7] << 8) | data[8]
+        if hd == _HD_PLAIN:
+            if da != self.addr:
                 raise SCPMError(ERR_NOT_FOR_ME)
-            self.sa = _get32(data, 1)
-            self.da = self.addr
+            self.hd = hd
+            self.sa = (data[1] << 24) | (data[2] << 16) | (data[3] << 8) | data[4]
+            self.da = da
             self.service = self.snf = self.authority = 0
             self.key = None
-            self.padata = mv[_HDR:]
+            self._src = data
+            self._off = 11
+            self._len = n - 11
             return self
         # 1. sizes and secure header
-        if n < _HDR + 8:
+        if n < 19:
             raise SCPMError(ERR_TRUNCATED)
         b0 = data[11]
         svc = b0 & 3
-        if b0 >> 4 != 1 or b0 & 0x0C or svc == 0:
+        if b0 & 0xFC != 0x10 or svc == 0:
             raise SCPMError(ERR_SHD)
         b2 = data[13]
         kind = b2 >> 4
@@ -225,52 +245,70 @@ class Codec:
         if data[12] != _ALG[svc]:
             raise SCPMError(ERR_ALGORITHM)
         if svc == 1:
-            if n < _HDR + 8 + 2 + _MAC:
+            if n < 37:  # 11 + 8 + PBC + MDAS
                 raise SCPMError(ERR_TRUNCATED)
             enc = 0
         else:
-            enc = n - _HDR - 8 - (_MAC if svc == 3 else 0)
+            enc = n - (19 if svc == 2 else 35)
             if enc < 16:
                 raise SCPMError(ERR_TRUNCATED)
             if enc & 15:
                 raise SCPMError(ERR_PADDING)
-        if _get32(data, 5) != self.addr:
+        if da != self.addr:
             raise SCPMError(ERR_NOT_FOR_ME)
-        sa = _get32(data, 1)
+        sa = (data[1] << 24) | (data[2] << 16) | (data[3] << 8) | data[4]
         # 2. key
         key = ring.lookup(sa, kind, index, gen)
         if key is None:
             raise SCPMError(ERR_NO_KEY)
         # 3. SNF pre-check
-        snf = _get32(data, 15)
+        snf = (data[15] << 24) | (data[16] << 16) | (data[17] << 8) | data[18]
         win = ring.window(sa, key)
         win.check(snf)
-        # 4. MDAS
+        mv = memoryview(data)
+        # 4. MDAS (constant-time comparison of the 16 bytes)
         if svc != 2:
-            end = n - _MAC
+            end = n - 16
             h = _sha256(key.ipad)
             h.update(mv[:end])
             o = _sha256(key.opad)
             o.update(h.digest())
-            tag = o.digest()
-            r = 0
-            for i in range(_MAC):
-                r |= tag[i] ^ data[end + i]
-            if r:
+            # Blinded comparison: both tags go through AES under a per-codec random key
+            # and the results are compared; the time of `==` then tells an attacker
+            # nothing about how his tag relates to the right one (the same argument as
+            # comparing HMACs of the MACs), and it costs two C calls instead of a loop.
+            bx = self._bx
+            self._blind.encrypt(o.digest(), bx)  # both halves of the 32-byte tag
+            self._blind.encrypt(mv[end:], self._by)
+            if self._bx16 != self._by:
                 raise SCPMError(ERR_MAC)
         # 5. decrypt, PBC, PDG, BCC
         if svc == 1:
             pbc = (data[19] << 8) | data[20]
-            if pbc > MAX_PADATA:
+            if pbc > _MAX_PADATA:
                 raise SCPMError(ERR_OVERSIZE)
-            if pbc != n - _HDR - 8 - 2 - _MAC:
+            if pbc != n - 37:
                 raise SCPMError(ERR_LENGTH)
-            padata = mv[21:21 + pbc]
+            src = data
+            off = 21
         else:
-            ivin = self._ivin
-            for i in range(8):  # SHD | SNF | SA | DA, copied without slicing
-                ivin[i] = data[11 + i]
-                ivin[8 + i] = data[1 + i]
+            ivin = self._ivin  # SHD | SNF | SA | DA, copied without allocating
+            ivin[0] = data[11]
+            ivin[1] = data[12]
+            ivin[2] = b2
+            ivin[3] = gen
+            ivin[4] = data[15]
+            ivin[5] = data[16]
+            ivin[6] = data[17]
+            ivin[7] = data[18]
+            ivin[8] = data[1]
+            ivin[9] = data[2]
+            ivin[10] = data[3]
+            ivin[11] = data[4]
+            ivin[12] = data[5]
+            ivin[13] = data[6]
+            ivin[14] = data[7]
+            ivin[15] = data[8]
             iv = self._iv
             key.ecb.encrypt(ivin, iv)
             dec = key.cbc_dec
@@ -278,28 +316,34 @@ class Codec:
             pt = self._pt
             dec.decrypt(mv[19:19 + enc], pt)  # output may be longer than the input
             pbc = (pt[0] << 8) | pt[1]
-            tail = 4 if svc == 2 else 2
-            if pbc > MAX_PADATA:
+            used = pbc + (4 if svc == 2 else 2)
+            if pbc > _MAX_PADATA:
                 raise SCPMError(ERR_OVERSIZE)
-            if pbc + tail > enc:
+            if used > enc:
                 raise SCPMError(ERR_LENGTH)
-            if enc - pbc - tail > 15:  # more than 15 padding bytes: bad block count
+            if enc - used > 15:  # more than 15 padding bytes: bad block count
                 raise SCPMError(ERR_PADDING)
-            for i in range(pbc + tail, enc):
-                if pt[i]:
-                    raise SCPMError(ERR_PADDING)
+            r = 0
+            for i in range(used, enc):
+                r |= pt[i]
+            if r:
+                raise SCPMError(ERR_PADDING)
             if svc == 2:
                 d = _sha256(self._ptmv[:2 + pbc]).digest()
                 if d[0] != pt[2 + pbc] or d[1] != pt[3 + pbc]:
                     raise SCPMError(ERR_BCC)
-            padata = self._ptmv[2:2 + pbc]
+            src = pt
+            off = 2
         # 6. commit
         self.persist = win.commit(snf)
+        self.hd = hd
         self.sa = sa
-        self.da = self.addr
+        self.da = da
         self.service = svc
         self.key = key
         self.snf = snf
         self.authority = kind
-        self.padata = padata
+        self._src = src
+        self._off = off
+        self._len = pbc
         return self
