@@ -62,18 +62,20 @@ class RxWindow:
         h = self.high
         seen = self.seen
         if snf > h:
-            if snf - h >= 64:
-                for i in range(64):
-                    seen[i] = 0
-            else:
-                for i in range(h + 1, snf):
-                    seen[i & 63] = 0
+            d = snf - h
+            if d > 1:  # forget the numbers skipped over (their ring slots are reused)
+                if d >= 64:
+                    for i in range(64):
+                        seen[i] = 0
+                else:
+                    for i in range(h + 1, snf):
+                        seen[i & 63] = 0
             seen[snf & 63] = 1
             self.high = snf
             if snf >= self.reserved:
                 r = snf + _RESERVE
                 self.reserved = r if r < _MAX else _MAX
                 return True
-        else:
-            seen[snf & 63] = 1
+            return False
+        seen[snf & 63] = 1
         return False
