@@ -82,6 +82,7 @@ class Device:
         self.errors = {}
         self.events = []  # (name, detail) for the application: enrolled, mku_committed, ...
         self.on_set = None  # callback(prop_name, value) after an accepted APP_SET
+        self.log = None  # callback(str) for each counted error, e.g. print
         self.mku_state = IDLE
         self._req = None  # [txid, reason, deadline, retries] while REQUESTED
         self._last = {}  # op -> (txid, key, answer padata): retransmissions by TXID
@@ -211,6 +212,8 @@ class Device:
     def _count(self, code):
         self.errors[code] = self.errors.get(code, 0) + 1
         self.last_error = code
+        if self.log is not None:  # error name and peer only: never key material
+            self.log("scpm: %s from %08x" % (C.name(code), self.codec.sa))
 
     # ------------------------------------------------------------------ receiving
     def receive(self, data, now_ms=0):

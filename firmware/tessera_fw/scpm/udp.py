@@ -7,7 +7,7 @@
 #   {"address": "0a000002", "setup_key": "<32 hex digits>", "port": 24767,
 #    "bind": "0.0.0.0", "ksn_host": "192.168.1.10", "ksn_port": 24767}
 # address is 8 hex digits (or an int); ksn_host/ksn_port are optional (the adapter also
-# learns the KSN's UDP address from its frames).
+# learns the KSN's UDP address from its frames); "log": true prints each counted error.
 import json
 import socket
 import time
@@ -120,6 +120,8 @@ def start(cfg=None, root=""):
     if cfg is None:
         return None
     dev = make_device(cfg, root)
+    if cfg.get("log"):
+        dev.log = print
     ksn = None
     if cfg.get("ksn_host"):
         ksn = socket.getaddrinfo(cfg["ksn_host"], cfg.get("ksn_port", PORT))[0][-1]
