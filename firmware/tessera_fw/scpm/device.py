@@ -212,8 +212,8 @@ class Device:
     def _count(self, code):
         self.errors[code] = self.errors.get(code, 0) + 1
         self.last_error = code
-        if self.log is not None:  # error name and peer only: never key material
-            self.log("scpm: %s from %08x" % (C.name(code), self.codec.sa))
+        if self.log is not None:  # the error name only: never key material
+            self.log("scpm: " + C.name(code))
 
     # ------------------------------------------------------------------ receiving
     def receive(self, data, now_ms=0):
