@@ -8,8 +8,10 @@ import os
 from binascii import hexlify, unhexlify
 
 from tessera_fw.scpm import const as C
+from tessera_fw.scpm import km
 from tessera_fw.scpm.const import SCPMError
-from tessera_fw.scpm.frame import Codec, Key, ct_equal, encode, hmac_sha256, next_gen
+from tessera_fw.scpm.frame import Codec, Key, encode
+from tessera_fw.scpm.km import check_pdu  # noqa: F401 - part of the API
 from tessera_fw.scpm.snf import RxWindow, TxCounter
 from tessera_fw.scpm.store import MemFS, Store
 
@@ -18,30 +20,6 @@ PENDING = "PENDING"
 REQUESTED = "REQUESTED"
 RETRY_MS = 5000
 RETRIES = 3
-
-# PDU length after OP | TXID (section 6, 7): fixed, or -minimum for variable-length PDUs
-_PDU_LEN = {
-    0x01: 0, 0x02: 16, 0x03: 50, 0x04: 2, 0x05: 18, 0x06: 2, 0x07: 17, 0x08: 1, 0x09: 17,
-    0x0A: 1, 0x10: 273, 0x11: 289, 0x12: 17, 0x13: 1, 0x14: 1, 0x15: 1, 0x18: 16, 0x19: 20,
-    0x1F: 2, 0x40: 1, 0x41: -1, 0x42: -2,
-}
-# answers and device-to-KSN messages: a device never answers them
-_RESPONSES = (0x02, 0x04, 0x06, 0x08, 0x0A, 0x11, 0x13, 0x15, 0x19, 0x1F, 0x42)
-
-
-def check_pdu(p):
-    """Validate the length of a KM or application PDU: ERR_MALFORMED / ERR_UNKNOWN_OP."""
-    n = len(p)
-    if n < 3:
-        raise SCPMError(C.ERR_MALFORMED)
-    want = _PDU_LEN.get(p[0])
-    if want is None:
-        raise SCPMError(C.ERR_UNKNOWN_OP)
-    if n - 3 != want if want >= 0 else n - 3 < -want:
-        raise SCPMError(C.ERR_MALFORMED)
-    if n > C.MAX_PADATA:
-        raise SCPMError(C.ERR_OVERSIZE)
-
 
 # prop id -> [name, read level, write level, value]
 DEFAULT_PROPS = (
@@ -57,14 +35,6 @@ def _u16(p, o):
 
 def _hex(b):
     return hexlify(b).decode()
-
-
-class _Pending:
-    def __init__(self, txid, key, confirm_k, response):
-        self.txid = txid
-        self.key = key  # Key(KIND_MASTER, 0, new_gen, MK')
-        self.confirm_k = confirm_k
-        self.response = response  # MKU_RESPONSE PADATA, resent for a retransmitted MKU_START
 
 
 class Device:
@@ -115,7 +85,7 @@ class Device:
             self.keys[kind * 16 + index] = Key(kind, index, gen, unhexlify(k))
         p = rec.get("pend")
         if p:
-            self.pending = _Pending(p[0], Key(C.KIND_MASTER, 0, p[1], unhexlify(p[2])),
+            self.pending = km.Pending(p[0], Key(C.KIND_MASTER, 0, p[1], unhexlify(p[2])),
                                     unhexlify(p[3]), unhexlify(p[4]))
             self.mku_state = PENDING
         for kind, index, gen, peer, tx, rx in rec.get("snf", ()):
@@ -245,12 +215,12 @@ class Device:
         txid = _u16(p, 1) if len(p) >= 3 else 0
         op = p[0] if len(p) else 0
         try:
-            check_pdu(p)
+            km.check_pdu(p)
         except SCPMError as e:
             self._count(e.code)
             out.append(self._frame(sa, key, self._km_error(txid, e.code, op), f.service))
             return
-        if op in _RESPONSES:  # never answer an answer (no ping-pong)
+        if op in km.RESPONSES:  # never answer an answer (no ping-pong)
             if op == C.OP_KM_ERROR:
                 self.events.append(("km_error", p[3]))
             else:
@@ -260,7 +230,7 @@ class Device:
             out.append(self._frame(sa, key, self._app(op, txid, p, f.authority), f.service))
             return
         try:
-            ans, akey = self._km(f, op, txid, p, now_ms)
+            ans, akey = km.handle(self, f, op, txid, p, now_ms)
         except SCPMError as e:
             self._count(e.code)
             ans, akey = self._km_error(txid, e.code, op), key
@@ -272,161 +242,6 @@ class Device:
         return bytes((C.OP_KM_ERROR, txid >> 8, txid & 0xFF, code, op))
 
     # ------------------------------------------------------------------ key management
-    def _km(self, f, op, txid, p, now_ms):
-        """Execute one key-management request; return (answer PADATA or None, key to send under)."""
-        key = f.key
-        sa = f.sa
-        if key is None:  # plain frame: only ENROL_HELLO
-            if op != C.OP_ENROL_HELLO:
-                raise SCPMError(C.ERR_AUTHORITY)
-            if self.enrolled:
-                raise SCPMError(C.ERR_STATE)
-            nonce = bytes(self.rand(16))
-            self._challenge = nonce
-            return bytes((C.OP_ENROL_CHALLENGE, txid >> 8, txid & 0xFF)) + nonce, None
-        if key.kind == C.KIND_SETUP:
-            if op != C.OP_USER_KEY_INIT:
-                raise SCPMError(C.ERR_AUTHORITY)
-            return self._user_key_init(f, txid, p)
-        if op == C.OP_ENROL_HELLO or op == C.OP_USER_KEY_INIT:
-            raise SCPMError(C.ERR_STATE)
-        if sa != self.ksn:
-            raise SCPMError(C.ERR_WRONG_KSN)
-        if key.kind != C.KIND_MASTER:
-            raise SCPMError(C.ERR_AUTHORITY)
-        last = self._last.get(op)
-        if last is not None and last[0] == txid and last[1] is not None and self.lookup(sa, C.KIND_MASTER, 0, last[1].gen) is last[1]:
-            return last[2], last[1]  # retransmission: same answer, not re-executed
-        if op == C.OP_SP_KEY_INIT:
-            if p[3] > 15 or p[4] == 0:
-                raise SCPMError(C.ERR_MALFORMED)
-            if self._install(C.KIND_SP, p[3], p[4], p[5:21]):
-                self.save()
-            ans = bytes((C.OP_SP_KEY_INIT_ACK, txid >> 8, txid & 0xFF, p[3], p[4]))
-        elif op == C.OP_MAKER_KEY_INIT or op == C.OP_USER_KEY_SET:
-            if p[3] == 0:
-                raise SCPMError(C.ERR_MALFORMED)
-            kind = C.KIND_MAKER if op == C.OP_MAKER_KEY_INIT else C.KIND_USER
-            if self._install(kind, 0, p[3], p[4:20]):
-                self.save()
-            ans = bytes((op + 1, txid >> 8, txid & 0xFF, p[3]))
-        elif op == C.OP_MKU_START:
-            return self._mku_start(key, txid, p), self.master
-        elif op == C.OP_MKU_COMMIT:
-            return self._mku_commit(key, txid, p)
-        elif op == C.OP_MKU_ABORT:
-            pd = self.pending
-            if pd is not None:
-                if pd.key.gen != p[3]:
-                    raise SCPMError(C.ERR_STATE)
-                self._drop_pending()
-                self.save()
-                self.events.append(("mku_aborted", p[3]))
-            return None, None
-        elif op == C.OP_SYNC_REQ:
-            pd = self.pending
-            m = self.master
-            ans = (bytes((C.OP_SYNC_RESP, txid >> 8, txid & 0xFF)) + bytes(p[3:19]) +
-                   bytes((m.gen if m else 0, pd.key.gen if pd else 0,
-                          (pd.txid >> 8) if pd else 0, (pd.txid & 0xFF) if pd else 0)))
-            return ans, key
-        else:
-            raise SCPMError(C.ERR_UNKNOWN_OP)
-        self._last[op] = (txid, key, ans)
-        return ans, key
-
-    def _user_key_init(self, f, txid, p):
-        last = self._last.get(C.OP_USER_KEY_INIT)
-        if self.enrolled:
-            if last is not None and last[0] == txid and f.sa == self.ksn and last[1] is self.master:
-                return last[2], last[1]
-            raise SCPMError(C.ERR_STATE)
-        if p[19] == 0 or p[36] == 0:
-            raise SCPMError(C.ERR_MALFORMED)
-        ch = self._challenge
-        if ch is None:
-            raise SCPMError(C.ERR_STATE)
-        if not ct_equal(ch, p[3:19]):
-            raise SCPMError(C.ERR_CONFIRM)
-        self._challenge = None
-        mgen, ugen = p[19], p[36]
-        self._install(C.KIND_MASTER, 0, mgen, p[20:36])
-        self._install(C.KIND_USER, 0, ugen, p[37:53])
-        self.ksn = f.sa
-        self.mku_state = IDLE
-        self.save()
-        self.events.append(("enrolled", f.sa))
-        m = self.master
-        ans = bytes((C.OP_USER_KEY_INIT_ACK, txid >> 8, txid & 0xFF, mgen, ugen))
-        self._last[C.OP_USER_KEY_INIT] = (txid, m, ans)
-        return ans, m
-
-    def _drop_pending(self):
-        pd = self.pending
-        if pd is not None:
-            pd.key.forget()
-        self.pending = None
-        if self.mku_state == PENDING:
-            self.mku_state = IDLE
-
-    def _mku_start(self, key, txid, p):
-        from tessera_fw.crypto import dh
-
-        pd = self.pending
-        if key is not self.master:
-            raise SCPMError(C.ERR_STATE)  # MKU_START travels under the current master key
-        if pd is not None and pd.txid == txid:
-            return pd.response
-        new_gen = p[3]
-        if new_gen != next_gen(key.gen):
-            raise SCPMError(C.ERR_STATE)
-        try:
-            yk = dh.decode_public(p[20:276])
-        except dh.DHError:
-            raise SCPMError(C.ERR_DH)
-        if pd is not None:  # a new TXID replaces the pending update
-            self._drop_pending()
-        nonce_d = bytes(self.rand(16))
-        try:
-            d = dh.DH(bytes(self.rand(32)))
-        except dh.DHError:
-            raise SCPMError(C.ERR_DH)
-        z = pow(yk, d._x, dh.P)
-        d.forget()
-        if z < 2:
-            raise SCPMError(C.ERR_DH)
-        z = z.to_bytes(dh.SIZE, "big")
-        t = bytes(p[1:3]) + bytes((new_gen,)) + bytes(p[4:20]) + nonce_d + bytes(p[20:276]) + d.public
-        mk = hmac_sha256(z, b"SCPM-MK", t)[:16]
-        confirm_d = hmac_sha256(mk, b"SCPM-CONFIRM-D", t)[:16]
-        confirm_k = hmac_sha256(mk, b"SCPM-CONFIRM-K", t)[:16]
-        resp = bytes((C.OP_MKU_RESPONSE, txid >> 8, txid & 0xFF, new_gen)) + nonce_d + d.public + confirm_d
-        self.pending = _Pending(txid, Key(C.KIND_MASTER, 0, new_gen, mk), confirm_k, resp)
-        self.mku_state = PENDING
-        self._req = None
-        self.save()  # PENDING is durable before the response leaves
-        return resp
-
-    def _mku_commit(self, key, txid, p):
-        pd = self.pending
-        if pd is None or key is not pd.key:
-            raise SCPMError(C.ERR_STATE)
-        if txid != pd.txid or p[3] != pd.key.gen:
-            raise SCPMError(C.ERR_STATE)
-        if not ct_equal(p[4:20], pd.confirm_k):
-            raise SCPMError(C.ERR_CONFIRM)
-        old = self.master
-        self.keys[64] = pd.key
-        self.pending = None
-        self.mku_state = IDLE
-        if old is not None:
-            old.forget()
-        self.save()
-        self.events.append(("mku_committed", pd.key.gen))
-        ans = bytes((C.OP_MKU_COMMIT_ACK, txid >> 8, txid & 0xFF, pd.key.gen))
-        self._last[C.OP_MKU_COMMIT] = (txid, pd.key, ans)
-        return ans, pd.key
-
     # ------------------------------------------------------------------ device-requested update
     def request_update(self, reason=C.REASON_OPERATOR, now_ms=0):
         """Send MKU_REQUEST(reason) and enter REQUESTED (section 6.5)."""
