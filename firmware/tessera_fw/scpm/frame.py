@@ -182,8 +182,18 @@ class Codec:
 
     def __init__(self, addr):
         self.addr = addr
+        # received secure frame, copied to a fixed place so that the views below are fixed
+        self._rx = bytearray(_MAX_FRAME)
+        rx = memoryview(self._rx)
+        self._rxmv = rx
+        self._v_shd_snf = rx[11:19]
+        self._v_sa_da = rx[1:9]
+        # plaintext, decrypted so that it ENDS at _MAX_ENC: the padding is then always the
+        # last k bytes, checked through one of 16 preallocated views
         self._pt = bytearray(_MAX_ENC)
-        self._ptmv = memoryview(self._pt)
+        pt = memoryview(self._pt)
+        self._ptmv = pt
+        self._tails = [pt[_MAX_ENC - k:] for k in range(16)]
         self._ivin = bytearray(16)
         self._iv = bytearray(16)
         self._scratch = bytearray(16)
@@ -265,8 +275,10 @@ class Codec:
         snf = (data[15] << 24) | (data[16] << 16) | (data[17] << 8) | data[18]
         win = ring.window(sa, key)
         win.check(snf)
-        mv = memoryview(data)
-        # 4. MDAS (constant-time comparison of the 16 bytes)
+        rx = self._rx
+        rx[:n] = data  # no allocation; the views below are preallocated or one per use
+        mv = self._rxmv
+        # 4. MDAS
         if svc != 2:
             end = n - 16
             h = _sha256(key.ipad)
@@ -277,9 +289,8 @@ class Codec:
             # and the results are compared; the time of `==` then tells an attacker
             # nothing about how his tag relates to the right one (the same argument as
             # comparing HMACs of the MACs), and it costs two C calls instead of a loop.
-            bx = self._bx
-            self._blind.encrypt(o.digest(), bx)  # both halves of the 32-byte tag
-            self._blind.encrypt(mv[end:], self._by)
+            self._blind.encrypt(o.digest(), self._bx)  # both halves of the 32-byte tag
+            self._blind.encrypt(mv[end:n], self._by)
             if self._bx16 != self._by:
                 raise SCPMError(ERR_MAC)
         # 5. decrypt, PBC, PDG, BCC
@@ -289,51 +300,35 @@ class Codec:
                 raise SCPMError(ERR_OVERSIZE)
             if pbc != n - 37:
                 raise SCPMError(ERR_LENGTH)
-            src = data
+            src = rx
             off = 21
         else:
-            ivin = self._ivin  # SHD | SNF | SA | DA, copied without allocating
-            ivin[0] = data[11]
-            ivin[1] = data[12]
-            ivin[2] = b2
-            ivin[3] = gen
-            ivin[4] = data[15]
-            ivin[5] = data[16]
-            ivin[6] = data[17]
-            ivin[7] = data[18]
-            ivin[8] = data[1]
-            ivin[9] = data[2]
-            ivin[10] = data[3]
-            ivin[11] = data[4]
-            ivin[12] = data[5]
-            ivin[13] = data[6]
-            ivin[14] = data[7]
-            ivin[15] = data[8]
+            ivin = self._ivin
+            ivin[0:8] = self._v_shd_snf  # SHD | SNF | SA | DA
+            ivin[8:16] = self._v_sa_da
             iv = self._iv
             key.ecb.encrypt(ivin, iv)
             dec = key.cbc_dec
             dec.decrypt(iv, self._scratch)  # chain state := IV
             pt = self._pt
-            dec.decrypt(mv[19:19 + enc], pt)  # output may be longer than the input
-            pbc = (pt[0] << 8) | pt[1]
-            used = pbc + (4 if svc == 2 else 2)
+            base = _MAX_ENC - enc
+            dec.decrypt(mv[19:19 + enc], self._ptmv[base:])
+            pbc = (pt[base] << 8) | pt[base + 1]
+            pad = enc - pbc - (4 if svc == 2 else 2)
             if pbc > _MAX_PADATA:
                 raise SCPMError(ERR_OVERSIZE)
-            if used > enc:
+            if pad < 0:
                 raise SCPMError(ERR_LENGTH)
-            if enc - used > 15:  # more than 15 padding bytes: bad block count
+            if pad > 15:  # more than 15 padding bytes: bad block count
                 raise SCPMError(ERR_PADDING)
-            r = 0
-            for i in range(used, enc):
-                r |= pt[i]
-            if r:
+            if pad and sum(self._tails[pad]):  # summed in C, no allocation
                 raise SCPMError(ERR_PADDING)
             if svc == 2:
-                d = _sha256(self._ptmv[:2 + pbc]).digest()
-                if d[0] != pt[2 + pbc] or d[1] != pt[3 + pbc]:
+                d = _sha256(self._ptmv[base:base + 2 + pbc]).digest()
+                if d[0] != pt[base + 2 + pbc] or d[1] != pt[base + 3 + pbc]:
                     raise SCPMError(ERR_BCC)
             src = pt
-            off = 2
+            off = base + 2
         # 6. commit
         self.persist = win.commit(snf)
         self.hd = hd
