@@ -124,6 +124,12 @@ class _Slice(io.IOBase):
         self.pos += k
         return k
 
+    def read(self, n=-1):  # CPython's json.load reads the whole stream
+        rest = self.buf[self.pos:] + self.f.read(self.n)
+        self.n = 0
+        self.pos = len(self.buf)
+        return rest.decode()
+
 
 def iter_array(rel, member):
     """Yield the elements (objects) of the top-level array `member` of a JSON file under
