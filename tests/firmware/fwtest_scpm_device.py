@@ -13,6 +13,7 @@ from tessera_fw.scpm.store import MemFS, Store  # noqa: E402
 
 
 def new_dev(fs=None, rand=None):
+    gc.collect()  # a device owns two ~1.1 KB frame buffers: keep the heap unfragmented
     return Device(DEV, SETUP, store=Store(fs if fs is not None else MemFS()), rand=rand or Seq())
 
 
@@ -23,6 +24,7 @@ def one(out):
 
 def test_enrolment_and_persistence():
     fs = MemFS()
+    d = None
     d = new_dev(fs)
     assert not d.enrolled
     ksn = enrol(d)
@@ -203,6 +205,7 @@ def test_tampered_km_frames_never_answered():
 
 def test_snf_reservation_survives_reboot():
     fs = MemFS()
+    d = None
     d = new_dev(fs)
     ksn = enrol(d)
     m = ksn.keys[(4, 0, 1)]
@@ -210,6 +213,7 @@ def test_snf_reservation_survives_reboot():
     sent = []
     for f in frames[:40]:
         sent.append(ksn.open(one(d.receive(f)))[1].snf)
+    d = None
     d = new_dev(fs)  # reboot
     for f in frames[:40]:
         assert d.receive(f) == []  # every replay refused

@@ -13,6 +13,7 @@ from tessera_fw.scpm.store import MemFS, Store  # noqa: E402
 
 
 def new_dev(fs=None, rand=None):
+    gc.collect()  # a device owns two ~1.1 KB frame buffers: keep the heap unfragmented
     return Device(DEV, SETUP, store=Store(fs if fs is not None else MemFS()), rand=rand or Seq())
 
 
@@ -46,6 +47,7 @@ class KsnMku:
 
 def test_master_key_update_full_flow_and_retransmissions():
     fs = MemFS()
+    d = None
     d = new_dev(fs)
     ksn = enrol(d)
     old = ksn.keys[(4, 0, 1)]
@@ -59,6 +61,7 @@ def test_master_key_update_full_flow_and_retransmissions():
     commit = u.finish(resp)
     new = ksn.add(4, 0, 2, u.mk)
     # power cut while PENDING: the pending key survives the reboot
+    d = None
     d = new_dev(fs)
     assert d.mku_state == "PENDING" and d.pending.key.gen == 2
     ksn.tx[(4, 0, 1)].next += 64  # a rebooted receiver refuses up to 64 numbers (profile 4)
@@ -75,6 +78,7 @@ def test_master_key_update_full_flow_and_retransmissions():
     assert ack2 == ack
     # the old master key is gone everywhere
     assert d.receive(ksn.frame(old, ksn.km(C.OP_SYNC_REQ, bytes(16)))) == []
+    d = None
     d = new_dev(fs)
     assert d.master.key == u.mk and d.master.gen == 2 and d.pending is None
     ksn.tx[(4, 0, 2)].next += 64
