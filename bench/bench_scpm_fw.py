@@ -283,7 +283,8 @@ def main() -> int:
     out.append(f"- Smallest heap in which the whole device stack runs (import, enrolment, SP key, master key "
                f"update with DH, 20 application frames up to 1000 bytes, with a test KSN in the same heap): "
                f"**{fit(need_mpy)}** with .mpy (as deployed), {fit(need_src)} from .py sources "
-               f"(the compiler needs the difference); esp32 budget {esp32.heap_bytes // 1024} KB.")
+               f"(binary search to 1 KB; fragmentation makes the edge a little ragged); "
+               f"esp32 budget {esp32.heap_bytes // 1024} KB.")
     out.append(f"- Flash: {scpm_mpy} bytes of .mpy for tessera_fw/scpm (bytecode build; "
                f"`tessera board build --all` checks the per-arch budgets).")
     print("\n".join(out))
