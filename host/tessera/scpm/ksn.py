@@ -248,7 +248,7 @@ class KsnEngine:
         if error:
             log.warning("%s %#010x failed: %s", t.kind, t.addr, error)
         else:
-            log.info("%s %#010x done%s", t.kind, t.addr, f": {t.result}" if t.result is not None else "")
+            log.debug("%s %#010x done%s", t.kind, t.addr, f": {t.result}" if t.result is not None else "")
         for fn in t.callbacks + self.listeners:
             try:
                 fn(t)
@@ -433,7 +433,7 @@ class KsnEngine:
             return []
         cur, pend, ptxid = pdu.current_gen, pdu.pending_gen, pdu.pending_txid
         P = p.pending
-        log.info("sync %#010x: device current %d pending %d; KSN current %d pending %s",
+        log.debug("sync %#010x: device current %d pending %d; KSN current %d pending %s",
                  p.addr, cur, pend, p.master, P.gen if P else "-")
         if P is not None and cur == P.gen and not pend:
             self._commit_master(p, P.gen)  # device IDLE(new): it committed (6.4 case 1)

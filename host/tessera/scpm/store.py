@@ -120,6 +120,8 @@ class Store:
     def __init__(self, path: Path | str | None = None, storage_key: bytes | None = None, durable: bool = True) -> None:
         self.path = Path(path) if path else default_db()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():  # registry metadata is nobody else's business either
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         self._aead = AESGCM(storage_key if storage_key is not None else _load_storage_key(self.path))
         self._lock = threading.RLock()
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
