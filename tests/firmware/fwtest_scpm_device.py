@@ -222,3 +222,30 @@ def test_snf_reservation_survives_reboot():
     ksn.tx[(4, 0, 1)].next = 66  # the KSN skips ahead past the receiver's reservation
     p, dd = ksn.open(one(d.receive(ksn.frame(m, ksn.km(C.OP_SYNC_REQ, bytes(16))))))
     assert dd.snf > max(sent)  # the device's sender resumed at its reservation
+
+
+class FailingFS(MemFS):
+    def __init__(self):
+        MemFS.__init__(self)
+        self.fail = False
+
+    def write(self, name, data):
+        if self.fail:
+            raise OSError(28)  # ENOSPC
+        MemFS.write(self, name, data)
+
+
+def test_store_write_failure_rolls_back_and_answers_nothing():
+    fs = FailingFS()
+    d = new_dev(fs)
+    ksn = enrol(d)
+    m = ksn.keys[(4, 0, 1)]
+    pdu = ksn.km(C.OP_SP_KEY_INIT, b"\x03\x01" + b"\x77" * 16)
+    fs.fail = True
+    assert d.receive(ksn.frame(m, pdu)) == [] and d.store_errors == 1
+    assert d.keys[2 * 16 + 3] is None  # RAM back to the durable state
+    fs.fail = False
+    ksn.tx[(4, 0, 1)].next += 64  # the rollback restored the receiver's reservation
+    p, _ = ksn.open(one(d.receive(ksn.frame(m, pdu))))  # the KSN's retransmission
+    assert p[0] == C.OP_SP_KEY_INIT_ACK and d.keys[2 * 16 + 3].key == b"\x77" * 16
+    assert Device(DEV, SETUP, store=Store(fs)).keys[2 * 16 + 3].key == b"\x77" * 16

@@ -53,6 +53,7 @@ class Device:
         self.events = []  # (name, detail) for the application: enrolled, mku_committed, ...
         self.on_set = None  # callback(prop_name, value) after an accepted APP_SET
         self.log = None  # callback(str) for each counted error, e.g. print
+        self.store_errors = 0
         self.mku_state = IDLE
         self._req = None  # [txid, reason, deadline, retries] while REQUESTED
         self._last = {}  # op -> (txid, key, answer padata): retransmissions by TXID
@@ -194,19 +195,34 @@ class Device:
         except SCPMError as e:
             self._count(e.code)
             return []
-        if f.persist:
-            self.save()
         out = []
         try:
-            self._dispatch(f, out, now_ms)
-        except SCPMError as e:  # e.g. ERR_SNF_EXHAUSTED while answering
-            self._count(e.code)
-        if self._snf_request and self.mku_state == IDLE:
+            if f.persist:
+                self.save()
             try:
-                out.extend(self.request_update(C.REASON_SNF, now_ms))
-            except SCPMError as e:
+                self._dispatch(f, out, now_ms)
+            except SCPMError as e:  # e.g. ERR_SNF_EXHAUSTED while answering
                 self._count(e.code)
+            if self._snf_request and self.mku_state == IDLE:
+                try:
+                    out.extend(self.request_update(C.REASON_SNF, now_ms))
+                except SCPMError as e:
+                    self._count(e.code)
+        except OSError:  # the key store could not be written: nothing durable, nothing said
+            self.store_errors += 1
+            self._rollback()
+            return []
         return out
+
+    def _rollback(self):
+        """Back to the last durable state (after a failed store write)."""
+        self._reset_state()
+        self.mku_state = IDLE
+        self._req = None
+        self._last = {}
+        rec = self.store.load()
+        if rec:
+            self._restore(rec)
 
     def _dispatch(self, f, out, now_ms):
         p = f.padata

@@ -72,7 +72,7 @@ class UDPDevice:
         s.setblocking(False)
         self.sock = s
         self.ksn_addr = ksn  # UDP address for device-initiated frames (MKU_REQUEST)
-        self.rx = self.tx = 0
+        self.rx = self.tx = self.faults = 0
         self.log = log
         self.running = True
 
@@ -96,7 +96,12 @@ class UDPDevice:
                 break
             busy = True
             self.rx += 1
-            out = self.dev.receive(data, ticks_ms())
+            try:
+                out = self.dev.receive(data, ticks_ms())
+            except Exception as e:  # noqa: BLE001 - a bug must not stop the device serving
+                self.faults += 1
+                print("scpm: fault", type(e).__name__)
+                continue
             if self.dev.ksn and self.dev.codec.sa == self.dev.ksn and self.dev.codec.key is not None:
                 self.ksn_addr = addr  # a frame authenticated from the KSN: its UDP address
             self._send(out, addr)
