@@ -80,7 +80,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   f"database {server.engine.store.path}" + (f", rotating every {args.every:g} s" if args.every else ""),
                   flush=True)
 
-        await serve(_db(args), args.host, args.port, parse_addr(args.address), args.every, ready, stop)
+        await serve(_db(args), args.host, args.port, parse_addr(args.address), args.every, ready, stop,
+                    args.timeout, args.retries)
 
     asyncio.run(main())
     return 0

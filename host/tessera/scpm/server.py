@@ -379,10 +379,11 @@ def open_engine(db: Path | None, address: int = C.KSN_ADDRESS, timeout: float = 
 
 
 async def serve(db: Path | None, host: str, port: int, address: int = C.KSN_ADDRESS, every: float | None = None,
-                ready: Callable[[KsnServer], None] | None = None, stop: asyncio.Event | None = None) -> None:
+                ready: Callable[[KsnServer], None] | None = None, stop: asyncio.Event | None = None,
+                timeout: float = 1.0, retries: int = 4) -> None:
     """`tessera ksn serve`: UDP service, control socket, recovery SYNC at start, optional
     scheduled rotation of every device."""
-    engine, lock = open_engine(db, address)
+    engine, lock = open_engine(db, address, timeout, retries)
     server = KsnServer(engine, host, port)
     ops = Operations(server)
     ctl = ControlServer(ops, control_path(engine.store.path))
