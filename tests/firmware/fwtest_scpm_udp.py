@@ -57,8 +57,16 @@ def test_udp_round_trip_enrol_and_request():
         assert p[0] == C.OP_SYNC_RESP
         assert u.ksn_addr is not None  # learned from an authenticated KSN frame
         # a device-initiated MKU_REQUEST retry goes to the learned KSN address
-        d.request_update(1, udp.ticks_ms())
-        d._req[2] = 0  # due now
+        u.request_update(1)
+        got = None
+        for _ in range(100):
+            try:
+                got = client.recvfrom(1200)[0]
+                break
+            except OSError:
+                time.sleep(0.002)
+        assert got is not None and ksn.open(got)[0][0] == C.OP_MKU_REQUEST
+        d._req[2] = 0  # the retry is due now
         u.poll()
         got = None
         for _ in range(100):

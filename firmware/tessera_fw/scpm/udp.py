@@ -108,6 +108,10 @@ class UDPDevice:
         self._send(self.dev.tick(ticks_ms()), self.ksn_addr)
         return busy
 
+    def request_update(self, reason=1):
+        """Device-requested master key update (profile 6.5), sent to the KSN's address."""
+        self._send(self.dev.request_update(reason, ticks_ms()), self.ksn_addr)
+
     async def run(self):
         while self.running:
             if not self.poll():
