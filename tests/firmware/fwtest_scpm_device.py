@@ -209,7 +209,7 @@ def test_snf_reservation_survives_reboot():
     d = new_dev(fs)
     ksn = enrol(d)
     m = ksn.keys[(4, 0, 1)]
-    frames = [ksn.frame(m, ksn.km(C.OP_SYNC_REQ, bytes(16))) for _ in range(70)]
+    frames = [ksn.frame(m, ksn.km(C.OP_SYNC_REQ, bytes(16))) for _ in range(41)]
     sent = []
     for f in frames[:40]:
         sent.append(ksn.open(one(d.receive(f)))[1].snf)

@@ -13,8 +13,8 @@ from micropython import const
 
 from tessera_fw.scpm.const import (
     ERR_ALGORITHM, ERR_BCC, ERR_HEADER, ERR_LENGTH, ERR_MAC, ERR_NO_KEY, ERR_NOT_FOR_ME,
-    ERR_OVERSIZE, ERR_PADDING, ERR_SHD, ERR_TRUNCATED, HD_PLAIN, HD_SECURE, MAX_ADATA,
-    MAX_PADATA, SCPMError)
+    ERR_OVERSIZE, ERR_PADDING, ERR_REPLAY, ERR_SHD, ERR_SNF, ERR_TOO_OLD, ERR_TRUNCATED,
+    HD_PLAIN, HD_SECURE, MAX_ADATA, MAX_PADATA, SCPMError)
 
 _sha256 = hashlib.sha256
 _HDR = const(11)
@@ -177,8 +177,8 @@ class Codec:
     check and then nothing has changed.
 
     `ring` supplies lookup(sa, kind, index, gen) -> Key or None and window(sa, key) ->
-    an object with check(snf) (raises) and commit(snf) (returns True when the
-    reservation moved and must be persisted)."""
+    the snf.RxWindow of that peer and key (its check and in-order commit are inlined
+    here). `persist` says the window's flash reservation moved and must be saved."""
 
     def __init__(self, addr):
         self.addr = addr
@@ -224,13 +224,13 @@ class Codec:
             raise SCPMError(ERR_HEADER)
         if (data[9] << 8) | data[10] != n - 11:
             raise SCPMError(ERR_LENGTH)
-        self.persist = False
         self._src = None
         da = (data[5] << 24) | (data[6] << 16) | (data[7] << 8) | data[8]
         if hd == _HD_PLAIN:
             if da != self.addr:
                 raise SCPMError(ERR_NOT_FOR_ME)
             self.hd = hd
+            self.persist = False
             self.sa = (data[1] << 24) | (data[2] << 16) | (data[3] << 8) | data[4]
             self.da = da
             self.service = self.snf = self.authority = 0
@@ -274,7 +274,14 @@ class Codec:
         # 3. SNF pre-check
         snf = (data[15] << 24) | (data[16] << 16) | (data[17] << 8) | data[18]
         win = ring.window(sa, key)
-        win.check(snf)
+        high = win.high  # RxWindow.check, inlined (hot path)
+        if snf <= high:
+            if snf == 0:
+                raise SCPMError(ERR_SNF)
+            if high - snf > 32:
+                raise SCPMError(ERR_TOO_OLD)
+            if snf == high or win.seen[snf & 63]:
+                raise SCPMError(ERR_REPLAY)
         rx = self._rx
         rx[:n] = data  # no allocation; the views below are preallocated or one per use
         mv = self._rxmv
@@ -330,7 +337,12 @@ class Codec:
             src = pt
             off = base + 2
         # 6. commit
-        self.persist = win.commit(snf)
+        if snf == high + 1 and snf < win.reserved:  # in order: RxWindow.commit, inlined
+            win.seen[snf & 63] = 1
+            win.high = snf
+            self.persist = False
+        else:
+            self.persist = win.commit(snf)
         self.hd = hd
         self.sa = sa
         self.da = da
