@@ -102,6 +102,7 @@ class KsnServer:
             await self._timer
         if self.transport:
             self.transport.close()
+            await asyncio.sleep(0)  # the socket closes on the next loop iteration
 
     def _on_txn(self, t: Txn) -> None:
         if t.kind == "mku" and t.data.get("requested") and not t.error:
