@@ -102,6 +102,35 @@ def derive_master(z: bytes, t: bytes) -> tuple[bytes, bytes, bytes]:
     return mk, hmac(mk, b"SCPM-CONFIRM-D" + t)[:16], hmac(mk, b"SCPM-CONFIRM-K" + t)[:16]
 
 
+def jacobi(a: int, n: int) -> int:
+    """Jacobi symbol (a/n) for odd n > 0 (binary algorithm, quadratic reciprocity)."""
+    a %= n
+    result = 1
+    while a:
+        tz = (a & -a).bit_length() - 1
+        a >>= tz
+        if tz & 1 and n & 7 in (3, 5):
+            result = -result
+        if a & 3 == 3 and n & 3 == 3:
+            result = -result
+        a, n = n % a, a
+    return result if n == 1 else 0
+
+
+def check_dh_public(b: bytes) -> None:
+    """Full validation of a peer's DH public value (profile 6.3: range and prime-order
+    subgroup). p = 2q + 1 is a safe prime, so by Euler's criterion y^q = 1 (mod p) iff y is a
+    quadratic residue, i.e. its Legendre symbol is 1: the same test as tessera.crypto.dh's
+    full check at a small fraction of the cost of a 2047-bit exponentiation."""
+    if len(b) != _dh.SIZE:
+        raise _dh.DHError("DH public value must be 256 bytes")
+    y = int.from_bytes(b, "big")
+    if not 2 <= y <= _dh.P - 2:
+        raise _dh.DHError("DH public value out of range")
+    if jacobi(y, _dh.P) != 1:
+        raise _dh.DHError("DH public value not in the prime-order subgroup")
+
+
 def _code(n: int) -> ErrorCode:
     try:
         return ErrorCode(n)
@@ -389,7 +418,8 @@ class KsnEngine:
             if pdu.new_gen != new_gen:
                 return []
             try:
-                z = t.data["dh"].shared(pdu.dev_public, full_check=True)  # full validation on the KSN
+                check_dh_public(pdu.dev_public)  # full validation on the KSN (range + subgroup)
+                z = t.data["dh"].shared(pdu.dev_public, full_check=False)
             except _dh.DHError as e:
                 out = [self._seal(p, kid, C.MkuAbort(t.txid, new_gen))]
                 return out + self._finish(t, error=ScpmError(ErrorCode.DH, str(e)))

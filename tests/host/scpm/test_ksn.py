@@ -239,3 +239,21 @@ def test_ksn_rejects_bad_dh_public_value(world):
     assert dev.receive(out[0].frame) == [] and dev.pending is None
     assert resp  # the genuine response came too late to matter
     assert world.run(e.rotate(DEV)).status == "done"
+
+
+def test_subgroup_check_matches_the_exponentiation():
+    import secrets
+
+    from tessera.crypto import dh
+    from tessera.scpm.ksn import check_dh_public, jacobi
+
+    ys = [secrets.randbelow(dh.P - 3) + 2 for _ in range(60)] + [dh.DH().public_int, 2, 4, 3]
+    for y in ys:
+        assert (jacobi(y, dh.P) == 1) == (pow(y, dh.Q, dh.P) == 1)
+    nonres = next(y for y in ys if pow(y, dh.Q, dh.P) != 1)
+    for bad in (0, 1, dh.P - 1, dh.P, dh.P + 1, nonres):
+        with pytest.raises(dh.DHError):
+            check_dh_public((bad % (1 << 2048)).to_bytes(256, "big"))
+    check_dh_public(dh.DH().public)
+    with pytest.raises(dh.DHError):
+        check_dh_public(bytes(255))
