@@ -472,13 +472,15 @@ class KsnEngine:
                 p.held = {f"{int(KeyKind.USER)}/0": self._home_current(KeyKind.USER)}
                 self.store.set_device(p.addr, state="enrolled", held=p.held)
             return self._finish(t, result=f"committed generation {cur}")
-        if P is not None and pend == P.gen and ptxid == P.txid and cur == p.master:
-            # device PENDING with our pending key: resend MKU_COMMIT (case 2); continue as an MKU.
+        if P is not None and pend == P.gen and ptxid == P.txid and cur == p.master and kid == self._mkid(P.gen):
+            # device PENDING with our pending key (it answered under that very key, which proves
+            # it): resend MKU_COMMIT (case 2); continue as an MKU.
             t.kind, t.txid = "mku", P.txid
             t.data.update(new_gen=P.gen, old=p.master)
             return self._request(p, t, C.MkuCommit(P.txid, P.gen, P.confirm_k), self._mkid(P.gen), "commit")
         if pend:
-            # device PENDING with a key the KSN does not hold (case 3): abort it, check again.
+            # device PENDING with a key the KSN does not hold (case 3; also when it could not
+            # answer under our pending key of the same generation): abort it, check again.
             if cur not in p.masters or t.data["aborts"] >= 3:
                 return self._finish(t, error=ScpmError(ErrorCode.STATE, f"device current {cur} pending {pend}"))
             t.data["aborts"] += 1

@@ -223,8 +223,15 @@ class Operations:
 
     async def sync(self, addrs: list[int] | None, progress: Progress = print) -> list[dict]:
         out = []
-        for a in self._targets(addrs) if addrs else [d.addr for d in self.engine.store.devices() if d.master_gen or d.state == "enrolling"]:
-            t = await self.server.run(self.engine.sync(a))
+        targets = self._targets(addrs) if addrs else [d.addr for d in self.engine.store.devices()
+                                                      if d.master_gen or d.state == "enrolling"]
+        for a in targets:
+            try:
+                t = await self.server.run(self.engine.sync(a))
+            except ScpmError as e:  # e.g. an enrolment that never got as far as a master key
+                progress(f"{fmt_addr(a)}: cannot sync: {e}")
+                out.append({"addr": a, "ok": False, "result": str(e)})
+                continue
             msg = t.result if not t.error else f"FAILED {t.error}"
             if t.kind == "mku" and not t.error:
                 msg = f"update completed, master key generation {t.result}"

@@ -111,3 +111,40 @@ def test_serve_keeps_serving_and_takes_commands(tmp_path, dev, capsys):
     assert proc.returncode == 0, out
     assert "dropped frame: ERR_" in out
     assert "Traceback" not in out
+
+
+def test_serve_rotates_on_a_schedule_and_recovers_at_start(tmp_path, dev):
+    import asyncio
+
+    from tessera.scpm.ksn import KsnEngine
+    from tessera.scpm.server import serve
+    from tessera.scpm.store import Store
+
+    db = tmp_path / "k.sqlite"
+    assert ksn(db, "enrol", "0x0A000002", "--setup-key", SETUP, "--device", f"127.0.0.1:{dev.port}") == 0
+    # leave an update half done: MKU_START sent, the KSN gone before the answer arrived,
+    # and a pending key in the store as if the KSN died after persisting it
+    eng = KsnEngine(Store(db))
+    t, sends = eng.rotate(0x0A000002)
+    with dev.lock:
+        dev.dev.receive(sends[0].frame, 0)  # device now PENDING; its answer is lost
+    eng.store.put_device_key(0x0A000002, 4, 0, 2, "pending", bytes(32), t.txid)  # a key the device never agreed
+    eng.store.close()
+    assert dev.dev.pending is not None
+
+    async def go():
+        stop = asyncio.Event()
+        box = {}
+        task = asyncio.create_task(serve(db, "127.0.0.1", 0, every=0.4, stop=stop, timeout=0.3,
+                                         ready=lambda s: box.setdefault("srv", s)))
+        deadline = asyncio.get_running_loop().time() + 20
+        while dev.dev.master.gen < 3 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        return box["srv"]
+
+    srv = asyncio.run(go())
+    # start-up SYNC aborted the foreign pending update (6.4 case 3), then the schedule rotated
+    assert dev.dev.pending is None and dev.dev.master.gen >= 3
+    assert srv.engine.peer(0x0A000002).master == dev.dev.master.gen
