@@ -1,6 +1,16 @@
 # Boot application template: copied to the board as main.py by `tessera board deploy --main`.
-# It runs the firmware self-test and prints the result; protocol applications replace the
+# It runs the firmware self-test and prints the result, then starts the SCPM device when
+# the board has an scpm.json (docs/scpm-firmware.md); protocol applications replace the
 # body with their own start-up (see docs/ARCHITECTURE.md).
 import tessera_fw.selftest
 
 tessera_fw.selftest.run()
+
+try:
+    open("scpm.json").close()
+except OSError:
+    pass
+else:
+    from tessera_fw.scpm import udp
+
+    udp.main()

@@ -5,7 +5,7 @@ import gc
 import sys
 import time
 
-SUITES = ("tessera_fw.crypto.selftest",)
+SUITES = ("tessera_fw.crypto.selftest", "tessera_fw.scpm.selftest")
 
 
 def _ticks_ms():

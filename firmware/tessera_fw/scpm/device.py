@@ -1,0 +1,330 @@
+# Sans-IO SCPM device engine (docs/scpm-profile.md sections 3-8, 10).
+#   dev = Device(addr, setup_key, store=Store(...), rand=os.urandom)
+#   out = dev.receive(frame_bytes, now_ms)   # list of frames (bytearray) to send
+#   out = dev.tick(now_ms)                   # MKU_REQUEST retries
+#   out = dev.request_update(reason, now_ms) # device-requested master key update
+# Frames failing decode are counted (dev.errors) and never answered.
+import os
+from binascii import hexlify, unhexlify
+
+from tessera_fw.scpm import const as C
+from tessera_fw.scpm import km
+from tessera_fw.scpm.const import SCPMError
+from tessera_fw.scpm.frame import Codec, Key, encode
+from tessera_fw.scpm.km import check_pdu  # noqa: F401 - part of the API
+from tessera_fw.scpm.snf import RxWindow, TxCounter
+from tessera_fw.scpm.store import MemFS, Store
+
+IDLE = "IDLE"
+PENDING = "PENDING"
+REQUESTED = "REQUESTED"
+RETRY_MS = 5000
+RETRIES = 3
+
+# prop id -> [name, read level, write level, value]
+DEFAULT_PROPS = (
+    (1, "power", 1, 1, b"\x00"),
+    (2, "tariff", 1, 2, b"\x00\x00"),
+    (3, "firmware", 1, 3, b"0.1.0"),
+)
+
+
+def _u16(p, o):
+    return (p[o] << 8) | p[o + 1]
+
+
+def _hex(b):
+    return hexlify(b).decode()
+
+
+class Device:
+    def __init__(self, addr, setup_key, store=None, rand=None, props=DEFAULT_PROPS):
+        if not addr:
+            raise ValueError("address 0 is invalid")
+        self.addr = addr
+        self.setup = Key(C.KIND_SETUP, 0, 1, setup_key)
+        self.store = store if store is not None else Store(MemFS())
+        self.rand = rand if rand is not None else os.urandom
+        self.codec = Codec(addr)
+        self.props = {}
+        for pid, name, rd, wr, val in props:
+            self.props[pid] = [name, rd, wr, bytes(val)]
+        self.errors = {}
+        self.events = []  # (name, detail) for the application: enrolled, mku_committed, ...
+        self.on_set = None  # callback(prop_name, value) after an accepted APP_SET
+        self.log = None  # callback(str) for each counted error, e.g. print
+        self.store_errors = 0
+        self.mku_state = IDLE
+        self._req = None  # [txid, reason, deadline, retries] while REQUESTED
+        self._last = {}  # op -> (txid, key, answer padata): retransmissions by TXID
+        self._challenge = None
+        self._snf_request = False
+        self.last_error = 0
+        self._reset_state()
+        rec = self.store.load()
+        if rec:
+            self._restore(rec)
+
+    # ------------------------------------------------------------------ state
+    def _reset_state(self):
+        self.ksn = 0
+        self.keys = [None] * 80  # kind * 16 + index -> Key (current generation)
+        self.keys[0] = self.setup
+        self.pending = None
+
+    @property
+    def enrolled(self):
+        return self.ksn != 0
+
+    @property
+    def master(self):
+        return self.keys[C.KIND_MASTER * 16]
+
+    def _restore(self, rec):
+        self.ksn = rec.get("ksn", 0)
+        for kind, index, gen, k in rec.get("keys", ()):
+            self.keys[kind * 16 + index] = Key(kind, index, gen, unhexlify(k))
+        p = rec.get("pend")
+        if p:
+            self.pending = km.Pending(p[0], Key(C.KIND_MASTER, 0, p[1], unhexlify(p[2])),
+                                    unhexlify(p[3]), unhexlify(p[4]))
+            self.mku_state = PENDING
+        for kind, index, gen, peer, tx, rx in rec.get("snf", ()):
+            k = self.lookup(peer, kind, index, gen) if kind == C.KIND_MASTER else self.keys[kind * 16 + index]
+            if k is None or k.gen != gen:
+                continue
+            if tx:
+                k.tx[peer] = TxCounter(tx)
+            if rx:
+                k.rx[peer] = RxWindow(rx)
+
+    def _record(self):
+        keys = []
+        for k in self.keys:
+            if k is not None and k.kind != C.KIND_SETUP:
+                keys.append([k.kind, k.index, k.gen, _hex(k.key)])
+        rec = {"v": 1, "ksn": self.ksn, "keys": keys}
+        p = self.pending
+        if p:
+            rec["pend"] = [p.txid, p.key.gen, _hex(p.key.key), _hex(p.confirm_k), _hex(p.response)]
+        snf = []
+        for k in self.keys + [p.key if p else None]:
+            if k is None:
+                continue
+            for peer in k.tx:
+                w = k.rx.get(peer)
+                snf.append([k.kind, k.index, k.gen, peer, k.tx[peer].reserved, w.reserved if w else 0])
+            for peer, w in k.rx.items():
+                if peer not in k.tx:
+                    snf.append([k.kind, k.index, k.gen, peer, 0, w.reserved])
+        rec["snf"] = snf
+        return rec
+
+    def save(self):
+        self.store.save(self._record())
+
+    def factory_reset(self):
+        self.store.erase()
+        self._reset_state()
+        self.mku_state = IDLE
+        self._req = None
+        self._last = {}
+        self._challenge = None
+
+    def _install(self, kind, index, gen, raw):
+        """Install a key generation (replacing the older one; its SNF state is dropped)."""
+        old = self.keys[kind * 16 + index]
+        if old is not None and old.gen == gen and old.key == bytes(raw):
+            return False  # same key again (retransmission after a reboot): keep counters
+        self.keys[kind * 16 + index] = Key(kind, index, gen, raw)  # fresh SNF state
+        if old is not None:
+            old.forget()
+        return True
+
+    # ------------------------------------------------------------------ ring for Codec
+    def lookup(self, sa, kind, index, gen):
+        if kind == C.KIND_MASTER:
+            if sa != self.ksn or not sa:
+                return None
+            k = self.keys[64]
+            if k is not None and k.gen == gen:
+                return k
+            p = self.pending
+            if p is not None and p.key.gen == gen:
+                return p.key
+            return None
+        k = self.keys[kind * 16 + index]
+        if k is not None and k.gen == gen:
+            return k
+        return None
+
+    def window(self, sa, key):
+        w = key.rx.get(sa)
+        if w is None:
+            w = key.rx[sa] = RxWindow()
+        return w
+
+    # ------------------------------------------------------------------ sending
+    def _frame(self, da, key, padata, service=C.SVC_AUTH_CONF):
+        if key is None:
+            return encode(self.addr, da, None, 0, padata)
+        c = key.tx.get(da)
+        if c is None:
+            c = key.tx[da] = TxCounter()
+        snf = c.take()
+        if c.dirty:
+            c.dirty = False
+            self.save()  # the reservation reaches flash before the SNF is used
+        f = encode(self.addr, da, key, snf, padata, service)
+        if key.kind == C.KIND_MASTER and snf > C.SNF_MASTER_LIMIT and self.mku_state == IDLE:
+            self._snf_request = True
+        return f
+
+    def _count(self, code):
+        self.errors[code] = self.errors.get(code, 0) + 1
+        self.last_error = code
+        if self.log is not None:  # the error name only: never key material
+            self.log("scpm: " + C.name(code))
+
+    # ------------------------------------------------------------------ receiving
+    def receive(self, data, now_ms=0):
+        """Process one received general frame; return the frames to send."""
+        self._snf_request = False
+        try:
+            f = self.codec.decode(data, self)
+        except SCPMError as e:
+            self._count(e.code)
+            return []
+        out = []
+        try:
+            if f.persist:
+                self.save()
+            try:
+                self._dispatch(f, out, now_ms)
+            except SCPMError as e:  # e.g. ERR_SNF_EXHAUSTED while answering
+                self._count(e.code)
+            if self._snf_request and self.mku_state == IDLE:
+                try:
+                    out.extend(self.request_update(C.REASON_SNF, now_ms))
+                except SCPMError as e:
+                    self._count(e.code)
+        except OSError:  # the key store could not be written: nothing durable, nothing said
+            self.store_errors += 1
+            self._rollback()
+            return []
+        return out
+
+    def _rollback(self):
+        """Back to the last durable state (after a failed store write)."""
+        self._reset_state()
+        self.mku_state = IDLE
+        self._req = None
+        self._last = {}
+        rec = self.store.load()
+        if rec:
+            self._restore(rec)
+
+    def _dispatch(self, f, out, now_ms):
+        p = f.padata
+        sa = f.sa
+        key = f.key
+        txid = _u16(p, 1) if len(p) >= 3 else 0
+        op = p[0] if len(p) else 0
+        try:
+            km.check_pdu(p)
+        except SCPMError as e:
+            self._count(e.code)
+            out.append(self._frame(sa, key, self._km_error(txid, e.code, op), f.service))
+            return
+        if op in km.RESPONSES:  # never answer an answer (no ping-pong)
+            if op == C.OP_KM_ERROR:
+                self.events.append(("km_error", p[3]))
+            else:
+                self._count(C.ERR_STATE)
+            return
+        if op >= C.OP_APP_GET:
+            out.append(self._frame(sa, key, self._app(op, txid, p, f.authority), f.service))
+            return
+        try:
+            ans, akey = km.handle(self, f, op, txid, p, now_ms)
+        except SCPMError as e:
+            self._count(e.code)
+            ans, akey = self._km_error(txid, e.code, op), key
+        if ans is not None:
+            out.append(self._frame(sa, akey, ans, C.SVC_AUTH_CONF if akey is not None else 0))
+
+    @staticmethod
+    def _km_error(txid, code, op):
+        return bytes((C.OP_KM_ERROR, txid >> 8, txid & 0xFF, code, op))
+
+    # ------------------------------------------------------------------ key management
+    # ------------------------------------------------------------------ device-requested update
+    def request_update(self, reason=C.REASON_OPERATOR, now_ms=0):
+        """Send MKU_REQUEST(reason) and enter REQUESTED (section 6.5)."""
+        if not self.enrolled or self.mku_state != IDLE:
+            raise SCPMError(C.ERR_STATE)
+        txid = 0
+        while not txid:  # TXID 0 is reserved
+            r = self.rand(2)
+            txid = (r[0] << 8) | r[1]
+        self._req = [txid, reason, now_ms + RETRY_MS, 0]
+        self.mku_state = REQUESTED
+        return [self._mku_request_frame()]
+
+    def _mku_request_frame(self):
+        txid, reason = self._req[0], self._req[1]
+        return self._frame(self.ksn, self.master, bytes((C.OP_MKU_REQUEST, txid >> 8, txid & 0xFF, reason)))
+
+    def tick(self, now_ms):
+        """Timers: resend MKU_REQUEST every 5 s, at most 3 times, then give up (IDLE)."""
+        r = self._req
+        if self.mku_state != REQUESTED or r is None or now_ms < r[2]:
+            return []
+        if r[3] >= RETRIES:
+            self._req = None
+            self.mku_state = IDLE
+            self.events.append(("mku_request_failed", r[1]))
+            return []
+        r[3] += 1
+        r[2] = now_ms + RETRY_MS
+        try:
+            return [self._mku_request_frame()]
+        except SCPMError as e:
+            self._count(e.code)
+            return []
+
+    # ------------------------------------------------------------------ application
+    def _app(self, op, txid, p, authority):
+        n = len(p)
+        pid = p[3] if n > 3 else 0
+        status = 0
+        value = b""
+        if True:
+            prop = self.props.get(pid)
+            if prop is None:
+                status = C.ERR_UNKNOWN_OP
+            elif authority < (prop[1] if op == C.OP_APP_GET else prop[2]):
+                status = C.ERR_AUTHORITY
+            elif op == C.OP_APP_SET:
+                prop[3] = bytes(p[4:])
+                value = prop[3]
+                if self.on_set is not None:
+                    self.on_set(prop[0], value)
+            else:
+                value = prop[3]
+        if status:
+            self._count(status)
+        return bytes((C.OP_APP_RESULT, txid >> 8, txid & 0xFF, pid, status)) + value
+
+    def set_prop(self, name, value):
+        for v in self.props.values():
+            if v[0] == name:
+                v[3] = bytes(value)
+                return
+        raise KeyError(name)
+
+    def get_prop(self, name):
+        for v in self.props.values():
+            if v[0] == name:
+                return v[3]
+        raise KeyError(name)

@@ -1,0 +1,356 @@
+# SCPM general and secure frames (docs/scpm-profile.md sections 2, 3, 5): encode, decode,
+# key derivation. Decoding works in preallocated buffers: the decoded PADATA is a
+# memoryview into the received frame (service 1, plain) or into the codec's plaintext
+# buffer (services 2, 3), valid until the next decode.
+import hashlib
+import os
+
+try:
+    import cryptolib
+except ImportError:  # firmware older than v1.19
+    import ucryptolib as cryptolib
+from micropython import const
+
+from tessera_fw.scpm.const import (
+    ERR_ALGORITHM, ERR_BCC, ERR_HEADER, ERR_LENGTH, ERR_MAC, ERR_NO_KEY, ERR_NOT_FOR_ME,
+    ERR_OVERSIZE, ERR_PADDING, ERR_REPLAY, ERR_SHD, ERR_SNF, ERR_TOO_OLD, ERR_TRUNCATED,
+    HD_PLAIN, HD_SECURE, MAX_ADATA, MAX_PADATA, SCPMError)
+
+_sha256 = hashlib.sha256
+_HDR = const(11)
+_HD_PLAIN = const(0x10)
+_HD_SECURE = const(0x11)
+_MAX_FRAME = const(1111)  # 11 + MAX_ADATA
+_MAX_PADATA = const(1024)
+_MAC = const(16)
+_MAX_ENC = const(1088)  # largest whole-block encrypted part of a 1100-byte ADATA (service 2)
+# service -> SHD byte 1 (cipher id << 4 | MAC id)
+_ALG = (0, 0x01, 0x10, 0x11)
+
+
+def hmac_sha256(key, *parts):
+    """One-shot HMAC-SHA-256 (RFC 2104) for key set-up and key management (not the hot path)."""
+    if len(key) > 64:
+        key = _sha256(key).digest()
+    ipad = bytearray(64)
+    opad = bytearray(64)
+    for i in range(len(key)):
+        ipad[i] = key[i]
+        opad[i] = key[i]
+    for i in range(64):
+        ipad[i] ^= 0x36
+        opad[i] ^= 0x5C
+    h = _sha256(ipad)
+    for p in parts:
+        h.update(p)
+    o = _sha256(opad)
+    o.update(h.digest())
+    return o.digest()
+
+
+def ct_equal(a, b):
+    """Constant-time comparison: time depends only on the lengths."""
+    if len(a) != len(b):
+        return False
+    r = 0
+    for i in range(len(a)):
+        r |= a[i] ^ b[i]
+    return r == 0
+
+
+def next_gen(gen):
+    return 1 if gen >= 255 else gen + 1
+
+
+class Key:
+    """A usage key (kind, index, generation) with its derived keys, computed once (1):
+    K_enc = HMAC(K, "SCPM-ENC")[0:16], K_mac = HMAC(K, "SCPM-MAC"). The MAC's padded
+    blocks and the AES objects are kept so a frame costs no key set-up."""
+
+    def __init__(self, kind, index, gen, key):
+        if len(key) != 16:
+            raise ValueError("key must be 16 bytes")
+        self.kind = kind
+        self.index = index
+        self.gen = gen
+        self.key = bytes(key)
+        self.k_enc = hmac_sha256(key, b"SCPM-ENC")[:16]
+        k_mac = hmac_sha256(key, b"SCPM-MAC")
+        ipad = bytearray(64)
+        opad = bytearray(64)
+        for i in range(64):
+            k = k_mac[i] if i < 32 else 0
+            ipad[i] = k ^ 0x36
+            opad[i] = k ^ 0x5C
+        self.ipad = bytes(ipad)
+        self.opad = bytes(opad)
+        self.ecb = cryptolib.aes(self.k_enc, 1)  # IV computation (encrypt only)
+        self.rx = {}  # peer address -> RxWindow (owner's bookkeeping)
+        self.tx = {}  # peer address -> TxCounter
+        # CBC decryption object reused across frames: its chaining state is the last
+        # ciphertext block, so decrypting the IV block first re-keys the chain to the IV.
+        self.cbc_dec = cryptolib.aes(self.k_enc, 2, bytes(16))
+
+    def shd(self, service):
+        return bytes((0x10 | service, _ALG[service], (self.kind << 4) | self.index, self.gen))
+
+    def mac(self, *parts):
+        h = _sha256(self.ipad)
+        for p in parts:
+            h.update(p)
+        o = _sha256(self.opad)
+        o.update(h.digest())
+        return o.digest()
+
+    def forget(self):
+        self.key = self.k_enc = self.ipad = self.opad = b""
+        self.ecb = self.cbc_dec = None
+
+
+def _put32(b, o, v):
+    b[o] = (v >> 24) & 0xFF
+    b[o + 1] = (v >> 16) & 0xFF
+    b[o + 2] = (v >> 8) & 0xFF
+    b[o + 3] = v & 0xFF
+
+
+def _get32(b, o):
+    return (b[o] << 24) | (b[o + 1] << 16) | (b[o + 2] << 8) | b[o + 3]
+
+
+def encode(sa, da, key, snf, padata, service=3):
+    """Build a general frame. key None: plain frame (HD 0x10, ADATA = padata).
+    Otherwise a secure frame with `service` 1, 2 or 3 under `key` with sequence `snf`."""
+    n = len(padata)
+    if key is None:
+        if n > MAX_ADATA:
+            raise SCPMError(ERR_OVERSIZE)
+        out = bytearray(_HDR + n)
+        out[0] = HD_PLAIN
+        _put32(out, 1, sa)
+        _put32(out, 5, da)
+        out[9] = n >> 8
+        out[10] = n & 0xFF
+        out[_HDR:] = padata
+        return out
+    if n > MAX_PADATA:
+        raise SCPMError(ERR_OVERSIZE)
+    if service == 1:
+        enc = 0
+        adata = 8 + 2 + n + _MAC
+    else:
+        enc = 2 + n + (2 if service == 2 else 0)
+        enc = (enc + 15) & ~15
+        adata = 8 + enc + (_MAC if service == 3 else 0)
+    out = bytearray(_HDR + adata)
+    mv = memoryview(out)
+    out[0] = HD_SECURE
+    _put32(out, 1, sa)
+    _put32(out, 5, da)
+    out[9] = adata >> 8
+    out[10] = adata & 0xFF
+    out[11:15] = key.shd(service)
+    _put32(out, 15, snf)
+    if service == 1:
+        out[19] = n >> 8
+        out[20] = n & 0xFF
+        out[21:21 + n] = padata
+    else:
+        pt = bytearray(enc)
+        pt[0] = n >> 8
+        pt[1] = n & 0xFF
+        pt[2:2 + n] = padata
+        if service == 2:
+            pt[2 + n:4 + n] = _sha256(memoryview(pt)[:2 + n]).digest()[:2]
+        iv = key.ecb.encrypt(bytes(out[11:19]) + bytes(out[1:9]))
+        cryptolib.aes(key.k_enc, 2, iv).encrypt(pt, mv[19:19 + enc])
+    if service != 2:
+        end = len(out) - _MAC
+        out[end:] = key.mac(mv[:end])[:_MAC]
+    return out
+
+
+class Codec:
+    """Receiver side of one node. decode() follows the receiver order of section 3 and
+    leaves its results in attributes (hd, sa, da, service, key, snf, authority, and
+    `padata`, a memoryview built on access); it raises SCPMError on the first failing
+    check and then nothing has changed.
+
+    `ring` supplies lookup(sa, kind, index, gen) -> Key or None and window(sa, key) ->
+    the snf.RxWindow of that peer and key (its check and in-order commit are inlined
+    here). `persist` says the window's flash reservation moved and must be saved."""
+
+    def __init__(self, addr):
+        self.addr = addr
+        # received secure frame, copied to a fixed place so that the views below are fixed
+        self._rx = bytearray(_MAX_FRAME)
+        rx = memoryview(self._rx)
+        self._rxmv = rx
+        self._v_shd_snf = rx[11:19]
+        self._v_sa_da = rx[1:9]
+        # plaintext, decrypted so that it ENDS at _MAX_ENC: the padding is then always the
+        # last k bytes, checked through one of 16 preallocated views
+        self._pt = bytearray(_MAX_ENC)
+        pt = memoryview(self._pt)
+        self._ptmv = pt
+        self._tails = [pt[_MAX_ENC - k:] for k in range(16)]
+        self._ivin = bytearray(16)
+        self._iv = bytearray(16)
+        self._scratch = bytearray(16)
+        self._blind = cryptolib.aes(os.urandom(16), 1)
+        self._bx = bytearray(32)
+        self._bx16 = memoryview(self._bx)[:16]
+        self._by = bytearray(16)
+        self.hd = self.sa = self.da = self.service = self.snf = self.authority = 0
+        self.key = None
+        self._src = None  # buffer holding PADATA: the frame, or the plaintext buffer
+        self._off = self._len = 0
+        self.persist = False
+
+    @property
+    def padata(self):
+        if self._src is None:
+            return None
+        return memoryview(self._src)[self._off:self._off + self._len]
+
+    def decode(self, data, ring):
+        n = len(data)
+        if n < 11:
+            raise SCPMError(ERR_TRUNCATED)
+        if n > _MAX_FRAME:
+            raise SCPMError(ERR_OVERSIZE)
+        hd = data[0]
+        if hd != _HD_PLAIN and hd != _HD_SECURE:
+            raise SCPMError(ERR_HEADER)
+        if (data[9] << 8) | data[10] != n - 11:
+            raise SCPMError(ERR_LENGTH)
+        self._src = None
+        da = (data[5] << 24) | (data[6] << 16) | (data[7] << 8) | data[8]
+        if hd == _HD_PLAIN:
+            if da != self.addr:
+                raise SCPMError(ERR_NOT_FOR_ME)
+            self.hd = hd
+            self.persist = False
+            self.sa = (data[1] << 24) | (data[2] << 16) | (data[3] << 8) | data[4]
+            self.da = da
+            self.service = self.snf = self.authority = 0
+            self.key = None
+            self._src = data
+            self._off = 11
+            self._len = n - 11
+            return self
+        # 1. sizes and secure header
+        if n < 19:
+            raise SCPMError(ERR_TRUNCATED)
+        b0 = data[11]
+        svc = b0 & 3
+        if b0 & 0xFC != 0x10 or svc == 0:
+            raise SCPMError(ERR_SHD)
+        b2 = data[13]
+        kind = b2 >> 4
+        index = b2 & 0x0F
+        gen = data[14]
+        if kind > 4 or (index and kind != 2) or gen == 0:
+            raise SCPMError(ERR_SHD)
+        if data[12] != _ALG[svc]:
+            raise SCPMError(ERR_ALGORITHM)
+        if svc == 1:
+            if n < 37:  # 11 + 8 + PBC + MDAS
+                raise SCPMError(ERR_TRUNCATED)
+            enc = 0
+        else:
+            enc = n - (19 if svc == 2 else 35)
+            if enc < 16:
+                raise SCPMError(ERR_TRUNCATED)
+            if enc & 15:
+                raise SCPMError(ERR_PADDING)
+        if da != self.addr:
+            raise SCPMError(ERR_NOT_FOR_ME)
+        sa = (data[1] << 24) | (data[2] << 16) | (data[3] << 8) | data[4]
+        # 2. key
+        key = ring.lookup(sa, kind, index, gen)
+        if key is None:
+            raise SCPMError(ERR_NO_KEY)
+        # 3. SNF pre-check
+        snf = (data[15] << 24) | (data[16] << 16) | (data[17] << 8) | data[18]
+        win = ring.window(sa, key)
+        high = win.high  # RxWindow.check, inlined (hot path)
+        if snf <= high:
+            if snf == 0:
+                raise SCPMError(ERR_SNF)
+            if high - snf > 32:
+                raise SCPMError(ERR_TOO_OLD)
+            if snf == high or win.seen[snf & 63]:
+                raise SCPMError(ERR_REPLAY)
+        rx = self._rx
+        rx[:n] = data  # no allocation; the views below are preallocated or one per use
+        mv = self._rxmv
+        # 4. MDAS
+        if svc != 2:
+            end = n - 16
+            h = _sha256(key.ipad)
+            h.update(mv[:end])
+            o = _sha256(key.opad)
+            o.update(h.digest())
+            # Blinded comparison: both tags go through AES under a per-codec random key
+            # and the results are compared; the time of `==` then tells an attacker
+            # nothing about how his tag relates to the right one (the same argument as
+            # comparing HMACs of the MACs), and it costs two C calls instead of a loop.
+            self._blind.encrypt(o.digest(), self._bx)  # both halves of the 32-byte tag
+            self._blind.encrypt(mv[end:n], self._by)
+            if self._bx16 != self._by:
+                raise SCPMError(ERR_MAC)
+        # 5. decrypt, PBC, PDG, BCC
+        if svc == 1:
+            pbc = (data[19] << 8) | data[20]
+            if pbc > _MAX_PADATA:
+                raise SCPMError(ERR_OVERSIZE)
+            if pbc != n - 37:
+                raise SCPMError(ERR_LENGTH)
+            src = rx
+            off = 21
+        else:
+            ivin = self._ivin
+            ivin[0:8] = self._v_shd_snf  # SHD | SNF | SA | DA
+            ivin[8:16] = self._v_sa_da
+            iv = self._iv
+            key.ecb.encrypt(ivin, iv)
+            dec = key.cbc_dec
+            dec.decrypt(iv, self._scratch)  # chain state := IV
+            pt = self._pt
+            base = _MAX_ENC - enc
+            dec.decrypt(mv[19:19 + enc], self._ptmv[base:])
+            pbc = (pt[base] << 8) | pt[base + 1]
+            pad = enc - pbc - (4 if svc == 2 else 2)
+            if pbc > _MAX_PADATA:
+                raise SCPMError(ERR_OVERSIZE)
+            if pad < 0:
+                raise SCPMError(ERR_LENGTH)
+            if pad > 15:  # more than 15 padding bytes: bad block count
+                raise SCPMError(ERR_PADDING)
+            if pad and sum(self._tails[pad]):  # summed in C, no allocation
+                raise SCPMError(ERR_PADDING)
+            if svc == 2:
+                d = _sha256(self._ptmv[base:base + 2 + pbc]).digest()
+                if d[0] != pt[base + 2 + pbc] or d[1] != pt[base + 3 + pbc]:
+                    raise SCPMError(ERR_BCC)
+            src = pt
+            off = base + 2
+        # 6. commit
+        if snf == high + 1 and snf < win.reserved:  # in order: RxWindow.commit, inlined
+            win.seen[snf & 63] = 1
+            win.high = snf
+            self.persist = False
+        else:
+            self.persist = win.commit(snf)
+        self.hd = hd
+        self.sa = sa
+        self.da = da
+        self.service = svc
+        self.key = key
+        self.snf = snf
+        self.authority = kind
+        self._src = src
+        self._off = off
+        self._len = pbc
+        return self

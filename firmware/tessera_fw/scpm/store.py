@@ -1,0 +1,127 @@
+# Device key store (docs/scpm-profile.md section 10): two slot files, each
+#   seq(4) | len(2) | record | SHA-256(seq | len | record)[0:8]
+# A write goes to the slot not holding the current state with seq + 1; on load the valid
+# slot with the highest seq wins, so a power cut at any instant leaves the old or the new
+# state. The record itself is JSON (device.py decides its fields).
+import hashlib
+import json
+
+from micropython import const
+
+_SLOTS = ("scpm_a.bin", "scpm_b.bin")
+_TAG = const(8)
+
+
+class FileFS:
+    """Slot files in a directory of the board filesystem."""
+
+    def __init__(self, root=""):
+        self.root = root
+
+    def _p(self, name):
+        return self.root + "/" + name if self.root else name
+
+    def read(self, name):
+        try:
+            with open(self._p(name), "rb") as f:
+                return f.read()
+        except OSError:
+            return None
+
+    def write(self, name, data):
+        with open(self._p(name), "wb") as f:
+            f.write(data)
+            try:
+                f.flush()
+            except AttributeError:
+                pass
+        try:
+            import os
+
+            os.sync()
+        except (ImportError, AttributeError, OSError):
+            pass
+
+    def remove(self, name):
+        import os
+
+        try:
+            os.remove(self._p(name))
+        except OSError:
+            pass
+
+
+class MemFS:
+    """In-memory files (tests and host-side fleet simulation)."""
+
+    def __init__(self):
+        self.files = {}
+        self.writes = 0
+
+    def read(self, name):
+        return self.files.get(name)
+
+    def write(self, name, data):
+        self.files[name] = bytes(data)
+        self.writes += 1
+
+    def remove(self, name):
+        self.files.pop(name, None)
+
+
+def pack(seq, record):
+    n = len(record)
+    head = bytes(((seq >> 24) & 0xFF, (seq >> 16) & 0xFF, (seq >> 8) & 0xFF, seq & 0xFF, n >> 8, n & 0xFF))
+    h = hashlib.sha256(head)
+    h.update(record)
+    return head + record + h.digest()[:_TAG]
+
+
+def unpack(blob):
+    """(seq, record) of a valid slot image, or None."""
+    if blob is None or len(blob) < 6 + _TAG:
+        return None
+    n = (blob[4] << 8) | blob[5]
+    if len(blob) != 6 + n + _TAG:
+        return None
+    h = hashlib.sha256(blob[:6 + n]).digest()
+    if h[:_TAG] != blob[6 + n:]:
+        return None
+    seq = (blob[0] << 24) | (blob[1] << 16) | (blob[2] << 8) | blob[3]
+    return seq, blob[6:6 + n]
+
+
+class Store:
+    def __init__(self, fs=None):
+        self.fs = fs if fs is not None else FileFS()
+        self.seq = 0
+        self.slot = -1  # index of the slot holding the current state
+        self.writes = 0
+
+    def load(self):
+        """The current record (dict) or None when no slot is valid."""
+        best = None
+        for i in range(2):
+            r = unpack(self.fs.read(_SLOTS[i]))
+            if r is not None and (best is None or r[0] > best[0]):
+                best = (r[0], r[1], i)
+        if best is None:
+            self.seq, self.slot = 0, -1
+            return None
+        self.seq, self.slot = best[0], best[2]
+        return json.loads(best[1])
+
+    def save(self, rec):
+        data = json.dumps(rec)
+        if not isinstance(data, bytes):
+            data = data.encode()
+        target = 1 if self.slot == 0 else 0
+        seq = (self.seq + 1) & 0xFFFFFFFF
+        self.fs.write(_SLOTS[target], pack(seq, data))
+        self.seq, self.slot = seq, target
+        self.writes += 1
+
+    def erase(self):
+        for s in _SLOTS:
+            self.fs.remove(s)
+        self.seq, self.slot = 0, -1

@@ -1,0 +1,431 @@
+"""asyncio transport for the KSN engine (profile section 9: one general frame per UDP datagram,
+port 24767), the operations the CLI runs on it, and a local control socket so that CLI
+commands reach a running `tessera ksn serve` instead of opening the database twice.
+
+One process owns a KSN database at a time (an exclusive lock next to the database): two
+engines on one database would each keep their own send counters in memory and could reuse
+an SNF under the same key (profile section 4 forbids that).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tessera.errors import TesseraError
+from tessera.scpm import codec as C
+from tessera.scpm.codec import KeyKind, ScpmError, Service
+from tessera.scpm.ksn import KsnEngine, Send, Txn
+from tessera.scpm.store import Store
+
+log = logging.getLogger("tessera.scpm.server")
+
+Progress = Callable[[str], None]
+
+
+def control_path(db: Path) -> Path:
+    p = db.with_name(db.name + ".ctl")
+    if len(str(p)) > 100:  # AF_UNIX path limit
+        p = Path(tempfile.gettempdir()) / f"tessera-ksn-{hashlib.sha256(str(db).encode()).hexdigest()[:16]}.ctl"
+    return p
+
+
+class DbLock:
+    def __init__(self, db: Path) -> None:
+        self.path = db.with_name(db.name + ".lock")
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise TesseraError(f"another KSN process is using {self.path.with_suffix('')} "
+                               "(stop it, or run the command while `tessera ksn serve` is up)") from None
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class _Udp(asyncio.DatagramProtocol):
+    def __init__(self, server: KsnServer) -> None:
+        self.server = server
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self.server.received(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("UDP error: %s", exc)
+
+
+class KsnServer:
+    """The engine on a UDP socket, with its timers. All engine calls happen on the loop."""
+
+    def __init__(self, engine: KsnEngine, host: str = "127.0.0.1", port: int = C.PORT) -> None:
+        self.engine = engine
+        self.host, self.port = host, port
+        self.transport: asyncio.DatagramTransport | None = None
+        self._wake = asyncio.Event()
+        self._timer: asyncio.Task | None = None
+        self._stopping = False
+        self.received_count = 0
+        engine.listeners.append(self._on_txn)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self.transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), local_addr=(self.host, self.port))
+        except OSError as e:
+            raise TesseraError(f"cannot bind the KSN UDP socket {self.host}:{self.port}: {e.strerror}") from None
+        self.port = self.transport.get_extra_info("sockname")[1]
+        self._timer = asyncio.create_task(self._timers())
+        log.debug("KSN %#010x listening on udp %s:%d", self.engine.address, self.host, self.port)
+
+    async def stop(self) -> None:
+        # A flag, not Task.cancel(): on Python 3.11 wait_for() can swallow a cancellation
+        # that races with its inner future completing.
+        self._stopping = True
+        self._wake.set()
+        if self._timer:
+            await self._timer
+        if self.transport:
+            self.transport.close()
+            await asyncio.sleep(0)  # the socket closes on the next loop iteration
+
+    def _on_txn(self, t: Txn) -> None:
+        if t.kind == "mku" and t.data.get("requested") and not t.error:
+            log.info("device-requested master key update of %#010x done (generation %s)", t.addr, t.result)
+
+    # -------------------------------------------------------------- datagrams
+    def received(self, data: bytes, addr) -> None:
+        self.received_count += 1
+        try:
+            out = self.engine.handle(data)
+        except Exception:  # a bug must not stop the service for every other device
+            log.exception("unexpected failure handling a datagram from %s", addr)
+            return
+        self.send(out)
+
+    def send(self, sends: list[Send]) -> None:
+        for s in sends:
+            dev = self.engine.store.device(s.addr)
+            if dev is None or self.transport is None:
+                log.warning("no endpoint for %#010x", s.addr)
+                continue
+            self.transport.sendto(s.frame, (dev.host, dev.port))
+        self._wake.set()
+
+    async def _timers(self) -> None:
+        while not self._stopping:
+            nd = self.engine.next_deadline()
+            delay = 0.5 if nd is None else max(0.0, nd - self.engine.clock())
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=min(delay, 0.5))
+            if self._stopping:
+                return
+            try:
+                self.send(self.engine.poll())
+            except Exception:
+                log.exception("timer failure")
+
+    # -------------------------------------------------------------- transactions
+    async def run(self, started: tuple[Txn, list[Send]], timeout: float = 30.0) -> Txn:
+        t, sends = started
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        t.add_done_callback(lambda txn: fut.done() or fut.set_result(txn))
+        self.send(sends)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise TesseraError(f"{t.kind} of {t.addr:#010x} did not finish within {timeout:.0f} s") from None
+        return t
+
+
+def parse_addr(s: str) -> int:
+    """A node address: 0x0A000002, 167772162, or 10.0.0.2."""
+    try:
+        if s.count(".") == 3:
+            a = int.from_bytes(bytes(int(x) for x in s.split(".")), "big")
+        else:
+            a = int(s, 0)
+    except ValueError:
+        raise TesseraError(f"bad node address {s!r} (use 0x0A000002 or 10.0.0.2)") from None
+    if not 0 < a <= 0xFFFFFFFF:
+        raise TesseraError(f"node address {s!r} out of range (1..0xFFFFFFFF)")
+    return a
+
+
+def fmt_addr(a: int) -> str:
+    return f"0x{a:08X}"
+
+
+def _checked(t: Txn) -> Txn:
+    if t.error is not None:
+        raise ScpmError(t.error.code, f"{t.kind} {fmt_addr(t.addr)}: {t.error}")
+    return t
+
+
+class Operations:
+    """What the CLI can ask of a KSN; runs on the loop that owns the server."""
+
+    def __init__(self, server: KsnServer) -> None:
+        self.server = server
+        self.engine = server.engine
+
+    def _targets(self, addrs: list[int] | None) -> list[int]:
+        if addrs:
+            for a in addrs:
+                if self.engine.peer(a) is None:
+                    raise TesseraError(f"unknown device {fmt_addr(a)} (enrol it first)")
+            return addrs
+        return [d.addr for d in self.engine.store.devices() if d.state == "enrolled"]
+
+    async def enrol(self, addr: int, setup_key: str, host: str, port: int, name: str = "", progress: Progress = print) -> dict:
+        try:
+            key = bytes.fromhex(setup_key)
+        except ValueError:
+            raise TesseraError("the setup key is 32 hex digits (from the device label)") from None
+        if len(key) != 16:
+            raise TesseraError("the setup key is 32 hex digits (from the device label)")
+        self.engine.register(addr, host, port, name)
+        progress(f"enrolling {fmt_addr(addr)} at {host}:{port} ...")
+        t = _checked(await self.server.run(self.engine.enrol(addr, key)))
+        progress(f"{fmt_addr(addr)} enrolled: master key generation {t.result}, user key generation "
+                 f"{self.engine.peer(addr).held.get('1/0')}")
+        return {"addr": addr, "master_gen": t.result}
+
+    async def provision(self, addrs: list[int] | None, kind: str, idx: int = 0, new: bool = False,
+                        key: str | None = None, progress: Progress = print) -> list[dict]:
+        k = {"sp": KeyKind.SP, "maker": KeyKind.MAKER, "user": KeyKind.USER}[kind]
+        if new or key or (int(k), idx) not in self.engine.home_gen:
+            raw = bytes.fromhex(key) if key else None
+            gen = self.engine.new_home_key(k, idx, raw)
+            progress(f"{kind} key index {idx}: new generation {gen}")
+        out = []
+        for a in self._targets(addrs):
+            t = _checked(await self.server.run(self.engine.provision(a, k, idx)))
+            progress(f"{fmt_addr(a)}: {kind} key index {idx} generation {t.result} installed")
+            out.append({"addr": a, "gen": t.result})
+        return out
+
+    async def sync(self, addrs: list[int] | None, progress: Progress = print) -> list[dict]:
+        out = []
+        targets = self._targets(addrs) if addrs else [d.addr for d in self.engine.store.devices()
+                                                      if d.master_gen or d.state == "enrolling"]
+        for a in targets:
+            try:
+                t = await self.server.run(self.engine.sync(a))
+            except ScpmError as e:  # e.g. an enrolment that never got as far as a master key
+                progress(f"{fmt_addr(a)}: cannot sync: {e}")
+                out.append({"addr": a, "ok": False, "result": str(e)})
+                continue
+            msg = t.result if not t.error else f"FAILED {t.error}"
+            if t.kind == "mku" and not t.error:
+                msg = f"update completed, master key generation {t.result}"
+            progress(f"{fmt_addr(a)}: {msg}")
+            out.append({"addr": a, "ok": not t.error, "result": str(msg)})
+        return out
+
+    async def rotate(self, addrs: list[int] | None, parallel: int = 16, progress: Progress = print) -> list[dict]:
+        targets = self._targets(addrs)
+        sem = asyncio.Semaphore(parallel)
+        done = [0]
+        results: list[dict] = []
+
+        async def one(a: int) -> None:
+            async with sem:
+                t0 = time.monotonic()
+                p = self.engine.peer(a)
+                old = p.master
+                try:
+                    if p.needs_sync or p.pending is not None:
+                        await self.server.run(self.engine.sync(a))
+                        old = self.engine.peer(a).master
+                    t = _checked(await self.server.run(self.engine.rotate(a)))
+                    res = {"addr": a, "ok": True, "old": old, "new": t.result}
+                    msg = f"master key generation {old} -> {t.result}"
+                except TesseraError as e:
+                    res, msg = {"addr": a, "ok": False, "error": str(e)}, f"FAILED: {e}"
+                done[0] += 1
+                progress(f"[{done[0]}/{len(targets)}] {fmt_addr(a)} {msg} ({time.monotonic() - t0:.2f} s)")
+                results.append(res)
+
+        await asyncio.gather(*(one(a) for a in targets))
+        failed = [r for r in results if not r["ok"]]
+        if failed:
+            raise TesseraError(f"{len(failed)} of {len(targets)} master key updates failed")
+        return results
+
+    async def app(self, addr: int, op: str, prop: int, value: bytes = b"", kind: str = "user", idx: int = 0,
+                  service: int = 3, progress: Progress = print) -> dict:
+        k = {"user": KeyKind.USER, "sp": KeyKind.SP, "maker": KeyKind.MAKER}[kind]
+        kw = {"kind": k, "idx": idx, "service": Service(service)}
+        started = self.engine.app_get(addr, prop, **kw) if op == "get" else self.engine.app_set(addr, prop, value, **kw)
+        t = _checked(await self.server.run(started))
+        status, val = t.result
+        if status:
+            raise ScpmError(C.ErrorCode(status) if status in C.ErrorCode._value2member_map_ else C.ErrorCode.MALFORMED,
+                            f"device refused {op} of property {prop}")
+        progress(f"{fmt_addr(addr)} property {prop} = {val.hex()} {_printable(val)}")
+        return {"addr": addr, "prop": prop, "value": val.hex()}
+
+    def devices(self) -> list[dict]:
+        out = []
+        for d in self.engine.store.devices():
+            p = self.engine.peer(d.addr)
+            out.append({"addr": d.addr, "name": d.name, "endpoint": f"{d.host}:{d.port}", "state": d.state,
+                        "master_gen": d.master_gen, "pending_gen": p.pending.gen if p and p.pending else 0,
+                        "needs_sync": bool(p and p.needs_sync), "held": d.held, "last_error": d.last_error})
+        return out
+
+
+def _printable(b: bytes) -> str:
+    try:
+        s = b.decode("ascii")
+    except UnicodeDecodeError:
+        return ""
+    return f"({s!r})" if s.isprintable() and s else ""
+
+
+# ------------------------------------------------------------------ control socket
+
+
+class ControlServer:
+    """JSON lines over a local socket: {"op": name, "args": {...}} -> {"progress": line}* then
+    {"ok": true, "result": ...} or {"ok": false, "error": message}."""
+
+    def __init__(self, ops: Operations, path: Path) -> None:
+        self.ops, self.path = ops, path
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        self._server = await asyncio.start_unix_server(self._client, path=str(self.path))
+        os.chmod(self.path, 0o600)
+
+    async def stop(self) -> None:
+        if self._server:
+            self._server.close()
+            await self._server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        def emit(obj: dict) -> None:
+            writer.write((json.dumps(obj) + "\n").encode())
+
+        try:
+            req = json.loads(await reader.readline())
+            result = await dispatch(self.ops, req["op"], req.get("args", {}), lambda line: emit({"progress": line}))
+            emit({"ok": True, "result": result})
+        except TesseraError as e:
+            emit({"ok": False, "error": str(e)})
+        except Exception as e:  # report, keep serving
+            log.exception("control request failed")
+            emit({"ok": False, "error": f"{type(e).__name__}: {e}"})
+        with contextlib.suppress(Exception):
+            await writer.drain()
+            writer.close()
+
+
+async def dispatch(ops: Operations, op: str, args: dict, progress: Progress):
+    if op == "list":
+        return ops.devices()
+    fn = {"enrol": ops.enrol, "provision": ops.provision, "sync": ops.sync, "rotate": ops.rotate, "app": ops.app}.get(op)
+    if fn is None:
+        raise TesseraError(f"unknown operation {op!r}")
+    if op == "app" and isinstance(args.get("value"), str):
+        args = {**args, "value": bytes.fromhex(args["value"])}
+    return await fn(**args, progress=progress)
+
+
+async def remote(path: Path, op: str, args: dict, progress: Progress, timeout: float = 600.0):
+    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 5)
+    if op == "app" and "value" in args:
+        args = {**args, "value": args["value"].hex()}
+    writer.write((json.dumps({"op": op, "args": args}) + "\n").encode())
+    await writer.drain()
+    try:
+        while True:
+            line = await asyncio.wait_for(reader.readline(), timeout)
+            if not line:
+                raise TesseraError("the KSN server closed the control connection")
+            msg = json.loads(line)
+            if "progress" in msg:
+                progress(msg["progress"])
+            elif msg.get("ok"):
+                return msg["result"]
+            else:
+                raise TesseraError(msg.get("error", "KSN server error"))
+    finally:
+        writer.close()
+
+
+def open_engine(db: Path | None, address: int = C.KSN_ADDRESS, timeout: float = 1.0, retries: int = 4) -> tuple[KsnEngine, DbLock]:
+    store = Store(db)
+    lock = DbLock(store.path)
+    try:
+        lock.acquire()
+    except TesseraError:
+        store.close()
+        raise
+    return KsnEngine(store, address=address, timeout=timeout, retries=retries), lock
+
+
+async def serve(db: Path | None, host: str, port: int, address: int = C.KSN_ADDRESS, every: float | None = None,
+                ready: Callable[[KsnServer], None] | None = None, stop: asyncio.Event | None = None,
+                timeout: float = 1.0, retries: int = 4) -> None:
+    """`tessera ksn serve`: UDP service, control socket, recovery SYNC at start, optional
+    scheduled rotation of every device."""
+    engine, lock = open_engine(db, address, timeout, retries)
+    server = KsnServer(engine, host, port)
+    ops = Operations(server)
+    ctl = ControlServer(ops, control_path(engine.store.path))
+    stop = stop or asyncio.Event()
+    tasks: list[asyncio.Task] = []
+    try:
+        await server.start()
+        await ctl.start()
+        unresolved = [a for a, p in engine.peers.items() if p.needs_sync]
+        if unresolved:
+            log.info("recovering %d device(s) with an unfinished update", len(unresolved))
+            tasks.append(asyncio.create_task(ops.sync(unresolved, progress=log.info)))
+        if every:
+            tasks.append(asyncio.create_task(_schedule(ops, every, stop)))
+        if ready:
+            ready(server)
+        await stop.wait()
+    finally:
+        for t in tasks:
+            t.cancel()
+        await ctl.stop()
+        await server.stop()
+        engine.store.close()
+        lock.release()
+
+
+async def _schedule(ops: Operations, every: float, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), every)
+        if stop.is_set():
+            return
+        log.info("scheduled master key update of every device")
+        try:
+            await ops.rotate(None, progress=log.info)
+        except TesseraError as e:
+            log.warning("scheduled update: %s", e)

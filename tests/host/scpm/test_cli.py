@@ -1,0 +1,150 @@
+"""`tessera ksn` on loopback UDP against firmware device engines (mpshim) behind real sockets,
+in-process commands and a `tessera ksn serve` subprocess reached through its control socket."""
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tessera.cli import main
+from tessera.scpm import codec as C
+
+from .udpdev import UdpDevice
+
+SETUP = "00112233445566778899aabbccddeeff"
+
+
+@pytest.fixture
+def dev():
+    d = UdpDevice(0x0A000002, bytes.fromhex(SETUP))
+    yield d
+    d.close()
+
+
+def ksn(db, *argv):
+    return main(["ksn", *argv, "--db", str(db), "--port", "0", "--timeout", "0.3"])
+
+
+def test_cli_in_process(tmp_path, dev, capsys):
+    db = tmp_path / "k.sqlite"
+    assert ksn(db, "enrol", "0x0A000002", "--setup-key", SETUP, "--device", f"127.0.0.1:{dev.port}", "--name", "meter") == 0
+    assert ksn(db, "sp-key", "--all", "--index", "2") == 0
+    assert ksn(db, "maker-key", "10.0.0.2") == 0
+    assert ksn(db, "rotate", "--all") == 0
+    assert ksn(db, "app", "get", "0x0A000002", "3") == 0
+    assert ksn(db, "app", "set", "0x0A000002", "2", "--hex", "0102") == 2  # user key: no authority
+    assert ksn(db, "app", "set", "0x0A000002", "2", "--hex", "0102", "--key-kind", "sp", "--index", "2") == 0
+    assert ksn(db, "app", "set", "0x0A000002", "3", "2.0", "--key-kind", "maker", "--service", "1") == 0
+    assert ksn(db, "rotate", "--all", "--every", "0.01", "--count", "2") == 0
+    assert ksn(db, "sync", "--all") == 0
+    out = capsys.readouterr().out
+    assert "enrolled: master key generation 1" in out and "[1/1] 0x0A000002 master key generation 1 -> 2" in out
+    assert "property 3 = 302e312e30 ('0.1.0')" in out and "generation 3 -> 4" in out and "in sync at generation 4" in out
+    assert dev.dev.get_prop("tariff") == b"\x01\x02" and dev.dev.get_prop("firmware") == b"2.0"
+    assert main(["ksn", "list", "--db", str(db), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["master_gen"] == 4 == dev.dev.master.gen and rows[0]["held"] == {"1/0": 1, "2/2": 1, "3/0": 1}
+    assert main(["ksn", "list", "--db", str(db)]) == 0
+    assert "user g1, sp[2] g1, maker g1" in capsys.readouterr().out
+
+
+def test_cli_errors_are_clean(tmp_path, capsys, caplog):
+    db = tmp_path / "k.sqlite"
+    assert ksn(db, "rotate", "0x0A000009") == 2
+    assert ksn(db, "enrol", "0x0", "--setup-key", SETUP, "--device", "127.0.0.1:9") == 2
+    assert ksn(db, "enrol", "0x5", "--setup-key", "abc", "--device", "127.0.0.1:9") == 2
+    assert ksn(db, "enrol", "0x5", "--setup-key", SETUP, "--device", "nowhere") == 2
+    # a device that never answers: the enrolment times out with a clear message
+    assert ksn(db, "enrol", "0x5", "--setup-key", SETUP, "--device", "127.0.0.1:9") == 2
+    assert "unknown device" in caplog.text and "out of range" in caplog.text and "no answer" in caplog.text
+    with pytest.raises(SystemExit):
+        main(["ksn", "--help"])
+    assert "rotate" in capsys.readouterr().out
+
+
+def test_serve_keeps_serving_and_takes_commands(tmp_path, dev, capsys):
+    db = tmp_path / "k.sqlite"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    logf = tmp_path / "serve.log"
+    proc = subprocess.Popen([sys.executable, "-m", "tessera", "ksn", "serve", "--db", str(db), "--port", "0",
+                             "--timeout", "0.3"], stdout=logf.open("w"), stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline, m = time.monotonic() + 15, None
+        while m is None and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+            m = re.search(r"serving on udp 127\.0\.0\.1:(\d+)", logf.read_text())
+        assert m, logf.read_text()
+        port = int(m.group(1))
+        # garbage from a stranger does not stop the service
+        junk = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for payload in (b"", b"\x11" * 5, b"\x10" + bytes(10), os.urandom(1200), b"\x11" + bytes(2000)):
+            junk.sendto(payload, ("127.0.0.1", port))
+        junk.close()
+        assert ksn(db, "enrol", "0x0A000002", "--setup-key", SETUP, "--device", f"127.0.0.1:{dev.port}") == 0
+        assert ksn(db, "rotate", "0x0A000002") == 0
+        assert "generation 1 -> 2" in capsys.readouterr().out
+        # a second engine on the same database is refused while serve owns it
+        from tessera.scpm.server import open_engine
+        from tessera.errors import TesseraError
+        with pytest.raises(TesseraError, match="another KSN process"):
+            open_engine(db)
+        # device-requested update through the serving KSN's UDP port
+        with dev.lock:
+            frames = dev.dev.request_update(1, 0)
+        for f in frames:
+            dev.sock.sendto(bytes(f), ("127.0.0.1", port))
+        deadline = time.monotonic() + 10
+        while dev.dev.master.gen != 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert dev.dev.master.gen == 3
+        assert ksn(db, "sync", "0x0A000002") == 0
+        assert "in sync at generation 3" in capsys.readouterr().out
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+    out = logf.read_text()
+    assert proc.returncode == 0, out
+    assert "dropped frame: ERR_" in out
+    assert "Traceback" not in out
+
+
+def test_serve_rotates_on_a_schedule_and_recovers_at_start(tmp_path, dev):
+    import asyncio
+
+    from tessera.scpm.ksn import KsnEngine
+    from tessera.scpm.server import serve
+    from tessera.scpm.store import Store
+
+    db = tmp_path / "k.sqlite"
+    assert ksn(db, "enrol", "0x0A000002", "--setup-key", SETUP, "--device", f"127.0.0.1:{dev.port}") == 0
+    # leave an update half done: MKU_START sent, the KSN gone before the answer arrived,
+    # and a pending key in the store as if the KSN died after persisting it
+    eng = KsnEngine(Store(db))
+    t, sends = eng.rotate(0x0A000002)
+    with dev.lock:
+        dev.dev.receive(sends[0].frame, 0)  # device now PENDING; its answer is lost
+    eng.store.put_device_key(0x0A000002, 4, 0, 2, "pending", bytes(32), t.txid)  # a key the device never agreed
+    eng.store.close()
+    assert dev.dev.pending is not None
+
+    async def go():
+        stop = asyncio.Event()
+        box = {}
+        task = asyncio.create_task(serve(db, "127.0.0.1", 0, every=0.4, stop=stop, timeout=0.3,
+                                         ready=lambda s: box.setdefault("srv", s)))
+        deadline = asyncio.get_running_loop().time() + 20
+        while dev.dev.master.gen < 3 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        return box["srv"]
+
+    srv = asyncio.run(go())
+    # start-up SYNC aborted the foreign pending update (6.4 case 3), then the schedule rotated
+    assert dev.dev.pending is None and dev.dev.master.gen >= 3
+    assert srv.engine.peer(0x0A000002).master == dev.dev.master.gen
