@@ -217,7 +217,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         s = common(ks.add_parser(name, help=helptext, description=f"{helptext.capitalize()} on devices "
                                  "(profile 6.2). The home key is created on first use; --new makes the next "
                                  "generation."))
-        s.add_argument("devices", nargs="*", metavar="ADDRESS")
+        s.add_argument("devices", nargs="*", metavar="ADDRESS", help="device node addresses, e.g. 0x0A000002")
         s.add_argument("--all", action="store_true", help="every enrolled device")
         if kind == "sp":
             s.add_argument("--index", type=int, default=0, choices=range(16), metavar="0-15", help="provider index")
@@ -228,7 +228,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = common(ks.add_parser("rotate", help="update master keys (DH, profile 6.3)",
                              description="Master key update controlled by the KSN, one device, several, or all; "
                              "with --every, repeatedly."))
-    s.add_argument("devices", nargs="*", metavar="ADDRESS")
+    s.add_argument("devices", nargs="*", metavar="ADDRESS", help="device node addresses, e.g. 0x0A000002")
     s.add_argument("--all", action="store_true", help="every enrolled device")
     s.add_argument("--parallel", type=int, default=16, help="updates in flight at once (default 16)")
     s.add_argument("--every", type=float, metavar="SECONDS", help="repeat on this schedule")
@@ -237,7 +237,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     s = common(ks.add_parser("sync", help="key synchronisation (profile 6.4)",
                              description="Ask devices which master key they hold and resolve any unfinished update."))
-    s.add_argument("devices", nargs="*", metavar="ADDRESS")
+    s.add_argument("devices", nargs="*", metavar="ADDRESS", help="device node addresses, e.g. 0x0A000002")
     s.add_argument("--all", action="store_true", help="every device with a master key")
     s.set_defaults(func=cmd_sync)
 
@@ -252,7 +252,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     aps = s.add_subparsers(dest="app_op", metavar="OP", required=True)
     for op in ("get", "set"):
         a = common(aps.add_parser(op, help=f"{op} a property"))
-        a.add_argument("addr", metavar="ADDRESS")
+        a.add_argument("addr", metavar="ADDRESS", help="device node address, e.g. 0x0A000002")
         a.add_argument("prop", type=int, metavar="PROP", help="property number (1 power, 2 tariff, 3 firmware)")
         if op == "set":
             a.add_argument("value", metavar="VALUE", help="value (text, or hex with --hex)")
