@@ -47,14 +47,14 @@ def test_round_trip_every_service_and_kind():
                 p = bytes((i * 7 + n) & 0xFF for i in range(n))
                 f = encode(KSN, DEV, k, snf, p, svc)
                 d = c.decode(f, r)
-                assert bytes(d.padata) == p, (kind, svc, n)
+                assert bytes(d.padata()) == p, (kind, svc, n)
                 assert d.sa == KSN and d.snf == snf and d.service == svc and d.authority == kind
                 assert d.key is k
                 snf += 1
     # plain frames
     c = Codec(DEV)
     d = c.decode(encode(KSN, DEV, None, 0, b"\x01\x00\x01"), Ring([]))
-    assert d.hd == C.HD_PLAIN and bytes(d.padata) == b"\x01\x00\x01" and d.authority == 0
+    assert d.hd == C.HD_PLAIN and bytes(d.padata()) == b"\x01\x00\x01" and d.authority == 0
 
 
 def test_sizes_and_layout():
@@ -127,7 +127,7 @@ def test_tamper_every_byte_then_still_works():
                 assert code in (C.ERR_MAC, C.ERR_SNF, C.ERR_REPLAY, C.ERR_PADDING, C.ERR_BCC, C.ERR_LENGTH, C.ERR_TOO_OLD, C.ERR_OVERSIZE), (svc, i, code)
         # service 2 detects corruption with the BCC (not an integrity guarantee)
         d = c.decode(good, r)
-        assert bytes(d.padata) == b"hello tessera"
+        assert bytes(d.padata()) == b"hello tessera"
 
 
 def test_truncation_every_length():

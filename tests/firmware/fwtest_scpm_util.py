@@ -68,7 +68,7 @@ class MiniKSN:
 
     def open(self, f):
         d = self.codec.decode(f, self)
-        return bytes(d.padata), d
+        return bytes(d.padata()), d
 
     def km(self, op, body=b"", txid=None):
         if txid is None:

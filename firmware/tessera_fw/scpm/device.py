@@ -225,7 +225,7 @@ class Device:
             self._restore(rec)
 
     def _dispatch(self, f, out, now_ms):
-        p = f.padata
+        p = f.padata()
         sa = f.sa
         key = f.key
         txid = _u16(p, 1) if len(p) >= 3 else 0

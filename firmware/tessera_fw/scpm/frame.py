@@ -26,6 +26,7 @@ _MAC = const(16)
 _MAX_ENC = const(1088)  # largest whole-block encrypted part of a 1100-byte ADATA (service 2)
 # service -> SHD byte 1 (cipher id << 4 | MAC id)
 _ALG = (0, 0x01, 0x10, 0x11)
+_ZEROS = tuple(bytes(k) for k in range(16))  # expected padding of k bytes
 
 
 def hmac_sha256(key, *parts):
@@ -173,8 +174,9 @@ def encode(sa, da, key, snf, padata, service=3):
 class Codec:
     """Receiver side of one node. decode() follows the receiver order of section 3 and
     leaves its results in attributes (hd, sa, da, service, key, snf, authority, and
-    `padata`, a memoryview built on access); it raises SCPMError on the first failing
-    check and then nothing has changed.
+    `padata()`, a memoryview built on demand); it raises SCPMError on the first failing
+    check and then nothing has changed, except that padata() is None after a failure
+    found once the frame was copied in (MDAS, padding, PBC, BCC).
 
     `ring` supplies lookup(sa, kind, index, gen) -> Key or None and window(sa, key) ->
     the snf.RxWindow of that peer and key (its check and in-order commit are inlined
@@ -201,17 +203,31 @@ class Codec:
         self._bx = bytearray(32)
         self._bx16 = memoryview(self._bx)[:16]
         self._by = bytearray(16)
+        # the same objects as one tuple: decode() unpacks it into locals in one step
+        # instead of a dozen instance-attribute loads
+        self._bufs = (self._rx, rx, self._v_shd_snf, self._v_sa_da, self._pt, pt, self._tails,
+                      self._ivin, self._iv, self._scratch, self._blind, self._bx, self._bx16,
+                      self._by)
         self.hd = self.sa = self.da = self.service = self.snf = self.authority = 0
         self.key = None
         self._src = None  # buffer holding PADATA: the frame, or the plaintext buffer
         self._off = self._len = 0
         self.persist = False
 
-    @property
+    # A method, not a property: a class with a property makes every attribute store on
+    # its instances look the class up first (about 4x slower in MicroPython), and decode()
+    # stores ten results per frame.
     def padata(self):
+        """The decoded PADATA as a memoryview (valid until the next decode), or None."""
         if self._src is None:
             return None
         return memoryview(self._src)[self._off:self._off + self._len]
+
+    def _spoilt(self, code):
+        # a check after the copy into the receive buffer failed: the previous frame's
+        # PADATA view no longer holds its data (done here, off the success path)
+        self._src = None
+        return SCPMError(code)
 
     def decode(self, data, ring):
         n = len(data)
@@ -224,7 +240,6 @@ class Codec:
             raise SCPMError(ERR_HEADER)
         if (data[9] << 8) | data[10] != n - 11:
             raise SCPMError(ERR_LENGTH)
-        self._src = None
         da = (data[5] << 24) | (data[6] << 16) | (data[7] << 8) | data[8]
         if hd == _HD_PLAIN:
             if da != self.addr:
@@ -252,7 +267,7 @@ class Codec:
         gen = data[14]
         if kind > 4 or (index and kind != 2) or gen == 0:
             raise SCPMError(ERR_SHD)
-        if data[12] != _ALG[svc]:
+        if data[12] != (svc & 1) | ((svc & 2) << 3):  # _ALG[svc], without a global lookup
             raise SCPMError(ERR_ALGORITHM)
         if svc == 1:
             if n < 37:  # 11 + 8 + PBC + MDAS
@@ -273,7 +288,9 @@ class Codec:
             raise SCPMError(ERR_NO_KEY)
         # 3. SNF pre-check
         snf = (data[15] << 24) | (data[16] << 16) | (data[17] << 8) | data[18]
-        win = ring.window(sa, key)
+        win = key.rx.get(sa)  # ring.window() inlined for a known peer
+        if win is None:
+            win = ring.window(sa, key)
         high = win.high  # RxWindow.check, inlined (hot path)
         if snf <= high:
             if snf == 0:
@@ -282,9 +299,8 @@ class Codec:
                 raise SCPMError(ERR_TOO_OLD)
             if snf == high or win.seen[snf & 63]:
                 raise SCPMError(ERR_REPLAY)
-        rx = self._rx
+        rx, mv, v_shd_snf, v_sa_da, pt, ptmv, tails, ivin, iv, scratch, blind, bx, bx16, by = self._bufs
         rx[:n] = data  # no allocation; the views below are preallocated or one per use
-        mv = self._rxmv
         # 4. MDAS
         if svc != 2:
             end = n - 16
@@ -296,44 +312,41 @@ class Codec:
             # and the results are compared; the time of `==` then tells an attacker
             # nothing about how his tag relates to the right one (the same argument as
             # comparing HMACs of the MACs), and it costs two C calls instead of a loop.
-            self._blind.encrypt(o.digest(), self._bx)  # both halves of the 32-byte tag
-            self._blind.encrypt(mv[end:n], self._by)
-            if self._bx16 != self._by:
-                raise SCPMError(ERR_MAC)
+            blind.encrypt(o.digest(), bx)  # both halves of the 32-byte tag
+            blind.encrypt(mv[end:n], by)
+            if bx16 != by:
+                raise self._spoilt(ERR_MAC)
         # 5. decrypt, PBC, PDG, BCC
         if svc == 1:
             pbc = (data[19] << 8) | data[20]
             if pbc > _MAX_PADATA:
-                raise SCPMError(ERR_OVERSIZE)
+                raise self._spoilt(ERR_OVERSIZE)
             if pbc != n - 37:
-                raise SCPMError(ERR_LENGTH)
+                raise self._spoilt(ERR_LENGTH)
             src = rx
             off = 21
         else:
-            ivin = self._ivin
-            ivin[0:8] = self._v_shd_snf  # SHD | SNF | SA | DA
-            ivin[8:16] = self._v_sa_da
-            iv = self._iv
+            ivin[0:8] = v_shd_snf  # SHD | SNF | SA | DA
+            ivin[8:16] = v_sa_da
             key.ecb.encrypt(ivin, iv)
             dec = key.cbc_dec
-            dec.decrypt(iv, self._scratch)  # chain state := IV
-            pt = self._pt
+            dec.decrypt(iv, scratch)  # chain state := IV
             base = _MAX_ENC - enc
-            dec.decrypt(mv[19:19 + enc], self._ptmv[base:])
+            dec.decrypt(mv[19:19 + enc], ptmv[base:])
             pbc = (pt[base] << 8) | pt[base + 1]
             pad = enc - pbc - (4 if svc == 2 else 2)
             if pbc > _MAX_PADATA:
-                raise SCPMError(ERR_OVERSIZE)
+                raise self._spoilt(ERR_OVERSIZE)
             if pad < 0:
-                raise SCPMError(ERR_LENGTH)
+                raise self._spoilt(ERR_LENGTH)
             if pad > 15:  # more than 15 padding bytes: bad block count
-                raise SCPMError(ERR_PADDING)
-            if pad and sum(self._tails[pad]):  # summed in C, no allocation
-                raise SCPMError(ERR_PADDING)
+                raise self._spoilt(ERR_PADDING)
+            if pad and tails[pad] != _ZEROS[pad]:  # compared in C, no allocation
+                raise self._spoilt(ERR_PADDING)
             if svc == 2:
-                d = _sha256(self._ptmv[base:base + 2 + pbc]).digest()
+                d = _sha256(ptmv[base:base + 2 + pbc]).digest()
                 if d[0] != pt[base + 2 + pbc] or d[1] != pt[base + 3 + pbc]:
-                    raise SCPMError(ERR_BCC)
+                    raise self._spoilt(ERR_BCC)
             src = pt
             off = base + 2
         # 6. commit

@@ -36,7 +36,7 @@ def _kat(kind, svc, v):
     if bytes(f) != _u(v[3]):
         raise AssertionError("encode")
     d = Codec(1).decode(_u(v[3]), _Ring(k))
-    if bytes(d.padata) != _u(v[2]):
+    if bytes(d.padata()) != _u(v[2]):
         raise AssertionError("decode")
 
 
