@@ -1,6 +1,13 @@
-# boot.py template: runs before main.py on a real board. Keep it minimal: bring up the
-# network here if the application needs it (credentials come from a config file on the
-# board, never from the firmware image).
+# boot.py template: runs before main.py on a board. It brings the WLAN up when the board
+# has a wlan.json (credentials on the board's filesystem, never in the firmware image; see
+# tessera_fw/net.py); a board without one, or without a radio, boots as before.
 import gc
 
+try:
+    from tessera_fw import net
+
+    net.wlan_up()
+except Exception as e:  # never stop the boot: main.py and the REPL must stay reachable
+    print("boot: network not up:", e)
+net = None
 gc.collect()

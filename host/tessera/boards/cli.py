@@ -136,7 +136,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     q = s.add_parser("deploy", help="compile and copy the firmware to a board, with progress")
     _add_target(q, need_board=True)
-    q.add_argument("--main", action="store_true", help="also install firmware/main.py as the boot application")
+    q.add_argument("--main", action="store_true", help="also install firmware/boot.py (WLAN from wlan.json) and main.py (self-test, then SCPM when scpm.json exists)")
     q.set_defaults(func=cmd_deploy)
 
     q = s.add_parser("selftest", help="run the firmware self-test on the board")

@@ -33,7 +33,8 @@ def deploy(target: Target, with_main: bool = False) -> build.BuildResult:
     result = build.compile_firmware(arch)
     build.check_budget(target.profile, result)
     files = [(result.out_dir / rel, f"lib/{rel}") for rel, _ in result.files]
-    if with_main:
+    if with_main:  # the boot application: boot.py (WLAN from wlan.json) and main.py
+        files.append((firmware_dir() / "boot.py", "boot.py"))
         files.append((firmware_dir() / "main.py", "main.py"))
     log.info("deploying %d files (%d bytes of .mpy, %s) to %s", len(files), result.total,
              arch or "portable bytecode", target.port)
