@@ -105,3 +105,126 @@ def test_config_file():
         assert udp.load_config("/tmp/does-not-exist.json") is None
     finally:
         os.remove(path)
+
+
+def test_config_errors_name_the_problem():
+    import os
+
+    path = "/tmp/fwtest_scpm_cfg2.json"
+    cases = (("not json", "JSON"), ("[1]", "object"), ('{"setup_key": "404142434445464748494a4b4c4d4e4f"}', "address"),
+             ('{"address": "zz", "setup_key": "404142434445464748494a4b4c4d4e4f"}', "address"),
+             ('{"address": "0a000002"}', "setup_key"), ('{"address": "0a000002", "setup_key": "4g"}', "setup_key"),
+             ('{"address": 0, "setup_key": "404142434445464748494a4b4c4d4e4f"}', "non-zero"))
+    try:
+        for text, word in cases:
+            with open(path, "w") as f:
+                f.write(text)
+            try:
+                udp.load_config(path)
+            except ValueError as e:
+                assert word in str(e) and path in str(e), (text, str(e))
+                assert "4041424344" not in str(e)
+            else:
+                raise AssertionError("accepted: " + text)
+    finally:
+        os.remove(path)
+
+
+def test_run_waits_on_the_socket_and_answers():
+    # the asyncio loop: an idle device sleeps in asyncio's I/O queue (a few wake-ups for
+    # the timers), and a datagram that arrives is answered without waiting for a tick
+    import asyncio
+
+    gc.collect()
+    d = Device(DEV, SETUP)
+    u = _bind(d)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.bind(socket.getaddrinfo("127.0.0.1", 0)[0][-1])
+    client.setblocking(False)
+    ksn = MiniKSN()
+    got = []
+
+    async def scenario():
+        task = asyncio.create_task(u.run())
+        await asyncio.sleep_ms(350)
+        idle = u.wakeups
+        client.sendto(ksn.frame(None, ksn.km(C.OP_ENROL_HELLO)), socket.getaddrinfo("127.0.0.1", u.port)[0][-1])
+        t0 = time.ticks_ms()
+        while time.ticks_diff(time.ticks_ms(), t0) < 1000 and not got:
+            try:
+                got.append(client.recvfrom(1200)[0])
+            except OSError:
+                await asyncio.sleep_ms(1)
+        u.running = False
+        await task
+        return idle, time.ticks_diff(time.ticks_ms(), t0)
+
+    try:
+        idle, took = asyncio.run(scenario())
+    finally:
+        client.close()
+        u.close()
+    assert got and ksn.open(got[0])[0][0] == C.OP_ENROL_CHALLENGE
+    assert 1 <= idle <= 8, idle  # 350 ms idle: about 4 wake-ups, not 70 polls
+    assert u.rx == 1 and u.tx == 1
+
+
+def test_loop_interrupted_from_the_scheduler_then_restarted():
+    # Ctrl-C on a board lands in asyncio's scheduler while run() is parked in the I/O
+    # queue. close() must take the socket (and with it the parked task, the adapter and
+    # its device) out of asyncio's I/O queue, and a new adapter on the same port in a new
+    # loop must serve.
+    import asyncio
+
+    gc.collect()
+    q = asyncio.core._io_queue
+    real = q.wait_io_event
+    state = {"n": 0}
+
+    def interrupting(dt):
+        state["n"] += 1
+        if state["n"] == 3:
+            raise KeyboardInterrupt
+        return real(dt)
+
+    u = _bind(Device(DEV, SETUP))
+    port = u.port
+    q.wait_io_event = interrupting
+    try:
+        asyncio.run(u.run())
+        raise AssertionError("the loop was not interrupted")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        q.wait_io_event = real
+        u.close()
+    assert state["n"] == 3
+    assert not q.map, "the interrupted adapter is still held by asyncio's I/O queue"
+    u = None
+    asyncio.new_event_loop()
+    u2 = udp.UDPDevice(Device(DEV, SETUP), "127.0.0.1", port)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.bind(socket.getaddrinfo("127.0.0.1", 0)[0][-1])
+    client.setblocking(False)
+    ksn = MiniKSN()
+    got = []
+
+    async def serve():
+        task = asyncio.create_task(u2.run())
+        await asyncio.sleep_ms(20)
+        client.sendto(ksn.frame(None, ksn.km(C.OP_ENROL_HELLO)), socket.getaddrinfo("127.0.0.1", port)[0][-1])
+        t0 = time.ticks_ms()
+        while time.ticks_diff(time.ticks_ms(), t0) < 1500 and not got:
+            try:
+                got.append(client.recvfrom(1200)[0])
+            except OSError:
+                await asyncio.sleep_ms(2)
+        u2.running = False
+        await task
+
+    try:
+        asyncio.run(serve())
+    finally:
+        client.close()
+        u2.close()
+    assert got and ksn.open(got[0])[0][0] == C.OP_ENROL_CHALLENGE

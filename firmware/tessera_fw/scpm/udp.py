@@ -1,7 +1,9 @@
 # UDP adapter (docs/scpm-profile.md section 9): one general frame per datagram, default
-# port 24767. MicroPython's asyncio has no datagram endpoints, so the socket is
-# non-blocking and polled from a coroutine. Runs on ESP32/RP2040 (after the network is
-# up) and on the unix port (virtual boards, 127.0.0.1).
+# port 24767. MicroPython's asyncio has no datagram endpoints: the socket is non-blocking
+# and the coroutine sleeps in asyncio's I/O queue until a datagram arrives (the wait its
+# streams use), waking at least every _TICK_MS for the timers; where that queue is not
+# there (CPython) it polls every _IDLE_MS. Runs on ESP32/RP2040 (after the network is up)
+# and on the unix port (virtual boards, 127.0.0.1).
 #
 # Configuration: scpm.json on the board filesystem, e.g.
 #   {"address": "0a000002", "setup_key": "<32 hex digits>", "port": 24767,
@@ -22,6 +24,7 @@ from tessera_fw.scpm.const import PORT
 
 CONFIG = "scpm.json"
 _IDLE_MS = 5
+_TICK_MS = 100  # MKU_REQUEST retries (5 s) are checked at least this often
 
 
 def ticks_ms():
@@ -32,17 +35,47 @@ def ticks_ms():
 
 
 def load_config(path=CONFIG):
+    """The device configuration, or None when there is no file. A file that is there but
+    wrong raises ValueError naming the problem (never the key's value)."""
     try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except (OSError, ValueError):
+        f = open(path)
+    except OSError:
         return None
-    a = cfg.get("address")
-    cfg["address"] = int(a, 16) if isinstance(a, str) else int(a)
-    cfg["setup_key"] = unhexlify(cfg["setup_key"])
-    if len(cfg["setup_key"]) != 16 or not cfg["address"]:
-        raise ValueError("scpm.json: address must be non-zero and setup_key 32 hex digits")
+    try:
+        cfg = json.load(f)
+    except ValueError:
+        raise ValueError(path + ": not valid JSON")
+    finally:
+        f.close()
+    if not isinstance(cfg, dict):
+        raise ValueError(path + ": must be a JSON object")
+    try:
+        a = cfg["address"]
+        cfg["address"] = int(a, 16) if isinstance(a, str) else int(a)
+    except (KeyError, ValueError, TypeError):
+        raise ValueError(path + ": \"address\" must be 8 hex digits")
+    try:
+        cfg["setup_key"] = unhexlify(cfg["setup_key"])
+    except (KeyError, ValueError, TypeError):
+        cfg["setup_key"] = b""
+    if len(cfg["setup_key"]) != 16:
+        raise ValueError(path + ": \"setup_key\" must be 32 hex digits")
+    if not 0 < cfg["address"] < 0x100000000:
+        raise ValueError(path + ": \"address\" must be non-zero and fit 32 bits")
     return cfg
+
+
+def _readable(s):
+    # a generator, so that MicroPython can await it: park the task in asyncio's I/O queue
+    # until `s` is readable (what asyncio's Stream.read does before reading)
+    yield asyncio.core._io_queue.queue_read(s)
+
+
+def _can_wait():
+    try:
+        return callable(asyncio.core._io_queue.queue_read) and callable(asyncio.wait_for_ms)
+    except AttributeError:
+        return False
 
 
 def make_device(cfg, root=""):
@@ -75,6 +108,7 @@ class UDPDevice:
         self.rx = self.tx = self.faults = 0
         self.log = log
         self.running = True
+        self.wakeups = 0  # passes of run()'s loop (idle ones included)
 
     def _send(self, frames, addr):
         for f in frames:
@@ -113,12 +147,32 @@ class UDPDevice:
         self._send(self.dev.request_update(reason, ticks_ms()), self.ksn_addr)
 
     async def run(self):
+        wait = _can_wait()
+        self.wakeups = 0
         while self.running:
-            if not self.poll():
+            self.wakeups += 1
+            if self.poll():
+                continue
+            if wait:
+                try:
+                    await asyncio.wait_for_ms(_readable(self.sock), _TICK_MS)
+                except asyncio.TimeoutError:
+                    pass
+            else:
                 await _sleep_ms(_IDLE_MS)
 
     def close(self):
         self.running = False
+        # A loop stopped from outside (Ctrl-C lands in the scheduler, not in run()) leaves
+        # this socket registered in asyncio's I/O queue, and through it the parked task,
+        # this adapter and its device (kilobytes of buffers): a new device started from
+        # the REPL then ran out of heap on the esp32 budget. Unregister before closing.
+        try:
+            q = asyncio.core._io_queue
+            if id(self.sock) in q.map:
+                q._dequeue(self.sock)
+        except (AttributeError, KeyError, OSError, ValueError):
+            pass
         self.sock.close()
 
 
@@ -148,4 +202,8 @@ def main():
         asyncio.run(u.run())
     finally:
         u.close()
+        try:  # after Ctrl-C, drop the interrupted loop's tasks so the REPL starts clean
+            asyncio.new_event_loop()
+        except AttributeError:
+            pass
     return u
