@@ -636,7 +636,9 @@ class Received:
     da: int
     shd: SecureHeader | None  # None for a plain frame (authority 0)
     snf: int
-    padata: bytes
+    # decrypted PADATA: key-management PDUs carry keys, so it stays out of repr (and so
+    # out of logs and tracebacks); decode_pdu() gives a repr that hides the key fields
+    padata: bytes = field(repr=False)
 
     @property
     def authority(self) -> int:
