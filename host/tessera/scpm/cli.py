@@ -22,8 +22,15 @@ from tessera.scpm.store import Store, default_db
 log = logging.getLogger("tessera.scpm")
 
 
-def _db(args: argparse.Namespace) -> Path:
-    return Path(args.db) if args.db else default_db()
+def _db(args: argparse.Namespace, create: bool = False) -> Path:
+    """The KSN database. Only `serve` and `enrol` may create it: every other command on a
+    path that holds none is a typo, and must not leave an empty database (and a new
+    storage key) behind."""
+    db = Path(args.db) if args.db else default_db()
+    if not create and not db.exists():
+        raise TesseraError(f"no KSN database at {db} (`tessera ksn enrol` or `tessera ksn serve` creates one; "
+                           "--db chooses another)")
+    return db
 
 
 def _endpoint(s: str) -> tuple[str, int]:
@@ -36,9 +43,9 @@ def _endpoint(s: str) -> tuple[str, int]:
         raise TesseraError(f"bad port in {s!r}") from None
 
 
-def run_op(args: argparse.Namespace, op: str, op_args: dict):
+def run_op(args: argparse.Namespace, op: str, op_args: dict, create: bool = False):
     """Run one operation on the serving KSN if there is one, else in this process."""
-    db = _db(args)
+    db = _db(args, create)
     ctl = control_path(db)
 
     async def main():
@@ -80,7 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   f"database {server.engine.store.path}" + (f", rotating every {args.every:g} s" if args.every else ""),
                   flush=True)
 
-        await serve(_db(args), args.host, args.port, parse_addr(args.address), args.every, ready, stop,
+        await serve(_db(args, create=True), args.host, args.port, parse_addr(args.address), args.every, ready, stop,
                     args.timeout, args.retries)
 
     asyncio.run(main())
@@ -90,7 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_enrol(args: argparse.Namespace) -> int:
     host, port = _endpoint(args.device)
     run_op(args, "enrol", {"addr": parse_addr(args.addr), "setup_key": args.setup_key, "host": host,
-                           "port": port, "name": args.name or ""})
+                           "port": port, "name": args.name or ""}, create=True)
     return 0
 
 

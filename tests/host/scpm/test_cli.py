@@ -54,13 +54,18 @@ def test_cli_in_process(tmp_path, dev, capsys):
 
 
 def test_cli_errors_are_clean(tmp_path, capsys, caplog):
-    db = tmp_path / "k.sqlite"
-    assert ksn(db, "rotate", "0x0A000009") == 2
+    db = tmp_path / "sub" / "k.sqlite"
+    # only serve and enrol create a database: a mistyped --db is an error, not a new KSN
+    for cmd in (["rotate", "0x0A000009"], ["sync", "--all"], ["app", "get", "0x0A000009", "1"]):
+        assert ksn(db, *cmd) == 2, cmd
+    assert main(["ksn", "list", "--db", str(db)]) == 2
+    assert "no KSN database at" in caplog.text and not db.parent.exists()
     assert ksn(db, "enrol", "0x0", "--setup-key", SETUP, "--device", "127.0.0.1:9") == 2
     assert ksn(db, "enrol", "0x5", "--setup-key", "abc", "--device", "127.0.0.1:9") == 2
     assert ksn(db, "enrol", "0x5", "--setup-key", SETUP, "--device", "nowhere") == 2
     # a device that never answers: the enrolment times out with a clear message
     assert ksn(db, "enrol", "0x5", "--setup-key", SETUP, "--device", "127.0.0.1:9") == 2
+    assert ksn(db, "rotate", "0x0A000009") == 2
     assert "unknown device" in caplog.text and "out of range" in caplog.text and "no answer" in caplog.text
     with pytest.raises(SystemExit):
         main(["ksn", "--help"])
