@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import PurePosixPath
 from pathlib import Path
@@ -31,16 +32,29 @@ class Remote:
         """Run one mpremote invocation; stream stdout lines to on_line; return stdout."""
         proc = subprocess.Popen(self._argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         lines: list[str] = []
+        # The deadline covers the whole call: a board that never answers leaves mpremote
+        # (and the read below) blocked, so a timer kills it.
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            proc.kill()
+
+        timer = threading.Timer(self.timeout, expire)
+        timer.daemon = True
+        timer.start()
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
                 lines.append(line)
                 if on_line:
                     on_line(line.rstrip("\n"))
-            proc.wait(self.timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise TesseraError(f"mpremote on {self.port} timed out after {self.timeout:.0f}s") from None
+            proc.wait()
+        finally:
+            timer.cancel()
+        if expired.is_set():
+            raise TesseraError(f"mpremote on {self.port} timed out after {self.timeout:.0f}s (is the board "
+                               "busy with Ctrl-C disabled, or not a MicroPython board?)")
         err = proc.stderr.read() if proc.stderr else ""
         if proc.returncode != 0:
             tail = (err or "".join(lines)).strip().splitlines()[-5:]

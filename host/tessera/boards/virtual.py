@@ -217,6 +217,11 @@ def serve(board: str, directory: Path) -> int:
             if proc.poll() is not None and not stopping:
                 # The interpreter ended (soft reset, sys.exit, crash): reboot the "board".
                 print(f"interpreter exited with {proc.returncode}; rebooting", flush=True)
+                # The REPL turns ISIG off while it waits for input and restores it on a clean
+                # exit only: after a power cut (SIGKILL) in the REPL the console would stay
+                # without ISIG, and mpremote's Ctrl-C could no longer stop main.py. A board's
+                # UART has no such memory, so reset the console mode as a reboot does.
+                _console_mode(dev_slave)
                 proc = _spawn(interp, prof.heapsize_arg, fs, dev_slave, boot)
                 boots += 1
                 write_state()

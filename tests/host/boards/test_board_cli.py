@@ -1,6 +1,8 @@
 """`tessera board` against virtual boards: the same code path as a real board on a port."""
 import json
+import os
 import re
+import signal
 import time
 
 import pytest
@@ -155,6 +157,17 @@ def test_virtual_board_runs_main_py_at_boot_and_mpremote_interrupts_it(tessera_v
             time.sleep(0.05)
         assert alive.exists(), "main.py did not run at boot"
         assert r.exec("print(6 * 7)").strip() == "42"  # main.py was interrupted, REPL answered
+        # a power cut while the REPL holds the console in raw mode (no ISIG): the next boot
+        # must get a console on which Ctrl-C is a signal again
+        st = vb.state()
+        alive.unlink()
+        os.kill(st["interp_pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while not alive.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert vb.state()["boots"] == st["boots"] + 1 and alive.exists(), "main.py did not run after the power cut"
+        r.timeout = 10
+        assert r.exec("print(6 * 7)").strip() == "42"
     finally:
         vb.stop()
 
