@@ -15,6 +15,9 @@ def available(name):
 
 
 class HMAC:
+    """`ipad`/`opad` are the padded keys (K xor 0x36.., K xor 0x5C..), public so that a hot
+    path can restart the two hashes itself without a method call."""
+
     def __init__(self, key, hash_name="sha256"):
         h = getattr(hashlib, hash_name, None)
         if h is None:
@@ -28,17 +31,17 @@ class HMAC:
             k = key[i] if i < len(key) else 0
             ipad[i] = k ^ 0x36
             opad[i] = k ^ 0x5C
-        self._ipad = bytes(ipad)
-        self._opad = bytes(opad)
+        self.ipad = bytes(ipad)
+        self.opad = bytes(opad)
         self.digest_size = len(h(b"").digest())
 
     def digest(self, *parts):
         """MAC over the concatenation of `parts` (bytes, bytearray or memoryview)."""
-        h = self._h(self._ipad)
+        h = self._h(self.ipad)
         for p in parts:
             h.update(p)
         inner = h.digest()
-        h = self._h(self._opad)
+        h = self._h(self.opad)
         h.update(inner)
         return h.digest()
 

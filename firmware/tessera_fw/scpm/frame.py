@@ -11,6 +11,7 @@ except ImportError:  # firmware older than v1.19
     import ucryptolib as cryptolib
 from micropython import const
 
+from tessera_fw.crypto.hmac import HMAC
 from tessera_fw.scpm.const import (
     ERR_ALGORITHM, ERR_BCC, ERR_HEADER, ERR_LENGTH, ERR_MAC, ERR_NO_KEY, ERR_NOT_FOR_ME,
     ERR_OVERSIZE, ERR_PADDING, ERR_REPLAY, ERR_SHD, ERR_SNF, ERR_TOO_OLD, ERR_TRUNCATED,
@@ -31,32 +32,7 @@ _ZEROS = tuple(bytes(k) for k in range(16))  # expected padding of k bytes
 
 def hmac_sha256(key, *parts):
     """One-shot HMAC-SHA-256 (RFC 2104) for key set-up and key management (not the hot path)."""
-    if len(key) > 64:
-        key = _sha256(key).digest()
-    ipad = bytearray(64)
-    opad = bytearray(64)
-    for i in range(len(key)):
-        ipad[i] = key[i]
-        opad[i] = key[i]
-    for i in range(64):
-        ipad[i] ^= 0x36
-        opad[i] ^= 0x5C
-    h = _sha256(ipad)
-    for p in parts:
-        h.update(p)
-    o = _sha256(opad)
-    o.update(h.digest())
-    return o.digest()
-
-
-def ct_equal(a, b):
-    """Constant-time comparison: time depends only on the lengths."""
-    if len(a) != len(b):
-        return False
-    r = 0
-    for i in range(len(a)):
-        r |= a[i] ^ b[i]
-    return r == 0
+    return HMAC(key).digest(*parts)
 
 
 def next_gen(gen):
@@ -76,15 +52,9 @@ class Key:
         self.gen = gen
         self.key = bytes(key)
         self.k_enc = hmac_sha256(key, b"SCPM-ENC")[:16]
-        k_mac = hmac_sha256(key, b"SCPM-MAC")
-        ipad = bytearray(64)
-        opad = bytearray(64)
-        for i in range(64):
-            k = k_mac[i] if i < 32 else 0
-            ipad[i] = k ^ 0x36
-            opad[i] = k ^ 0x5C
-        self.ipad = bytes(ipad)
-        self.opad = bytes(opad)
+        m = HMAC(hmac_sha256(key, b"SCPM-MAC"))
+        self.ipad = m.ipad  # the MAC's padded keys, for decode()'s inlined HMAC
+        self.opad = m.opad
         self.ecb = cryptolib.aes(self.k_enc, 1)  # IV computation (encrypt only)
         self.rx = {}  # peer address -> RxWindow (owner's bookkeeping)
         self.tx = {}  # peer address -> TxCounter

@@ -3,7 +3,8 @@
 # compiling either from source fits a board heap.
 from tessera_fw.scpm import const as C
 from tessera_fw.scpm.const import SCPMError
-from tessera_fw.scpm.frame import Key, ct_equal, hmac_sha256, next_gen
+from tessera_fw.crypto.hmac import ct_equal
+from tessera_fw.scpm.frame import Key, hmac_sha256, next_gen
 
 IDLE = "IDLE"
 PENDING = "PENDING"
