@@ -13,11 +13,13 @@ Run the bridge with `python -m tessera.boards.virtual --board esp32 --dir DIR`; 
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import termios
@@ -103,6 +105,44 @@ class VirtualBoard:
             time.sleep(0.05)
         os.kill(st["pid"], signal.SIGKILL)
         return True
+
+    def power_cut(self, wait_udp_port: int | None = None, timeout: float = 15.0) -> None:
+        """Kill the interpreter as a power cut would (no clean-up of any kind) and wait
+        until the bridge has booted it again and, if given, the firmware has bound its
+        UDP port on 127.0.0.1 again."""
+        st = self.state()
+        if not st:
+            raise TesseraError(f"virtual board {self.name!r} is not running")
+        try:
+            os.kill(st["interp_pid"], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            now = self.state()
+            if now and now.get("boots", 0) > st.get("boots", 0) and (
+                    wait_udp_port is None or udp_port_bound(wait_udp_port)):
+                return
+            time.sleep(0.05)
+        raise TesseraError(f"virtual board {self.name!r} did not come back after a power cut; "
+                           f"see {self.dir / 'bridge.log'}")
+
+
+def free_udp_port() -> int:
+    """A UDP port on 127.0.0.1 that nothing holds right now (for a virtual board's firmware)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def udp_port_bound(port: int) -> bool:
+    """Whether something (a virtual board's firmware) holds UDP `port` on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            return e.errno == errno.EADDRINUSE
+        return False
 
 
 def running_boards() -> list[tuple[VirtualBoard, dict]]:

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 import os
 import shutil
-import signal
-import socket
 import time
 
-from tessera.boards.virtual import VirtualBoard
+from tessera.boards.virtual import VirtualBoard, free_udp_port
 from tessera.demo import DemoContext
 from tessera.paths import firmware_dir
 from tessera.scpm import codec as C
@@ -30,42 +27,12 @@ TITLE = "SCPM: key setting node enrols boards, rotates master keys, refuses repl
 ORDER = 10
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _bound(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError as e:
-            return e.errno == errno.EADDRINUSE
-        return False
-
-
-def _reboot(vb: VirtualBoard, port: int | None, timeout: float = 15.0) -> None:
-    st = vb.state()
-    if not st:
-        raise RuntimeError(f"virtual board {vb.name} is not running")
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(st["interp_pid"], signal.SIGKILL)  # power cut; the bridge boots it again
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        now = vb.state()
-        if now and now.get("boots", 0) > st.get("boots", 0) and (port is None or _bound(port)):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"{vb.name} did not come back after a reboot")
-
-
 class _Device:
     def __init__(self, name: str, target, addr: int, ksn_port: int) -> None:
         self.name, self.target, self.addr = name, target, addr
         self.vb = VirtualBoard(f"demo-{name}", target.profile.name)
         self.setup = os.urandom(16)  # the label of a factory-fresh device
-        self.port = _free_port()
+        self.port = free_udp_port()
         cfg = {"address": f"{addr:08x}", "setup_key": self.setup.hex(), "port": self.port, "bind": "127.0.0.1",
                "ksn_host": "127.0.0.1", "ksn_port": ksn_port}
         (self.vb.fs / "scpm.json").write_text(json.dumps(cfg))
@@ -76,17 +43,17 @@ class _Device:
         for f in ("main.py", "scpm.json"):
             with contextlib.suppress(FileNotFoundError):
                 (self.vb.fs / f).unlink()
-        _reboot(self.vb, None)
+        self.vb.power_cut()
 
 
 def run(ctx: DemoContext) -> None:
     if not ctx.boards:
         raise RuntimeError("no virtual boards (the board scenario must run first)")
-    ksn_port = _free_port()
+    ksn_port = free_udp_port()
     devices = [_Device(name, t, 0x0A000101 + i, ksn_port) for i, (name, t) in enumerate(sorted(ctx.boards.items()))]
     try:
         for d in devices:
-            _reboot(d.vb, d.port)
+            d.vb.power_cut(d.port)
             ctx.step(f"{d.name}: SCPM device {fmt_addr(d.addr)} up on udp 127.0.0.1:{d.port} (main.py, scpm.json)")
         asyncio.run(asyncio.wait_for(_scenario(ctx, devices, ksn_port), 120))
     finally:

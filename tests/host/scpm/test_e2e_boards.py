@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 import os
 import signal
 import socket
-import time
 
 import pytest
 
 from tessera.boards import ops, profile
-from tessera.boards.virtual import VirtualBoard
+from tessera.boards.virtual import VirtualBoard, free_udp_port
 from tessera.scpm import codec as C
 from tessera.scpm.codec import ErrorCode, KeyKind
 from tessera.scpm.ksn import KsnEngine
@@ -26,21 +24,6 @@ from tessera.scpm.store import Store
 
 pytestmark = pytest.mark.slow
 SKEY = bytes(range(32))
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_bound(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError as e:
-            return e.errno == errno.EADDRINUSE
-        return False
 
 
 class Killed(Exception):
@@ -52,7 +35,7 @@ class Board:
         self.vb = VirtualBoard(f"scpm-e2e-{prof}", prof)
         self.addr = addr
         self.setup = os.urandom(16)
-        self.port = free_port()
+        self.port = free_udp_port()
         self.ksn_port = ksn_port
         self.target: ops.Target | None = None
         self.bridge_pid = 0
@@ -69,22 +52,12 @@ class Board:
 
     def reboot(self, timeout: float = 15.0) -> None:
         """Power cut: kill the interpreter; the bridge boots it again and main.py starts."""
-        st = self.vb.state()
-        assert st, "virtual board not running"
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(st["interp_pid"], signal.SIGKILL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            now = self.vb.state()
-            if now and now.get("boots", 0) > st.get("boots", 0) and port_bound(self.port):
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"{self.vb.name} did not come back; see {self.vb.dir / 'bridge.log'}")
+        self.vb.power_cut(self.port, timeout)
 
 
 @pytest.fixture(scope="module")
 def boards(tessera_var):
-    ksn_port = free_port()
+    ksn_port = free_udp_port()
     bs = [Board(p.name, p.name, 0x0A000100 + i, ksn_port) for i, p in enumerate(profile.load_all())]
     try:
         for b in bs:
