@@ -1,8 +1,9 @@
 # Device key store (docs/scpm-profile.md section 10): two slot files, each
 #   seq(4) | len(2) | record | SHA-256(seq | len | record)[0:8]
-# A write goes to the slot not holding the current state with seq + 1; on load the valid
-# slot with the highest seq wins, so a power cut at any instant leaves the old or the new
-# state. The record itself is JSON (device.py decides its fields).
+# A write goes to the slot not holding the current state with seq + 1 (mod 2^32); on load
+# the valid slot with the newer seq wins (serial-number order, RFC 1982, so 0 follows
+# 0xFFFFFFFF), and a power cut at any instant leaves the old or the new state. The record
+# itself is JSON (device.py decides its fields).
 import hashlib
 import json
 
@@ -69,6 +70,11 @@ class MemFS:
         self.files.pop(name, None)
 
 
+def newer(a, b):
+    """Serial-number order on 32 bits: a follows b (within half the circle)."""
+    return 0 < ((a - b) & 0xFFFFFFFF) < 0x80000000
+
+
 def pack(seq, record):
     n = len(record)
     head = bytes(((seq >> 24) & 0xFF, (seq >> 16) & 0xFF, (seq >> 8) & 0xFF, seq & 0xFF, n >> 8, n & 0xFF))
@@ -103,7 +109,7 @@ class Store:
         best = None
         for i in range(2):
             r = unpack(self.fs.read(_SLOTS[i]))
-            if r is not None and (best is None or r[0] > best[0]):
+            if r is not None and (best is None or newer(r[0], best[0])):
                 best = (r[0], r[1], i)
         if best is None:
             self.seq, self.slot = 0, -1
