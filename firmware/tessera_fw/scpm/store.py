@@ -76,11 +76,20 @@ def newer(a, b):
 
 
 def pack(seq, record):
+    # built in one buffer: no intermediate concatenations (a slot image is about 900 bytes,
+    # and the heap of a small board is fragmented by then)
     n = len(record)
-    head = bytes(((seq >> 24) & 0xFF, (seq >> 16) & 0xFF, (seq >> 8) & 0xFF, seq & 0xFF, n >> 8, n & 0xFF))
-    h = hashlib.sha256(head)
-    h.update(record)
-    return head + record + h.digest()[:_TAG]
+    out = bytearray(6 + n + _TAG)
+    out[0] = (seq >> 24) & 0xFF
+    out[1] = (seq >> 16) & 0xFF
+    out[2] = (seq >> 8) & 0xFF
+    out[3] = seq & 0xFF
+    out[4] = n >> 8
+    out[5] = n & 0xFF
+    out[6:6 + n] = record
+    mv = memoryview(out)
+    out[6 + n:] = hashlib.sha256(mv[:6 + n]).digest()[:_TAG]
+    return out
 
 
 def unpack(blob):
