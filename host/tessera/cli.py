@@ -30,8 +30,8 @@ def _command_modules():
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tessera",
-        description="Tessera: SCPM key setting node, RMCP-2 session manager, ASM peer, "
-        "BCAST SP-4 over SimulCrypt, and MicroPython board tooling.",
+        description="Tessera: SCPM key setting node, ASM peer, "
+        "BCAST SP-4 over SimulCrypt, and MicroPython board tooling (the RMCP-2 part is not built yet).",
     )
     parser.add_argument("--version", action="version", version=f"tessera {tessera.__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
