@@ -141,6 +141,27 @@ def test_key_inits_and_app_authority():
     assert p[3] == C.ERR_WRONG_KSN
     # a master-key frame from another node does not even find a key
     assert d.receive(ksn.frame(m, ksn.km(C.OP_SYNC_REQ, bytes(16)), sa=0x0B000001)) == []
+    # the application hooks are told the frame's authority, and see only requests that
+    # passed the property's level
+    calls = []
+
+    def on_set(name, value, authority):
+        calls.append(("set", name, value, authority))
+        return C.ERR_MALFORMED if value == b"\xff\xff" else 0  # the application's own check
+
+    def on_get(name, authority):
+        calls.append(("get", name, authority))
+        return b"\x2a" if name == "power" else None  # a live reading
+
+    d.on_set, d.on_get = on_set, on_get
+    assert app(spk, C.OP_APP_SET, b"\x02\x01\x02")[4:] == b"\x00\x01\x02"
+    assert app(mak, C.OP_APP_SET, b"\x02\xff\xff")[4:] == bytes((C.ERR_MALFORMED,))  # refused
+    assert d.get_prop("tariff") == b"\x01\x02"  # left as it was
+    assert app(user, C.OP_APP_SET, b"\x02\x05\x05")[4] == C.ERR_AUTHORITY  # never reaches on_set
+    assert app(user, C.OP_APP_GET, b"\x01")[4:] == b"\x00\x2a"
+    assert app(mak, C.OP_APP_GET, b"\x02")[4:] == b"\x00\x01\x02"
+    assert calls == [("set", "tariff", b"\x01\x02", C.KIND_SP), ("set", "tariff", b"\xff\xff", C.KIND_MAKER),
+                     ("get", "power", C.KIND_USER), ("get", "tariff", C.KIND_MAKER)]
 
 
 def test_pdu_vectors():

@@ -51,7 +51,14 @@ class Device:
             self.props[pid] = [name, rd, wr, bytes(val)]
         self.errors = {}
         self.events = []  # (name, detail) for the application: enrolled, mku_committed, ...
-        self.on_set = None  # callback(prop_name, value) after an accepted APP_SET
+        # Application hooks (profile section 7). Both are called only for a request whose key
+        # has the property's level; `authority` is the frame's key kind (1 user, 2 service
+        # provider, 3 maker, 4 master), so the application can tell who asked.
+        #   on_get(name, authority) -> current value (bytes), or None for the stored value
+        #   on_set(name, value, authority) -> 0 to accept, or an ERR_* code to refuse
+        #     (the stored value is then left as it was)
+        self.on_get = None
+        self.on_set = None
         self.log = None  # callback(str) for each counted error, e.g. print
         self.store_errors = 0
         self.mku_state = IDLE
@@ -295,23 +302,28 @@ class Device:
 
     # ------------------------------------------------------------------ application
     def _app(self, op, txid, p, authority):
-        n = len(p)
-        pid = p[3] if n > 3 else 0
+        pid = p[3] if len(p) > 3 else 0
         status = 0
         value = b""
-        if True:
-            prop = self.props.get(pid)
-            if prop is None:
-                status = C.ERR_UNKNOWN_OP
-            elif authority < (prop[1] if op == C.OP_APP_GET else prop[2]):
-                status = C.ERR_AUTHORITY
-            elif op == C.OP_APP_SET:
-                prop[3] = bytes(p[4:])
-                value = prop[3]
-                if self.on_set is not None:
-                    self.on_set(prop[0], value)
+        prop = self.props.get(pid)
+        if prop is None:
+            status = C.ERR_UNKNOWN_OP
+        elif authority < (prop[1] if op == C.OP_APP_GET else prop[2]):
+            status = C.ERR_AUTHORITY  # refused before the application sees it
+        elif op == C.OP_APP_SET:
+            value = bytes(p[4:])
+            if self.on_set is not None:
+                status = self.on_set(prop[0], value, authority) or 0
+            if status:
+                value = b""
             else:
-                value = prop[3]
+                prop[3] = value
+        else:
+            value = prop[3]
+            if self.on_get is not None:
+                live = self.on_get(prop[0], authority)
+                if live is not None:
+                    value = bytes(live)
         if status:
             self._count(status)
         return bytes((C.OP_APP_RESULT, txid >> 8, txid & 0xFF, pid, status)) + value
