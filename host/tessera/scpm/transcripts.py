@@ -53,6 +53,20 @@ class Recorder:
         return b
 
 
+def _first(match: Callable[[str, bytes], bool]) -> Callable[[str, bytes], bool]:
+    """Only the first frame that `match` picks."""
+    seen = 0
+
+    def lost(who: str, frame: bytes) -> bool:
+        nonlocal seen
+        if not match(who, frame):
+            return False
+        seen += 1
+        return seen == 1
+
+    return lost
+
+
 class Scenario:
     def __init__(self, name: str, workdir: Path) -> None:
         self.name = name
@@ -124,6 +138,12 @@ class Scenario:
         self.clock.t = max(self.clock.t, nd if nd is not None else self.clock.t)
         self.pump(self.ksn.poll())
 
+    def rotate_losing(self, lost: Callable[[str, bytes], bool]) -> None:
+        """A master key update during which the frames `lost(who, frame)` picks vanish."""
+        self.drop = lost
+        self.call("rotate")
+        self.drop = lambda who, frame: False
+
     def ksn_restart(self) -> None:
         self.events.append({"ev": "ksn_restart"})
         self.store.close()
@@ -184,9 +204,7 @@ def generate() -> dict:
         # device PENDING with the KSN's pending key and resends MKU_COMMIT (6.4 case 2).
         s = Scenario("sync-resend-commit", w)
         s.call("enrol", setup_key=SETUP)
-        s.drop = lambda who, f: who == "ksn" and len(f) == MKU_COMMIT_LEN
-        s.call("rotate")
-        s.drop = lambda who, f: False
+        s.rotate_losing(lambda who, f: who == "ksn" and len(f) == MKU_COMMIT_LEN)
         s.ksn_restart()
         s.call("sync")
         out.append(s.result())
@@ -195,9 +213,7 @@ def generate() -> dict:
         # the newest generation finds IDLE(new) and the KSN commits (case 1).
         s = Scenario("sync-device-committed", w)
         s.call("enrol", setup_key=SETUP)
-        s.drop = lambda who, f: who == "dev" and len(f) == MKU_COMMIT_ACK_LEN
-        s.call("rotate")
-        s.drop = lambda who, f: False
+        s.rotate_losing(lambda who, f: who == "dev" and len(f) == MKU_COMMIT_ACK_LEN)
         s.ksn_restart()
         s.call("sync")
         out.append(s.result())
@@ -206,9 +222,7 @@ def generate() -> dict:
         # is PENDING with a key the KSN never held: MKU_ABORT, then SYNC finds IDLE(old) (case 3).
         s = Scenario("sync-abort", w)
         s.call("enrol", setup_key=SETUP)
-        s.drop = lambda who, f: who == "dev" and len(f) > 300
-        s.call("rotate")
-        s.drop = lambda who, f: False
+        s.rotate_losing(lambda who, f: who == "dev" and len(f) > 300)
         s.ksn_restart()
         s.call("sync")
         s.call("rotate")
@@ -217,9 +231,7 @@ def generate() -> dict:
         # MKU_START lost once: the KSN retransmits (same PDU, SNF skipped ahead by 64).
         s = Scenario("mku-retransmit", w)
         s.call("enrol", setup_key=SETUP)
-        s.drop = lambda who, f, n=[0]: who == "ksn" and len(f) > 300 and n.__setitem__(0, n[0] + 1) is None and n[0] == 1
-        s.call("rotate")
-        s.drop = lambda who, f: False
+        s.rotate_losing(_first(lambda who, f: who == "ksn" and len(f) > 300))
         s.timeout()
         out.append(s.result())
 
@@ -227,9 +239,7 @@ def generate() -> dict:
         # reaches the rebooted device, which restored PENDING from its key store.
         s = Scenario("device-reboot-pending", w)
         s.call("enrol", setup_key=SETUP)
-        s.drop = lambda who, f: who == "ksn" and len(f) == MKU_COMMIT_LEN
-        s.call("rotate")
-        s.drop = lambda who, f: False
+        s.rotate_losing(lambda who, f: who == "ksn" and len(f) == MKU_COMMIT_LEN)
         s.dev_restart()
         s.timeout()
         out.append(s.result())
