@@ -1,25 +1,13 @@
 # SCPM master key update flows (profile 6.3-6.5) driven by a hand-built KSN, inside MicroPython.
 import gc
 
-from tessera_fw.scpm.device import Device, check_pdu  # first: compiling it needs the most heap
+import tessera_fw.scpm.device  # noqa: F401 - first: compiling it needs the most heap
 
 gc.collect()
-from fwtest_scpm_util import DEV, KSN, MASTER1, SETUP, USER1, MiniKSN, Seq, enrol, mku_derive  # noqa: E402
+from fwtest_scpm_util import enrol, mku_derive, new_dev, one  # noqa: E402
 from tessera_fw.crypto import dh  # noqa: E402
 from tessera_fw.scpm import const as C  # noqa: E402
-from tessera_fw.scpm.const import SCPMError  # noqa: E402
-from tessera_fw.scpm.frame import Key  # noqa: E402
-from tessera_fw.scpm.store import MemFS, Store  # noqa: E402
-
-
-def new_dev(fs=None, rand=None):
-    gc.collect()  # a device owns two ~1.1 KB frame buffers: keep the heap unfragmented
-    return Device(DEV, SETUP, store=Store(fs if fs is not None else MemFS()), rand=rand or Seq())
-
-
-def one(out):
-    assert len(out) == 1, out
-    return out[0]
+from tessera_fw.scpm.store import MemFS  # noqa: E402
 
 
 class KsnMku:

@@ -76,6 +76,22 @@ class MiniKSN:
         return bytes((op, txid >> 8, txid & 0xFF)) + body
 
 
+def new_dev(fs=None, rand=None):
+    """A device engine on an in-memory store with predictable randomness."""
+    import gc
+
+    from tessera_fw.scpm.device import Device
+    from tessera_fw.scpm.store import MemFS, Store
+
+    gc.collect()  # a device owns two ~1.1 KB frame buffers: keep the heap unfragmented
+    return Device(DEV, SETUP, store=Store(fs if fs is not None else MemFS()), rand=rand or Seq())
+
+
+def one(out):
+    assert len(out) == 1, out
+    return out[0]
+
+
 def enrol(dev, ksn=None, mgen=1, ugen=1):
     """Drive a full enrolment; return the KSN with master/user keys."""
     if ksn is None:
