@@ -18,6 +18,16 @@ def flush(engine: Endpoint, writer: asyncio.StreamWriter) -> None:
         writer.write(out)
 
 
+async def flush_and_drain(engine: Endpoint, writer: asyncio.StreamWriter) -> None:
+    """Send what the engine has queued (e.g. a closing channel_close) on a link that may
+    already be gone; a dead link is not an error here."""
+    flush(engine, writer)
+    try:
+        await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+
+
 async def read_loop(engine: Endpoint, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                     on_events: Callable[[list[Event]], bool | None]) -> None:
     """Feeds the engine until EOF, or until on_events returns True (close requested)."""

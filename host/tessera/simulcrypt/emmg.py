@@ -8,7 +8,7 @@ import asyncio
 import logging
 
 from tessera.simulcrypt import ltkm
-from tessera.simulcrypt.aio import close_writer, flush, read_loop
+from tessera.simulcrypt.aio import close_writer, flush, flush_and_drain, read_loop
 from tessera.simulcrypt.engine import (
     Alive, BandwidthAllocated, ChannelOpen, EmmgConnection, ErrorSent, Event, PeerError, State, StreamClosed,
     StreamOpen,
@@ -129,11 +129,7 @@ class LtkmGenerator:
                 except (asyncio.TimeoutError, ConnectionError, EmmgError):
                     log.warning("no stream_close_response from the MUX")
             self.conn.close()
-            flush(self.conn, self._writer)
-            try:
-                await self._writer.drain()
-            except (ConnectionError, OSError):
-                pass
+            await flush_and_drain(self.conn, self._writer)
         if self._udp:
             self._udp.close()
         if self._writer:

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from tessera.simulcrypt import stkm
-from tessera.simulcrypt.aio import close_writer, flush, read_loop
+from tessera.simulcrypt.aio import close_writer, flush, flush_and_drain, read_loop
 from tessera.simulcrypt.engine import (
     Alive, ChannelOpen, EcmgCaps, EcmResponse, ErrorSent, Event, PeerError, ScsConnection, State, StreamClosed,
     StreamOpen,
@@ -330,11 +330,7 @@ class Scs:
                 except (asyncio.TimeoutError, ConnectionError, ScsError):
                     log.warning("%s: no stream_close_response from 0x%08x", self.service, link.spec.super_cas_id)
                 link.conn.close()
-                flush(link.conn, link.writer)
-                try:
-                    await link.writer.drain()
-                except (ConnectionError, OSError):
-                    pass
+                await flush_and_drain(link.conn, link.writer)
             await self._drop(link)
 
     # ---------------------------------------------------------------- crypto-periods
