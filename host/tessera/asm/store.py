@@ -223,18 +223,13 @@ def log_record_xml(*, event_uuid: str, seq: int, ts: int, device: str, event_typ
     body = ET.SubElement(root, q("LogRecordBody"))
     ET.SubElement(body, q("EventID")).text = f"urn:uuid:{event_uuid}"
     ET.SubElement(body, q("EventSubType"), scope=f"{SECURITY_CLASS}#EventSubTypes-{event_type}").text = subtype
-    if params:
-        ps = ET.SubElement(body, q("Parameters"))
-        for k, v in params.items():
-            p = ET.SubElement(ps, q("Parameter"))
-            ET.SubElement(p, q("Name")).text = k
-            ET.SubElement(p, q("Value")).text = v
-    if exceptions:
-        es = ET.SubElement(body, q("Exceptions"))
-        for k, v in exceptions.items():
-            p = ET.SubElement(es, q("Parameter"))
-            ET.SubElement(p, q("Name")).text = k
-            ET.SubElement(p, q("Value")).text = v
+    for tag, items in (("Parameters", params), ("Exceptions", exceptions)):
+        if items:  # both lists hold Name/Value Parameter elements
+            group = ET.SubElement(body, q(tag))
+            for k, v in items.items():
+                p = ET.SubElement(group, q("Parameter"))
+                ET.SubElement(p, q("Name")).text = k
+                ET.SubElement(p, q("Value")).text = v
     return b'<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="utf-8", short_empty_elements=True)
 
 
