@@ -94,12 +94,20 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve_forever(start, close) -> None:
-    await start()
+def _serve(start, close) -> None:
+    """Run a server until Ctrl-C; a port that cannot be bound is a clean CLI error."""
+
+    async def forever() -> None:
+        await start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await close()
+
     try:
-        await asyncio.Event().wait()
-    finally:
-        await close()
+        asyncio.run(forever())
+    except OSError as exc:
+        raise TesseraError(f"cannot listen: {exc}") from None
 
 
 def cmd_stkm_generator(args: argparse.Namespace) -> int:
@@ -118,9 +126,7 @@ def cmd_stkm_generator(args: argparse.Namespace) -> int:
         print(f"STKM generator on {args.host}:{port}", flush=True)
 
     try:
-        asyncio.run(_serve_forever(start, gen.close))
-    except OSError as exc:
-        raise TesseraError(f"cannot listen: {exc}") from None
+        _serve(start, gen.close)
     finally:
         ks.close()
     return 0
@@ -181,10 +187,7 @@ def cmd_mux(args: argparse.Namespace) -> int:
         port = await mux.start()
         print(f"MUX on {args.host}:{port} (UDP {mux.udp_port}), {args.kbps} kbit/s", flush=True)
 
-    try:
-        asyncio.run(_serve_forever(start, mux.close))
-    except OSError as exc:
-        raise TesseraError(f"cannot listen: {exc}") from None
+    _serve(start, mux.close)
     return 0
 
 
