@@ -108,16 +108,21 @@ class InThread:
         self.loop.close()
 
 
+def _run_scs(port: int, retries: int, periods: int):
+    """An SCS against the generator on `port` for `periods` crypto-periods of 3 s."""
+    async def main():
+        scs = Scs("slow", [GeneratorSpec("127.0.0.1", port, DRM, 1, 1, 0x101)], cp_duration=3, retries=retries)
+        await scs.start()
+        got = await scs.run(periods)
+        await scs.close()
+        return scs, got
+
+    return run(main())
+
+
 def test_scs_treats_late_answers_as_failures(keystore):
     with InThread(SlowGenerator(keystore, {DRM}, CAPS)) as gen:
-        async def main():
-            scs = Scs("slow", [GeneratorSpec("127.0.0.1", gen.port, DRM, 1, 1, 0x101)], cp_duration=3, retries=1)
-            await scs.start()
-            periods = await scs.run(4)
-            await scs.close()
-            return scs, periods
-
-        scs, periods = run(main())
+        scs, periods = _run_scs(gen.port, retries=1, periods=4)
     p0, p1, p2, p3 = periods
     assert DRM in p0.stkms and DRM in p1.stkms and not p0.missing and not p1.missing
     # CP 2: 80 ms > 50 ms: given up at 50 ms, retried (there was time before the period),
@@ -141,14 +146,7 @@ def test_no_retry_when_no_time_left(keystore):
     slow = SlowGenerator(keystore, {DRM}, caps)
     slow.slow_from = 1
     with InThread(slow) as gen:
-        async def main():
-            scs = Scs("slow", [GeneratorSpec("127.0.0.1", gen.port, DRM, 1, 1, 0x101)], cp_duration=3, retries=3)
-            await scs.start()
-            periods = await scs.run(2)
-            await scs.close()
-            return scs, periods
-
-        scs, (p0, p1) = run(main())
+        scs, (p0, p1) = _run_scs(gen.port, retries=3, periods=2)
     assert DRM in p0.stkms
     assert p1.missing[DRM] == "ECM_response exceeded max_comp_time (50 ms)"
     assert p1.fallback[DRM][0] == 0
