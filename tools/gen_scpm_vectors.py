@@ -123,9 +123,8 @@ def snf() -> dict:
         ("big-jump", [3, 1000000, 999968, 999967, 4000000000, 0xFFFFFFFE]),
         ("first-high", [33, 1, 2, 33, 34]),
     ]
-    out = []
-    for name, seq in seqs:
-        w, steps = C.ReplayWindow(), []
+    def feed(w: C.ReplayWindow, seq) -> list[dict]:
+        steps = []
         for s in seq:
             try:
                 w.check(s)
@@ -133,17 +132,11 @@ def snf() -> dict:
                 steps.append({"snf": s, "result": 0, "high": w.high})
             except C.ScpmError as e:
                 steps.append({"snf": s, "result": int(e.code), "high": w.high})
-        out.append({"name": name, "steps": steps})
-    rb = C.ReplayWindow.restore(65)
-    reboot = []
-    for s in (1, 33, 65, 66, 64, 66):
-        try:
-            rb.check(s)
-            rb.commit(s)
-            reboot.append({"snf": s, "result": 0, "high": rb.high})
-        except C.ScpmError as e:
-            reboot.append({"snf": s, "result": int(e.code), "high": rb.high})
-    out.append({"name": "after-reboot-reserved-65", "reserved": 65, "steps": reboot})
+        return steps
+
+    out = [{"name": name, "steps": feed(C.ReplayWindow(), seq)} for name, seq in seqs]
+    out.append({"name": "after-reboot-reserved-65", "reserved": 65,
+                "steps": feed(C.ReplayWindow.restore(65), (1, 33, 65, 66, 64, 66))})
     return {
         "description": (
             "SNF receiver decisions (profile section 4, WINDOW 32). sequences[]: SNFs fed in "
