@@ -155,29 +155,20 @@ class Codec:
     def __init__(self, addr):
         self.addr = addr
         # received secure frame, copied to a fixed place so that the views below are fixed
-        self._rx = bytearray(_MAX_FRAME)
-        rx = memoryview(self._rx)
-        self._rxmv = rx
-        self._v_shd_snf = rx[11:19]
-        self._v_sa_da = rx[1:9]
+        rx = bytearray(_MAX_FRAME)
+        rxmv = memoryview(rx)
         # plaintext, decrypted so that it ENDS at _MAX_ENC: the padding is then always the
         # last k bytes, checked through one of 16 preallocated views
-        self._pt = bytearray(_MAX_ENC)
-        pt = memoryview(self._pt)
-        self._ptmv = pt
-        self._tails = [pt[_MAX_ENC - k:] for k in range(16)]
-        self._ivin = bytearray(16)
-        self._iv = bytearray(16)
-        self._scratch = bytearray(16)
-        self._blind = cryptolib.aes(os.urandom(16), 1)
-        self._bx = bytearray(32)
-        self._bx16 = memoryview(self._bx)[:16]
-        self._by = bytearray(16)
-        # the same objects as one tuple: decode() unpacks it into locals in one step
-        # instead of a dozen instance-attribute loads
-        self._bufs = (self._rx, rx, self._v_shd_snf, self._v_sa_da, self._pt, pt, self._tails,
-                      self._ivin, self._iv, self._scratch, self._blind, self._bx, self._bx16,
-                      self._by)
+        pt = bytearray(_MAX_ENC)
+        ptmv = memoryview(pt)
+        bx = bytearray(32)
+        # decode()'s preallocated objects, in one tuple that it unpacks into locals in one
+        # step instead of a dozen instance-attribute loads
+        self._bufs = (rx, rxmv, rxmv[11:19], rxmv[1:9],  # frame, SHD|SNF and SA|DA views
+                      pt, ptmv, [ptmv[_MAX_ENC - k:] for k in range(16)],  # padding tails
+                      bytearray(16), bytearray(16), bytearray(16),  # IV input, IV, scratch
+                      cryptolib.aes(os.urandom(16), 1), bx, memoryview(bx)[:16],  # tag blinding
+                      bytearray(16))
         self.hd = self.sa = self.da = self.service = self.snf = self.authority = 0
         self.key = None
         self._src = None  # buffer holding PADATA: the frame, or the plaintext buffer
