@@ -63,7 +63,7 @@ class MemFS:
         return self.files.get(name)
 
     def write(self, name, data):
-        self.files[name] = bytes(data)
+        self.files[name] = data  # Store.save hands over a fresh image it never touches again
         self.writes += 1
 
     def remove(self, name):
