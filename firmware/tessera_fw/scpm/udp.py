@@ -148,7 +148,6 @@ class UDPDevice:
 
     async def run(self):
         wait = _can_wait()
-        self.wakeups = 0
         while self.running:
             self.wakeups += 1
             if self.poll():
