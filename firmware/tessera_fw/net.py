@@ -9,16 +9,12 @@ CONFIG = "wlan.json"
 
 
 def _load(path):
-    import json
+    from tessera_fw import config
 
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except OSError:
+    cfg = config.load(path)
+    if cfg is None:
         return None
-    except ValueError:
-        raise ValueError(path + ": not valid JSON")
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("ssid"), str) or not cfg["ssid"]:
+    if not isinstance(cfg.get("ssid"), str) or not cfg["ssid"]:
         raise ValueError(path + ": needs a non-empty \"ssid\"")
     pw = cfg.get("password", "")
     if not isinstance(pw, str):

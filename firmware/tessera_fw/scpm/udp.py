@@ -10,7 +10,6 @@
 #    "bind": "0.0.0.0", "ksn_host": "192.168.1.10", "ksn_port": 24767}
 # address is 8 hex digits (or an int); ksn_host/ksn_port are optional (the adapter also
 # learns the KSN's UDP address from its frames); "log": true prints each counted error.
-import json
 import socket
 import time
 from binascii import unhexlify
@@ -20,6 +19,7 @@ try:
 except ImportError:
     import uasyncio as asyncio
 
+from tessera_fw import config
 from tessera_fw.scpm.const import PORT
 
 CONFIG = "scpm.json"
@@ -37,18 +37,9 @@ def ticks_ms():
 def load_config(path=CONFIG):
     """The device configuration, or None when there is no file. A file that is there but
     wrong raises ValueError naming the problem (never the key's value)."""
-    try:
-        f = open(path)
-    except OSError:
+    cfg = config.load(path)
+    if cfg is None:
         return None
-    try:
-        cfg = json.load(f)
-    except ValueError:
-        raise ValueError(path + ": not valid JSON")
-    finally:
-        f.close()
-    if not isinstance(cfg, dict):
-        raise ValueError(path + ": must be a JSON object")
     try:
         a = cfg["address"]
         cfg["address"] = int(a, 16) if isinstance(a, str) else int(a)
