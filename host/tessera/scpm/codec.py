@@ -335,8 +335,8 @@ class ReplayWindow:
             self.high = snf
         else:
             self.bits |= 1 << (self.high - 1 - snf)
-        if self.high > self.reserved:
-            self.reserved = self.high + SNF_RESERVE
+        if self.high >= self.reserved:  # equal moves it too, as on the device (profile 4)
+            self.reserved = min(self.high + SNF_RESERVE, SNF_LIMIT)
             return True
         return False
 

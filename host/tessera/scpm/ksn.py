@@ -226,8 +226,8 @@ class KsnEngine:
         return gen
 
     # ------------------------------------------------------------------ sending
-    def _txid(self, p: Peer) -> int:
-        busy = set(p.apps) | ({p.km.txid} if p.km else set())
+    def _txid(self, p: Peer, avoid: tuple[int, ...] = ()) -> int:
+        busy = set(p.apps) | ({p.km.txid} if p.km else set()) | set(avoid)
         while True:
             txid = int.from_bytes(self.rng(2), "big")
             if txid and txid not in busy:  # TXID 0 is reserved (profile 6)
@@ -452,9 +452,15 @@ class KsnEngine:
         gens = [p.pending.gen] if p.pending else []
         return gens + [g for g in ([p.master] if p.master else []) if g not in gens]
 
-    def _sync_send(self, p: Peer, t: Txn, first: bool = False) -> list[Send]:
+    def _sync_send(self, p: Peer, t: Txn, first: bool = False, avoid: tuple[int, ...] = ()) -> list[Send]:
         cands = self._sync_candidates(p)
         t.data["cands"], t.data["i"] = cands, 0
+        if not first:
+            # A new SYNC_REQ (after an MKU_ABORT changed the device's state) takes a fresh TXID:
+            # a device that answers a repeated (OP, TXID) from its stored answer (profile 6)
+            # would otherwise replay its answer from before the abort. Only a retransmission
+            # on timeout reuses the TXID (and the nonce). Defined by this project (6.4).
+            t.txid = self._txid(p, avoid)
         t.data["nonce"] = self.rng(16)
         return self._request(p, t, C.SyncReq(t.txid, t.data["nonce"]), self._mkid(cands[0]), "req")
 
@@ -486,7 +492,7 @@ class KsnEngine:
             t.data["aborts"] += 1
             self._discard_pending(p)
             out = [self._seal(p, self._mkid(cur), C.MkuAbort(ptxid, pend))]
-            return out + self._sync_send(p, t)
+            return out + self._sync_send(p, t, avoid=(ptxid,))
         if cur == p.master and p.master:
             self._discard_pending(p)  # device IDLE(old) (case 4), or nothing was pending
             return self._finish(t, result=f"in sync at generation {cur}")

@@ -237,6 +237,9 @@ class Operations:
                 msg = f"update completed, master key generation {t.result}"
             progress(f"{fmt_addr(a)}: {msg}")
             out.append({"addr": a, "ok": not t.error, "result": str(msg)})
+        failed = [r for r in out if not r["ok"]]
+        if failed:  # like rotate and provision: the CLI exits 2 (docs/scpm.md)
+            raise TesseraError(f"{len(failed)} of {len(out)} key synchronisations failed")
         return out
 
     async def rotate(self, addrs: list[int] | None, parallel: int = 16, progress: Progress = print) -> list[dict]:
@@ -403,7 +406,7 @@ async def serve(db: Path | None, host: str, port: int, address: int = C.KSN_ADDR
         unresolved = [a for a, p in engine.peers.items() if p.needs_sync]
         if unresolved:
             log.info("recovering %d device(s) with an unfinished update", len(unresolved))
-            tasks.append(asyncio.create_task(ops.sync(unresolved, progress=log.info)))
+            tasks.append(asyncio.create_task(_recover(ops, unresolved)))
         if every:
             tasks.append(asyncio.create_task(_schedule(ops, every, stop)))
         if ready:
@@ -416,6 +419,13 @@ async def serve(db: Path | None, host: str, port: int, address: int = C.KSN_ADDR
         await server.stop()
         engine.store.close()
         lock.release()
+
+
+async def _recover(ops: Operations, addrs: list[int]) -> None:
+    try:
+        await ops.sync(addrs, progress=log.info)
+    except TesseraError as e:  # the devices stay marked "needs sync"; rotate syncs them first
+        log.warning("recovery at start: %s", e)
 
 
 async def _schedule(ops: Operations, every: float, stop: asyncio.Event) -> None:

@@ -72,6 +72,16 @@ def test_cli_errors_are_clean(tmp_path, capsys, caplog):
     assert "rotate" in capsys.readouterr().out
 
 
+def test_sync_failure_exits_2(tmp_path, dev, caplog):
+    """Issue 10: `tessera ksn sync` exits 2 when a device cannot be synchronised (docs/scpm.md)."""
+    db = tmp_path / "k.sqlite"
+    assert ksn(db, "enrol", "0x0A000002", "--setup-key", SETUP, "--device", f"127.0.0.1:{dev.port}") == 0
+    assert ksn(db, "sync", "--all") == 0
+    dev.close()  # the device is gone: nothing answers SYNC_REQ
+    assert ksn(db, "sync", "--all", "--retries", "1") == 2
+    assert "1 of 1 key synchronisations failed" in caplog.text
+
+
 def test_serve_keeps_serving_and_takes_commands(tmp_path, dev, capsys):
     db = tmp_path / "k.sqlite"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

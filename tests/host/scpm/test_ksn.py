@@ -257,3 +257,42 @@ def test_subgroup_check_matches_the_exponentiation():
     check_dh_public(dh.DH().public)
     with pytest.raises(dh.DHError):
         check_dh_public(bytes(255))
+
+
+def test_sync_after_abort_reaches_a_device_that_replays_stored_answers(world, monkeypatch):
+    """Issue 10: after MKU_ABORT the KSN's next SYNC_REQ takes a fresh TXID, so a device that
+    answers a repeated (OP, TXID) from its stored answer (profile 6) does not replay its
+    SYNC_RESP from before the abort (whose nonce the KSN no longer accepts)."""
+    from tessera.scpm.sim import device_class
+
+    device_class()  # installs tessera.mpshim so that the firmware modules import
+    from tessera_fw.scpm import const as FC
+    from tessera_fw.scpm import km
+
+    real = km.handle
+
+    def strict(dev, f, op, txid, p, now_ms):  # SYNC_REQ treated like every other request
+        if op == FC.OP_SYNC_REQ:
+            last = dev._last.get(op)
+            if last is not None and last[0] == txid:
+                return last[2], last[1]
+            ans, key = real(dev, f, op, txid, p, now_ms)
+            dev._last[op] = (txid, key, ans)
+            return ans, key
+        return real(dev, f, op, txid, p, now_ms)
+
+    monkeypatch.setattr(km, "handle", strict)
+    dev = world.enrolled(DEV)
+    sync_txids = []
+    world.fleet.hook = lambda d, a, f: None if d == "dev->ksn" and len(f) > 300 else f  # MKU_RESPONSE lost
+    world.fleet.pump(world.engine.rotate(DEV)[1])
+    world.fleet.hook = None
+    assert dev.pending is not None
+    world.restart_ksn()  # died before it stored the pending key: the device's MK' is unknown to it
+    t, sends = world.engine.sync(DEV)
+    sync_txids.append(t.txid)
+    t = world.run((t, sends))
+    assert t.status == "done", t.error
+    assert t.txid != sync_txids[0]  # the SYNC_REQ after the abort went out under a new TXID
+    assert dev.pending is None and dev.master.gen == 1 == world.engine.peer(DEV).master
+    assert world.run(world.engine.rotate(DEV)).status == "done" and dev.master.gen == 2

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tessera.scpm import codec as C
 from tessera.scpm.codec import KeyKind
 from tessera.scpm.ksn import KsnEngine
 from tessera.scpm.sim import Clock
@@ -36,6 +37,7 @@ def test_ksn_reproduces_transcript(sc, tmp_path):
     ksn = engine()
     emitted: list[bytes] = []
     n_ksn = 0
+    sent: list[tuple[str, int]] = []  # (OP name, TXID) of every KSN key-management frame
     for ev in sc["events"]:
         kind = ev["ev"]
         if kind == "call":
@@ -46,7 +48,9 @@ def test_ksn_reproduces_transcript(sc, tmp_path):
             emitted += [s.frame for s in sends]
         elif kind == "ksn":
             assert emitted, f"KSN frame {n_ksn} ({ev['pdu']}) was not produced"
-            assert emitted.pop(0).hex() == ev["frame"], f"KSN frame {n_ksn} ({ev['pdu']})"
+            frame = emitted.pop(0)
+            assert frame.hex() == ev["frame"], f"KSN frame {n_ksn} ({ev['pdu']})"
+            sent.append(_op_txid(ksn, frame))
             n_ksn += 1
         elif kind == "dev":
             if ev["delivered"]:
@@ -61,5 +65,28 @@ def test_ksn_reproduces_transcript(sc, tmp_path):
         elif kind == "ksn_new_key":
             ksn.new_home_key(KeyKind(ev["args"]["kind"]), ev["args"]["idx"])
     assert not emitted and not rng.values
+    _check_sync_txids(sc["name"], sent)
     assert ksn.peer(sc["device"]).master == sc["final"]["master_gen"]
     assert n_ksn > 0
+
+
+def _op_txid(ksn: KsnEngine, frame: bytes) -> tuple[str, int]:
+    f = C.decode(frame)
+    if isinstance(f, C.PlainFrame):
+        pdu = C.decode_pdu(f.padata)
+    else:
+        key = ksn._key(ksn.peer(f.da), (int(f.shd.kind), f.shd.index, f.shd.gen))
+        pdu = C.decode_pdu(C.open_frame(f, key))
+    return pdu.OP.name, pdu.txid
+
+
+def _check_sync_txids(name: str, sent: list[tuple[str, int]]) -> None:
+    """Profile 6.4 (issue 10): a SYNC_REQ sent after an MKU_ABORT carries a TXID that no earlier
+    SYNC_REQ of the scenario used; the sync-abort transcript pins the case."""
+    after_abort = 0
+    for i, (op, txid) in enumerate(sent):
+        if op == "SYNC_REQ" and i and sent[i - 1][0] == "MKU_ABORT":
+            assert txid not in {t for o, t in sent[:i] if o == "SYNC_REQ"}, (name, i, txid)
+            after_abort += 1
+    if name == "sync-abort":
+        assert after_abort == 1
