@@ -18,8 +18,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from tessera import keyfile
 from tessera.asm.codec import LEKey, SPBStatus
-from tessera.crypto import atrest
 
 log = logging.getLogger("tessera.asm.store")
 
@@ -71,12 +71,12 @@ class StorageKey:
 
 
 def storage_key_path(db: Path) -> Path:
-    return atrest.key_file_path(db)
+    return keyfile.key_file_path(db)
 
 
 def load_storage_key(db: Path, env: Mapping[str, str] | None = None) -> StorageKey:
     """TESSERA_ASM_STORE_KEY if set, else `<db>.key` (created 0600 with a random key if absent)."""
-    raw, source = atrest.load_storage_key(db, env, STORE_KEY_ENV, "LE key", KeyStoreError)
+    raw, source = keyfile.load_storage_key(db, env, STORE_KEY_ENV, "LE key", KeyStoreError)
     return StorageKey(raw, source)
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from tessera import keyfile
 from tessera.errors import TesseraError
 from tessera.paths import var_dir
 
@@ -87,31 +88,8 @@ class KeyRecord:
 
 
 def _load_storage_key(db_path: Path) -> bytes:
-    env = os.environ.get(ENV_KEY)
-    if env:
-        try:
-            key = bytes.fromhex(env.strip())
-        except ValueError:
-            raise StoreError(f"{ENV_KEY} is not hex") from None
-        if len(key) != 32:
-            raise StoreError(f"{ENV_KEY} must be 64 hex digits (AES-256)")
-        return key
-    path = db_path.with_name(db_path.name + ".key")
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        st = path.stat()
-        if st.st_mode & 0o077:
-            raise StoreError(f"{path} is readable by others; chmod 600 it") from None
-        key = bytes.fromhex(path.read_text().strip())
-        if len(key) != 32:
-            raise StoreError(f"{path} does not hold a 32-byte key")
-        return key
-    key = os.urandom(32)
-    with os.fdopen(fd, "w") as f:
-        f.write(key.hex() + "\n")
-    log.info("created KSN storage key file %s (mode 0600)", path)
-    return key
+    """TESSERA_KSN_KEY, else `<db>.key` (created 0600, atomically): tessera.keyfile."""
+    return keyfile.load_storage_key(db_path, None, ENV_KEY, "KSN", StoreError)[0]
 
 
 class Store:
@@ -120,8 +98,7 @@ class Store:
     def __init__(self, path: Path | str | None = None, storage_key: bytes | None = None, durable: bool = True) -> None:
         self.path = Path(path) if path else default_db()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.path.exists():  # registry metadata is nobody else's business either
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+        keyfile.private_file(self.path)  # sealed keys and registry metadata: nobody else's business
         self._aead = AESGCM(storage_key if storage_key is not None else _load_storage_key(self.path))
         self._lock = threading.RLock()
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)

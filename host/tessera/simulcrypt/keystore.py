@@ -28,7 +28,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from tessera.crypto import atrest
+from tessera import keyfile
 
 log = logging.getLogger("tessera.simulcrypt.keystore")
 
@@ -59,7 +59,7 @@ class KeyStore:
         if self.path == ":memory:":
             raw, self._source = secrets.token_bytes(32), "memory"
         else:
-            raw, self._source = atrest.load_storage_key(Path(self.path), env, STORE_KEY_ENV,
+            raw, self._source = keyfile.load_storage_key(Path(self.path), env, STORE_KEY_ENV,
                                                         "SimulCrypt key store", KeyStoreError)
         self._aead = AESGCM(raw)
         self._db = sqlite3.connect(self.path, check_same_thread=False)
