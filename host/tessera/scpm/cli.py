@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tessera.errors import TesseraError
 from tessera.scpm import codec as C
+from tessera.scpm.ksn import Timing
 from tessera.scpm.server import (KsnServer, Operations, control_path, dispatch, fmt_addr, open_engine,
                                  parse_addr, remote, serve)
 from tessera.scpm.store import Store, default_db
@@ -54,7 +55,7 @@ def run_op(args: argparse.Namespace, op: str, op_args: dict, create: bool = Fals
                 return await remote(ctl, op, op_args, print)
             except (ConnectionRefusedError, FileNotFoundError):
                 log.debug("stale control socket %s", ctl)
-        engine, lock = open_engine(db, parse_addr(args.address), timeout=args.timeout, retries=args.retries)
+        engine, lock = open_engine(db, parse_addr(args.address), _timing(args))
         server = KsnServer(engine, args.host, args.port)
         try:
             await server.start()
@@ -65,6 +66,16 @@ def run_op(args: argparse.Namespace, op: str, op_args: dict, create: bool = Fals
             lock.release()
 
     return asyncio.run(main())
+
+
+def _timing(args: argparse.Namespace) -> Timing:
+    for name in ("timeout", "dh_timeout"):
+        v = getattr(args, name, None)
+        if v is not None and not 0 < v <= 3600:
+            raise TesseraError(f"--{name.replace('_', '-')} must be between 0 and 3600 seconds")
+    if args.retries is not None and not 1 <= args.retries <= 100:
+        raise TesseraError("--retries must be between 1 and 100")
+    return Timing.configured(args.timeout, args.retries, args.dh_timeout)
 
 
 def _targets(args: argparse.Namespace) -> list[int] | None:
@@ -88,7 +99,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   flush=True)
 
         await serve(_db(args, create=True), args.host, args.port, parse_addr(args.address), args.every, ready, stop,
-                    args.timeout, args.retries)
+                    _timing(args))
 
     asyncio.run(main())
     return 0
@@ -199,8 +210,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         sp.add_argument("--host", default="127.0.0.1", help="local UDP address to bind (default 127.0.0.1)")
         sp.add_argument("--port", type=int, default=C.PORT, help=f"KSN UDP port (default {C.PORT})")
         sp.add_argument("--address", default=f"0x{C.KSN_ADDRESS:08X}", help="the KSN's SCPM node address")
-        sp.add_argument("--timeout", type=float, default=1.0, help="retransmission timeout in seconds")
-        sp.add_argument("--retries", type=int, default=4, help="attempts before giving up")
+        d = Timing()
+        sp.add_argument("--timeout", type=float, metavar="SECONDS",
+                        help=f"first wait for an answer to a quick request (default {d.quick.first:g} s, "
+                        f"then doubling up to {d.quick.cap:g} s)")
+        sp.add_argument("--dh-timeout", type=float, metavar="SECONDS",
+                        help=f"first wait for the answer to MKU_START, which costs the device two DH "
+                        f"exponentiations (default {d.dh.first:g} s: a Pico W needs about 5.3 s, 11 s "
+                        f"just after a reboot)")
+        sp.add_argument("--retries", type=int, metavar="N",
+                        help=f"transmissions of each request before giving up (default {d.quick.attempts}, "
+                        f"MKU_START {d.dh.attempts})")
         return sp
 
     s = common(ks.add_parser("serve", help="run the KSN UDP service", description="Serve devices on UDP; runs a "

@@ -39,6 +39,63 @@ class Send:
     frame: bytes
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """When one request is retransmitted and when the KSN gives up on it: the first wait is
+    `first`, each later wait `backoff` times the previous one, at most `cap`; `attempts`
+    transmissions in all (docs/scpm-profile.md section 9a gives the budget per board)."""
+
+    first: float
+    backoff: float = 2.0
+    cap: float = 8.0
+    attempts: int = 5
+
+    def wait(self, attempt: int) -> float:
+        """Seconds to wait for an answer after transmission number `attempt` (1 = first)."""
+        return min(self.first * self.backoff ** (attempt - 1), max(self.cap, self.first))
+
+    def total(self) -> float:
+        return sum(self.wait(i) for i in range(1, self.attempts + 1))
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Per-operation timers, sized by what each request costs the slowest board (issue 9):
+    MKU_START makes the device do two 2048-bit DH exponentiations and a flash write (about
+    5.3 s on a Pico W at 125 MHz, 3.3-4.3 s on an ESP32 at 160 MHz, plus the boot self-test's
+    DH when it has just rebooted); every other request costs it milliseconds, unless it
+    has just rebooted. Defined by this project."""
+
+    quick: Schedule = Schedule(1.0, 2.0, 8.0, 5)  # waits 1, 2, 4, 8, 8 s: 23 s in all
+    dh: Schedule = Schedule(15.0, 1.5, 20.0, 3)  # MKU_START: waits 15, 20, 20 s: 55 s in all
+
+    @classmethod
+    def fixed(cls, timeout: float, attempts: int) -> Timing:
+        """The KSN's timers before issue 9: the same wait for every request (1.0 s x 4)."""
+        s = Schedule(timeout, 1.0, timeout, attempts)
+        return cls(s, s)
+
+    @classmethod
+    def configured(cls, timeout: float | None = None, retries: int | None = None,
+                   dh_timeout: float | None = None) -> Timing:
+        """The defaults with the CLI's overrides: `timeout` = first wait of quick requests,
+        `dh_timeout` = first wait after MKU_START, `retries` = transmissions of each."""
+        t = cls()
+        q, d = t.quick, t.dh
+        if timeout is not None:
+            q = Schedule(timeout, q.backoff, max(q.cap, timeout), q.attempts)
+        if dh_timeout is not None:
+            d = Schedule(dh_timeout, d.backoff, max(d.cap, dh_timeout), d.attempts)
+        if retries is not None:
+            q = Schedule(q.first, q.backoff, q.cap, retries)
+            d = Schedule(d.first, d.backoff, d.cap, retries)
+        return cls(q, d)
+
+    def longest(self) -> float:
+        """An upper bound on any one transaction (a safety net for callers that wait)."""
+        return 4 * (self.dh.total() + 4 * self.quick.total()) + 30.0
+
+
 @dataclass
 class Pending:
     """A master key agreed with a device but not yet known to be committed by it (6.3)."""
@@ -61,6 +118,7 @@ class Txn:
     key_id: KeyId | None = None  # key the request goes under; None = plain frame
     service: Service = Service.AUTH_CONF
     attempts: int = 0
+    schedule: Schedule = Timing.quick
     deadline: float = 0.0
     status: str = "running"  # running | done | failed
     error: ScpmError | None = None
@@ -144,13 +202,15 @@ def transcript(txid: int, new_gen: int, nonce_k: bytes, nonce_d: bytes, y_k: byt
 
 class KsnEngine:
     def __init__(self, store: Store, address: int = C.KSN_ADDRESS, rng: Rng = os.urandom,
-                 clock: Callable[[], float] = time.monotonic, timeout: float = 1.0, retries: int = 4) -> None:
+                 clock: Callable[[], float] = time.monotonic, timing: Timing | None = None,
+                 timeout: float | None = None, retries: int | None = None) -> None:
+        """`timing` sets every timer; `timeout` / `retries` alone override the defaults'
+        first wait for quick requests and the number of transmissions (Timing.configured)."""
         self.store = store
         self.address = address
         self.rng = rng
         self.clock = clock
-        self.timeout = timeout
-        self.retries = retries
+        self.timing = timing if timing is not None else Timing.configured(timeout, retries)
         self.peers: dict[int, Peer] = {}
         self.errors: Counter[ErrorCode] = Counter()
         self.listeners: list[Callable[[Txn], None]] = []
@@ -257,8 +317,14 @@ class KsnEngine:
                  service: Service = Service.AUTH_CONF) -> list[Send]:
         t.request, t.key_id, t.phase, t.service = pdu, kid, phase, service
         t.attempts = 1
-        t.deadline = self.clock() + self.timeout
-        return [self._seal(p, kid, pdu, service)]
+        # An MKU_START costs the device two DH exponentiations; everything else milliseconds.
+        dh = isinstance(pdu, C.MkuStart)
+        t.schedule = self.timing.dh if dh else self.timing.quick
+        t.deadline = self.clock() + t.schedule.wait(1)
+        # MKU_START skips SNF_RESERVE numbers even the first time: a device that rebooted since
+        # our last frame refuses every SNF up to its reservation (profile 4), and a refused
+        # MKU_START would cost a whole DH-sized wait. One device flash write per update.
+        return [self._seal(p, kid, pdu, service, skip=dh)]
 
     # ------------------------------------------------------------------ transactions
     def _finish(self, t: Txn, result: object = None, error: ScpmError | None = None) -> list[Send]:
@@ -623,17 +689,19 @@ class KsnEngine:
         return out
 
     def _timeout(self, p: Peer, t: Txn) -> list[Send]:
+        sch, rounds = t.schedule, 1
         if t.kind == "sync":
             cands = t.data["cands"]
-            if t.attempts >= self.retries * len(cands):
+            rounds = len(cands)  # each wait of the schedule is tried under every generation
+            if t.attempts >= sch.attempts * rounds:
                 return self._finish(t, error=ScpmError(ErrorCode.STATE, "no answer to SYNC_REQ under any master key"))
             t.data["i"] = (t.data["i"] + 1) % len(cands)
             t.key_id = self._mkid(cands[t.data["i"]])  # next generation, newest first (6.4)
-        elif t.attempts >= self.retries:
+        elif t.attempts >= sch.attempts:
             if t.kind == "mku" and t.phase == "commit":
                 p.needs_sync = True  # the device may or may not have committed: SYNC decides
             return self._finish(t, error=ScpmError(ErrorCode.STATE, f"no answer in phase {t.phase or 'request'}"))
         t.attempts += 1
-        t.deadline = self.clock() + self.timeout
+        t.deadline = self.clock() + sch.wait(1 + (t.attempts - 1) // rounds)
         log.debug("%s %#010x: retransmission %d", t.kind, p.addr, t.attempts)
         return [self._seal(p, t.key_id, t.request, t.service, skip=t.key_id is not None)]

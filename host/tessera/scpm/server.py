@@ -23,7 +23,7 @@ from pathlib import Path
 from tessera.errors import TesseraError
 from tessera.scpm import codec as C
 from tessera.scpm.codec import KeyKind, ScpmError, Service
-from tessera.scpm.ksn import KsnEngine, Send, Txn
+from tessera.scpm.ksn import KsnEngine, Send, Timing, Txn
 from tessera.scpm.store import Store
 
 log = logging.getLogger("tessera.scpm.server")
@@ -142,8 +142,11 @@ class KsnServer:
                 log.exception("timer failure")
 
     # -------------------------------------------------------------- transactions
-    async def run(self, started: tuple[Txn, list[Send]], timeout: float = 30.0) -> Txn:
+    async def run(self, started: tuple[Txn, list[Send]], timeout: float | None = None) -> Txn:
+        """Send a started transaction and wait for the engine to end it (it always does, by
+        its retry schedule; `timeout` is only a safety net)."""
         t, sends = started
+        timeout = timeout if timeout is not None else self.engine.timing.longest()
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         t.add_done_callback(lambda txn: fut.done() or fut.set_result(txn))
         self.send(sends)
@@ -378,7 +381,7 @@ async def remote(path: Path, op: str, args: dict, progress: Progress, timeout: f
         writer.close()
 
 
-def open_engine(db: Path | None, address: int = C.KSN_ADDRESS, timeout: float = 1.0, retries: int = 4) -> tuple[KsnEngine, DbLock]:
+def open_engine(db: Path | None, address: int = C.KSN_ADDRESS, timing: Timing | None = None) -> tuple[KsnEngine, DbLock]:
     store = Store(db)
     lock = DbLock(store.path)
     try:
@@ -386,15 +389,15 @@ def open_engine(db: Path | None, address: int = C.KSN_ADDRESS, timeout: float = 
     except TesseraError:
         store.close()
         raise
-    return KsnEngine(store, address=address, timeout=timeout, retries=retries), lock
+    return KsnEngine(store, address=address, timing=timing), lock
 
 
 async def serve(db: Path | None, host: str, port: int, address: int = C.KSN_ADDRESS, every: float | None = None,
                 ready: Callable[[KsnServer], None] | None = None, stop: asyncio.Event | None = None,
-                timeout: float = 1.0, retries: int = 4) -> None:
+                timing: Timing | None = None) -> None:
     """`tessera ksn serve`: UDP service, control socket, recovery SYNC at start, optional
     scheduled rotation of every device."""
-    engine, lock = open_engine(db, address, timeout, retries)
+    engine, lock = open_engine(db, address, timing)
     server = KsnServer(engine, host, port)
     ops = Operations(server)
     ctl = ControlServer(ops, control_path(engine.store.path))

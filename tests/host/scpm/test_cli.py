@@ -131,7 +131,7 @@ def test_serve_keeps_serving_and_takes_commands(tmp_path, dev, capsys):
 def test_serve_rotates_on_a_schedule_and_recovers_at_start(tmp_path, dev):
     import asyncio
 
-    from tessera.scpm.ksn import KsnEngine
+    from tessera.scpm.ksn import KsnEngine, Timing
     from tessera.scpm.server import serve
     from tessera.scpm.store import Store
 
@@ -150,7 +150,7 @@ def test_serve_rotates_on_a_schedule_and_recovers_at_start(tmp_path, dev):
     async def go():
         stop = asyncio.Event()
         box = {}
-        task = asyncio.create_task(serve(db, "127.0.0.1", 0, every=0.4, stop=stop, timeout=0.3,
+        task = asyncio.create_task(serve(db, "127.0.0.1", 0, every=0.4, stop=stop, timing=Timing.configured(0.3),
                                          ready=lambda s: box.setdefault("srv", s)))
         deadline = asyncio.get_running_loop().time() + 20
         while dev.dev.master.gen < 3 and asyncio.get_running_loop().time() < deadline:
