@@ -16,8 +16,9 @@ from pathlib import Path
 from tessera.errors import TesseraError
 from tessera.scpm import codec as C
 from tessera.scpm.ksn import Timing
-from tessera.scpm.server import (KsnServer, Operations, control_path, dispatch, fmt_addr, open_engine,
-                                 parse_addr, remote, serve)
+from tessera.scpm import control
+from tessera.scpm.control import control_path
+from tessera.scpm.server import KsnServer, Operations, dispatch, fmt_addr, open_engine, parse_addr, serve
 from tessera.scpm.store import Store, default_db
 
 log = logging.getLogger("tessera.scpm")
@@ -50,11 +51,10 @@ def run_op(args: argparse.Namespace, op: str, op_args: dict, create: bool = Fals
     ctl = control_path(db)
 
     async def main():
-        if ctl.exists():
-            try:
-                return await remote(ctl, op, op_args, print)
-            except (ConnectionRefusedError, FileNotFoundError):
-                log.debug("stale control socket %s", ctl)
+        conn = await control.connect(ctl)  # refuses a socket or listener that is not the user's
+        if conn is not None:
+            wire = {**op_args, "value": op_args["value"].hex()} if "value" in op_args else op_args
+            return await control.request(conn, op, wire, print)
         engine, lock = open_engine(db, parse_addr(args.address), _timing(args))
         server = KsnServer(engine, args.host, args.port)
         try:

@@ -2,6 +2,7 @@
 port 24767), the operations the CLI runs on it, and a local control socket so that CLI
 commands reach a running `tessera ksn serve` instead of opening the database twice.
 
+The control socket (its private directory, peer credentials and limits) is control.py.
 One process owns a KSN database at a time (an exclusive lock next to the database): two
 engines on one database would each keep their own send counters in memory and could reuse
 an SNF under the same key (profile section 4 forbids that).
@@ -11,11 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import hashlib
-import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,19 +21,13 @@ from pathlib import Path
 from tessera.errors import TesseraError
 from tessera.scpm import codec as C
 from tessera.scpm.codec import KeyKind, ScpmError, Service
+from tessera.scpm.control import ControlServer, control_path
 from tessera.scpm.ksn import KsnEngine, Send, Timing, Txn
 from tessera.scpm.store import Store
 
 log = logging.getLogger("tessera.scpm.server")
 
 Progress = Callable[[str], None]
-
-
-def control_path(db: Path) -> Path:
-    p = db.with_name(db.name + ".ctl")
-    if len(str(p)) > 100:  # AF_UNIX path limit
-        p = Path(tempfile.gettempdir()) / f"tessera-ksn-{hashlib.sha256(str(db).encode()).hexdigest()[:16]}.ctl"
-    return p
 
 
 class DbLock:
@@ -306,48 +298,6 @@ def _printable(b: bytes) -> str:
     return f"({s!r})" if s.isprintable() and s else ""
 
 
-# ------------------------------------------------------------------ control socket
-
-
-class ControlServer:
-    """JSON lines over a local socket: {"op": name, "args": {...}} -> {"progress": line}* then
-    {"ok": true, "result": ...} or {"ok": false, "error": message}."""
-
-    def __init__(self, ops: Operations, path: Path) -> None:
-        self.ops, self.path = ops, path
-        self._server: asyncio.AbstractServer | None = None
-
-    async def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        self._server = await asyncio.start_unix_server(self._client, path=str(self.path))
-        os.chmod(self.path, 0o600)
-
-    async def stop(self) -> None:
-        if self._server:
-            self._server.close()
-            await self._server.wait_closed()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        def emit(obj: dict) -> None:
-            writer.write((json.dumps(obj) + "\n").encode())
-
-        try:
-            req = json.loads(await reader.readline())
-            result = await dispatch(self.ops, req["op"], req.get("args", {}), lambda line: emit({"progress": line}))
-            emit({"ok": True, "result": result})
-        except TesseraError as e:
-            emit({"ok": False, "error": str(e)})
-        except Exception as e:  # report, keep serving
-            log.exception("control request failed")
-            emit({"ok": False, "error": f"{type(e).__name__}: {e}"})
-        with contextlib.suppress(Exception):
-            await writer.drain()
-            writer.close()
-
-
 async def dispatch(ops: Operations, op: str, args: dict, progress: Progress):
     if op == "list":
         return ops.devices()
@@ -355,30 +305,11 @@ async def dispatch(ops: Operations, op: str, args: dict, progress: Progress):
     if fn is None:
         raise TesseraError(f"unknown operation {op!r}")
     if op == "app" and isinstance(args.get("value"), str):
-        args = {**args, "value": bytes.fromhex(args["value"])}
+        try:
+            args = {**args, "value": bytes.fromhex(args["value"])}
+        except ValueError:
+            raise TesseraError("the property value must be hex") from None
     return await fn(**args, progress=progress)
-
-
-async def remote(path: Path, op: str, args: dict, progress: Progress, timeout: float = 600.0):
-    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 5)
-    if op == "app" and "value" in args:
-        args = {**args, "value": args["value"].hex()}
-    writer.write((json.dumps({"op": op, "args": args}) + "\n").encode())
-    await writer.drain()
-    try:
-        while True:
-            line = await asyncio.wait_for(reader.readline(), timeout)
-            if not line:
-                raise TesseraError("the KSN server closed the control connection")
-            msg = json.loads(line)
-            if "progress" in msg:
-                progress(msg["progress"])
-            elif msg.get("ok"):
-                return msg["result"]
-            else:
-                raise TesseraError(msg.get("error", "KSN server error"))
-    finally:
-        writer.close()
 
 
 def open_engine(db: Path | None, address: int = C.KSN_ADDRESS, timing: Timing | None = None) -> tuple[KsnEngine, DbLock]:
@@ -400,7 +331,7 @@ async def serve(db: Path | None, host: str, port: int, address: int = C.KSN_ADDR
     engine, lock = open_engine(db, address, timing)
     server = KsnServer(engine, host, port)
     ops = Operations(server)
-    ctl = ControlServer(ops, control_path(engine.store.path))
+    ctl = ControlServer(lambda op, args, progress: dispatch(ops, op, args, progress), control_path(engine.store.path))
     stop = stop or asyncio.Event()
     tasks: list[asyncio.Task] = []
     try:
