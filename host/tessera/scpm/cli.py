@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import logging
+import os
 import signal
+import sys
 from pathlib import Path
 
 from tessera.errors import TesseraError
@@ -68,6 +71,66 @@ def run_op(args: argparse.Namespace, op: str, op_args: dict, create: bool = Fals
     return asyncio.run(main())
 
 
+SETUP_KEY_ENV = "TESSERA_KSN_SETUP_KEY"
+
+
+def secret_options(p: argparse.ArgumentParser, dest: str, what: str, tail: str) -> None:
+    """--X-file FILE, --X-env VAR and the deprecated --X HEX for a secret (issue 11 #13: a
+    key in argv is readable by every local user in /proc/PID/cmdline)."""
+    flag = "--" + dest.replace("_", "-")
+    g = p.add_argument_group(f"{flag[2:]} ({what})", f"Where to read it from. {tail}")
+    g.add_argument(f"{flag}-file", dest=f"{dest}_file", metavar="FILE",
+                   help="read it from this file (first line); '-' reads standard input (a prompt on a terminal)")
+    g.add_argument(f"{flag}-env", dest=f"{dest}_env", metavar="VAR", help="read it from this environment variable")
+    g.add_argument(flag, dest=dest, metavar="HEX",
+                   help="DEPRECATED: on the command line the key is visible to every local user (ps, /proc)")
+
+
+def read_secret(args: argparse.Namespace, dest: str, what: str, default_env: str | None = None,
+                required: bool = True) -> str | None:
+    """The secret named `dest` from its file, environment variable, deprecated flag, the
+    default environment variable, or a prompt on a terminal; never logged."""
+    flag = "--" + dest.replace("_", "-")
+    given = [n for n in (f"{dest}_file", f"{dest}_env", dest) if getattr(args, n, None) is not None]
+    if len(given) > 1:
+        raise TesseraError(f"give {what} one way only ({flag}-file, {flag}-env or {flag})")
+    if getattr(args, dest, None) is not None:
+        log.warning("warning: %s puts the key on the command line, where every local user can read it "
+                    "(/proc/PID/cmdline); use %s-file, %s-env%s", flag, flag, flag,
+                    " or the prompt" if required else "")
+        return args.__dict__[dest].strip()
+    path = getattr(args, f"{dest}_file", None)
+    if path is not None:
+        return _secret_from_file(path, what)
+    var = getattr(args, f"{dest}_env", None) or default_env
+    if var is not None and var in os.environ:
+        return os.environ[var].strip()
+    if getattr(args, f"{dest}_env", None):
+        raise TesseraError(f"the environment variable {var} (named by {flag}-env) is not set")
+    if not required:
+        return None
+    if sys.stdin.isatty():
+        return getpass.getpass(f"{what[0].upper()}{what[1:]}: ").strip()
+    raise TesseraError(f"{what} is needed: give {flag}-file FILE, {flag}-env VAR"
+                       + (f", set ${default_env}" if default_env else "") + ", or run on a terminal to be asked")
+
+
+def _secret_from_file(path: str, what: str) -> str:
+    if path == "-":
+        if sys.stdin.isatty():
+            return getpass.getpass(f"{what[0].upper()}{what[1:]}: ").strip()
+        return sys.stdin.readline().strip()
+    try:
+        st = os.stat(path)
+        with open(path, encoding="ascii", errors="replace") as f:
+            line = f.readline(256).strip()
+    except OSError as e:
+        raise TesseraError(f"cannot read {what} from {path}: {e.strerror}") from None
+    if st.st_mode & 0o077:
+        log.warning("warning: %s is readable by group or others; keep key files mode 0600", path)
+    return line
+
+
 def _timing(args: argparse.Namespace) -> Timing:
     for name in ("timeout", "dh_timeout"):
         v = getattr(args, name, None)
@@ -107,7 +170,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_enrol(args: argparse.Namespace) -> int:
     host, port = _endpoint(args.device)
-    run_op(args, "enrol", {"addr": parse_addr(args.addr), "setup_key": args.setup_key, "host": host,
+    setup_key = read_secret(args, "setup_key", "the setup key (32 hex digits from the device label)",
+                            default_env=SETUP_KEY_ENV)
+    run_op(args, "enrol", {"addr": parse_addr(args.addr), "setup_key": setup_key, "host": host,
                            "port": port, "name": args.name or ""}, create=True)
     return 0
 
@@ -115,7 +180,8 @@ def cmd_enrol(args: argparse.Namespace) -> int:
 def cmd_provision(kind: str):
     def run(args: argparse.Namespace) -> int:
         run_op(args, "provision", {"addrs": _targets(args), "kind": kind, "idx": getattr(args, "index", 0),
-                                   "new": args.new, "key": args.key})
+                                   "new": args.new, "key": read_secret(args, "key", f"the {kind} key (32 hex digits)",
+                                                                       required=False)})
         return 0
 
     return run
@@ -233,7 +299,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                              description="User key initialisation (profile 6.1): ENROL_HELLO, the device's "
                              "challenge, USER_KEY_INIT under the setup key; the device gets its master key."))
     s.add_argument("addr", metavar="ADDRESS", help="device node address, e.g. 0x0A000002")
-    s.add_argument("--setup-key", required=True, metavar="HEX", help="32 hex digits from the device label")
+    secret_options(s, "setup_key", "the setup key: 32 hex digits from the device label",
+                   f"Without any of these: ${SETUP_KEY_ENV} if set, else a prompt on the terminal.")
     s.add_argument("--device", required=True, metavar="HOST:PORT", help="the device's UDP endpoint")
     s.add_argument("--name", help="a name for the listing")
     s.set_defaults(func=cmd_enrol)
@@ -249,7 +316,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         if kind == "sp":
             s.add_argument("--index", type=int, default=0, choices=range(16), metavar="0-15", help="provider index")
         s.add_argument("--new", action="store_true", help="make a new generation first")
-        s.add_argument("--key", metavar="HEX", help="use this key value for the new generation")
+        secret_options(s, "key", "use this key value (32 hex digits) for the new generation",
+                       "Without any of these, the KSN makes a random key.")
         s.set_defaults(func=cmd_provision(kind))
 
     s = common(ks.add_parser("rotate", help="update master keys (DH, profile 6.3)",

@@ -272,8 +272,11 @@ async def connect(path: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWrite
 async def request(conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], op: str, args: dict, progress,
                   timeout: float = 3600.0):
     reader, writer = conn
-    writer.write((json.dumps({"op": op, "args": args}) + "\n").encode())
-    await writer.drain()
+    try:
+        writer.write((json.dumps({"op": op, "args": args}) + "\n").encode())
+        await writer.drain()
+    except ConnectionError:
+        pass  # refused before it read the request (busy): its answer is still there to read
     try:
         while True:
             line = await asyncio.wait_for(reader.readline(), timeout)

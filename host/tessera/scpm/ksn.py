@@ -242,7 +242,10 @@ class KsnEngine:
         return p
 
     def peer(self, addr: int) -> Peer | None:
-        return self.peers.get(addr) or self._load(addr)
+        # Every registered device is loaded at start and by register(); one process owns the
+        # database (server.DbLock), so an address not in `peers` is unknown: no SQLite query
+        # per datagram from a made-up source address.
+        return self.peers.get(addr)
 
     def _need_peer(self, addr: int) -> Peer:
         p = self.peer(addr)
@@ -379,14 +382,23 @@ class KsnEngine:
         if len(setup_key) != 16:
             raise ScpmError(ErrorCode.MALFORMED, "setup key must be 16 bytes (32 hex digits)")
         p, t = self._begin(addr, "enrol", need_enrolled=False)
-        # A re-enrolment (device factory reset) starts from nothing: drop old keys and SNFs.
+        # A re-enrolment (device factory reset) starts from nothing: drop old keys and SNFs,
+        # except the send counter of an unchanged setup key: the same key must never send an
+        # SNF twice (profile 4; the IV of section 5 would repeat), and a device reset without
+        # a reboot still remembers the numbers it accepted under it.
+        skid = (int(KeyKind.SETUP), 0, 1)
+        keep = p.tx.get(skid) if p.setup is not None and ct_equal(p.setup.raw, setup_key) else None
         with self.store.tx():
             self.store.forget_device_keys(addr)
             self.store.put_device_key(addr, KeyKind.SETUP, 0, 1, "setup", setup_key)
+            if keep is not None:
+                self.store.put_window(addr, *skid, "tx", 0, 0, keep.reserved)
             self.store.set_device(addr, state="enrolling", master_gen=0, held={}, last_error="")
         p.state, p.master, p.pending, p.masters, p.held = "enrolling", 0, None, {}, {}
         p.tx.clear()
         p.rx.clear()
+        if keep is not None:
+            p.tx[skid] = keep
         p.setup = C.UsageKey(setup_key)
         return t, self._request(p, t, C.EnrolHello(t.txid), None, "hello")
 
@@ -408,7 +420,7 @@ class KsnEngine:
             p.state, p.held = "enrolled", {f"{int(KeyKind.USER)}/0": t.data["user_gen"]}
             self.store.set_device(p.addr, state="enrolled", held=p.held, last_error="")
             return self._finish(t, result=1)
-        log.info("enrol %#010x: ignoring %s in phase %s", p.addr, pdu.OP.name, t.phase)
+        log.debug("enrol %#010x: ignoring %s in phase %s", p.addr, pdu.OP.name, t.phase)  # plain: anyone
         return []
 
     def _commit_master(self, p: Peer, gen: int) -> None:
@@ -614,7 +626,9 @@ class KsnEngine:
             return self._handle(frame)
         except ScpmError as e:
             self.errors[e.code] += 1
-            log.info("dropped frame: %s", e)  # never answered (profile 8), never with keys
+            # never answered (profile 8), never with keys; one line per frame only at DEBUG:
+            # anyone can send these, so the server logs a periodic summary of `errors` instead
+            log.debug("dropped frame: %s", e)
             return []
 
     def _handle(self, frame: bytes) -> list[Send]:

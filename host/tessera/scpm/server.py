@@ -15,6 +15,7 @@ import fcntl
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from tessera.scpm.ksn import KsnEngine, Send, Timing, Txn
 from tessera.scpm.store import Store
 
 log = logging.getLogger("tessera.scpm.server")
+
+SUMMARY_EVERY = 60.0  # seconds between two summaries of dropped frames
 
 Progress = Callable[[str], None]
 
@@ -65,7 +68,8 @@ class _Udp(asyncio.DatagramProtocol):
 class KsnServer:
     """The engine on a UDP socket, with its timers. All engine calls happen on the loop."""
 
-    def __init__(self, engine: KsnEngine, host: str = "127.0.0.1", port: int = C.PORT) -> None:
+    def __init__(self, engine: KsnEngine, host: str = "127.0.0.1", port: int = C.PORT,
+                 summary_every: float = SUMMARY_EVERY) -> None:
         self.engine = engine
         self.host, self.port = host, port
         self.transport: asyncio.DatagramTransport | None = None
@@ -73,6 +77,12 @@ class KsnServer:
         self._timer: asyncio.Task | None = None
         self._stopping = False
         self.received_count = 0
+        self.internal_errors = 0
+        # Dropped frames are summarised, never logged one per datagram (issue 11 #10).
+        self.summary_every = summary_every
+        self._summarised: Counter = Counter()
+        self._summarised_internal = 0
+        self._last_summary = time.monotonic()
         engine.listeners.append(self._on_txn)
 
     async def start(self) -> None:
@@ -106,9 +116,29 @@ class KsnServer:
         try:
             out = self.engine.handle(data)
         except Exception:  # a bug must not stop the service for every other device
-            log.exception("unexpected failure handling a datagram from %s", addr)
+            self.internal_errors += 1
+            if self.internal_errors == 1:  # the first with its traceback; the rest are counted
+                log.exception("unexpected failure handling a datagram from %s", addr)
             return
         self.send(out)
+
+    def summarise(self, force: bool = False) -> None:
+        """One log line for the frames dropped since the last summary (at most one per
+        `summary_every` seconds), by error code; nothing when none were."""
+        now = time.monotonic()
+        if not force and now - self._last_summary < self.summary_every:
+            return
+        new = self.engine.errors - self._summarised
+        internal = self.internal_errors - self._summarised_internal
+        if new or internal:
+            n = sum(new.values())
+            codes = ", ".join(f"ERR_{c.name} {k}" for c, k in sorted(new.items(), key=lambda x: -x[1]))
+            log.warning("dropped %d frame(s) that failed the checks in the last %.0f s (%s)%s", n,
+                        now - self._last_summary, codes or "none",
+                        f"; {internal} failed with an internal error" if internal else "")
+        self._summarised = Counter(self.engine.errors)
+        self._summarised_internal = self.internal_errors
+        self._last_summary = now
 
     def send(self, sends: list[Send]) -> None:
         for s in sends:
@@ -127,9 +157,11 @@ class KsnServer:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=min(delay, 0.5))
             if self._stopping:
+                self.summarise(force=True)
                 return
             try:
                 self.send(self.engine.poll())
+                self.summarise()
             except Exception:
                 log.exception("timer failure")
 

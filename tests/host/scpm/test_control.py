@@ -221,7 +221,10 @@ def _raw(path, payload: bytes | None, timeout=5.0):
     c.settimeout(timeout)
     c.connect(str(path))
     if payload is not None:
-        c.sendall(payload)
+        try:
+            c.sendall(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused at once (busy): its answer is already there to read
     got = b""
     try:
         while chunk := c.recv(65536):

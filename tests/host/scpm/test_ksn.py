@@ -296,3 +296,28 @@ def test_sync_after_abort_reaches_a_device_that_replays_stored_answers(world, mo
     assert t.txid != sync_txids[0]  # the SYNC_REQ after the abort went out under a new TXID
     assert dev.pending is None and dev.master.gen == 1 == world.engine.peer(DEV).master
     assert world.run(world.engine.rotate(DEV)).status == "done" and dev.master.gen == 2
+
+
+def test_reenrolment_never_reuses_an_snf_under_the_setup_key(world):
+    """A device factory-reset (without a reboot) and enrolled again with the same label key:
+    the KSN's USER_KEY_INIT must not repeat an SNF under that key (the IV would repeat), and the
+    device, which still remembers the numbers it accepted, must accept it at once."""
+    dev = world.add(DEV)
+    snfs = []
+
+    def hook(d, a, f):
+        if d == "ksn->dev" and f[0] == C.HD_SECURE and f[13] == 0:  # SHD byte 2: kind 0 = setup key
+            snfs.append(int.from_bytes(f[15:19], "big"))
+        return f
+
+    world.fleet.hook = hook
+    for _ in range(3):
+        dev.factory_reset()
+        start = world.clock.t
+        t = world.run(world.engine.enrol(DEV, setup_key(DEV)))
+        assert t.status == "done" and world.clock.t == start  # no timeout needed
+    assert len(snfs) == 3 and len(set(snfs)) == 3, snfs
+    world.restart_ksn()  # the counter survives a KSN restart too
+    dev.factory_reset()
+    assert world.run(world.engine.enrol(DEV, setup_key(DEV))).status == "done"
+    assert snfs[-1] > max(snfs[:3]), snfs

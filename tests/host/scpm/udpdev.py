@@ -1,4 +1,5 @@
 """A firmware device engine (mpshim) behind a real loopback UDP socket, in a thread."""
+import collections
 import socket
 import threading
 
@@ -14,6 +15,7 @@ class UdpDevice:
         self.port = self.sock.getsockname()[1]
         self.running = True
         self.lock = threading.Lock()
+        self.sent: collections.deque[bytes] = collections.deque(maxlen=64)  # for replay attacks
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
 
@@ -26,6 +28,7 @@ class UdpDevice:
             with self.lock:
                 out = self.dev.receive(data, 0)
             for f in out:
+                self.sent.append(bytes(f))
                 self.sock.sendto(bytes(f), peer)
 
     def close(self):
