@@ -10,7 +10,6 @@ import random
 import re
 import signal
 import socket
-import subprocess
 import sys
 import time
 
@@ -19,7 +18,7 @@ import pytest
 from tessera.cli import main
 from tessera.scpm import codec as C
 
-from ..scpm.udpdev import UdpDevice
+from ..scpm.udpdev import UdpDevice, start_serve
 
 SETUP = "00112233445566778899aabbccddeeff"
 DEV = 0x0A000002
@@ -96,15 +95,8 @@ def test_ksn_flood_while_a_genuine_device_works(tmp_path, monkeypatch, capsys):
     db = tmp_path / "k.sqlite"
     dev = UdpDevice(DEV, bytes.fromhex(SETUP))
     logf = tmp_path / "serve.log"
-    proc = subprocess.Popen([sys.executable, "-m", "tessera", "ksn", "serve", "--db", str(db), "--port", "0"],
-                            stdout=logf.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc, port = start_serve(db, logf)
     try:
-        deadline, m = time.monotonic() + 15, None
-        while m is None and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-            m = re.search(r"serving on udp 127\.0\.0\.1:(\d+)", logf.read_text())
-        assert m, logf.read_text()
-        port = int(m.group(1))
         assert ksn(db, "enrol", "0x0A000002", "--setup-key-env", "TESSERA_KSN_SETUP_KEY",
                    "--device", f"127.0.0.1:{dev.port}") == 0
         assert ksn(db, "sp-key", "--all", "--index", "1") == 0

@@ -5,7 +5,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
 import sys
 import time
 
@@ -14,7 +13,7 @@ import pytest
 from tessera.cli import main
 from tessera.scpm import codec as C
 
-from .udpdev import UdpDevice
+from .udpdev import UdpDevice, start_serve
 
 SETUP = "00112233445566778899aabbccddeeff"
 
@@ -84,17 +83,9 @@ def test_sync_failure_exits_2(tmp_path, dev, caplog):
 
 def test_serve_keeps_serving_and_takes_commands(tmp_path, dev, capsys):
     db = tmp_path / "k.sqlite"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     logf = tmp_path / "serve.log"
-    proc = subprocess.Popen([sys.executable, "-m", "tessera", "ksn", "serve", "--db", str(db), "--port", "0",
-                             "--timeout", "0.3"], stdout=logf.open("w"), stderr=subprocess.STDOUT, env=env)
+    proc, port = start_serve(db, logf, "--timeout", "0.3")
     try:
-        deadline, m = time.monotonic() + 15, None
-        while m is None and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-            m = re.search(r"serving on udp 127\.0\.0\.1:(\d+)", logf.read_text())
-        assert m, logf.read_text()
-        port = int(m.group(1))
         # garbage from a stranger does not stop the service
         junk = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         for payload in (b"", b"\x11" * 5, b"\x10" + bytes(10), os.urandom(1200), b"\x11" + bytes(2000)):

@@ -35,3 +35,24 @@ class UdpDevice:
         self.running = False
         self.thread.join(2)
         self.sock.close()
+
+
+def start_serve(db, logf, *extra: str):
+    """`tessera ksn serve` on `db` in a subprocess logging to `logf`: (process, UDP port)."""
+    import os
+    import re
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "tessera", "ksn", "serve", "--db", str(db), "--port", "0", *extra],
+                            stdout=logf.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline, m = time.monotonic() + 15, None
+    while m is None and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+        m = re.search(r"serving on udp 127\.0\.0\.1:(\d+)", logf.read_text())
+    if m is None:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"ksn serve did not start: {logf.read_text()}")
+    return proc, int(m.group(1))
