@@ -130,8 +130,7 @@ def load_storage_key(db: Path, env: Mapping[str, str] | None, var: str, what: st
     With `create_db`, the database file is also created (or tightened to) mode 0600."""
     env = os.environ if env is None else env
     if create_db and str(db) != ":memory:":
-        db.parent.mkdir(parents=True, exist_ok=True)
-        private_file(db)
+        private_file(db)  # a missing directory is the caller's error (OSError), never created here
     if env.get(var):
         return parse_hex_key(env[var], var, error), var  # the value itself is never repeated
     path = key_file_path(db)
