@@ -183,6 +183,8 @@ class ControlServer:
                 await asyncio.wait_for(self._server.wait_closed(), 5)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+        with contextlib.suppress(OSError):  # the private directory too, when nothing else is in it
+            self.path.parent.rmdir()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         def emit(obj: dict) -> None:

@@ -221,12 +221,7 @@ class Operations:
         return [d.addr for d in self.engine.store.devices() if d.state == "enrolled"]
 
     async def enrol(self, addr: int, setup_key: str, host: str, port: int, name: str = "", progress: Progress = print) -> dict:
-        try:
-            key = bytes.fromhex(setup_key)
-        except ValueError:
-            raise TesseraError("the setup key is 32 hex digits (from the device label)") from None
-        if len(key) != 16:
-            raise TesseraError("the setup key is 32 hex digits (from the device label)")
+        key = _hex_key(setup_key, "the setup key (from the device label)")
         self.engine.register(addr, host, port, name)
         progress(f"enrolling {fmt_addr(addr)} at {host}:{port} ...")
         t = _checked(await self.server.run(self.engine.enrol(addr, key)))
@@ -238,7 +233,7 @@ class Operations:
                         key: str | None = None, progress: Progress = print) -> list[dict]:
         k = {"sp": KeyKind.SP, "maker": KeyKind.MAKER, "user": KeyKind.USER}[kind]
         if new or key or (int(k), idx) not in self.engine.home_gen:
-            raw = bytes.fromhex(key) if key else None
+            raw = _hex_key(key, f"the {kind} key") if key else None
             gen = self.engine.new_home_key(k, idx, raw)
             progress(f"{kind} key index {idx}: new generation {gen}")
         out = []
@@ -320,6 +315,16 @@ class Operations:
                         "master_gen": d.master_gen, "pending_gen": p.pending.gen if p and p.pending else 0,
                         "needs_sync": bool(p and p.needs_sync), "held": d.held, "last_error": d.last_error})
         return out
+
+
+def _hex_key(text: str, what: str) -> bytes:
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raw = b""
+    if len(raw) != 16:  # the value itself is never repeated
+        raise TesseraError(f"{what} must be 32 hex digits (16 bytes)")
+    return raw
 
 
 def _printable(b: bytes) -> str:

@@ -202,3 +202,12 @@ def test_keys_come_from_a_file_the_environment_or_a_prompt(tmp_path, dev, caplog
     assert ksn(db, "maker-key", "--all", "--key-env", "MAKER_KEY") == 0
     assert dev.dev.keys[3 * 16].key == bytes.fromhex("bb" * 16)
     assert ksn(db, "user-key", "--all", "--key", "cc" * 16) == 0 and "puts the key on the command line" in caplog.text
+
+
+def test_bad_key_values_are_one_line_errors(tmp_path, dev, caplog):
+    db = tmp_path / "k.sqlite"
+    assert ksn(db, "enrol", "0x0A000002", "--setup-key", SETUP, "--device", f"127.0.0.1:{dev.port}") == 0
+    for bad in ("zz" * 16, "ab" * 15, "not hex at all"):
+        caplog.clear()
+        assert ksn(db, "sp-key", "--all", "--key", bad) == 2  # was a ValueError traceback, exit 1
+        assert "must be 32 hex digits" in caplog.text and bad not in caplog.text.replace("--key", "")
