@@ -58,7 +58,10 @@ def test_every_store_checks_its_key_file_the_same_way(tmp_path, name):
     db = tmp_path / f"{name}.sqlite"
     old = os.umask(0o022)  # what a default shell gives: the store must not rely on it
     try:
-        close(opener(db))
+        st = opener(db)
+        for f in tmp_path.glob(db.name + "*"):  # the database, its key, WAL and shared memory
+            assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+        close(st)
     finally:
         os.umask(old)
     kf = keyfile.key_file_path(db)
