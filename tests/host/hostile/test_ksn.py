@@ -11,6 +11,7 @@ import re
 import signal
 import socket
 import sys
+import threading
 import time
 
 import pytest
@@ -106,8 +107,17 @@ def test_ksn_flood_while_a_genuine_device_works(tmp_path, monkeypatch, capsys):
         rss_before = rss_kb(proc.pid)
 
         pid, r = flooder(port, FLOOD, replays, seed=24767)
+        rot: dict = {}
+
+        def rotate() -> None:  # a master-key update while the flood runs, next to the queries
+            t0 = time.monotonic()
+            rot["rc"] = ksn(db, "rotate", "0x0A000002")
+            rot["s"] = time.monotonic() - t0
+
+        rotator = threading.Thread(target=rotate)
         lat, ok, tries = [], 0, 0
         t_flood = time.monotonic()
+        rotator.start()
         reaped = False
         while tries < 200 and time.monotonic() - t_flood < FLOOD_MAX_S:  # only while the flood lasts
             reaped = os.waitpid(pid, os.WNOHANG)[0] != 0
@@ -117,12 +127,9 @@ def test_ksn_flood_while_a_genuine_device_works(tmp_path, monkeypatch, capsys):
             t0 = time.monotonic()
             ok += ksn(db, "app", "get", "0x0A000002", "1") == 0
             lat.append(time.monotonic() - t0)
-            if tries == 3:  # a master-key update in the middle of the flood
-                t0 = time.monotonic()
-                assert ksn(db, "rotate", "0x0A000002") == 0
-                rotate_s = time.monotonic() - t0
         if not reaped:
             os.waitpid(pid, 0)
+        rotator.join(120)
         with os.fdopen(r) as f:
             sent = int(f.read() or 0)
         time.sleep(0.5)  # let the server drain its socket
@@ -139,14 +146,14 @@ def test_ksn_flood_while_a_genuine_device_works(tmp_path, monkeypatch, capsys):
     flood_lines = out.splitlines()[lines_before:]
     dropped = sum(int(x) for x in re.findall(r"dropped (\d+) frame\(s\)", out))
     report = (f"thrown {sent}, dropped and counted by the KSN {dropped}, good requests {ok}/{tries} "
-              f"(p50 {lat[len(lat) // 2] * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms), rotate {rotate_s:.2f} s, "
+              f"(p50 {lat[len(lat) // 2] * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms), rotate {rot.get('s', -1):.2f} s, "
               f"RSS {rss_before} -> {rss_after} kB, log lines during the flood {len(flood_lines)}")
     print(report)
     with capsys.disabled():
         sys.stderr.write(f"\n[hostile ksn] {report}\n")
     assert sent >= FLOOD // 2
-    assert ok == tries and tries >= 10  # every genuine request succeeded during the flood
-    assert dev.dev.master.gen == 2
+    assert ok == tries and tries >= 5  # every genuine request succeeded during the flood
+    assert rot.get("rc") == 0 and dev.dev.master.gen == 2  # and the update
     assert 0 < dropped <= sent  # counted (the kernel may drop some before the KSN reads them)
     assert len(flood_lines) < 60, flood_lines[:20]  # a summary, not a line per datagram
     assert "Traceback" not in out
