@@ -211,8 +211,9 @@ def cmd_ltkm_generator(args: argparse.Namespace) -> int:
                     raise TesseraError("--udp needs --udp-port")
                 await g.open_udp(host, args.udp_port)
             await g.send(ltkms, via="udp" if args.udp else "tcp")
+            errors = await g.sync()  # the MUX's answers to everything sent are in before counting
             print(f"sent {len(ltkms)} LTKMs ({g.sent_bytes} bytes) within {kbps} kbit/s; "
-                  f"{len(g.errors)} errors from the MUX")
+                  f"{errors} errors from the MUX")
         except (EmmgError, OSError, asyncio.TimeoutError) as exc:
             raise TesseraError(f"LTKM generator: {exc or type(exc).__name__}") from None
         finally:
