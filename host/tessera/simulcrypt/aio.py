@@ -33,7 +33,10 @@ class Limits:
     are queued for it; the connection is not read meanwhile, so a peer that never reads
     stops being served and is dropped.
     max_connections / max_per_peer: open connections in total / per peer IP address (one
-    channel per connection, TS 103 197 5.1.2, so this bounds channels per peer too)."""
+    channel per connection, TS 103 197 5.1.2, so this bounds channels per peer too).
+    error_rate / error_burst: errors a connection may earn (token bucket: per second /
+    depth); beyond, it is dropped, so a flood of bad messages costs a bounded amount of work
+    and memory and cannot hold up the other connections."""
     setup_timeout: float = 10.0
     idle_timeout: float | None = 300.0
     message_timeout: float = 10.0
@@ -41,6 +44,8 @@ class Limits:
     write_buffer: int = 256 * 1024
     max_connections: int = 64
     max_per_peer: int = 8
+    error_rate: float = 20.0
+    error_burst: int = 200
 
 
 class Summary:
@@ -157,10 +162,11 @@ async def read_loop(engine: Endpoint, reader: asyncio.StreamReader, writer: asyn
     """Feeds the engine until EOF, or until on_events returns True (close requested).
     With limits (servers), raises Deadline when the peer is too slow to set up a channel,
     idle, too slow to finish a message, or does not read our answers."""
+    loop = asyncio.get_running_loop()
+    started = stamp = loop.time()
     if limits is not None:
         writer.transport.set_write_buffer_limits(high=limits.write_buffer)
-    loop = asyncio.get_running_loop()
-    started = loop.time()
+        engine.error_budget = float(limits.error_burst)
     partial: float | None = None  # when the message now arriving started
     while True:
         timeout, why = None, ""
@@ -184,6 +190,11 @@ async def read_loop(engine: Endpoint, reader: asyncio.StreamReader, writer: asyn
             raise Deadline(why) from None
         if not data:
             return
+        if limits is not None:
+            now = loop.time()
+            engine.error_budget = min(float(limits.error_burst),
+                                      (engine.error_budget or 0.0) + (now - stamp) * limits.error_rate)
+            stamp = now
         events = engine.receive_data(data)
         stop = on_events(events)
         flush(engine, writer)
@@ -194,6 +205,8 @@ async def read_loop(engine: Endpoint, reader: asyncio.StreamReader, writer: asyn
                 await asyncio.wait_for(writer.drain(), limits.drain_timeout)
             except asyncio.TimeoutError:
                 raise Deadline("peer does not read its answers") from None
+        if engine.flooded:
+            raise Deadline("too many bad messages")
         if stop:
             return
 

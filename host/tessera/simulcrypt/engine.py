@@ -162,11 +162,19 @@ class Endpoint:
         self._out: list[bytes] = []
         self.errors_sent: deque[ErrorSent] = deque(maxlen=ERRORS_KEPT)
         self.error_count = 0
+        self.error_budget: float | None = None  # errors still allowed (set by a server adapter)
+        self.flooded = False
 
     # -- I/O boundary
     def receive_data(self, data: bytes) -> list[Event]:
+        """Events of the complete messages in data. With error_budget set (servers), stops
+        once that many errors have been answered and sets `flooded`: the rest is not read,
+        the adapter drops the connection (a peer earning errors that fast is not working)."""
         events: list[Event] = []
         for item in self.framer.feed(data):
+            if self.error_budget is not None and self.error_budget <= 0:
+                self.flooded = True
+                break
             if isinstance(item, ProtocolError):
                 events += self._answer_error(item)
                 continue
@@ -208,6 +216,8 @@ class Endpoint:
     def _sent(self, ev: ErrorSent) -> ErrorSent:
         self.errors_sent.append(ev)
         self.error_count += 1
+        if self.error_budget is not None:
+            self.error_budget -= 1
         return ev
 
     def send_channel_error(self, err: int, info: bytes | None = None, channel_id: int | None = None,
