@@ -201,6 +201,7 @@ class Framer:
         self.max_body = max_body
         self._buf = bytearray()
         self._skip = 0
+        self.frames = 0  # messages (or skipped oversized ones) delimited so far
 
     def pending(self) -> bool:
         """A message has started arriving and is not complete yet."""
@@ -229,6 +230,7 @@ class Framer:
                 break
             out.append(bytes(self._buf[:HEADER.size + length]))
             del self._buf[:HEADER.size + length]
+        self.frames += len(out)
         return out
 
 
