@@ -33,7 +33,9 @@ class Limits:
     are queued for it; the connection is not read meanwhile, so a peer that never reads
     stops being served and is dropped.
     max_connections / max_per_peer: open connections in total / per peer IP address (one
-    channel per connection, TS 103 197 5.1.2, so this bounds channels per peer too).
+    channel per connection, TS 103 197 5.1.2, so this bounds channels per peer too). One SCS
+    host runs an SCS per service, each with its own connection, hence 32 per address; the
+    engines cap open channels separately (64 per generator, 32 per MUX).
     error_rate / error_burst: errors a connection may earn (token bucket: per second /
     depth); beyond, it is dropped, so a flood of bad messages costs a bounded amount of work
     and memory and cannot hold up the other connections.
@@ -44,8 +46,8 @@ class Limits:
     message_timeout: float = 10.0
     drain_timeout: float = 10.0
     write_buffer: int = 256 * 1024
-    max_connections: int = 64
-    max_per_peer: int = 8
+    max_connections: int = 96
+    max_per_peer: int = 32
     error_rate: float = 20.0
     error_burst: int = 200
     read_size: int = 4096

@@ -133,9 +133,9 @@ def _server_options(p: argparse.ArgumentParser, ids: str) -> None:
     p.add_argument("--allow", action="append", metavar="ADDR[=ID,...]",
                    help=f"admit only these peer addresses (repeatable), each optionally limited to the {ids} "
                    "listed; default: any address (the default --host is loopback)")
-    p.add_argument("--max-connections", type=int, default=64, help="open connections in total (default 64)")
-    p.add_argument("--max-per-peer", type=int, default=8,
-                   help="open connections (= channels) per peer address (default 8)")
+    p.add_argument("--max-connections", type=int, default=96, help="open connections in total (default 96)")
+    p.add_argument("--max-per-peer", type=int, default=32,
+                   help="open connections (= channels) per peer address (default 32)")
     p.add_argument("--idle-timeout", type=float, default=300.0,
                    help="seconds a channel may stay silent before it is closed (default 300; 0: never)")
     p.add_argument("--error-info", choices=["param", "text"], default="param",

@@ -216,8 +216,6 @@ class Endpoint:
     def _sent(self, ev: ErrorSent) -> ErrorSent:
         self.errors_sent.append(ev)
         self.error_count += 1
-        if self.error_budget is not None:
-            self.error_budget -= 1
         return ev
 
     def send_channel_error(self, err: int, info: bytes | None = None, channel_id: int | None = None,
@@ -240,6 +238,8 @@ class Endpoint:
     def _answer_error(self, exc: ProtocolError) -> list[Event]:
         msg = exc.msg
         log.debug("%s: answering %s (%s)", self.itf.value, error_name(self.itf, exc.status), exc.detail)
+        if self.error_budget is not None:
+            self.error_budget -= 1  # every faulty message costs the peer (our own refusals do not)
         if msg is not None and msg.type in (self.CHANNEL_ERROR, self.STREAM_ERROR):
             return [ErrorSent(exc.status, "not answered: bad error message")]  # never answer an error with an error
         saved = self.version

@@ -465,3 +465,13 @@ def test_mux_keeps_a_bounded_record_and_summarises_bad_input(caplog):
     lines = [r for r in caplog.records if r.name.startswith("tessera.simulcrypt")]
     assert closed and len(lines) <= 5, [r.getMessage() for r in lines]  # before: one INFO line per bad message
     assert mux.dropped.total["too many bad messages"] == 1
+
+
+def test_malformed_error_messages_are_budgeted_too():
+    """Bad channel_errors are never answered, but still cost the error budget: a flood of
+    them is cut off like any other (sans-IO, as the read loop arms it)."""
+    conn = E.EcmgConnection(E.EcmgCore({DRM}))
+    conn.error_budget = 200
+    bad = Message(Interface.ECMG, EM.CHANNEL_ERROR, [(EP.ECM_CHANNEL_ID, b"\0\1")], 3).encode()  # no error_status
+    conn.receive_data(bad * 1000)
+    assert conn.flooded and conn.data_to_send() == b""
