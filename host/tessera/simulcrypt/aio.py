@@ -8,7 +8,7 @@ import ipaddress
 import logging
 import ssl
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,6 +125,25 @@ class Admission:
             self.per_peer[host] = n
         else:
             self.per_peer.pop(host, None)
+
+
+Session = Callable[[asyncio.StreamReader, asyncio.StreamWriter, str, "frozenset[int] | None"], Awaitable[None]]
+
+
+async def serve_admitted(admission: Admission, refusals: Summary, session: Session,
+                         reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A server's connection callback: a peer the admission refuses is cut at once (and
+    counted); an admitted one runs session(reader, writer, host, the ids it may use)."""
+    host = peer_host(writer)
+    ok, why, ids = admission.admit(host)
+    if not ok:
+        refusals.count(why)
+        await close_writer(writer, abort=True)
+        return
+    try:
+        await session(reader, writer, host, ids)
+    finally:
+        admission.release(host)
 
 
 def peer_host(writer: asyncio.StreamWriter) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from tessera.simulcrypt import stkm
 from tessera.simulcrypt.aio import (
-    Admission, Deadline, Limits, Summary, close_writer, flush, peer_host, read_loop,
+    Admission, Deadline, Limits, Summary, close_writer, flush, read_loop, serve_admitted,
 )
 from tessera.simulcrypt.engine import (
     CloseConnection, CwProvision, EcmgCaps, EcmgConnection, EcmgCore, ErrorSent, Event, PeerError, UserMessage,
@@ -101,16 +101,7 @@ class StkmGenerator:
         self.answered.flush()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        host = peer_host(writer)
-        ok, why, ids = self.admission.admit(host)
-        if not ok:
-            self.refusals.count(why)
-            await close_writer(writer, abort=True)
-            return
-        try:
-            await self._session(reader, writer, host, ids)
-        finally:
-            self.admission.release(host)
+        await serve_admitted(self.admission, self.refusals, self._session, reader, writer)
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str,
                        ids: frozenset[int] | None) -> None:

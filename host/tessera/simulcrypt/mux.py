@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from ssl import SSLContext
 
 from tessera.simulcrypt.aio import (
-    Admission, Deadline, Limits, Summary, close_writer, flush, normalise, peer_host, read_loop,
+    Admission, Deadline, Limits, Summary, close_writer, flush, normalise, read_loop, serve_admitted,
 )
 from tessera.simulcrypt.engine import CloseConnection, DataReceived, ErrorSent, Event, MuxConnection, MuxCore
 from tessera.simulcrypt.tables import ErrorInfo, Interface, error_name
@@ -126,16 +126,7 @@ class Multiplexer:
                 self.answered.count(error_name(Interface.EMMG, ev.status))
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        host = peer_host(writer)
-        ok, why, ids = self.admission.admit(host)
-        if not ok:
-            self.dropped.count(why)
-            await close_writer(writer, abort=True)
-            return
-        try:
-            await self._session(reader, writer, host, ids)
-        finally:
-            self.admission.release(host)
+        await serve_admitted(self.admission, self.dropped, self._session, reader, writer)
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str,
                        ids: frozenset[int] | None) -> None:

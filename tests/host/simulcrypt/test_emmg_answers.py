@@ -22,25 +22,35 @@ from tessera.simulcrypt.tables import ME, MM, MP, Interface
 CLIENT = 0x00010007
 
 
-def test_zero_kbps_sends_nothing(keystore):
+def on_link(total_kbps, request_kbps, body):
+    """A MUX with total_kbps and one LTKM generator on it that asked for request_kbps; runs
+    body(g, granted), closes both, returns (mux, g, body's result)."""
     async def main():
-        mux = Multiplexer(total_kbps=0)
+        mux = Multiplexer(total_kbps=total_kbps)
         await mux.start()
         g = LtkmGenerator(CLIENT, 1, 1, 0x21)
         await g.connect("127.0.0.1", mux.port)
-        assert await g.request_bandwidth(16) == 0
+        out = await body(g, await g.request_bandwidth(request_kbps))
+        await g.close()
+        await eventually(lambda: not mux.core.channels)
+        await mux.close()
+        return mux, g, out
+
+    return run(main())
+
+
+def test_zero_kbps_sends_nothing(keystore):
+    async def body(g, granted):
+        assert granted == 0
         with pytest.raises(EmmgError, match="no bandwidth"):
             await g.send(make_ltkms(keystore, CLIENT, 0x21, 1, DRM, 0x101, count=5))
-        errors = await g.sync()
-        await g.close()
-        await mux.close()
-        return mux, g, errors
+        return await g.sync()
 
-    mux, g, errors = run(main())
+    mux, g, errors = on_link(0, 16, body)
     assert mux.received_count == 0 and g.sent_bytes == 0 and errors == 0
 
 
-def test_allocation_without_bandwidth_sends_nothing(keystore, monkeypatch):
+def test_allocation_without_bandwidth_sends_nothing(monkeypatch):
     """A stream_BW_allocation with no bandwidth parameter grants nothing to send."""
     def bw_without_value(self, msg, s):
         self.send(MM.STREAM_BW_ALLOCATION, self._p() + [(MP.DATA_STREAM_ID, s.stream_id)])
@@ -48,20 +58,14 @@ def test_allocation_without_bandwidth_sends_nothing(keystore, monkeypatch):
 
     monkeypatch.setattr(MuxConnection, "_bw", bw_without_value)
 
-    async def main():
-        mux = Multiplexer(total_kbps=100)
-        await mux.start()
-        g = LtkmGenerator(CLIENT, 1, 1, 0x21)
-        await g.connect("127.0.0.1", mux.port)
-        assert await g.request_bandwidth(16) == 0
+    async def body(g, granted):
+        assert granted == 0 and g.kbps is None
         with pytest.raises(EmmgError, match="no bandwidth"):
             await g.send([b"\x01" * 50] * 3)
-        await g.sync()
-        await g.close()
-        await mux.close()
-        return mux
+        return await g.sync()
 
-    assert run(main()).received_count == 0
+    mux, _, errors = on_link(100, 16, body)
+    assert mux.received_count == 0 and errors == 0
 
 
 def test_mux_request_without_value_does_not_grant_the_pool():
@@ -81,38 +85,31 @@ def test_mux_request_without_value_does_not_grant_the_pool():
     assert core.allocated_kbps == 40
 
 
-def burst_then(keystore, after):
+def burst_then(after):
     """6 x 400 bytes at once on an 8 kbit/s stream (1000-byte bucket): 4 exceeded bandwidth."""
-    async def main():
-        mux = Multiplexer(total_kbps=8)
-        await mux.start()
-        g = LtkmGenerator(CLIENT, 1, 1, 0x21)
-        await g.connect("127.0.0.1", mux.port)
-        assert await g.request_bandwidth(8) == 8
+    async def body(g, granted):
+        assert granted == 8
         await g.send([b"\x01" * 400] * 6, pace=False)
-        out = await after(g)
-        await g.close()
-        await eventually(lambda: not mux.core.channels)
-        await mux.close()
-        return g, out
+        return await after(g)
 
-    return run(main())
+    _, g, out = on_link(8, 8, body)
+    return g, out
 
 
-def test_errors_counted_after_the_replies(keystore):
+def test_errors_counted_after_the_replies():
     async def count(g):
         return await g.sync()  # no polling: the barrier guarantees the answers are in
 
-    g, errors = burst_then(keystore, count)
+    g, errors = burst_then(count)
     assert errors == 4 and all(e.statuses == [ME.EXCEEDED_BANDWIDTH] for e in g.errors)
 
 
-def test_late_stream_errors_are_not_the_close_answer(keystore, caplog):
+def test_late_stream_errors_are_not_the_close_answer(caplog):
     async def nothing(g):
         return None
 
     with caplog.at_level(logging.WARNING, logger="tessera.simulcrypt"):
-        g, _ = burst_then(keystore, nothing)  # close() straight after the burst
+        g, _ = burst_then(nothing)  # close() straight after the burst
     assert "no stream_close_response" not in caplog.text
     assert g.error_count == 4 and g.conn.error_count == 0  # we answered nothing with an error
     assert g.stream_id not in g.conn.streams  # the stream_close_response was taken as such
