@@ -48,3 +48,14 @@ def test_every_error_information_we_send_by_default_is_two_bytes():
 def test_text_form_on_request():
     ans = ecmg_unknown_channel(ErrorInfo.TEXT)
     assert ans.get(EP.ERROR_INFORMATION) == b"ECM_channel_id 9 is not set up on this connection"
+
+
+def test_the_default_answer_is_the_pinned_vector():
+    import json
+    from pathlib import Path
+
+    vec = Path(__file__).resolve().parents[2] / "vectors" / "simulcrypt" / "ecmg.json"
+    [case] = [c for c in json.loads(vec.read_text())["cases"] if c["name"] == "channel_error_param_info"]
+    conn = E.EcmgConnection(E.EcmgCore({DRM}))
+    conn.receive_data(Message.build(Interface.ECMG, EM.CHANNEL_TEST, 3, [(EP.ECM_CHANNEL_ID, 9)]).encode())
+    assert conn.data_to_send().hex() == case["frame"]
