@@ -92,6 +92,21 @@ def _allow(specs: list[str] | None) -> dict[str, set[int] | None] | None:
     return out
 
 
+def _udp_sources(specs: list[str] | None) -> dict[int, set[str]] | None:
+    """--udp-source CLIENT_ID=ADDR[,ADDR...]: where that client's UDP data_provision may come from."""
+    if not specs:
+        return None
+    out: dict[int, set[str]] = {}
+    for spec in specs:
+        client, _, addrs = spec.partition("=")
+        try:
+            hosts = {str(ipaddress.ip_address(a)) for a in addrs.split(",")}
+            out.setdefault(int(client, 0), set()).update(hosts)
+        except ValueError:
+            raise TesseraError(f"--udp-source wants CLIENT_ID=ADDRESS[,ADDRESS...], got {spec!r}") from None
+    return out
+
+
 def _tls(args: argparse.Namespace, server: bool):
     """The mutual-TLS context of --tls-cert/--tls-key/--tls-ca (all three, or none)."""
     given = [args.tls_cert, args.tls_key, args.tls_ca]
@@ -272,7 +287,7 @@ def cmd_mux(args: argparse.Namespace) -> int:
     _exposure(args, allow, tls)
     mux = Multiplexer(args.kbps, host=args.host, port=args.port, udp=not args.no_udp,
                       channels_per_client=args.channels_per_client, allow=allow, ssl=tls, limits=limits,
-                      error_info=ErrorInfo(args.error_info))
+                      udp_sources=_udp_sources(args.udp_source), error_info=ErrorInfo(args.error_info))
 
     async def start():
         port = await mux.start()
@@ -378,6 +393,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--channels-per-client", type=int, metavar="N",
                    help="refuse more than N open channels per client_id with 'client_id already in use' "
                    "(0x0014); default: no limit")
+    m.add_argument("--udp-source", action="append", metavar="CLIENT_ID=ADDR[,ADDR...]",
+                   help="accept that client's UDP data_provision only from these addresses (repeatable); "
+                   "default: the address its TCP channel came from")
     _server_options(m, "client_ids")
     m.set_defaults(func=cmd_mux)
 

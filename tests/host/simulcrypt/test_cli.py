@@ -81,3 +81,20 @@ def test_no_secret_on_the_command_line():
     suspicious = {o for o in options if re.search(r"secret|pass|material|psk|setup|^--key$|-key$", o)}
     assert suspicious == {"--tls-key"}
     assert "--tls-key" in options and "--key-owner" in options  # ids, not keys
+
+
+def test_server_access_options_validated(tmp_path):
+    from tessera.simulcrypt.cli import _allow, _udp_sources
+
+    assert _allow(["10.0.0.5=0x00010001,0x00010002", "10.0.0.6"]) == {"10.0.0.5": {0x00010001, 0x00010002},
+                                                                       "10.0.0.6": None}
+    assert _allow(["10.0.0.5=1", "10.0.0.5"]) == {"10.0.0.5": None}
+    assert _udp_sources(["0x00010007=127.0.0.3,::1"]) == {0x00010007: {"127.0.0.3", "::1"}}
+    db = str(tmp_path / "k.sqlite")
+    assert main(["simulcrypt", "mux", "--allow", "not-an-address"]) == 2
+    assert main(["simulcrypt", "mux", "--udp-source", "0x00010007=nowhere"]) == 2
+    assert main(["simulcrypt", "mux", "--max-per-peer", "0"]) == 2
+    assert main(["simulcrypt", "--db", db, "stkm-generator", "--super-cas-id", "0x00010001",
+                 "--tls-cert", "x.pem"]) == 2  # TLS needs all three files
+    assert main(["simulcrypt", "--db", db, "stkm-generator", "--super-cas-id", "0x00010001",
+                 "--tls-cert", "x.pem", "--tls-key", "x.key", "--tls-ca", "ca.pem"]) == 2  # unreadable: clean error
