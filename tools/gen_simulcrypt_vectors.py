@@ -35,6 +35,10 @@ ECMG = [
     ("channel_close", 3, EM.CHANNEL_CLOSE, [C]),
     ("channel_error", 3, EM.CHANNEL_ERROR, [C, (EP.ERROR_STATUS, 0x0006), (EP.ERROR_STATUS, 0x8003),
                                              (EP.ERROR_INFORMATION, b"unknown channel")]),
+    # the 2-byte error_information Tessera sends by default: the faulty parameter's type
+    # (here ECM_channel_id 0x000e), the answer to a channel_test on channel 9 that is not set up
+    ("channel_error_param_info", 3, EM.CHANNEL_ERROR, [(EP.ECM_CHANNEL_ID, 9), (EP.ERROR_STATUS, 0x0006),
+                                                        (EP.ERROR_INFORMATION, b"\x00\x0e")]),
     ("stream_setup", 3, EM.STREAM_SETUP, [C, S, (EP.ECM_ID, 0x0101), (EP.NOMINAL_CP_DURATION, 100)]),
     ("stream_test", 3, EM.STREAM_TEST, [C, S]),
     ("stream_status", 3, EM.STREAM_STATUS, [C, S, (EP.ECM_ID, 0x0101), (EP.ACCESS_CRITERIA_TRANSFER_MODE, 0)]),
@@ -63,6 +67,9 @@ EMMG = [
     ("stream_close_request", 3, MM.STREAM_CLOSE_REQUEST, [K, D, T]),
     ("stream_close_response", 3, MM.STREAM_CLOSE_RESPONSE, [K, D, T]),
     ("stream_error", 3, MM.STREAM_ERROR, [K, D, T, (MP.ERROR_STATUS, 0x000F), (MP.ERROR_INFORMATION, b"bw")]),
+    # exceeded bandwidth with the 2-byte error_information naming datagram (0x0005)
+    ("stream_error_param_info", 3, MM.STREAM_ERROR, [K, D, T, (MP.ERROR_STATUS, 0x000F),
+                                                      (MP.ERROR_INFORMATION, b"\x00\x05")]),
     ("stream_BW_request", 3, MM.STREAM_BW_REQUEST, [K, D, T, (MP.BANDWIDTH, 64)]),
     ("stream_BW_allocation", 3, MM.STREAM_BW_ALLOCATION, [K, D, T, (MP.BANDWIDTH, 48)]),
     ("data_provision", 3, MM.DATA_PROVISION, [K, D, T, (MP.DATA_ID, 0x0201), (MP.DATAGRAM, bytes.fromhex("01") * 8),

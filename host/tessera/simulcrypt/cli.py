@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import sqlite3
+import ssl
 from pathlib import Path
 
 from tessera.cliargs import host_port, port as port_arg
@@ -71,6 +73,99 @@ def _caps(args: argparse.Namespace):
     return caps
 
 
+def _allow(specs: list[str] | None) -> dict[str, set[int] | None] | None:
+    """--allow ADDR or ADDR=ID,ID: the peer addresses admitted (and the ids each may use)."""
+    if not specs:
+        return None
+    out: dict[str, set[int] | None] = {}
+    for spec in specs:
+        host, _, ids = spec.partition("=")
+        try:
+            ipaddress.ip_address(host)
+            ints = {int(x, 0) for x in ids.split(",")} if ids else None
+        except ValueError:
+            raise TesseraError(f"--allow wants ADDRESS or ADDRESS=ID[,ID...], got {spec!r}") from None
+        if ints is None or (host in out and out[host] is None):
+            out[host] = None  # any id from this address
+        else:
+            out[host] = (out.get(host) or set()) | ints
+    return out
+
+
+def _udp_sources(specs: list[str] | None) -> dict[int, set[str]] | None:
+    """--udp-source CLIENT_ID=ADDR[,ADDR...]: where that client's UDP data_provision may come from."""
+    if not specs:
+        return None
+    out: dict[int, set[str]] = {}
+    for spec in specs:
+        client, _, addrs = spec.partition("=")
+        try:
+            hosts = {str(ipaddress.ip_address(a)) for a in addrs.split(",")}
+            out.setdefault(int(client, 0), set()).update(hosts)
+        except ValueError:
+            raise TesseraError(f"--udp-source wants CLIENT_ID=ADDRESS[,ADDRESS...], got {spec!r}") from None
+    return out
+
+
+def _tls(args: argparse.Namespace, server: bool):
+    """The mutual-TLS context of --tls-cert/--tls-key/--tls-ca (all three, or none)."""
+    given = [args.tls_cert, args.tls_key, args.tls_ca]
+    if not any(given):
+        return None
+    if not all(given):
+        raise TesseraError("mutual TLS needs all of --tls-cert, --tls-key and --tls-ca")
+    from tessera.simulcrypt.aio import tls_context
+
+    try:
+        return tls_context(args.tls_cert, args.tls_key, args.tls_ca, server=server)
+    except (OSError, ssl.SSLError) as exc:
+        raise TesseraError(f"cannot load the TLS credentials: {exc}") from None
+
+
+def _limits(args: argparse.Namespace):
+    from tessera.simulcrypt.aio import Limits
+
+    for name in ("max_connections", "max_per_peer"):
+        if getattr(args, name) < 1:
+            raise TesseraError(f"--{name.replace('_', '-')} must be at least 1")
+    return Limits(idle_timeout=args.idle_timeout or None, max_connections=args.max_connections,
+                  max_per_peer=args.max_per_peer)
+
+
+def _exposure(args: argparse.Namespace, allow, tls) -> None:
+    """Say so when a server listens beyond loopback with neither an allow-list nor TLS:
+    TS 103 197 links are unauthenticated, anyone who can connect is served."""
+    try:
+        local = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        local = args.host == "localhost"
+    if not local and allow is None and tls is None:
+        log.warning("listening on %s with no --allow list and no TLS: any host that reaches this port is served",
+                    args.host)
+
+
+def _server_options(p: argparse.ArgumentParser, ids: str) -> None:
+    p.add_argument("--allow", action="append", metavar="ADDR[=ID,...]",
+                   help=f"admit only these peer addresses (repeatable), each optionally limited to the {ids} "
+                   "listed; default: any address (the default --host is loopback)")
+    p.add_argument("--max-connections", type=int, default=96, help="open connections in total (default 96)")
+    p.add_argument("--max-per-peer", type=int, default=32,
+                   help="open connections (= channels) per peer address (default 32)")
+    p.add_argument("--idle-timeout", type=float, default=300.0,
+                   help="seconds a channel may stay silent before it is closed (default 300; 0: never)")
+    p.add_argument("--error-info", choices=["param", "text"], default="param",
+                   help="error_information: the 2-byte id of the faulty parameter (default, what head-end "
+                   "tools expect) or ASCII text")
+    _tls_options(p)
+
+
+def _tls_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-cert", metavar="PEM", help="mutual TLS (a Tessera option, not part of DVB "
+                   "SimulCrypt): our certificate chain")
+    p.add_argument("--tls-key", metavar="PEM", help="mutual TLS: our private key (a file; never on the command line)")
+    p.add_argument("--tls-ca", metavar="PEM", help="mutual TLS: the CA the peer's certificate must chain to")
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     ks = _db(args)
     try:
@@ -113,10 +208,15 @@ def _serve(start, close) -> None:
 def cmd_stkm_generator(args: argparse.Namespace) -> int:
     from tessera.simulcrypt.ecmg import StkmGenerator
 
+    from tessera.simulcrypt.tables import ErrorInfo
+
     caps = _caps(args)  # validated before anything is opened
+    allow, tls, limits = _allow(args.allow), _tls(args, server=True), _limits(args)
+    _exposure(args, allow, tls)
     ks = _db(args)
     try:
-        gen = StkmGenerator(ks, set(args.super_cas_id), caps, host=args.host, port=args.port)
+        gen = StkmGenerator(ks, set(args.super_cas_id), caps, host=args.host, port=args.port, allow=allow,
+                            ssl=tls, limits=limits, error_info=ErrorInfo(args.error_info))
     except ValueError as exc:
         ks.close()
         raise TesseraError(str(exc)) from None
@@ -158,9 +258,11 @@ def cmd_scs(args: argparse.Namespace) -> int:
         miss = "".join(f"; 0x{s:08x} missing ({why})" for s, why in p.missing.items())
         print(f"{args.service} CP {p.cp_number}: TEK ready, {kms}{miss}", flush=True)
 
+    tls = _tls(args, server=False)
+
     async def main() -> None:
         try:
-            scs = Scs(args.service, specs, cp_duration=args.cp_duration, protection=prot, sink=show)
+            scs = Scs(args.service, specs, cp_duration=args.cp_duration, protection=prot, sink=show, ssl=tls)
         except ValueError as exc:
             raise TesseraError(str(exc)) from None
         try:
@@ -177,11 +279,15 @@ def cmd_scs(args: argparse.Namespace) -> int:
 
 def cmd_mux(args: argparse.Namespace) -> int:
     from tessera.simulcrypt.mux import Multiplexer
+    from tessera.simulcrypt.tables import ErrorInfo
 
     if args.channels_per_client is not None and args.channels_per_client < 1:
         raise TesseraError("--channels-per-client must be at least 1")
+    allow, tls, limits = _allow(args.allow), _tls(args, server=True), _limits(args)
+    _exposure(args, allow, tls)
     mux = Multiplexer(args.kbps, host=args.host, port=args.port, udp=not args.no_udp,
-                      channels_per_client=args.channels_per_client)
+                      channels_per_client=args.channels_per_client, allow=allow, ssl=tls, limits=limits,
+                      udp_sources=_udp_sources(args.udp_source), error_info=ErrorInfo(args.error_info))
 
     async def start():
         port = await mux.start()
@@ -195,11 +301,12 @@ def cmd_ltkm_generator(args: argparse.Namespace) -> int:
     from tessera.simulcrypt.emmg import EmmgError, LtkmGenerator, make_ltkms
 
     host, mux_port = host_port(args.mux, "--mux")
+    tls = _tls(args, server=False)
     ks = _db(args)
 
     async def main() -> None:
         try:
-            g = LtkmGenerator(args.client_id, args.channel_id, 1, args.data_id)
+            g = LtkmGenerator(args.client_id, args.channel_id, 1, args.data_id, ssl=tls)
         except ValueError as exc:
             raise TesseraError(str(exc)) from None
         try:
@@ -211,8 +318,9 @@ def cmd_ltkm_generator(args: argparse.Namespace) -> int:
                     raise TesseraError("--udp needs --udp-port")
                 await g.open_udp(host, args.udp_port)
             await g.send(ltkms, via="udp" if args.udp else "tcp")
+            errors = await g.sync()  # the MUX's answers to everything sent are in before counting
             print(f"sent {len(ltkms)} LTKMs ({g.sent_bytes} bytes) within {kbps} kbit/s; "
-                  f"{len(g.errors)} errors from the MUX")
+                  f"{errors} errors from the MUX")
         except (EmmgError, OSError, asyncio.TimeoutError) as exc:
             raise TesseraError(f"LTKM generator: {exc or type(exc).__name__}") from None
         finally:
@@ -262,6 +370,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--lead-cw", type=_byte, default=1,
                    help="lead_CW: CWs after the current crypto-period in each CW_provision (0..CW_per_msg)")
     g.add_argument("--cw-per-msg", type=_byte, default=2, help="CW_per_msg: CWs in each CW_provision (1..255)")
+    _server_options(g, "Super_CAS_ids")
     g.set_defaults(func=cmd_stkm_generator)
 
     c = s.add_parser("scs", help="run an SCS for one service against STKM generators")
@@ -273,6 +382,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--periods", type=int, default=5, help="crypto-periods to run (default 5)")
     c.add_argument("--protection", choices=["ipsec", "srtp", "ismacryp"], default="srtp",
                    help="traffic protection named in the STKMs (default srtp)")
+    _tls_options(c)
     c.set_defaults(func=cmd_scs)
 
     m = s.add_parser("mux", help="run a multiplexer for LTKM streams (EMMG<->MUX server)")
@@ -283,6 +393,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--channels-per-client", type=int, metavar="N",
                    help="refuse more than N open channels per client_id with 'client_id already in use' "
                    "(0x0014); default: no limit")
+    m.add_argument("--udp-source", action="append", metavar="CLIENT_ID=ADDR[,ADDR...]",
+                   help="accept that client's UDP data_provision only from these addresses (repeatable); "
+                   "default: the address its TCP channel came from")
+    _server_options(m, "client_ids")
     m.set_defaults(func=cmd_mux)
 
     e = s.add_parser("ltkm-generator", help="send LTKMs to a MUX (EMMG role, DRM profile)")
@@ -297,4 +411,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--count", type=int, default=10, help="number of LTKMs to send (default 10)")
     e.add_argument("--udp", action="store_true", help="data_provision over UDP")
     e.add_argument("--udp-port", type=port_arg, help="the MUX's UDP port (with --udp)")
+    _tls_options(e)
     e.set_defaults(func=cmd_ltkm_generator)

@@ -31,12 +31,14 @@ SECRET_PARAMS = frozenset({(Interface.ECMG, int(EP.CP_CW_COMBINATION))})
 class ProtocolError(Exception):
     """A received message broke a rule; `status` is the error_status to send back."""
 
-    def __init__(self, status: int, detail: str, msg: Message | None = None, version: int | None = None) -> None:
+    def __init__(self, status: int, detail: str, msg: Message | None = None, version: int | None = None,
+                 param: int | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.msg = msg  # partially decoded message, when the TLVs could be read
         self.version = version
+        self.param = param  # parameter_type of the faulty parameter, when one is to blame
 
 
 # generic error kinds -> interface-specific error_status
@@ -133,28 +135,29 @@ def decode(itf: Interface, frame: bytes, *, user_types: frozenset[int] = frozens
     msg = Message(itf, mtype, params, version)
     pos = HEADER.size
     table = PARAMS[itf]
-    errors: list[tuple[str, str]] = []
+    errors: list[tuple[str, str, int]] = []
     while pos < len(frame):
         if len(frame) - pos < TLV.size:
             raise ProtocolError(status(itf, "length"), "truncated parameter header", msg, version)
         code, plen = TLV.unpack_from(frame, pos)
         pos += TLV.size
         if plen > len(frame) - pos:
-            raise ProtocolError(status(itf, "length"), f"parameter 0x{code:04x} runs past the message end", msg, version)
+            raise ProtocolError(status(itf, "length"), f"parameter 0x{code:04x} runs past the message end", msg, version,
+                                code)
         value = frame[pos:pos + plen]
         pos += plen
         spec = table.get(code)
         if spec is None:
             if mtype not in user_types:
-                errors.append(("param", f"unknown parameter_type 0x{code:04x}"))
+                errors.append(("param", f"unknown parameter_type 0x{code:04x}", code))
         elif (spec.length is not None and plen != spec.length) or plen < spec.min_length:
-            errors.append(("length", f"{spec.name} has length {plen}"))
+            errors.append(("length", f"{spec.name} has length {plen}", code))
         params.append((code, value))
     if mtype not in MESSAGES[itf] and mtype not in user_types:
         raise ProtocolError(status(itf, "type"), f"unknown message_type 0x{mtype:04x}", msg, version)
     if errors:
-        kind, detail = errors[0]
-        raise ProtocolError(status(itf, kind), detail, msg, version)
+        kind, detail, code = errors[0]
+        raise ProtocolError(status(itf, kind), detail, msg, version, code)
     return msg
 
 
@@ -171,14 +174,15 @@ def validate(msg: Message) -> None:
         counts[code] = counts.get(code, 0) + 1
     for code in counts:
         if code not in spec.rules:
-            raise ProtocolError(status(itf, "invalid"), f"parameter 0x{code:04x} not allowed in {spec.name}", msg, msg.version)
+            raise ProtocolError(status(itf, "invalid"), f"parameter 0x{code:04x} not allowed in {spec.name}", msg,
+                                msg.version, code)
     for code, (lo, hi) in spec.rules.items():
         n = counts.get(code, 0)
         pname = PARAMS[itf][code].name
         if n < lo:
-            raise ProtocolError(status(itf, "missing"), f"{spec.name} lacks {pname}", msg, msg.version)
+            raise ProtocolError(status(itf, "missing"), f"{spec.name} lacks {pname}", msg, msg.version, code)
         if hi is not None and n > hi:
-            raise ProtocolError(status(itf, "invalid"), f"{spec.name} repeats {pname}", msg, msg.version)
+            raise ProtocolError(status(itf, "invalid"), f"{spec.name} repeats {pname}", msg, msg.version, code)
 
 
 def parse(itf: Interface, frame: bytes, *, user_types: frozenset[int] = frozenset()) -> Message:
@@ -197,6 +201,11 @@ class Framer:
         self.max_body = max_body
         self._buf = bytearray()
         self._skip = 0
+        self.frames = 0  # messages (or skipped oversized ones) delimited so far
+
+    def pending(self) -> bool:
+        """A message has started arriving and is not complete yet."""
+        return bool(self._buf) or self._skip > 0
 
     def feed(self, data: bytes) -> list[bytes | ProtocolError]:
         self._buf += data
@@ -221,6 +230,7 @@ class Framer:
                 break
             out.append(bytes(self._buf[:HEADER.size + length]))
             del self._buf[:HEADER.size + length]
+        self.frames += len(out)
         return out
 
 

@@ -14,14 +14,19 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tessera.simulcrypt.codec import Framer, Message, ProtocolError, parse, status
 from tessera.simulcrypt.tables import (
     DATA_TYPE_LTKM, DEFAULT_VERSION, EE, EM, EP, ME, MM, MP, PROFILE_DRM, PROFILE_SMARTCARD,
-    SECTION_TSPKT_BCAST, Interface, error_name, profile_of,
+    SECTION_TSPKT_BCAST, STATUS_PARAM, ErrorInfo, Interface, error_name, profile_of,
 )
+
+# errors_sent keeps only the last ERRORS_KEPT errors (a peer flooding bad messages earns one
+# error each: issue 11 #5, 592k of them held 117 MB); error_count counts them all.
+ERRORS_KEPT = 32
 
 log = logging.getLogger("tessera.simulcrypt.engine")
 
@@ -146,19 +151,30 @@ class Endpoint:
     ERROR_INFORMATION = 0x7001
     STREAM_LEVEL: frozenset[int]  # message types that concern one stream
 
-    def __init__(self, version: int | None = None, user_types: frozenset[int] = frozenset()) -> None:
+    def __init__(self, version: int | None = None, user_types: frozenset[int] = frozenset(),
+                 error_info: ErrorInfo = ErrorInfo.PARAM) -> None:
         self.framer = Framer(self.itf)
         self.version = version or DEFAULT_VERSION[self.itf]
         self.user_types = user_types
+        self.error_info = error_info
         self.state = State.IDLE
         self.channel_id: int | None = None
         self._out: list[bytes] = []
-        self.errors_sent: list[ErrorSent] = []
+        self.errors_sent: deque[ErrorSent] = deque(maxlen=ERRORS_KEPT)
+        self.error_count = 0
+        self.error_budget: float | None = None  # errors still allowed (set by a server adapter)
+        self.flooded = False
 
     # -- I/O boundary
     def receive_data(self, data: bytes) -> list[Event]:
+        """Events of the complete messages in data. With error_budget set (servers), stops
+        once that many errors have been answered and sets `flooded`: the rest is not read,
+        the adapter drops the connection (a peer earning errors that fast is not working)."""
         events: list[Event] = []
         for item in self.framer.feed(data):
+            if self.error_budget is not None and self.error_budget <= 0:
+                self.flooded = True
+                break
             if isinstance(item, ProtocolError):
                 events += self._answer_error(item)
                 continue
@@ -188,30 +204,42 @@ class Endpoint:
         """Leading parameters of every message on this channel (client_id on EMMG<->MUX)."""
         return []
 
-    def send_channel_error(self, err: int, info: bytes | None = None, channel_id: int | None = None) -> ErrorSent:
-        cid = channel_id if channel_id is not None else (self.channel_id or 0)
-        params: list[tuple[int, int | bytes]] = self._ids() + [(self.CHANNEL_ID, cid), (self.ERROR_STATUS, err)]
-        if info:
-            params.append((self.ERROR_INFORMATION, info))
-        self.send(self.CHANNEL_ERROR, params)
-        ev = ErrorSent(err, (info or b"").decode(errors="replace"), cid)
+    def _error_information(self, err: int, info: bytes | None, param: int | None) -> list[tuple[int, int | bytes]]:
+        """error_information in the configured form (ErrorInfo): the text, or the 2-byte
+        parameter_type of the faulty parameter (given, or implied by the error_status)."""
+        if self.error_info is ErrorInfo.TEXT:
+            return [(self.ERROR_INFORMATION, info)] if info else []
+        if param is None:
+            param = STATUS_PARAM[self.itf].get(err)
+        return [] if param is None else [(self.ERROR_INFORMATION, int(param).to_bytes(2, "big"))]
+
+    def _sent(self, ev: ErrorSent) -> ErrorSent:
         self.errors_sent.append(ev)
+        self.error_count += 1
         return ev
 
-    def send_stream_error(self, stream_id: int, err: int, info: bytes | None = None, channel_id: int | None = None) -> ErrorSent:
+    def send_channel_error(self, err: int, info: bytes | None = None, channel_id: int | None = None,
+                           param: int | None = None) -> ErrorSent:
+        """info: the reason as text (logs; error_information in the TEXT form); param: the
+        faulty parameter_type (error_information in the PARAM form)."""
+        cid = channel_id if channel_id is not None else (self.channel_id or 0)
+        params: list[tuple[int, int | bytes]] = self._ids() + [(self.CHANNEL_ID, cid), (self.ERROR_STATUS, err)]
+        self.send(self.CHANNEL_ERROR, params + self._error_information(err, info, param))
+        return self._sent(ErrorSent(err, (info or b"").decode(errors="replace"), cid))
+
+    def send_stream_error(self, stream_id: int, err: int, info: bytes | None = None, channel_id: int | None = None,
+                          param: int | None = None) -> ErrorSent:
         cid = channel_id if channel_id is not None else (self.channel_id or 0)
         params: list[tuple[int, int | bytes]] = self._ids() + [(self.CHANNEL_ID, cid), (self.STREAM_ID, stream_id),
                                                                (self.ERROR_STATUS, err)]
-        if info:
-            params.append((self.ERROR_INFORMATION, info))
-        self.send(self.STREAM_ERROR, params)
-        ev = ErrorSent(err, (info or b"").decode(errors="replace"), cid, stream_id)
-        self.errors_sent.append(ev)
-        return ev
+        self.send(self.STREAM_ERROR, params + self._error_information(err, info, param))
+        return self._sent(ErrorSent(err, (info or b"").decode(errors="replace"), cid, stream_id))
 
     def _answer_error(self, exc: ProtocolError) -> list[Event]:
         msg = exc.msg
-        log.info("%s: answering %s (%s)", self.itf.value, error_name(self.itf, exc.status), exc.detail)
+        log.debug("%s: answering %s (%s)", self.itf.value, error_name(self.itf, exc.status), exc.detail)
+        if self.error_budget is not None:
+            self.error_budget -= 1  # every faulty message costs the peer (our own refusals do not)
         if msg is not None and msg.type in (self.CHANNEL_ERROR, self.STREAM_ERROR):
             return [ErrorSent(exc.status, "not answered: bad error message")]  # never answer an error with an error
         saved = self.version
@@ -222,22 +250,23 @@ class Endpoint:
             cid = _int_or_none(msg, self.CHANNEL_ID) if msg else None
             sid = _int_or_none(msg, self.STREAM_ID) if msg else None
             if msg is not None and msg.type in self.STREAM_LEVEL and sid is not None:
-                ev = self.send_stream_error(sid, exc.status, info, cid if cid is not None else self.channel_id)
+                ev = self.send_stream_error(sid, exc.status, info, cid if cid is not None else self.channel_id,
+                                            exc.param)
             else:
-                ev = self.send_channel_error(exc.status, info, cid if cid is not None else self.channel_id)
+                ev = self.send_channel_error(exc.status, info, cid if cid is not None else self.channel_id, exc.param)
         finally:
             self.version = saved
         return [ev]
 
-    def _fail(self, kind: str | int, detail: str, msg: Message) -> ProtocolError:
+    def _fail(self, kind: str | int, detail: str, msg: Message, param: int | None = None) -> ProtocolError:
         st = status(self.itf, kind) if isinstance(kind, str) else int(kind)
-        return ProtocolError(st, detail, msg, msg.version)
+        return ProtocolError(st, detail, msg, msg.version, param)
 
     def _peer_error(self, msg: Message) -> PeerError:
         ev = PeerError(msg.int(self.CHANNEL_ID, 0) or 0, msg.int(self.STREAM_ID),
                        msg.ints(self.ERROR_STATUS), msg.all(self.ERROR_INFORMATION))
-        log.warning("%s: peer reports %s on channel %s stream %s", self.itf.value, ev.describe(self.itf),
-                    ev.channel_id, ev.stream_id)
+        log.debug("%s: peer reports %s on channel %s stream %s", self.itf.value, ev.describe(self.itf),
+                  ev.channel_id, ev.stream_id)
         return ev
 
     def handle(self, msg: Message) -> list[Event]:  # pragma: no cover - abstract
@@ -311,7 +340,9 @@ class EcmgCore:
     """State shared by all connections of one STKM generator."""
 
     def __init__(self, super_cas_ids: set[int], caps: EcmgCaps | None = None, max_channels: int = 64,
-                 max_streams_total: int = 4096, ecm_id_known: Callable[[int, int], bool] | None = None) -> None:
+                 max_streams_total: int = 4096, ecm_id_known: Callable[[int, int], bool] | None = None,
+                 error_info: ErrorInfo = ErrorInfo.PARAM) -> None:
+        self.error_info = error_info
         for s in super_cas_ids:
             if profile_of(s) not in (PROFILE_DRM, PROFILE_SMARTCARD):
                 raise ValueError(f"Super_CAS_id 0x{s:08x} is neither DRM (0x0001xxxx) nor Smartcard (0x0002xxxx) profile")
@@ -342,9 +373,13 @@ class EcmgConnection(Endpoint):
     STREAM_LEVEL = frozenset({EM.STREAM_SETUP, EM.STREAM_TEST, EM.STREAM_STATUS, EM.STREAM_CLOSE_REQUEST,
                               EM.STREAM_CLOSE_RESPONSE, EM.STREAM_ERROR, EM.CW_PROVISION, EM.ECM_RESPONSE})
 
-    def __init__(self, core: EcmgCore, user_types: frozenset[int] = frozenset()) -> None:
-        super().__init__(user_types=user_types)
+    def __init__(self, core: EcmgCore, user_types: frozenset[int] = frozenset(),
+                 allowed_ids: frozenset[int] | None = None) -> None:
+        """allowed_ids: the Super_CAS_ids this peer may set up a channel for (the adapter's
+        allow-list); None: any the generator serves."""
+        super().__init__(user_types=user_types, error_info=core.error_info)
         self.core = core
+        self.allowed_ids = allowed_ids
         self.super_cas_id: int | None = None
         self.streams: dict[int, EcmStream] = {}
 
@@ -397,7 +432,7 @@ class EcmgConnection(Endpoint):
             raise self._fail("invalid", "one channel per TCP connection (TS 103 197 5.1.2)", msg)
         if profile_of(scid) not in (PROFILE_DRM, PROFILE_SMARTCARD):
             raise self._fail(EE.INVALID_VALUE, "Super_CAS_id profile must be 0x0001 (DRM) or 0x0002 (Smartcard)", msg)
-        if scid not in self.core.super_cas_ids:
+        if scid not in self.core.super_cas_ids or (self.allowed_ids is not None and scid not in self.allowed_ids):
             raise self._fail(EE.UNKNOWN_SUPER_CAS_ID, f"Super_CAS_id 0x{scid:08x} not served here", msg)
         if len(self.core.channels) >= self.core.max_channels:
             raise self._fail(EE.TOO_MANY_CHANNELS_ON_ECMG, "too many channels", msg)
@@ -708,6 +743,11 @@ class EmmgConnection(_MuxItf):
         t = msg.type
         if t in (MM.CHANNEL_ERROR, MM.STREAM_ERROR):
             return [self._peer_error(msg)]
+        if self.state is State.CLOSED:
+            # we sent channel_close: what the MUX had in flight (e.g. the stream_close_response
+            # of a request given up on) is dropped, never answered with an error
+            log.debug("EMMG: %s after channel_close ignored", msg.name)
+            return []
         if msg.int(MP.CLIENT_ID) != self.client_id:
             raise self._fail(ME.UNKNOWN_CLIENT_ID, "client_id is not ours", msg)
         cid = msg.int(MP.DATA_CHANNEL_ID)
@@ -755,8 +795,10 @@ class MuxCore:
 
     def __init__(self, total_kbps: int = 2000, clients: set[int] | None = None, max_channels: int = 32,
                  max_streams_per_channel: int = 16, max_streams_total: int = 256, burst_seconds: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic, channels_per_client: int | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, channels_per_client: int | None = None,
+                 error_info: ErrorInfo = ErrorInfo.PARAM) -> None:
         self.total_kbps = total_kbps
+        self.error_info = error_info
         # Open channels one client_id may hold; one more gets `client_id already in use`
         # (0x0014). None: no limit, the default. The reference does not say when 0x0014 is due,
         # and since every EMMG<->MUX message names client_id AND data_channel_id, one client
@@ -771,25 +813,41 @@ class MuxCore:
         self.burst_seconds = burst_seconds  # token bucket depth (project choice)
         self.clock = clock
         self.channels: dict[tuple[int, int], MuxConnection] = {}
-        self.data_ids: set[tuple[int, int]] = set()
+        self.data_ids: dict[tuple[int, int], MuxConnection] = {}  # (client_id, data_id) -> its channel
         self.streams_total = 0
         self.allocated_kbps = 0
+        # UDP datagrams not delivered, by reason (no TCP channel to answer them on)
+        self.udp_dropped: dict[str, int] = {}
 
-    def receive_udp(self, data: bytes) -> tuple[MuxConnection | None, list[Event]]:
-        """data_provision over UDP. The datagram must name client_id, data_channel_id and
-        data_stream_id (project rule: UDP has no connection to identify the channel);
-        errors are answered on that channel's TCP connection."""
+    def _udp_drop(self, reason: str) -> tuple[None, list[Event]]:
+        self.udp_dropped[reason] = self.udp_dropped.get(reason, 0) + 1
+        log.debug("UDP datagram dropped: %s", reason)
+        return None, []
+
+    def receive_udp(self, data: bytes, source: str | None = None) -> tuple[MuxConnection | None, list[Event]]:
+        """data_provision over UDP. The channel is the one named by client_id and
+        data_channel_id, or, when data_channel_id is absent (it and data_stream_id are
+        optional, cardinality 0-1), the channel whose stream carries client_id + data_id
+        (unique per MUX: BCAST 14.1.1.3.4). source: the sender's IP address; it must be one
+        the channel accepts UDP from (MuxConnection.udp_sources: by default the address its
+        TCP connection came from), since a UDP source address is all that ties a datagram
+        to a channel. Errors about a datagram that reached a channel are answered on its TCP
+        connection; what reaches no channel (undecodable, not data_provision, unknown ids,
+        wrong source) has nobody to answer to and is counted in udp_dropped."""
         from tessera.simulcrypt.codec import parse as _parse
         try:
             msg = _parse(Interface.EMMG, data)
-        except ProtocolError as exc:
-            log.warning("UDP datagram dropped: %s", exc.detail)
-            return None, []
-        key = (msg.int(MP.CLIENT_ID) or 0, msg.int(MP.DATA_CHANNEL_ID) or -1)
-        conn = self.channels.get(key)
-        if msg.type != MM.DATA_PROVISION or conn is None or msg.get(MP.DATA_STREAM_ID) is None:
-            log.warning("UDP datagram dropped: not a data_provision for an open channel and stream")
-            return None, []
+        except ProtocolError:
+            return self._udp_drop("undecodable")
+        if msg.type != MM.DATA_PROVISION:
+            return self._udp_drop("not a data_provision")
+        client = msg.int(MP.CLIENT_ID) or 0
+        cid = msg.int(MP.DATA_CHANNEL_ID)
+        conn = self.channels.get((client, cid)) if cid is not None else self.data_ids.get((client, msg.int(MP.DATA_ID) or 0))
+        if conn is None:
+            return self._udp_drop("no open channel for its client_id / data_channel_id / data_id")
+        if conn.udp_sources is not None and source not in conn.udp_sources:
+            return self._udp_drop("sender is not the channel's UDP source")
         try:
             evs = conn.handle(msg)
         except ProtocolError as exc:
@@ -803,10 +861,16 @@ class MuxCore:
 class MuxConnection(_MuxItf):
     """Multiplexer side of one LTKM generator connection (server)."""
 
-    def __init__(self, core: MuxCore) -> None:
-        super().__init__()
+    def __init__(self, core: MuxCore, udp_sources: frozenset[str] | None = None,
+                 allowed_ids: frozenset[int] | None = None) -> None:
+        """allowed_ids: the client_ids this peer may set up a channel for (allow-list)."""
+        super().__init__(error_info=core.error_info)
         self.core = core
+        self.allowed_ids = allowed_ids
         self.streams: dict[int, DataStream] = {}
+        # IP addresses this channel accepts UDP data_provision from (None: any; the
+        # Multiplexer sets the TCP peer's address, or a configured set)
+        self.udp_sources = udp_sources
 
     def _p(self) -> list[tuple[int, int | bytes]]:
         return [(MP.CLIENT_ID, self.client_id or 0), (MP.DATA_CHANNEL_ID, self.channel_id or 0)]
@@ -860,7 +924,8 @@ class MuxConnection(_MuxItf):
         if profile_of(client) != PROFILE_DRM:
             # BCAST 14.1.1.3.4: LTKMs over EMMG<->MUX exist only for the DRM profile
             raise self._fail(ME.INVALID_VALUE, "client_id must be DRM profile 0x0001xxxx", msg)
-        if self.core.clients is not None and client not in self.core.clients:
+        if (self.core.clients is not None and client not in self.core.clients) or \
+                (self.allowed_ids is not None and client not in self.allowed_ids):
             raise self._fail(ME.UNKNOWN_CLIENT_ID, f"client_id 0x{client:08x} unknown", msg)
         if msg.int(MP.SECTION_TSPKT_FLAG) != SECTION_TSPKT_BCAST:
             raise self._fail(ME.INVALID_VALUE, "section_TSpkt_flag must be 0x02 (BCAST 14.1.1.3.4)", msg)
@@ -886,7 +951,7 @@ class MuxConnection(_MuxItf):
         data_id = msg.int(MP.DATA_ID) or 0
         if sid in self.streams:
             raise self._fail(ME.DATA_STREAM_ID_IN_USE, f"data_stream_id {sid} already in use", msg)
-        if (self.client_id or 0, data_id) in self.core.data_ids:
+        if (self.client_id or 0, data_id) in self.core.data_ids:  # unique per MUX (client_id + data_id)
             raise self._fail(ME.DATA_ID_IN_USE, f"data_id {data_id} already in use", msg)
         if msg.int(MP.DATA_TYPE) != DATA_TYPE_LTKM:
             raise self._fail(ME.INVALID_VALUE, "data_type must be 0x00 (LTKM, BCAST 14.1.1.3.4)", msg)
@@ -896,7 +961,7 @@ class MuxConnection(_MuxItf):
             raise self._fail(ME.TOO_MANY_STREAMS_ON_MUX, "too many streams on this MUX", msg)
         s = DataStream(sid, data_id, open=True, stamp=self.core.clock())
         self.streams[sid] = s
-        self.core.data_ids.add((self.client_id or 0, data_id))
+        self.core.data_ids[(self.client_id or 0, data_id)] = self
         self.core.streams_total += 1
         self._stream_status(s)
         return [StreamOpen(self.channel_id or 0, sid, data_id)]
@@ -904,7 +969,9 @@ class MuxConnection(_MuxItf):
     def _bw(self, msg: Message, s: DataStream) -> list[Event]:
         want = msg.int(MP.BANDWIDTH)
         free = self.core.total_kbps - self.core.allocated_kbps + s.kbps
-        grant = free if want is None else min(want, free)  # no bandwidth given: whatever is free
+        # No bandwidth given: the EMMG asks what it has; the allocation stays as it is (our
+        # reading; granting "whatever is free" let one request take the whole pool).
+        grant = s.kbps if want is None else min(want, free)
         self.core.allocated_kbps += grant - s.kbps
         s.kbps = grant
         s.tokens, s.stamp = self._depth(s), self.core.clock()  # a fresh allocation starts with a full bucket
@@ -943,7 +1010,8 @@ class MuxConnection(_MuxItf):
 
     def _release(self, s: DataStream) -> None:
         self.streams.pop(s.stream_id, None)
-        self.core.data_ids.discard((self.client_id or 0, s.data_id))
+        if self.core.data_ids.get((self.client_id or 0, s.data_id)) is self:
+            del self.core.data_ids[(self.client_id or 0, s.data_id)]
         self.core.streams_total -= 1
         self.core.allocated_kbps -= s.kbps
 

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import secrets
+from ssl import SSLContext
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -173,7 +174,10 @@ class Scs:
     def __init__(self, service: str, generators: list[GeneratorSpec], *, cp_duration: int = 10,
                  protection: stkm.Protection = stkm.Protection.SRTP, access_rule: bytes = b"",
                  sink: Sink | None = None, timeout: float = 2.0, version: int = 3,
-                 keepalive: float | None = None, retries: int = 1) -> None:
+                 keepalive: float | None = None, retries: int = 1, ssl: SSLContext | None = None) -> None:
+        """ssl: a client context (aio.tls_context) for mutual TLS to the generators, a
+        Tessera option beyond TS 103 197 (which has no TLS); the generator's certificate must
+        name the host given in its GeneratorSpec."""
         if not generators:
             raise ValueError("an SCS needs at least one STKM generator")
         self.service = service
@@ -190,6 +194,7 @@ class Scs:
         self.retries = retries  # CW_provision resends after a late answer, while there is time (see _provision)
         self.scrambled = False  # False: the next crypto-period follows a clear->scrambled transition
         self.stats = ScsStats()
+        self.ssl = ssl
 
     # ---------------------------------------------------------------- connections
     async def start(self) -> None:
@@ -216,7 +221,8 @@ class Scs:
     async def _connect(self, link: _Link) -> None:
         loop = asyncio.get_running_loop()
         spec = link.spec
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(spec.host, spec.port), self.timeout)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(spec.host, spec.port, ssl=self.ssl),
+                                                self.timeout)
         link.conn = conn = ScsConnection(spec.channel_id, spec.super_cas_id, self.version)
         link.writer = writer
         link.sent_ac = None

@@ -43,7 +43,11 @@ class KeyKind(enum.IntEnum):
 
 
 class StkmError(ValueError):
-    pass
+    """param: the SimulCrypt parameter_type the fault is in, when known (error_information)."""
+
+    def __init__(self, detail: str, param: int | None = None) -> None:
+        super().__init__(detail)
+        self.param = param
 
 
 def derive(key: bytes, label: bytes) -> bytes:
@@ -159,6 +163,9 @@ def open_cws(cwt: bytes, value: bytes, ctx: CwContext, cws: list[tuple[int, byte
     (any CW, CP number, the stream, the crypto-period or the header altered) raises
     StkmError before anything is decrypted. v1 has no tag and is refused unless accept_v1."""
     layout, _ = cw_encryption_header(value)
+    if len(cws) > 255:
+        # the v2 tag counts the CWs in one byte (and an STKM carries at most 255 TEKs)
+        raise StkmError(f"{len(cws)} CWs in one CW_provision: at most 255")
     counter = value[5:21]
     if layout == CWE_V1_AES_CTR:
         if not accept_v1:

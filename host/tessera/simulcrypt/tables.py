@@ -16,7 +16,12 @@ class Interface(enum.Enum):
 
 
 # Protocol versions accepted (reference: 2 and 3 on ECMG<->SCS, 1 to 5 on EMMG<->MUX).
-VERSIONS = {Interface.ECMG: frozenset({2, 3}), Interface.EMMG: frozenset({1, 2, 3, 4, 5})}
+# EMMG<->MUX version 1 is refused with `unsupported protocol version` (0x0002), project
+# decision: version 1 has no data_id, and BCAST SP-4 14.1.1.3.4 identifies an LTKM stream by
+# data_type + client_id + data_id and routes it (IP address and port) by data_id; a v1 EMMG
+# could set up a channel but never a routable LTKM stream. Refusing at channel_setup says so
+# at once instead of failing later at stream_setup.
+VERSIONS = {Interface.ECMG: frozenset({2, 3}), Interface.EMMG: frozenset({2, 3, 4, 5})}
 DEFAULT_VERSION = {Interface.ECMG: 3, Interface.EMMG: 3}
 
 # section_TSpkt_flag: BCAST SP-4 14.1.1.3.1 / 14.1.1.3.4 allow only 0x02 (binary STKM/LTKM).
@@ -187,6 +192,34 @@ class ME(enum.IntEnum):
     CLIENT_ID_IN_USE = 0x0014
     UNKNOWN_ERROR = 0x7000
     UNRECOVERABLE_ERROR = 0x7001
+
+
+# The parameter an error_status is about, for the 2-byte error_information form (the
+# parameter_type of the faulty parameter, TS 103 197: error_information "can be an ASCII
+# text or the parameter ID value of a faulty parameter").
+STATUS_PARAM: dict[Interface, dict[int, int]] = {
+    Interface.ECMG: {
+        EE.UNKNOWN_SUPER_CAS_ID: EP.SUPER_CAS_ID, EE.UNKNOWN_ECM_CHANNEL_ID: EP.ECM_CHANNEL_ID,
+        EE.UNKNOWN_ECM_STREAM_ID: EP.ECM_STREAM_ID, EE.NOT_ENOUGH_CWS: EP.CP_CW_COMBINATION,
+        EE.UNKNOWN_ECM_ID: EP.ECM_ID, EE.ECM_CHANNEL_ID_IN_USE: EP.ECM_CHANNEL_ID,
+        EE.ECM_STREAM_ID_IN_USE: EP.ECM_STREAM_ID, EE.ECM_ID_IN_USE: EP.ECM_ID,
+    },
+    Interface.EMMG: {
+        ME.UNKNOWN_DATA_STREAM_ID: MP.DATA_STREAM_ID, ME.UNKNOWN_DATA_CHANNEL_ID: MP.DATA_CHANNEL_ID,
+        ME.UNKNOWN_CLIENT_ID: MP.CLIENT_ID, ME.EXCEEDED_BANDWIDTH: MP.DATAGRAM, ME.UNKNOWN_DATA_ID: MP.DATA_ID,
+        ME.DATA_CHANNEL_ID_IN_USE: MP.DATA_CHANNEL_ID, ME.DATA_STREAM_ID_IN_USE: MP.DATA_STREAM_ID,
+        ME.DATA_ID_IN_USE: MP.DATA_ID, ME.CLIENT_ID_IN_USE: MP.CLIENT_ID,
+    },
+}
+
+
+class ErrorInfo(enum.Enum):
+    """What goes into error_information. PARAM (the default): the 2-byte parameter_type of the
+    faulty parameter when one is to blame, else no error_information at all (it is optional,
+    cardinality 0..n): deployed head-end tools fix this parameter at 2 bytes. TEXT: the ASCII
+    reason (allowed by TS 103 197; readable, but longer than 2 bytes)."""
+    PARAM = "param"
+    TEXT = "text"
 
 
 _ECMG_PARAMS = [

@@ -1,4 +1,6 @@
 import asyncio
+import os
+import shutil
 
 import pytest
 
@@ -36,3 +38,22 @@ async def eventually(cond, timeout=2.0):
         if loop.time() > end:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.01)
+
+
+TSHARK_HINT = ("tshark not installed: `sudo apt-get install tshark` (or run .ci/run) "
+               "enables the SimulCrypt dissector check")
+
+
+def in_ci() -> bool:
+    """CI=true (set by CI services and by .ci/run's callers): the tshark check is mandatory."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def tshark_or_skip() -> str:
+    """Path of tshark. Missing: a failure in CI (.ci/run installs it), a one-line skip elsewhere."""
+    path = shutil.which("tshark")
+    if path:
+        return path
+    if in_ci():
+        pytest.fail("CI=true but tshark is missing: .ci/run must install it (apt-get install tshark)")
+    pytest.skip(TSHARK_HINT)

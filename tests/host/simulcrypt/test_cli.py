@@ -57,3 +57,44 @@ def test_generator_lead_cw_and_cw_per_msg(tmp_path):
     for bad in (["--cw-per-msg", "256"], ["--lead-cw", "-1"], ["--lead-cw", "x"]):
         with pytest.raises(SystemExit):
             main(gen + bad)
+
+
+def test_no_secret_on_the_command_line():
+    """Issue 11 #13: no `tessera simulcrypt` option takes key material. Keys are generated
+    into the store (`keys add` prints no material); the one private key an option names,
+    --tls-key, is a file path."""
+    import argparse
+    import re
+
+    from tessera.cli import build_parser
+
+    def walk(p):
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sub in a.choices.values():
+                    yield from walk(sub)
+            else:
+                yield from a.option_strings
+
+    sc = build_parser()._subparsers._group_actions[0].choices["simulcrypt"]
+    options = set(walk(sc))
+    suspicious = {o for o in options if re.search(r"secret|pass|material|psk|setup|^--key$|-key$", o)}
+    assert suspicious == {"--tls-key"}
+    assert "--tls-key" in options and "--key-owner" in options  # ids, not keys
+
+
+def test_server_access_options_validated(tmp_path):
+    from tessera.simulcrypt.cli import _allow, _udp_sources
+
+    assert _allow(["10.0.0.5=0x00010001,0x00010002", "10.0.0.6"]) == {"10.0.0.5": {0x00010001, 0x00010002},
+                                                                       "10.0.0.6": None}
+    assert _allow(["10.0.0.5=1", "10.0.0.5"]) == {"10.0.0.5": None}
+    assert _udp_sources(["0x00010007=127.0.0.3,::1"]) == {0x00010007: {"127.0.0.3", "::1"}}
+    db = str(tmp_path / "k.sqlite")
+    assert main(["simulcrypt", "mux", "--allow", "not-an-address"]) == 2
+    assert main(["simulcrypt", "mux", "--udp-source", "0x00010007=nowhere"]) == 2
+    assert main(["simulcrypt", "mux", "--max-per-peer", "0"]) == 2
+    assert main(["simulcrypt", "--db", db, "stkm-generator", "--super-cas-id", "0x00010001",
+                 "--tls-cert", "x.pem"]) == 2  # TLS needs all three files
+    assert main(["simulcrypt", "--db", db, "stkm-generator", "--super-cas-id", "0x00010001",
+                 "--tls-cert", "x.pem", "--tls-key", "x.key", "--tls-ca", "ca.pem"]) == 2  # unreadable: clean error

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tessera.simulcrypt.codec import Framer, Message, ProtocolError, decode, parse
-from tessera.simulcrypt.tables import EE, EM, EP, MESSAGES, ME, MM, MP, PARAMS, Interface, bcast_error, error_name
+from tessera.simulcrypt.tables import EE, EM, EP, MESSAGES, ME, MM, MP, PARAMS, VERSIONS, Interface, bcast_error, error_name
 
 VEC = Path(__file__).resolve().parents[2] / "vectors" / "simulcrypt"
 FILES = {"ecmg.json": Interface.ECMG, "emmg.json": Interface.EMMG}
@@ -86,7 +86,8 @@ def test_errors_emmg():
     M = Interface.EMMG
     setup = tlv(0x0001, b"\0\1\0\1") + tlv(0x0003, b"\0\1") + tlv(0x0002, b"\2")
     parse(M, frame(5, 0x0011, setup))
-    parse(M, frame(1, 0x0011, setup))
+    parse(M, frame(2, 0x0011, setup))
+    assert err(M, frame(1, 0x0011, setup)) == ME.UNSUPPORTED_PROTOCOL_VERSION  # no data_id in v1: refused
     assert err(M, frame(6, 0x0011, setup)) == ME.UNSUPPORTED_PROTOCOL_VERSION
     assert err(M, frame(3, 0x0001, setup)) == ME.UNKNOWN_MESSAGE_TYPE
     assert err(M, frame(3, 0x0011, setup + tlv(0x0019, b"\0\0"))) == ME.UNKNOWN_PARAMETER_TYPE
@@ -137,7 +138,7 @@ def valid_messages(draw):
         n = draw(st.integers(lo, min(hi if hi is not None else 3, 3)))
         params += [(code, draw(param_value(PARAMS[itf][code]))) for _ in range(n)]
     params = draw(st.permutations(params))
-    version = draw(st.sampled_from(sorted({2, 3} if itf is Interface.ECMG else {1, 2, 3, 4, 5})))
+    version = draw(st.sampled_from(sorted(VERSIONS[itf])))
     return Message(itf, spec.code, list(params), version)
 
 

@@ -139,10 +139,70 @@ def test_generator_rejects_tampered_cws(keystore):
     assert rec.teks == clear
     bad = generator_answer(keystore, value, [(7, bytes([enc[0][0] ^ 0x80]) + enc[0][1:]), (8, enc[1])])
     assert bad.type == EM.STREAM_ERROR and bad.int(EP.ERROR_STATUS) == EE.INVALID_VALUE
-    assert bad.get(EP.ERROR_INFORMATION) == b"CW_encryption tag mismatch"  # no key material in the answer
+    assert bad.get(EP.ERROR_INFORMATION) == b"\x00\x18"  # names CW_encryption; no key material in the answer
     # the legacy layout: refused by default, accepted when configured
     v1, enc1 = stkm.seal_cws_v1(cwt.material, cwt.key_id, [cw for _, cw in clear])
     old = generator_answer(keystore, v1, list(zip([7, 8], enc1)))
     assert old.type == EM.STREAM_ERROR and old.int(EP.ERROR_STATUS) == EE.INVALID_VALUE
     legacy = generator_answer(keystore, v1, list(zip([7, 8], enc1)), accept_v1=True)
     assert stkm.parse(legacy.get(EP.ECM_DATAGRAM), keystore.traffic_key(DRM, 0x101).material).teks == clear
+
+
+def test_256_cws_with_v2_answered_invalid_value(keystore):
+    """Issue 11 #8: 256 CWs under CW_encryption v2 made _cwe_tag raise ValueError (its CW
+    count is one byte) and dropped the connection; now a stream_error invalid value naming
+    CP_CW_combination."""
+    cwt = keystore.current("CWT", DRM, 0)
+    value, _ = stkm.seal_cws(cwt.material, cwt.key_id, CTX, CWS)
+    many = [(i, bytes(16)) for i in range(256)]
+    ans = generator_answer(keystore, value, many)
+    assert ans.type == EM.STREAM_ERROR and ans.int(EP.ERROR_STATUS) == EE.INVALID_VALUE
+    assert ans.get(EP.ERROR_INFORMATION) == int(EP.CP_CW_COMBINATION).to_bytes(2, "big")
+    with pytest.raises(stkm.StkmError, match="at most 255"):
+        stkm.open_cws(cwt.material, value, CTX, many)
+
+
+def test_256_cws_over_tcp_keep_the_connection(keystore):
+    """The same CW_provision through a served connection: answered, and the channel goes on."""
+    import asyncio
+
+    from .conftest import run
+
+    async def main():
+        gen = StkmGenerator(keystore, {DRM})
+        await gen.start()
+        r, w = await asyncio.open_connection("127.0.0.1", gen.port)
+        s = E.ScsConnection(1, DRM)
+        s.setup()
+        w.write(s.data_to_send())
+
+        async def answer():
+            while True:
+                data = await asyncio.wait_for(r.read(65536), 5)
+                if not data:
+                    raise ConnectionError("the generator dropped the connection")
+                evs = s.receive_data(data)
+                if evs:
+                    return evs
+
+        await answer()
+        s.stream_setup(1, 0x101, 10)
+        w.write(s.data_to_send())
+        await answer()
+        cwt = keystore.current("CWT", DRM, 0)
+        value, _ = stkm.seal_cws(cwt.material, cwt.key_id, CTX, CWS)
+        s.cw_provision(1, 7, [(i, bytes(16)) for i in range(256)], cw_encryption=value,
+                       access_criteria=stkm.AccessCriteria(stkm.Protection.SRTP, b"p").encode())
+        s.test()
+        w.write(s.data_to_send())
+        evs = await answer()
+        while not any(isinstance(e, E.Alive) for e in evs):
+            evs += await answer()
+        w.close()
+        await gen.close()
+        return evs
+
+    evs = run(main())
+    [err] = [e for e in evs if isinstance(e, E.PeerError)]
+    assert err.statuses == [EE.INVALID_VALUE]
+    assert any(isinstance(e, E.Alive) for e in evs)  # channel_test still answered afterwards

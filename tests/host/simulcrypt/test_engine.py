@@ -293,10 +293,16 @@ def test_mux_udp_entry():
     pump(e, m)
     conn, evs = core.receive_udp(e.data_provision_msg(4, [b"L" * 100]).encode())
     assert conn is m and evs[0].via == "udp" and evs[0].datagrams == [b"L" * 100]
-    # no data_stream_id over UDP: dropped, nothing answered
+    # only client_id and data_id (data_channel_id and data_stream_id are optional, 0-1):
+    # routed by client_id + data_id to the stream that carries them (issue 10)
     no_sid = mframe(MM.DATA_PROVISION, [(MP.CLIENT_ID, 0x00010007), (MP.DATA_ID, 0x201), (MP.DATAGRAM, b"x")])
-    assert core.receive_udp(no_sid) == (None, [])
+    conn, evs = core.receive_udp(no_sid)
+    assert conn is m and of(evs, E.DataReceived)[0].datagrams == [b"x"] and evs[0].stream_id == 4
+    # a data_id no stream carries reaches no channel: nobody to answer, so it is counted
+    unknown = mframe(MM.DATA_PROVISION, [(MP.CLIENT_ID, 0x00010007), (MP.DATA_ID, 0x999), (MP.DATAGRAM, b"x")])
+    assert core.receive_udp(unknown) == (None, [])
     assert core.receive_udp(b"\x03garbage") == (None, [])
+    assert sum(core.udp_dropped.values()) == 2
     # exceeding over UDP is answered on the channel's TCP connection
     conn, evs = core.receive_udp(e.data_provision_msg(4, [b"L" * 60000]).encode())
     assert of(evs, E.ErrorSent)[0].status == ME.EXCEEDED_BANDWIDTH
