@@ -32,6 +32,14 @@ def _u16(p, o):
     return (p[o] << 8) | p[o + 1]
 
 
+def _entry(b, o, k, peer, tx, rx):
+    b[o] = (k.kind << 4) | k.index
+    b[o + 1] = k.gen
+    put32(b, o + 2, peer)
+    put32(b, o + 6, tx)
+    put32(b, o + 10, rx)
+
+
 class Device:
     def __init__(self, addr, setup_key, store=None, rand=None, props=DEFAULT_PROPS):
         if not addr:
@@ -166,18 +174,15 @@ class Device:
         if k is None:
             return o
         tx, rx = k.tx, k.rx
-        for d in (tx, rx):
-            for peer in d:
-                if d is rx and peer in tx:
-                    continue
+        for peer in tx:
+            if b is not None:
+                w = rx.get(peer)
+                _entry(b, o, k, peer, tx[peer].reserved, w.reserved if w else 0)
+            o += 14
+        for peer in rx:
+            if peer not in tx:
                 if b is not None:
-                    c = tx.get(peer)
-                    w = rx.get(peer)
-                    b[o] = (k.kind << 4) | k.index
-                    b[o + 1] = k.gen
-                    put32(b, o + 2, peer)
-                    put32(b, o + 6, c.reserved if c else 0)
-                    put32(b, o + 10, w.reserved if w else 0)
+                    _entry(b, o, k, peer, 0, rx[peer].reserved)
                 o += 14
         return o
 
