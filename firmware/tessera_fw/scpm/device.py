@@ -6,13 +6,14 @@
 # Frames failing decode are counted (dev.errors) and never answered.
 import os
 
+from tessera_fw.scpm import persist  # noqa: I001 - first: measured to leave the esp32 test heap least fragmented
 from tessera_fw.scpm import const as C
 from tessera_fw.scpm import km
 from tessera_fw.scpm.const import SCPMError
 from tessera_fw.scpm.frame import Codec, Key, encode
 from tessera_fw.scpm.km import check_pdu  # noqa: F401 - part of the API
 from tessera_fw.scpm.snf import RxWindow, TxCounter
-from tessera_fw.scpm.store import COFF, MemFS, Store, get32, put32
+from tessera_fw.scpm.store import MemFS, Store
 
 IDLE = "IDLE"
 PENDING = "PENDING"
@@ -30,14 +31,6 @@ DEFAULT_PROPS = (
 
 def _u16(p, o):
     return (p[o] << 8) | p[o + 1]
-
-
-def _entry(b, o, k, peer, tx, rx):
-    b[o] = (k.kind << 4) | k.index
-    b[o + 1] = k.gen
-    put32(b, o + 2, peer)
-    put32(b, o + 6, tx)
-    put32(b, o + 10, rx)
 
 
 class Device:
@@ -91,160 +84,15 @@ class Device:
         return self.keys[C.KIND_MASTER * 16]
 
     # ------------------------------------------------------------------ persistence
-    # Keys body (format 2, binary; store.py holds the slot framing):
-    #   0x02 | KSN(4) | n(1) | n x (kind << 4 | index, gen, key(16))
-    #   | 0, or 1 | txid(2) | gen(1) | MK'(16) | confirm_k(16) | len(2) | MKU_RESPONSE PADATA
-    #   | SNF reservation entries
-    # Counters body (store.py prefixes the keys seq): the entries alone. An entry is
-    #   kind << 4 | index, gen, peer(4), tx reserved(4), rx reserved(4)   (0: none)
-    # save() writes the keys slots only when a key, the pending update or the KSN address
-    # changed (compared by object identity), else the small counters image.
+    # (persist.py: binary keys and counters images, docs/scpm-firmware.md "Flash wear")
     _kref = None  # [ksn, pending, the keys] as last written to the keys slots (None: rewrite)
     _ok = True  # False while a rollback is incomplete: nothing may be saved
 
     def _restore(self, rec):
-        if isinstance(rec, dict):  # JSON record of format 1: migrated by the next save
-            from tessera_fw.scpm.migrate import body_from_json
-
-            kb, cb = body_from_json(rec), None
-        else:
-            kb, cb = rec
-        if kb[0] != 2:
-            raise ValueError("key store format")
-        self.ksn = get32(kb, 1)
-        o = 6
-        for _ in range(kb[5]):
-            kind, index = kb[o] >> 4, kb[o] & 15
-            self.keys[kind * 16 + index] = Key(kind, index, kb[o + 1], bytes(kb[o + 2:o + 18]))
-            o += 18
-        if kb[o]:
-            rl = (kb[o + 36] << 8) | kb[o + 37]
-            self.pending = km.Pending((kb[o + 1] << 8) | kb[o + 2],
-                                      Key(C.KIND_MASTER, 0, kb[o + 3], bytes(kb[o + 4:o + 20])),
-                                      bytes(kb[o + 20:o + 36]), bytes(kb[o + 38:o + 38 + rl]))
-            self.mku_state = PENDING
-            o += 38 + rl
-        else:
-            o += 1
-        self._restore_counters(kb, o)
-        if cb is not None:
-            self._restore_counters(cb, 0)
-        if isinstance(rec, dict):
-            self._kref = None
-        else:
-            self._note_keys()
-
-    def _restore_counters(self, b, o):
-        n = len(b)
-        while o + 14 <= n:
-            kind, gen, peer = b[o] >> 4, b[o + 1], get32(b, o + 2)
-            k = self.lookup(peer, kind, 0, gen) if kind == C.KIND_MASTER else self.keys[b[o]]
-            if k is not None and k.gen == gen:
-                tx, rx = get32(b, o + 6), get32(b, o + 10)
-                c = k.tx.get(peer)
-                if tx and (c is None or c.reserved < tx):  # reservations never move back
-                    k.tx[peer] = TxCounter(tx)
-                w = k.rx.get(peer)
-                if rx and (w is None or w.reserved < rx):
-                    k.rx[peer] = RxWindow(rx)
-            o += 14
-
-    def _note_keys(self):
-        r = self._kref = [self.ksn, self.pending]
-        for k in self.keys:
-            if k is not None:
-                r.append(k)
-
-    def _keys_changed(self):
-        r = self._kref
-        if r is None or r[0] != self.ksn or r[1] is not self.pending:
-            return True
-        j = 2
-        n = len(r)
-        for k in self.keys:
-            if k is not None:
-                if j >= n or k is not r[j]:
-                    return True
-                j += 1
-        return j != n
-
-    @staticmethod
-    def _snf_entries(k, b, o):
-        """Write (b not None) or count the SNF entries of key k; returns the new offset."""
-        if k is None:
-            return o
-        tx, rx = k.tx, k.rx
-        for peer in tx:
-            if b is not None:
-                w = rx.get(peer)
-                _entry(b, o, k, peer, tx[peer].reserved, w.reserved if w else 0)
-            o += 14
-        for peer in rx:
-            if peer not in tx:
-                if b is not None:
-                    _entry(b, o, k, peer, 0, rx[peer].reserved)
-                o += 14
-        return o
-
-    def _counters(self, b, o):
-        for k in self.keys:
-            o = self._snf_entries(k, b, o)
-        p = self.pending
-        return self._snf_entries(p.key if p else None, b, o)
-
-    def _record(self):
-        """The keys body (format 2) of the current state."""
-        n = 0
-        for k in self.keys:
-            if k is not None and k.kind != C.KIND_SETUP:
-                n += 1
-        p = self.pending
-        size = 6 + 18 * n + (38 + len(p.response) if p else 1)
-        o = size
-        size = self._counters(None, size)
-        b = bytearray(size)
-        b[0] = 2
-        put32(b, 1, self.ksn)
-        b[5] = n
-        i = 6
-        for k in self.keys:
-            if k is not None and k.kind != C.KIND_SETUP:
-                b[i] = (k.kind << 4) | k.index
-                b[i + 1] = k.gen
-                b[i + 2:i + 18] = k.key
-                i += 18
-        if p:
-            b[i] = 1
-            b[i + 1] = p.txid >> 8
-            b[i + 2] = p.txid & 0xFF
-            b[i + 3] = p.key.gen
-            b[i + 4:i + 20] = p.key.key
-            b[i + 20:i + 36] = p.confirm_k
-            rl = len(p.response)
-            b[i + 36] = rl >> 8
-            b[i + 37] = rl & 0xFF
-            b[i + 38:i + 38 + rl] = p.response
-        self._counters(b, o)
-        return b
+        persist.restore(self, rec)
 
     def save(self):
-        """Make the current state durable (keys slots when a key changed, else the SNF
-        reservations). On failure RAM goes back to the last durable state and OSError is
-        raised: nothing that was not written is ever acted on."""
-        st = self.store
-        try:
-            if not self._ok:
-                raise OSError(5)  # EIO: the last rollback did not complete
-            if st.slot < 0 or self._keys_changed():
-                st.save(self._record())
-                self._note_keys()
-            else:
-                n = self._counters(None, 0)
-                self._counters(st.counters_buf(n), COFF)
-                st.save_counters(n)
-        except (OSError, MemoryError):
-            self._rollback()
-            raise OSError(5)
+        persist.save(self)
 
     def factory_reset(self):
         self.store.erase()  # raises before RAM changes if the slots could not be removed
@@ -339,20 +187,8 @@ class Device:
         return out
 
     def _rollback(self):
-        """Back to the last durable state (after a failed store write). It comes from the
-        store's images in RAM, not from flash: a read failing then (the fault that failed
-        the write often fails reads too) made the device forget its enrolment, and the next
-        two saves overwrote both slots with an empty state (issue 9 #6)."""
-        self._ok = False
-        self._reset_state()
-        self.mku_state = IDLE
-        self._req = None
-        self._last = {}
-        rec = self.store.current()
-        if rec:
-            self._restore(rec)
-        self._kref = None  # the slot a failed keys write went to holds an unknown state: rewrite
-        self._ok = True
+        """Back to the last durable state (after a failed store write)."""
+        persist.rollback(self)
 
     def _dispatch(self, f, out, now_ms):
         p = f.padata()

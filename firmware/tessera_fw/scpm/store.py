@@ -10,9 +10,9 @@
 #                 keys image they extend (keys_seq(4) | entries); the frequent write (one
 #                 per 64 frames per key, peer and direction), kept small so that LittleFS
 #                 stores it inline in its metadata log instead of erasing a block per write.
-# device.py decides the bodies. A keys body starting with "{" is a JSON record: the format
-# of the firmware before the binary store, read so that deployed devices keep their keys
-# (and written by save(dict), which the self-test uses).
+# persist.py makes the device's records. A keys body starting
+# with "{" is a JSON record: the format of the firmware before the binary store, read so
+# that deployed devices keep their keys (and written by save(dict): the self-test).
 # Read errors other than "no such file" raise OSError: an unreadable store is never taken for
 # an empty one (an unenrolled device would then overwrite its keys).
 import hashlib
@@ -105,13 +105,12 @@ def get32(b, o):
     return (b[o] << 24) | (b[o + 1] << 16) | (b[o + 2] << 8) | b[o + 3]
 
 
-def _seal(out, seq, n, mv=None):
-    """Fill seq | len and the tag of an image whose body (n bytes) is at out[6:6 + n];
-    mv: a view of out[:6 + n] kept by the caller (no allocation for it)."""
+def _seal(out, seq, n):
+    """Fill seq | len and the tag of an image whose body (n bytes) is at out[6:6 + n]."""
     put32(out, 0, seq)
     out[4] = n >> 8
     out[5] = n & 0xFF
-    d = hashlib.sha256(mv if mv is not None else memoryview(out)[:_HDR + n]).digest()
+    d = hashlib.sha256(memoryview(out)[:_HDR + n]).digest()
     for i in range(_TAG):
         out[_HDR + n + i] = d[i]
 
@@ -159,7 +158,6 @@ class Store:
         self.slot = self.cslot = -1  # its slot (0, 1; -1: none)
         self._kimg = self._cimg = None  # images of the durable state (rollback without reads)
         self._cbuf = [None, None]  # counters image of slot c / d, reused
-        self._cmv = [None, None]  # view of its tagged part
 
     def _best(self, base):
         img, seq, slot = None, 0, -1
@@ -178,7 +176,6 @@ class Store:
         self._kimg, self.seq, self.slot = self._best(0)
         self._cimg, self.cseq, self.cslot = self._best(2)
         self._cbuf = [None, None]
-        self._cmv = [None, None]
         return self.current()
 
     def current(self):
@@ -218,7 +215,6 @@ class Store:
         b = self._cbuf[t]
         if b is None or len(b) != COFF + nbytes + _TAG:  # steady traffic: same size
             b = self._cbuf[t] = bytearray(COFF + nbytes + _TAG)
-            self._cmv[t] = memoryview(b)[:COFF + nbytes]
         return b
 
     def save_counters(self, nbytes):
@@ -228,7 +224,7 @@ class Store:
         b = self._cbuf[t]
         seq = (self.cseq + 1) & 0xFFFFFFFF
         put32(b, _HDR, self.seq)
-        _seal(b, seq, 4 + nbytes, self._cmv[t])
+        _seal(b, seq, 4 + nbytes)
         self.fs.write(_SLOTS[2 + t], b)
         self.cseq, self.cslot, self._cimg = seq, t, b
         self.writes += 1
