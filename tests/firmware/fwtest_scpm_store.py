@@ -64,6 +64,28 @@ def test_write_and_read_failure_keeps_the_enrolment():
     assert d.enrolled and d.keys[2 * 16 + 3].key == b"\x77" * 16 and d.master.gen == 1
 
 
+def test_memory_error_while_saving_rolls_back():
+    class NoMem(FaultFS):
+        def write(self, name, data):
+            if self.fail_write:
+                raise MemoryError
+            FaultFS.write(self, name, data)
+
+    fs = NoMem()
+    d = new_dev(fs)
+    ksn = enrol(d)
+    m = ksn.keys[(4, 0, 1)]
+    pdu = ksn.km(C.OP_SP_KEY_INIT, b"\x04\x01" + b"\x44" * 16)
+    fs.fail_write = True
+    assert d.receive(ksn.frame(m, pdu)) == [] and d.store_errors == 1
+    assert d.enrolled and d.keys[2 * 16 + 4] is None  # back to the durable state, no answer
+    fs.fail_write = False
+    ksn.tx[(4, 0, 1)].next += 64
+    assert ksn.open(one(d.receive(ksn.frame(m, pdu))))[0][0] == C.OP_SP_KEY_INIT_ACK
+    d = None
+    assert new_dev(fs).keys[2 * 16 + 4].key == b"\x44" * 16
+
+
 def _fresh_dir(name):
     import os
 
