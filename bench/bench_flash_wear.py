@@ -81,20 +81,23 @@ def run(saves: int, old: bool, peers: int) -> tuple[float, int, int]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--saves", type=int, default=40000, help="saves simulated per layout")
+    ap.add_argument("--saves", type=int, default=20000, help="saves simulated per layout")
     ap.add_argument("--peers", type=int, default=8, help="(key, peer) entries in the record")
     ap.add_argument("--layout", choices=("both", "old", "new"), default="both")
     a = ap.parse_args()
-    print(f"rp2 LittleFS: {BLOCKS} x {BLOCK} B blocks, prog 256, cache 1024, block_cycles 100; "
-          f"{a.peers} (key, peer) entries; {a.saves} saves simulated per layout; "
-          f"10 years at 1 frame/s = {SAVES_10Y:,} saves")
+    print("## SCPM key store flash wear (rp2 LittleFS)\n")
+    print(f"Real littlefs (littlefs-python) with the rp2 port's mount settings: {BLOCKS} x {BLOCK} B blocks, "
+          f"prog 256, read 32, cache 1024, lookahead 32, block_cycles 100; {a.peers} (key, peer) entries; "
+          f"{a.saves:,} saves simulated per layout, projected to 10 years at one frame per second "
+          f"({SAVES_10Y:,} saves). The most-erased block is scaled linearly from the run, which overstates it "
+          f"for short runs (docs/scpm-firmware.md \"Flash wear\" has the 200,000-save figures).\n")
+    print("| layout | image | erases per save | 10 years: average per block | most-erased block |")
+    print("| --- | --- | --- | --- | --- |")
     for old in {"both": (True, False), "old": (True,), "new": (False,)}[a.layout]:
+        print(f"running the {'old' if old else 'new'} layout ...", file=sys.stderr, flush=True)
         per, worst, size = run(a.saves, old, a.peers)
-        avg10 = SAVES_10Y * per / BLOCKS
-        worst10 = worst * SAVES_10Y / a.saves
-        name = "JSON record, one file per save" if old else "counters image (+ keys image per 2000)"
-        print(f"{name:40s} image {size:4d} B: {per:.4f} erases/save; 10 years: "
-              f"average {avg10:,.0f}, worst block {worst10:,.0f} erases (of 100,000)")
+        name = "JSON record, one file per save" if old else "counters image (+ keys image per 2000 saves)"
+        print(f"| {name} | {size} B | {per:.4f} | {SAVES_10Y * per / BLOCKS:,.0f} | {worst * SAVES_10Y / a.saves:,.0f} |")
     return 0
 
 
