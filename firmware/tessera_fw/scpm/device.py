@@ -5,8 +5,8 @@
 #   out = dev.request_update(reason, now_ms) # device-requested master key update
 # Frames failing decode are counted (dev.errors) and never answered.
 import os
-from binascii import hexlify, unhexlify
 
+from tessera_fw.scpm import persist  # noqa: I001 - first: measured to leave the esp32 test heap least fragmented
 from tessera_fw.scpm import const as C
 from tessera_fw.scpm import km
 from tessera_fw.scpm.const import SCPMError
@@ -31,10 +31,6 @@ DEFAULT_PROPS = (
 
 def _u16(p, o):
     return (p[o] << 8) | p[o + 1]
-
-
-def _hex(b):
-    return hexlify(b).decode()
 
 
 class Device:
@@ -87,56 +83,25 @@ class Device:
     def master(self):
         return self.keys[C.KIND_MASTER * 16]
 
-    def _restore(self, rec):
-        self.ksn = rec.get("ksn", 0)
-        for kind, index, gen, k in rec.get("keys", ()):
-            self.keys[kind * 16 + index] = Key(kind, index, gen, unhexlify(k))
-        p = rec.get("pend")
-        if p:
-            self.pending = km.Pending(p[0], Key(C.KIND_MASTER, 0, p[1], unhexlify(p[2])),
-                                    unhexlify(p[3]), unhexlify(p[4]))
-            self.mku_state = PENDING
-        for kind, index, gen, peer, tx, rx in rec.get("snf", ()):
-            k = self.lookup(peer, kind, index, gen) if kind == C.KIND_MASTER else self.keys[kind * 16 + index]
-            if k is None or k.gen != gen:
-                continue
-            if tx:
-                k.tx[peer] = TxCounter(tx)
-            if rx:
-                k.rx[peer] = RxWindow(rx)
+    # ------------------------------------------------------------------ persistence
+    # (persist.py: binary keys and counters images, docs/scpm-firmware.md "Flash wear")
+    _kref = None  # [ksn, pending, the keys] as last written to the keys slots (None: rewrite)
+    _ok = True  # False while a rollback is incomplete: nothing may be saved
 
-    def _record(self):
-        keys = []
-        for k in self.keys:
-            if k is not None and k.kind != C.KIND_SETUP:
-                keys.append([k.kind, k.index, k.gen, _hex(k.key)])
-        rec = {"v": 1, "ksn": self.ksn, "keys": keys}
-        p = self.pending
-        if p:
-            rec["pend"] = [p.txid, p.key.gen, _hex(p.key.key), _hex(p.confirm_k), _hex(p.response)]
-        snf = []
-        for k in self.keys + [p.key if p else None]:
-            if k is None:
-                continue
-            for peer in k.tx:
-                w = k.rx.get(peer)
-                snf.append([k.kind, k.index, k.gen, peer, k.tx[peer].reserved, w.reserved if w else 0])
-            for peer, w in k.rx.items():
-                if peer not in k.tx:
-                    snf.append([k.kind, k.index, k.gen, peer, 0, w.reserved])
-        rec["snf"] = snf
-        return rec
+    def _restore(self, rec):
+        persist.restore(self, rec)
 
     def save(self):
-        self.store.save(self._record())
+        persist.save(self)
 
     def factory_reset(self):
-        self.store.erase()
+        self.store.erase()  # raises before RAM changes if the slots could not be removed
         self._reset_state()
         self.mku_state = IDLE
         self._req = None
         self._last = {}
         self._challenge = None
+        self._kref = None
 
     def _install(self, kind, index, gen, raw):
         """Install a key generation (replacing the older one; its SNF state is dropped)."""
@@ -223,13 +188,7 @@ class Device:
 
     def _rollback(self):
         """Back to the last durable state (after a failed store write)."""
-        self._reset_state()
-        self.mku_state = IDLE
-        self._req = None
-        self._last = {}
-        rec = self.store.load()
-        if rec:
-            self._restore(rec)
+        persist.rollback(self)
 
     def _dispatch(self, f, out, now_ms):
         p = f.padata()
