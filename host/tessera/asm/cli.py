@@ -11,7 +11,7 @@ import ssl
 from pathlib import Path
 
 from tessera.asm.codec import GeneralResponse, LEKey, SPBStatus
-from tessera.asm.initiator import Initiator, LinkFailure, LogCollector, RequestRefused
+from tessera.asm.initiator import Initiator, LinkFailure, LogCollector, PeerProtocolError, RequestRefused
 from tessera.asm.net import INITIATOR_ROLES, RESPONDER_ROLES, PeerRejected
 from tessera.asm.responder import Responder, ResponderConfig
 from tessera.asm.store import SecurityLog
@@ -184,6 +184,8 @@ def cmd_client(args: argparse.Namespace) -> int:
         raise TesseraError(str(exc)) from None
     except RequestRefused as exc:
         raise TesseraError(str(exc)) from None
+    except PeerProtocolError as exc:  # the peer answered wrongly: not a network fault
+        raise TesseraError(f"protocol error: {exc}") from None
     except (LinkFailure, TLSProfileError, OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
         raise TesseraError(f"cannot talk to {args.host}:{args.port}: {exc or type(exc).__name__}") from None
 

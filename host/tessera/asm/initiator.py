@@ -24,7 +24,22 @@ security_log = logging.getLogger("tessera.asm.security")
 
 
 class LinkFailure(Exception):
-    """No (valid) answer within the budget; the TLS session has been restarted."""
+    """The link failed (no answer within the budget, TLS failure, connection lost).
+
+    The TLS session has been closed; the next request opens a new one (clause 6.4.2 note:
+    the initiator may restart the TLS session). Nothing is reopened eagerly, so a one-shot
+    command that is about to exit does not open a session it will never use.
+    """
+
+
+class PeerProtocolError(Exception):
+    """The responder answered, but its answer breaks clause 6/7/8: a frame that cannot be
+    decoded, a response of the wrong type, a Request_ID not echoed, an unsolicited frame.
+
+    This is a fault of the peer, not of the network: it is not retried and the session is
+    not restarted (the connection is closed, since the stream can no longer be trusted to
+    be in step; a later request opens a new one).
+    """
 
 
 class RequestRefused(Exception):
@@ -47,7 +62,8 @@ class Initiator:
     """One TLS connection to a responder; every request of clauses 7 and 8 as a coroutine.
 
     A request unanswered within `timeout` (2 s, clause 7) is a link failure: the session is
-    closed and reopened, LinkFailure is raised for that request, and the next call carries on.
+    closed, LinkFailure is raised for that request, and the next call opens a new session.
+    A response that breaks the protocol raises PeerProtocolError (not retried).
     """
 
     def __init__(self, host: str, port: int = ASM_PORT, *, creds: Credentials, timeout: float = 2.0,
@@ -61,6 +77,7 @@ class Initiator:
         self._engine: InitiatorEngine | None = None
         self.peer_thumbprint: str | None = None
         self.link_restarts = 0
+        self.protocol_errors = 0
         self._lock = asyncio.Lock()
 
     async def __aenter__(self) -> Initiator:
@@ -99,16 +116,14 @@ class Initiator:
             await s.aclose()
 
     async def _restart(self, why: str) -> None:
+        """Clause 6.4.2 note: close the failed session; the next request opens a new one."""
         self.link_restarts += 1
-        log.warning("link failure (%s): restarting the TLS session", why)
+        log.warning("link failure (%s): TLS session closed, the next request opens a new one", why)
         await self.close()
-        try:
-            await self.connect()
-        except (OSError, asyncio.TimeoutError, TLSProfileError) as exc:
-            log.warning("reconnect failed: %s", exc)
 
     async def request(self, build, retries: int = 0) -> Message:
-        """`build(request_id) -> request`. Raises LinkFailure or RequestRefused."""
+        """`build(request_id) -> request`. Raises LinkFailure (retried `retries` times),
+        PeerProtocolError (never retried) or RequestRefused."""
         async with self._lock:
             for attempt in range(retries + 1):
                 if self._stream is None:
@@ -117,7 +132,12 @@ class Initiator:
                 req = build(self._engine.new_request_id())
                 try:
                     resp = await asyncio.wait_for(self._exchange(req), self.timeout)
-                except (asyncio.TimeoutError, ProtocolError, TLSProfileError, ConnectionError) as exc:
+                except ProtocolError as exc:
+                    self.protocol_errors += 1
+                    log.warning("protocol error from responder %s:%d: %s", self.host, self.port, exc)
+                    await self.close()
+                    raise PeerProtocolError(f"responder {self.host}:{self.port} broke the protocol: {exc}") from None
+                except (asyncio.TimeoutError, TLSProfileError, ConnectionError) as exc:
                     why = "no answer within the budget" if isinstance(exc, asyncio.TimeoutError) else str(exc)
                     await self._restart(why)
                     if attempt == retries:

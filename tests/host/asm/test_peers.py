@@ -184,7 +184,7 @@ def test_initiator_restarts_session_after_silence(pki, start_responder):
         await ini.connect()
         with pytest.raises(LinkFailure):
             await ini.get_time()
-        assert ini.link_restarts == 1 and ini._stream is not None  # already reconnected
+        assert ini.link_restarts == 1 and ini._stream is None  # closed; the next request reconnects
         r.responder.cfg.processing_delay = 0.0
         await asyncio.sleep(1.0)  # let the old connection's work finish
         assert (await ini.get_time()).response == 0
