@@ -11,7 +11,8 @@ import ssl
 from pathlib import Path
 
 from tessera.asm.codec import GeneralResponse, LEKey, SPBStatus
-from tessera.asm.initiator import Initiator, LinkFailure, LogCollector, PeerProtocolError, RequestRefused
+from tessera.asm.engine import ResponseTooLarge
+from tessera.asm.initiator import CollectError, Initiator, LinkFailure, LogCollector, PeerProtocolError, RequestRefused
 from tessera.asm.net import INITIATOR_ROLES, RESPONDER_ROLES, PeerRejected
 from tessera.asm.responder import Responder, ResponderConfig
 from tessera.asm.store import SecurityLog
@@ -165,8 +166,12 @@ async def _client(args: argparse.Namespace) -> int:
             print(f"all keys purged: response {_code(r.response)}")
         elif c == "collect":
             col = LogCollector(Path(args.db or var_dir() / "asm-initiator.db"), args.responder or f"{args.host}:{args.port}")
+
+            def progress(stored: int, listed: int, window: tuple[int, int]) -> None:
+                log.info("collect: page [%d, %d] done; %d listed, %d stored so far", *window, listed, stored)
+
             try:
-                res = await col.collect(ini)
+                res = await col.collect(ini, progress)
             finally:
                 col.close()
             print(f"window {res.window}: {res.listed} listed, {res.stored} stored, {res.duplicates} already held")
@@ -182,7 +187,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         return asyncio.run(_client(args))
     except PeerRejected as exc:
         raise TesseraError(str(exc)) from None
-    except RequestRefused as exc:
+    except (RequestRefused, CollectError, ResponseTooLarge) as exc:
         raise TesseraError(str(exc)) from None
     except PeerProtocolError as exc:  # the peer answered wrongly: not a network fault
         raise TesseraError(f"protocol error: {exc}") from None

@@ -24,6 +24,11 @@ from tessera.asm.tls import ASM_PORT, Credentials, TLSChannel, TLSProfileError
 
 log = logging.getLogger("tessera.asm.responder")
 
+# Clause 7.3 returns every Event ID of the window in one batch; a 4-byte BER length (6.2)
+# caps the value at 16 MiB - 1, i.e. 4,194,300 IDs. A window holding more is answered with
+# response 1 (Failed) and an empty batch: defined by this project (the initiator narrows it).
+MAX_LIST_IDS = (codec.MAX_BER_VALUE - 13) // 4
+
 # Event types / subtypes used in the security log (our mapping onto 430-5 names).
 ASM, OPS = "ASM", "Operations"
 
@@ -191,7 +196,10 @@ class Responder:
             case GetTimeRequest():
                 return GetTimeResponse(rid, int(self.cfg.clock()), ok)
             case GetEventListRequest(time_start=a, time_stop=b):
-                return GetEventListResponse(rid, tuple(self.log.window(a, b)), ok)
+                ids = self.log.window(a, b)
+                if len(ids) > MAX_LIST_IDS:  # cannot be expressed in one KLV (defined by this project)
+                    return GetEventListResponse(rid, (), GeneralResponse.FAILED)
+                return GetEventListResponse(rid, tuple(ids), ok)
             case GetEventIDRequest(event_id=eid):
                 rec = self.log.get(eid)
                 if rec is None:
