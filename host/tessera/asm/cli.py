@@ -45,6 +45,13 @@ def _role(s: str) -> str:
     return s
 
 
+def _add_large_records(p: argparse.ArgumentParser, peer: str) -> None:
+    p.add_argument("--large-handshake-records", action="store_true",
+                   help=f"accept TLS handshake records above 512 bytes (up to 16384) from {peer} without a "
+                   "512-byte fragment limit, e.g. stock OpenSSL; application data keeps the 512-byte limit. "
+                   "Off by default: clause 6.1 fixes the record size at 512 (a warning is logged when used)")
+
+
 def _add_creds(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("credentials")
     g.add_argument("--pki", metavar="DIR", help="a directory made by `tessera pki create`")
@@ -60,7 +67,8 @@ def cmd_responder(args: argparse.Namespace) -> int:
         creds=_creds(args, "responder"), db=Path(args.db or var_dir() / "asm-responder.db"),
         host=args.host, port=args.port, key_capacity=args.capacity,
         persist_keys=Path(args.persist_keys) if args.persist_keys else None, budget=args.budget,
-        initiator_roles=frozenset(args.initiator_role or INITIATOR_ROLES))
+        initiator_roles=frozenset(args.initiator_role or INITIATOR_ROLES),
+        large_handshake_records=args.large_handshake_records)
 
     async def main() -> None:
         r = Responder(cfg)
@@ -127,7 +135,8 @@ def _code(v: int) -> str:
 async def _client(args: argparse.Namespace) -> int:
     keys = _keys_from(args) if args.asm_command == "key-load" else []  # a bad file fails before connecting
     ini = Initiator(args.host, args.port, creds=_creds(args, "initiator"), timeout=args.timeout,
-                    responder_roles=frozenset(args.responder_role or RESPONDER_ROLES))
+                    responder_roles=frozenset(args.responder_role or RESPONDER_ROLES),
+                    large_handshake_records=args.large_handshake_records)
     async with ini:
         c = args.asm_command
         if c == "get-time":
@@ -212,6 +221,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--budget", type=float, default=2.0, help="request-to-response limit in seconds")
     r.add_argument("--initiator-role", type=_role, action="append", metavar="ROLE",
                    help=f"leaf CN role accepted from initiators (repeatable; default {','.join(sorted(INITIATOR_ROLES))})")
+    _add_large_records(r, "initiators")
     r.set_defaults(func=cmd_responder)
 
     st = s.add_parser("status", help="set or show the responder's QuerySPB status (via its database)")
@@ -229,6 +239,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         c.add_argument("--timeout", type=float, default=2.0, help="seconds before a link failure")
         c.add_argument("--responder-role", type=_role, action="append", metavar="ROLE",
                        help=f"leaf CN role accepted from the responder (repeatable; default {','.join(sorted(RESPONDER_ROLES))})")
+        _add_large_records(c, "a responder")
         c.set_defaults(func=cmd_client)
         return c
 

@@ -18,7 +18,7 @@ from tessera.asm.codec import (MAX_BER_VALUE, MAX_VALUE_LEN, BadRequestResponse,
 from tessera.asm.engine import InitiatorEngine, ProtocolError, ResponseTooLarge
 from tessera.asm.net import PeerRejected, Profile, RoleRefused, TLSStream
 from tessera.asm.store import NS_LOG
-from tessera.asm.tls import ASM_PORT, Credentials, TLSChannel, TLSProfileError
+from tessera.asm.tls import ASM_PORT, MAX_PLAINTEXT, Credentials, TLSChannel, TLSProfileError
 
 log = logging.getLogger("tessera.asm.initiator")
 security_log = logging.getLogger("tessera.asm.security")
@@ -72,9 +72,14 @@ class Initiator:
     """
 
     def __init__(self, host: str, port: int = ASM_PORT, *, creds: Credentials, timeout: float = 2.0,
-                 connect_timeout: float = 5.0, responder_roles: frozenset[str] | None = None) -> None:
-        """`responder_roles`: leaf CN roles accepted from the responder (default net.RESPONDER_ROLES)."""
+                 connect_timeout: float = 5.0, responder_roles: frozenset[str] | None = None,
+                 large_handshake_records: bool = False) -> None:
+        """`responder_roles`: leaf CN roles accepted from the responder (default net.RESPONDER_ROLES).
+        `large_handshake_records`: accept clear-text TLS handshake records above 512 bytes (a
+        responder without a 512-byte fragment limit, e.g. stock OpenSSL); off by default,
+        application data always keeps the 512-byte limit of clause 6.1."""
         self.host, self.port = host, port
+        self.large_handshake_records = large_handshake_records
         self.profile = Profile(creds, server=False, peer_roles=responder_roles)
         self.timeout = timeout
         self.connect_timeout = connect_timeout
@@ -95,9 +100,14 @@ class Initiator:
     async def connect(self) -> None:
         await self.close()
         reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), self.connect_timeout)
-        stream = TLSStream(reader, writer, TLSChannel(self.profile.ctx, server=False))
+        stream = TLSStream(reader, writer, TLSChannel(self.profile.ctx, server=False,
+                                                      large_handshake_records=self.large_handshake_records))
         try:
             await asyncio.wait_for(stream.handshake(), self.connect_timeout)
+            if stream.chan.largest_handshake_record > MAX_PLAINTEXT:
+                log.warning("responder %s:%d sent TLS handshake records of up to %d bytes (clause 6.1: 512); "
+                            "accepted because large handshake records are enabled", self.host, self.port,
+                            stream.chan.largest_handshake_record)
             self.peer_thumbprint, _ = self.profile.check_peer(stream.chan.peer_certificate())
         except RoleRefused as exc:
             security_log.warning("security event: responder %s:%d refused (thumbprint %s): %s",
