@@ -5,9 +5,11 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import secrets
 import sqlite3
 import ssl
+import stat
 from pathlib import Path
 
 from tessera.asm.codec import GeneralResponse, LEKey, SPBStatus
@@ -39,6 +41,16 @@ def _creds(args: argparse.Namespace, default_name: str) -> Credentials:
     return Credentials(cert, key, trust)
 
 
+def _positive(s: str) -> int:
+    try:
+        n = int(s)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"a positive integer, got {s!r}")
+    return n
+
+
 def _role(s: str) -> str:
     if not s or not s.isupper() or not s.isalnum():
         raise argparse.ArgumentTypeError(f"a role is upper-case letters/digits, e.g. SM or LD; got {s!r}")
@@ -68,7 +80,8 @@ def cmd_responder(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, key_capacity=args.capacity,
         persist_keys=Path(args.persist_keys) if args.persist_keys else None, budget=args.budget,
         initiator_roles=frozenset(args.initiator_role or INITIATOR_ROLES),
-        large_handshake_records=args.large_handshake_records)
+        large_handshake_records=args.large_handshake_records, max_connections=args.max_connections,
+        max_connections_per_source=args.max_connections_per_source)
 
     async def main() -> None:
         r = Responder(cfg)
@@ -110,6 +123,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _keys_from(args: argparse.Namespace) -> list[LEKey]:
     keys: list[LEKey] = []
     if args.keys_file:
+        try:
+            mode = stat.S_IMODE(os.stat(args.keys_file).st_mode)
+        except OSError:
+            mode = 0
+        if mode & 0o077:  # issue 11 #13: LE keys in clear belong in a private file
+            log.warning("security: keys file %s is readable by group or others (mode %o); it holds LE keys in "
+                        "clear: chmod 600 it", args.keys_file, mode)
         try:
             for k in json.loads(Path(args.keys_file).read_text()):
                 keys.append(LEKey(int(k["id"]), bytes.fromhex(k["key"]), int(k.get("expire", args.expire)),
@@ -221,6 +241,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--budget", type=float, default=2.0, help="request-to-response limit in seconds")
     r.add_argument("--initiator-role", type=_role, action="append", metavar="ROLE",
                    help=f"leaf CN role accepted from initiators (repeatable; default {','.join(sorted(INITIATOR_ROLES))})")
+    r.add_argument("--max-connections", type=_positive, default=64, metavar="N",
+                   help="connections held at once (default 64); at the cap the oldest handshake of the busiest "
+                   "source is dropped, and a new connection is refused if all are authenticated")
+    r.add_argument("--max-connections-per-source", type=_positive, default=8, metavar="N",
+                   help="connections held at once per source address (default 8)")
     _add_large_records(r, "initiators")
     r.set_defaults(func=cmd_responder)
 
