@@ -98,3 +98,20 @@ def test_log_beyond_64k_collected_completely(pki, start_responder, tmp_path):
     assert [e for e, _ in recs] == expect
     assert splits > 0 and len(pages) >= 2
     assert nxt == res.window[1] + 1
+
+
+def test_responder_answers_failed_when_a_window_cannot_be_listed(pki, start_responder, monkeypatch):
+    """Defined by this project: more IDs than one KLV can carry (4,194,300) -> response 1,
+    empty batch. The limit is lowered here to 10 to exercise it."""
+    from tessera.asm import responder as resp_mod
+    monkeypatch.setattr(resp_mod, "MAX_LIST_IDS", 10)
+    r = start_responder()
+    now = int(time.time())
+    r.call(fill, r.responder.log, [now - 5] * 11)
+
+    async def go():
+        async with Initiator("127.0.0.1", r.port, creds=pki.creds("initiator")) as ini:
+            return await ini.get_event_list(now - 5, now - 5), await ini.get_event_list(now - 6, now - 6)
+    big, small = asyncio.run(asyncio.wait_for(go(), 20))
+    assert big.response == 1 and big.event_ids == ()
+    assert small.response == 0 and small.event_ids == ()
