@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Generic, Hashable, TypeVar
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
 
 OTHER = "other sources"  # the shared bucket once max_sources are tracked
 
@@ -76,6 +77,11 @@ class FailureAggregator:
     def due(self, now: float) -> bool:
         return self._started is not None and now - self._started >= self.interval
 
+    def failures(self, source: str) -> int:
+        """Failures of a source in the current interval (0 if untracked)."""
+        b = self._buckets.get(source)
+        return 0 if b is None else b.count + len(b.written)
+
     @property
     def pending(self) -> int:
         """Failures counted but not yet written (in no record so far)."""
@@ -114,9 +120,12 @@ class ConnectionLimiter(Generic[K]):
     def __len__(self) -> int:
         return len(self._conns)
 
-    def admit(self, key: K, source: str, now: float) -> tuple[bool, K | None]:
+    def admit(self, key: K, source: str, now: float,
+              suspicion: Callable[[str], int] | None = None) -> tuple[bool, K | None]:
         """(admitted, connection to evict first). Refused when the source is at its cap, or
-        when the total is at its cap and no unauthenticated connection can be evicted."""
+        when the total is at its cap and no unauthenticated connection can be evicted.
+        `suspicion(source)`: recent failures of a source (FailureAggregator.failures); the
+        victim is the oldest handshake of the most suspicious, then busiest, source."""
         if self._per_source[source] >= self.max_per_source:
             return False, None
         victim: K | None = None
@@ -124,10 +133,11 @@ class ConnectionLimiter(Generic[K]):
             pending = [(c.source, c.started, k) for k, c in self._conns.items() if not c.authenticated]
             if not pending:
                 return False, None
-            # the oldest handshake of the source holding the most of them: a flood from a
-            # few addresses evicts itself, not a lone good client mid-handshake
+            # the oldest handshake of the source that failed most lately, then of the one
+            # holding the most handshakes: a flood evicts itself, not a lone good client
             per = Counter(p[0] for p in pending)
-            victim = min(pending, key=lambda p: (-per[p[0]], p[1]))[2]
+            sus = suspicion or (lambda _s: 0)
+            victim = min(pending, key=lambda p: (-sus(p[0]), -per[p[0]], p[1]))[2]
             self.release(victim)
         self._conns[key] = _Conn(source, now)
         self._per_source[source] += 1

@@ -168,7 +168,8 @@ class Responder:
         task = asyncio.current_task()
         assert task
         peer = writer.get_extra_info("peername") or ("?", 0)
-        admitted, victim = self.limiter.admit(writer, str(peer[0]), asyncio.get_running_loop().time())
+        admitted, victim = self.limiter.admit(writer, str(peer[0]), asyncio.get_running_loop().time(),
+                                              self.failures.failures)
         if victim is not None:  # the oldest connection still in its handshake makes room
             victim.transport.abort()
         if not admitted:

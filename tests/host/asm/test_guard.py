@@ -53,3 +53,14 @@ def test_limiter_caps_per_source_and_evicts_unauthenticated_from_the_busiest_sou
     assert lim.admit(9, "f", 8.0) == (False, None)  # all authenticated: refused, none evicted
     lim.release(1)
     assert lim.admit(9, "f", 9.0) == (True, None) and len(lim) == 4
+
+
+def test_limiter_evicts_from_the_source_that_failed_most():
+    lim: ConnectionLimiter[int] = ConnectionLimiter(max_total=3, max_per_source=3)
+    agg = FailureAggregator()
+    lim.admit(1, "good", 0.0)
+    lim.admit(2, "bad", 1.0)
+    lim.admit(3, "other", 2.0)
+    agg.note("bad", "TLS", 0.5)
+    assert agg.failures("bad") == 1 and agg.failures("good") == 0
+    assert lim.admit(4, "new", 3.0, agg.failures) == (True, 2)  # not the older handshake of "good"
