@@ -85,11 +85,11 @@ def server(pki, tmp_path):  # noqa: F811
     made: list[Server] = []
 
     def mk(**kw) -> Server:
-        s = Server(pki, tmp_path / str(len(made)), **kw)
+        d = tmp_path / str(len(made))
+        d.mkdir()
+        s = Server(pki, d, **kw)
         made.append(s)
         return s
-    (tmp_path / "0").mkdir()
-    (tmp_path / "1").mkdir()
     yield mk
     for s in made:
         if s.lt.t.is_alive():
