@@ -212,6 +212,13 @@ class Initiator:
 
 
 # --------------------------------------------------------------------------- collector
+def _fit(width: int, held: int, per_page: int) -> int:
+    """A span expected to hold ~80 % of a page, if `held` IDs spread evenly over `width` s."""
+    if held * 5 <= per_page * 4:
+        return width
+    return max(1, min(width // 2, width * per_page * 4 // (5 * held)))
+
+
 def record_timestamp(xml: bytes) -> int | None:
     """The 430-4 style LogRecordHeader/TimeStamp of a record, as UTC epoch seconds."""
     try:
@@ -305,9 +312,11 @@ class LogCollector:
 
         Paging (defined by this project; clause 7.3 puts no restriction on the windows an
         initiator asks for): the window is asked whole first; a GetEventList response above
-        `page_bytes` is skipped unread (ResponseTooLarge) and the page's time span is halved,
-        down to one second; after a page of fewer than a quarter of `page_bytes` the span
-        doubles again. A one-second window cannot be split: it is asked again accepting up
+        `page_bytes` is skipped unread (ResponseTooLarge) and the page's time span shrinks in
+        proportion to the count its length announced (to ~80 % of a page, at least halved),
+        down to one second; the rest of such a window is then paged with the count left
+        (known from that length), without asking the crowded window again; elsewhere,
+        after a page of fewer than a quarter of a page of IDs the span doubles. A one-second window cannot be split: it is asked again accepting up
         to the largest value a 4-byte BER length allows (4,194,300 Event IDs). Each page is
         committed with the new next_start, so an interrupted run resumes after the last
         complete page. `progress(stored_so_far, listed_so_far, page_window)` is called
@@ -321,13 +330,17 @@ class LogCollector:
         listed = stored = dups = 0
         per_page = (self.page_bytes - 13) // 4  # Request_ID + batch header + response byte
         lo, span = start, stop - start + 1
+        known: tuple[int, int] | None = None  # (end, IDs in [lo, end]) learnt from a skipped list
         while lo <= stop:
             hi = min(stop, lo + span - 1)
             limit = self.page_bytes if hi > lo else MAX_BER_VALUE
             try:
                 lst = await ini.request(lambda r, a=lo, b=hi: GetEventListRequest(r, a, b), retries=1, max_value=limit)
-            except ResponseTooLarge:
-                span = max(1, (hi - lo + 1) // 2)
+            except ResponseTooLarge as exc:
+                # the skipped value's length says how many IDs [lo, hi] holds: shrink the span
+                # in proportion (to ~80 % of a page), at least by half
+                known = (hi, max(1, (exc.length - 13) // 4))
+                span = _fit(hi - lo + 1, known[1], per_page)
                 self.pages_split += 1
                 continue
             if lst.response != GeneralResponse.SUCCESSFUL:
@@ -336,9 +349,14 @@ class LogCollector:
             listed, stored, dups = listed + len(lst.event_ids), stored + s, dups + d
             if progress:
                 progress(stored, listed, (lo, hi))
-            if len(lst.event_ids) < per_page // 4:
-                span = min(span * 2, 1 << 32)
             lo = hi + 1
+            if known is not None and hi < known[0]:  # the rest of a window known to be crowded
+                known = (known[0], max(1, known[1] - len(lst.event_ids)))
+                span = _fit(known[0] - hi, known[1], per_page)
+            else:
+                known = None
+                if len(lst.event_ids) < per_page // 4:
+                    span = min(span * 2, 1 << 32)
         return CollectResult((start, stop), listed, stored, dups, off)
 
     async def _store_page(self, ini: Initiator, ids: tuple[int, ...], lo: int, hi: int, off: ClockOffset
