@@ -155,6 +155,7 @@ def main() -> int:
         ic = Credentials(paths["initiator"], paths["initiator.key"], paths["root"])
         env_py = [sys.executable]
         resp, rport = spawn([*env_py, "-m", "tessera", "-q", "asm", "responder", "--pki", str(d / "pki"), "--port", "0",
+                             "--max-connections-per-source", str(N_CLIENTS + 2),
                              "--db", str(d / "resp.db")])
         echo, eport = spawn([*env_py, __file__, "--echo-server", str(paths["responder"]), str(paths["responder.key"]),
                              str(paths["root"])])

@@ -5,13 +5,16 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import secrets
 import sqlite3
 import ssl
+import stat
 from pathlib import Path
 
 from tessera.asm.codec import GeneralResponse, LEKey, SPBStatus
-from tessera.asm.initiator import Initiator, LinkFailure, LogCollector, RequestRefused
+from tessera.asm.engine import ResponseTooLarge
+from tessera.asm.initiator import CollectError, Initiator, LinkFailure, LogCollector, PeerProtocolError, RequestRefused
 from tessera.asm.net import INITIATOR_ROLES, RESPONDER_ROLES, PeerRejected
 from tessera.asm.responder import Responder, ResponderConfig
 from tessera.asm.store import SecurityLog
@@ -38,10 +41,27 @@ def _creds(args: argparse.Namespace, default_name: str) -> Credentials:
     return Credentials(cert, key, trust)
 
 
+def _positive(s: str) -> int:
+    try:
+        n = int(s)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"a positive integer, got {s!r}")
+    return n
+
+
 def _role(s: str) -> str:
     if not s or not s.isupper() or not s.isalnum():
         raise argparse.ArgumentTypeError(f"a role is upper-case letters/digits, e.g. SM or LD; got {s!r}")
     return s
+
+
+def _add_large_records(p: argparse.ArgumentParser, peer: str) -> None:
+    p.add_argument("--large-handshake-records", action="store_true",
+                   help=f"accept TLS handshake records above 512 bytes (up to 16384) from {peer} without a "
+                   "512-byte fragment limit, e.g. stock OpenSSL; application data keeps the 512-byte limit. "
+                   "Off by default: clause 6.1 fixes the record size at 512 (a warning is logged when used)")
 
 
 def _add_creds(p: argparse.ArgumentParser) -> None:
@@ -59,7 +79,9 @@ def cmd_responder(args: argparse.Namespace) -> int:
         creds=_creds(args, "responder"), db=Path(args.db or var_dir() / "asm-responder.db"),
         host=args.host, port=args.port, key_capacity=args.capacity,
         persist_keys=Path(args.persist_keys) if args.persist_keys else None, budget=args.budget,
-        initiator_roles=frozenset(args.initiator_role or INITIATOR_ROLES))
+        initiator_roles=frozenset(args.initiator_role or INITIATOR_ROLES),
+        large_handshake_records=args.large_handshake_records, max_connections=args.max_connections,
+        max_connections_per_source=args.max_connections_per_source)
 
     async def main() -> None:
         r = Responder(cfg)
@@ -102,6 +124,13 @@ def _keys_from(args: argparse.Namespace) -> list[LEKey]:
     keys: list[LEKey] = []
     if args.keys_file:
         try:
+            mode = stat.S_IMODE(os.stat(args.keys_file).st_mode)
+        except OSError:
+            mode = 0
+        if mode & 0o077:  # issue 11 #13: LE keys in clear belong in a private file
+            log.warning("security: keys file %s is readable by group or others (mode %o); it holds LE keys in "
+                        "clear: chmod 600 it", args.keys_file, mode)
+        try:
             for k in json.loads(Path(args.keys_file).read_text()):
                 keys.append(LEKey(int(k["id"]), bytes.fromhex(k["key"]), int(k.get("expire", args.expire)),
                                   int(k["attribute"]) if "attribute" in k else int.from_bytes(secrets.token_bytes(8), "big")))
@@ -126,7 +155,8 @@ def _code(v: int) -> str:
 async def _client(args: argparse.Namespace) -> int:
     keys = _keys_from(args) if args.asm_command == "key-load" else []  # a bad file fails before connecting
     ini = Initiator(args.host, args.port, creds=_creds(args, "initiator"), timeout=args.timeout,
-                    responder_roles=frozenset(args.responder_role or RESPONDER_ROLES))
+                    responder_roles=frozenset(args.responder_role or RESPONDER_ROLES),
+                    large_handshake_records=args.large_handshake_records)
     async with ini:
         c = args.asm_command
         if c == "get-time":
@@ -165,8 +195,12 @@ async def _client(args: argparse.Namespace) -> int:
             print(f"all keys purged: response {_code(r.response)}")
         elif c == "collect":
             col = LogCollector(Path(args.db or var_dir() / "asm-initiator.db"), args.responder or f"{args.host}:{args.port}")
+
+            def progress(stored: int, listed: int, window: tuple[int, int]) -> None:
+                log.info("collect: page [%d, %d] done; %d listed, %d stored so far", *window, listed, stored)
+
             try:
-                res = await col.collect(ini)
+                res = await col.collect(ini, progress)
             finally:
                 col.close()
             print(f"window {res.window}: {res.listed} listed, {res.stored} stored, {res.duplicates} already held")
@@ -182,8 +216,10 @@ def cmd_client(args: argparse.Namespace) -> int:
         return asyncio.run(_client(args))
     except PeerRejected as exc:
         raise TesseraError(str(exc)) from None
-    except RequestRefused as exc:
+    except (RequestRefused, CollectError, ResponseTooLarge) as exc:
         raise TesseraError(str(exc)) from None
+    except PeerProtocolError as exc:  # the peer answered wrongly: not a network fault
+        raise TesseraError(f"protocol error: {exc}") from None
     except (LinkFailure, TLSProfileError, OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
         raise TesseraError(f"cannot talk to {args.host}:{args.port}: {exc or type(exc).__name__}") from None
 
@@ -205,6 +241,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--budget", type=float, default=2.0, help="request-to-response limit in seconds")
     r.add_argument("--initiator-role", type=_role, action="append", metavar="ROLE",
                    help=f"leaf CN role accepted from initiators (repeatable; default {','.join(sorted(INITIATOR_ROLES))})")
+    r.add_argument("--max-connections", type=_positive, default=64, metavar="N",
+                   help="connections held at once (default 64); at the cap the oldest handshake of the busiest "
+                   "source is dropped, and a new connection is refused if all are authenticated")
+    r.add_argument("--max-connections-per-source", type=_positive, default=8, metavar="N",
+                   help="connections held at once per source address (default 8)")
+    _add_large_records(r, "initiators")
     r.set_defaults(func=cmd_responder)
 
     st = s.add_parser("status", help="set or show the responder's QuerySPB status (via its database)")
@@ -222,6 +264,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         c.add_argument("--timeout", type=float, default=2.0, help="seconds before a link failure")
         c.add_argument("--responder-role", type=_role, action="append", metavar="ROLE",
                        help=f"leaf CN role accepted from the responder (repeatable; default {','.join(sorted(RESPONDER_ROLES))})")
+        _add_large_records(c, "a responder")
         c.set_defaults(func=cmd_client)
         return c
 

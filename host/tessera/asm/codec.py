@@ -433,24 +433,64 @@ def parse_header(buf: bytes | bytearray, max_value: int = MAX_VALUE_LEN) -> int 
     return n
 
 
-class Framer:
-    """Sans-IO KLV reassembly: feed bytes, get complete frames."""
+MAX_BER_VALUE = 0xFFFFFF  # clause 6.2: the largest length a 4-byte BER field can carry
 
-    def __init__(self, max_value: int = MAX_VALUE_LEN) -> None:
+
+@dataclass(frozen=True)
+class OversizedFrame:
+    """A well-framed KLV whose value exceeded the framer's limit and was skipped unread."""
+
+    key: bytes
+    length: int
+
+
+class Framer:
+    """Sans-IO KLV reassembly: feed bytes, get complete frames.
+
+    By default a value above `max_value` is fatal (the responder: an unauthenticated or
+    broken peer's stream is dropped). With `skip_oversized` (the initiator, reading an
+    authenticated responder) such a value is discarded as it arrives, never buffered, and
+    reported as an OversizedFrame once it has passed, so the stream stays in step.
+    """
+
+    def __init__(self, max_value: int = MAX_VALUE_LEN, skip_oversized: bool = False) -> None:
         self._buf = bytearray()
         self.max_value = max_value
+        self.skip_oversized = skip_oversized
+        self._skip = 0  # value bytes of an oversized frame still to discard
+        self._skipped: OversizedFrame | None = None
 
     @property
     def pending(self) -> int:
         """Bytes of an incomplete frame held (a request is in progress)."""
-        return len(self._buf)
+        return len(self._buf) + self._skip
 
-    def feed(self, data: bytes) -> list[Frame]:
+    def feed(self, data: bytes) -> list[Frame | OversizedFrame]:
+        frames: list[Frame | OversizedFrame] = []
+        if self._skip:
+            drop = min(self._skip, len(data))
+            self._skip -= drop
+            data = data[drop:]
+            if self._skip:
+                return frames
+            assert self._skipped is not None
+            frames.append(self._skipped)
+            self._skipped = None
         self._buf += data
-        frames = []
         while True:
-            n = parse_header(self._buf, self.max_value)
-            if n is None or len(self._buf) < HEADER_LEN + n:
+            n = parse_header(self._buf, MAX_BER_VALUE if self.skip_oversized else self.max_value)
+            if n is None:
+                return frames
+            if n > self.max_value:  # only in skip mode: parse_header raised otherwise
+                key, have = bytes(self._buf[:KEY_LEN]), len(self._buf) - HEADER_LEN
+                if have < n:
+                    self._skip, self._skipped = n - have, OversizedFrame(key, n)
+                    self._buf.clear()
+                    return frames
+                frames.append(OversizedFrame(key, n))
+                del self._buf[:HEADER_LEN + n]
+                continue
+            if len(self._buf) < HEADER_LEN + n:
                 return frames
             frames.append(Frame(bytes(self._buf[:KEY_LEN]), bytes(self._buf[HEADER_LEN:HEADER_LEN + n])))
             del self._buf[:HEADER_LEN + n]

@@ -19,6 +19,15 @@ class ProtocolError(Exception):
     """The peer broke the RRP rules; the connection should be closed."""
 
 
+class ResponseTooLarge(Exception):
+    """The response's value exceeded the limit set for it; it was skipped unread and the
+    stream is still in step (the request is closed, the connection usable)."""
+
+    def __init__(self, name: str, length: int, limit: int) -> None:
+        super().__init__(f"{name} response of {length} bytes exceeds the {limit}-byte limit")
+        self.length, self.limit = length, limit
+
+
 @dataclass(frozen=True)
 class RequestReceived:
     request: Message
@@ -148,7 +157,8 @@ class InitiatorEngine:
     """Allocates Request_IDs (non-zero, unique per connection: a counter) and checks echoes."""
 
     def __init__(self, first_id: int = 1, max_value: int = codec.MAX_VALUE_LEN) -> None:
-        self._framer = codec.Framer(max_value)
+        self._framer = codec.Framer(max_value, skip_oversized=True)
+        self.max_value = max_value
         self._next = first_id or 1
         self._used: set[int] = set()
         self._open: Message | None = None
@@ -166,13 +176,16 @@ class InitiatorEngine:
     def waiting(self) -> bool:
         return self._open is not None
 
-    def send_request(self, req: Message) -> bytes:
+    def send_request(self, req: Message, max_value: int | None = None) -> bytes:
+        """`max_value`: the largest response value accepted for this request (default: the
+        engine's); a larger one is skipped and reported as ResponseTooLarge."""
         if self._open is not None:
             raise ProtocolError("clause 6.4: an RRP is already open on this connection")
         if not req.IS_REQUEST:
             raise ValueError("not a request")
         self._open = req
         self._open_raw = req.encode()
+        self._framer.max_value = self.max_value if max_value is None else max_value
         return self._open_raw
 
     def receive_data(self, data: bytes) -> Message | None:
@@ -185,6 +198,9 @@ class InitiatorEngine:
             return None
         if self._open is None or len(frames) > 1:
             raise ProtocolError("unsolicited response")
+        if isinstance(frames[0], codec.OversizedFrame):
+            req, self._open = self._open, None
+            raise ResponseTooLarge(req.NAME, frames[0].length, self._framer.max_value)
         try:
             msg = codec.decode_frame(frames[0])
         except CodecError as err:

@@ -82,14 +82,19 @@ class Profile:
         return thumb, chain
 
 
+WRITE_CHUNK = 16 * 1024  # project choice: bytes handed to the transport between drains
+
+
 class TLSStream:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, chan: TLSChannel) -> None:
         self.reader, self.writer, self.chan = reader, writer, chan
 
     async def flush(self) -> None:
+        """Write pending TLS bytes in WRITE_CHUNK pieces, waiting for each to drain, so the
+        transport never buffers much more than its high-water mark for a slow reader."""
         out = self.chan.data_to_send()
-        if out:
-            self.writer.write(out)
+        for i in range(0, len(out), WRITE_CHUNK):
+            self.writer.write(out[i:i + WRITE_CHUNK])
             await self.writer.drain()
 
     async def handshake(self) -> None:
@@ -126,5 +131,10 @@ class TLSStream:
         self.writer.close()
         try:
             await asyncio.wait_for(self.writer.wait_closed(), 1.0)
-        except (Exception, asyncio.TimeoutError):
+        except asyncio.TimeoutError:
+            self.abort()  # a peer that never reads cannot hold the socket open
+        except Exception:
             pass
+
+    def abort(self) -> None:
+        self.writer.transport.abort()

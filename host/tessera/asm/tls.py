@@ -34,6 +34,12 @@ MAX_PLAINTEXT = 512  # clause 6.1: "The TLS record size shall equal 512 bytes"
 # Largest TLS 1.0 AES-CBC-SHA ciphertext for 512 bytes of plaintext: 512 + 20 (MAC) +
 # up to 256 padding bytes, rounded down to the 16-byte block: 784.
 MAX_CIPHERTEXT = (MAX_PLAINTEXT + 20 + 256) // 16 * 16
+# Issue 10, defined by this project: stock OpenSSL peers that do not set a 512-byte
+# fragment limit send their certificate flight in records of 1-3 KB. With the opt-in
+# `large_handshake_records` setting, clear-text *handshake* records up to the TLS maximum
+# of 2^14 bytes (RFC 2246 6.2.1) are accepted before the handshake completes; every other
+# record (alerts, CCS, application data, anything after the handshake) keeps the 512 limit.
+MAX_TLS_PLAINTEXT = 16384
 TLS10 = 0x0301
 SUITE_ID = 0x002F
 OPENSSL_CIPHER = "AES128-SHA"  # OpenSSL's name for TLS_RSA_WITH_AES_128_CBC_SHA
@@ -137,7 +143,11 @@ class TLSChannel:
     receive(net bytes) -> application bytes; send(app bytes); data_to_send() -> net bytes.
     """
 
-    def __init__(self, ctx: ssl.SSLContext, server: bool) -> None:
+    def __init__(self, ctx: ssl.SSLContext, server: bool, large_handshake_records: bool = False) -> None:
+        """`large_handshake_records`: accept clear-text handshake records above 512 bytes
+        (up to 16384) during the handshake only; off by default (clause 6.1 is strict)."""
+        self.large_handshake_records = large_handshake_records
+        self.largest_handshake_record = 0  # largest clear-text handshake record received
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
         self.obj = ctx.wrap_bio(self._in, self._out, server_side=server)
@@ -213,8 +223,15 @@ class TLSChannel:
             if rec.version != TLS10 and not (rec.type == CT_HANDSHAKE and not self.handshake_done):
                 raise TLSProfileError(f"record version 0x{rec.version:04x}, the profile is TLS 1.0")
             limit = MAX_CIPHERTEXT if self._peer_encrypting else MAX_PLAINTEXT
+            clear_handshake = rec.type == CT_HANDSHAKE and not self._peer_encrypting and not self.handshake_done
+            if clear_handshake:
+                self.largest_handshake_record = max(self.largest_handshake_record, len(rec.body))
+                if self.large_handshake_records:
+                    limit = MAX_TLS_PLAINTEXT
             if len(rec.body) > limit:
-                raise TLSProfileError(f"incoming record of {len(rec.body)} bytes exceeds the 512-byte record size")
+                hint = (" (a peer without a 512-byte fragment limit needs the opt-in large handshake records "
+                        "setting)" if clear_handshake else "")
+                raise TLSProfileError(f"incoming record of {len(rec.body)} bytes exceeds the 512-byte record size{hint}")
             if rec.type == CT_CCS:
                 self._peer_encrypting = True
             self._in.write(rec.raw)
@@ -245,6 +262,11 @@ class TLSChannel:
             got += chunk
         self._collect_out()
         return bytes(got)
+
+    @property
+    def pending_in(self) -> int:
+        """Bytes of an incomplete incoming record held."""
+        return self._reader.pending
 
     def peer_certificate(self) -> bytes | None:
         return self.obj.getpeercert(binary_form=True)

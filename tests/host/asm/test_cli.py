@@ -69,3 +69,18 @@ def test_responder_process(pki, tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_keys_file_open_to_others_is_warned_about(pki, responder, tmp_path, caplog):
+    """Issue 11 #13: LE keys reach the CLI from a file, never argv; a world-readable one is flagged."""
+    import json
+    kf = tmp_path / "keys.json"
+    kf.write_text(json.dumps([{"id": 77, "key": "00" * 16}]))
+    kf.chmod(0o644)
+    common = ["--pki", str(pki.dir), "--port", str(responder.port)]
+    assert main(["asm", "key-load", "--keys-file", str(kf), *common]) == 0
+    assert any("readable by group or others" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    kf.chmod(0o600)
+    assert main(["asm", "key-load", "--keys-file", str(kf), *common]) == 0
+    assert not any("readable by group or others" in r.getMessage() for r in caplog.records)

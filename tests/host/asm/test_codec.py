@@ -251,3 +251,22 @@ def test_pipelined_stream_gets_one_matching_response_each(handler, items, chunk)
             assert codec.BY_KEY[raw[:16]] in codec.RESPONSE_FOR and type(out) is codec.RESPONSE_FOR[codec.BY_KEY[raw[:16]]]
         answered += 1
     assert answered == len(items)
+
+
+@given(st.lists(st.binary(max_size=120), min_size=1, max_size=8), st.integers(0, 100),
+       st.lists(st.integers(1, 50), min_size=1, max_size=30))
+@settings(max_examples=150, deadline=None)
+def test_skipping_framer_reports_oversized_frames_in_order_under_any_chunking(values, limit, cuts):
+    """Initiator mode: values above the limit come out as OversizedFrame (never buffered),
+    the others as frames, in stream order, whatever the TCP/TLS chunking."""
+    key = codec.ul(2, 0x13)
+    stream = b"".join(codec.klv(key, v) for v in values)
+    f = codec.Framer(max_value=limit, skip_oversized=True)
+    got, i, k = [], 0, 0
+    while i < len(stream):
+        n = cuts[k % len(cuts)]
+        got += f.feed(stream[i:i + n])
+        assert len(f._buf) <= codec.HEADER_LEN + limit + n  # an oversized value is never held
+        i, k = i + n, k + 1
+    expect = [codec.OversizedFrame(key, len(v)) if len(v) > limit else codec.Frame(key, v) for v in values]
+    assert got == expect and f.pending == 0

@@ -48,6 +48,7 @@ def test_db_holds_no_key_bytes_and_restart_restores_unexpired(tmp_path, caplog):
     ks.close()
     kf = storage_key_path(db)
     assert kf.exists() and stat.S_IMODE(kf.stat().st_mode) == 0o600
+    assert stat.S_IMODE(db.stat().st_mode) == 0o600  # issue 11 #13: sealed key material too
     on_disk = disk_bytes(db)
     for k in short + long_:
         for s in secrets_of(k):
@@ -133,3 +134,12 @@ def test_responder_persists_sealed_keys_over_asm(pki, start_responder, tmp_path)
     for k in ks:
         for s in secrets_of(k):
             assert s not in on_disk
+
+
+def test_existing_key_database_open_to_others_is_narrowed(tmp_path, caplog):
+    db = tmp_path / "keys.db"
+    db.touch(mode=0o644)
+    db.chmod(0o644)
+    KeyStore(16, persist=db, env={}).close()
+    assert stat.S_IMODE(db.stat().st_mode) == 0o600
+    assert any("narrowed to 0600" in r.getMessage() for r in caplog.records)
