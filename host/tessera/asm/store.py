@@ -82,20 +82,6 @@ def load_storage_key(db: Path, env: Mapping[str, str] | None = None) -> StorageK
     return StorageKey(raw, source)
 
 
-def _private_file(path: Path) -> None:
-    """The sealed key database is created 0600 (SQLite gives its journal the same mode); an
-    existing one open to group/others is narrowed to 0600, with a warning."""
-    try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        return
-    except FileExistsError:
-        pass
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        os.chmod(path, 0o600)
-        log.warning("security: LE key database %s was mode %o; narrowed to 0600", path, mode)
-
-
 class KeyStore:
     """LE keys by ID, in memory; with `persist` also in an SQLite file, sealed with AES-256-GCM.
 
@@ -121,7 +107,7 @@ class KeyStore:
 
     def _open(self, persist: Path, env: Mapping[str, str] | None) -> None:
         self._sk = load_storage_key(persist, env)
-        _private_file(persist)
+        keyfile.private_file(persist)
         db = sqlite3.connect(str(persist), check_same_thread=False)
         db.execute("PRAGMA secure_delete=ON")  # deleted rows are overwritten, not left in free pages
         legacy = db.execute("SELECT name FROM sqlite_master WHERE type='table' AND name='lekeys'").fetchone()

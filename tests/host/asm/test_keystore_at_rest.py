@@ -142,4 +142,4 @@ def test_existing_key_database_open_to_others_is_narrowed(tmp_path, caplog):
     db.chmod(0o644)
     KeyStore(16, persist=db, env={}).close()
     assert stat.S_IMODE(db.stat().st_mode) == 0o600
-    assert any("narrowed to 0600" in r.getMessage() for r in caplog.records)
+    assert any("now mode 0600" in r.getMessage() for r in caplog.records)
