@@ -4,10 +4,8 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import logging
-import os
 import secrets
 import sqlite3
-import stat
 import struct
 import threading
 import time
