@@ -4,8 +4,12 @@
 #   out = dev.tick(now_ms)                   # MKU_REQUEST retries
 #   out = dev.request_update(reason, now_ms) # device-requested master key update
 # Frames failing decode are counted (dev.errors) and never answered.
+# Times are ticks in ms (time.ticks_ms()); every comparison goes through ticks_add and
+# ticks_diff, so the timers work across the tick counter's wrap (2^30 ms on the boards).
 import os
 from binascii import hexlify, unhexlify
+
+from micropython import const
 
 from tessera_fw.scpm import const as C
 from tessera_fw.scpm import km
@@ -20,6 +24,33 @@ PENDING = "PENDING"
 REQUESTED = "REQUESTED"
 RETRY_MS = 5000
 RETRIES = 3
+# Per-peer SNF state (replay windows) over all keys, except the KSN's under the master key
+# (the master key's lookup admits the enrolled KSN only). Created only for a frame that
+# authenticated; beyond the bound a new peer is refused (ERR_PEERS_FULL), never admitted by
+# evicting another peer's window, which would let that peer's old frames be replayed.
+MAX_PEERS = 8
+
+_TICKS_MAX = const(0x3FFFFFFF)  # the boards' ticks_ms period is 2^30 ms (12.4 days)
+_TICKS_HALF = const(0x20000000)
+
+
+def ticks_add30(t, delta):
+    """time.ticks_add with the boards' period of 2^30."""
+    return (t + delta) & _TICKS_MAX
+
+
+def ticks_diff30(a, b):
+    """time.ticks_diff (a - b, signed) with the boards' period of 2^30. Also right for a
+    clock of any period that is a multiple of 2^30 (the unix port's 2^62) or one that
+    never wraps (CPython), as long as the differences stay below 2^29 ms."""
+    return ((a - b + _TICKS_HALF) & _TICKS_MAX) - _TICKS_HALF
+
+
+try:  # MicroPython: the port's own (period 2^30 on the boards, 2^62 on the unix port)
+    from time import ticks_add, ticks_diff
+except ImportError:  # CPython (tessera.mpshim): the boards' arithmetic
+    ticks_add = ticks_add30
+    ticks_diff = ticks_diff30
 
 # prop id -> [name, read level, write level, value]
 DEFAULT_PROPS = (
@@ -59,7 +90,7 @@ class Device:
         #     (the stored value is then left as it was)
         self.on_get = None
         self.on_set = None
-        self.log = None  # callback(str) for each counted error, e.g. print
+        self.from_ksn = False  # the last frame received authenticated as the KSN's
         self.store_errors = 0
         self.mku_state = IDLE
         self._req = None  # [txid, reason, deadline, retries] while REQUESTED
@@ -166,10 +197,20 @@ class Device:
         return None
 
     def window(self, sa, key):
-        w = key.rx.get(sa)
-        if w is None:
-            w = key.rx[sa] = RxWindow()
+        """A new replay window for a peer whose frame has just authenticated (frame.py
+        calls this after the MAC checked): bounded by MAX_PEERS."""
+        if key.kind != C.KIND_MASTER and self.peers() >= MAX_PEERS:
+            raise SCPMError(C.ERR_PEERS_FULL)
+        w = key.rx[sa] = RxWindow()
         return w
+
+    def peers(self):
+        """Replay windows held, the master key's excepted (only the KSN has those)."""
+        n = 0
+        for k in self.keys:
+            if k is not None and k.kind != C.KIND_MASTER:
+                n += len(k.rx)
+        return n
 
     # ------------------------------------------------------------------ sending
     def _frame(self, da, key, padata, service=C.SVC_AUTH_CONF):
@@ -190,18 +231,20 @@ class Device:
     def _count(self, code):
         self.errors[code] = self.errors.get(code, 0) + 1
         self.last_error = code
-        if self.log is not None:  # the error name only: never key material
-            self.log("scpm: " + C.name(code))
 
     # ------------------------------------------------------------------ receiving
     def receive(self, data, now_ms=0):
         """Process one received general frame; return the frames to send."""
         self._snf_request = False
+        self.from_ksn = False
         try:
             f = self.codec.decode(data, self)
         except SCPMError as e:
             self._count(e.code)
             return []
+        # only the master key proves the KSN (its lookup admits the enrolled KSN's SA only;
+        # a user key is held by the home's other controllers too); enrolment sets it as well
+        self.from_ksn = f.key is not None and f.key.kind == C.KIND_MASTER
         out = []
         try:
             if f.persist:
@@ -217,6 +260,7 @@ class Device:
                     self._count(e.code)
         except OSError:  # the key store could not be written: nothing durable, nothing said
             self.store_errors += 1
+            self.from_ksn = False
             self._rollback()
             return []
         return out
@@ -235,6 +279,11 @@ class Device:
         p = f.padata()
         sa = f.sa
         key = f.key
+        if key is None and self.enrolled:
+            # Issue 11 #12: once enrolled, a plain frame has nothing to ask (only ENROL_HELLO
+            # is plain): counted, never answered, so a spoofed source gets nothing reflected.
+            self._count(C.ERR_STATE)
+            return
         txid = _u16(p, 1) if len(p) >= 3 else 0
         op = p[0] if len(p) else 0
         try:
@@ -274,7 +323,7 @@ class Device:
         while not txid:  # TXID 0 is reserved
             r = self.rand(2)
             txid = (r[0] << 8) | r[1]
-        self._req = [txid, reason, now_ms + RETRY_MS, 0]
+        self._req = [txid, reason, ticks_add(now_ms, RETRY_MS), 0]
         self.mku_state = REQUESTED
         return [self._mku_request_frame()]
 
@@ -285,7 +334,7 @@ class Device:
     def tick(self, now_ms):
         """Timers: resend MKU_REQUEST every 5 s, at most 3 times, then give up (IDLE)."""
         r = self._req
-        if self.mku_state != REQUESTED or r is None or now_ms < r[2]:
+        if self.mku_state != REQUESTED or r is None or ticks_diff(now_ms, r[2]) < 0:
             return []
         if r[3] >= RETRIES:
             self._req = None
@@ -293,7 +342,7 @@ class Device:
             self.events.append(("mku_request_failed", r[1]))
             return []
         r[3] += 1
-        r[2] = now_ms + RETRY_MS
+        r[2] = ticks_add(now_ms, RETRY_MS)
         try:
             return [self._mku_request_frame()]
         except SCPMError as e:

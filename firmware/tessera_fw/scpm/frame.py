@@ -149,8 +149,11 @@ class Codec:
     found once the frame was copied in (MDAS, padding, PBC, BCC).
 
     `ring` supplies lookup(sa, kind, index, gen) -> Key or None and window(sa, key) ->
-    the snf.RxWindow of that peer and key (its check and in-order commit are inlined
-    here). `persist` says the window's flash reservation moved and must be saved."""
+    a new snf.RxWindow for a peer the key has none for (its check and in-order commit are
+    inlined here). window() is called only once the frame has passed every check, so no
+    per-peer state exists for a frame that did not authenticate (issue 11 #1); it may
+    raise SCPMError to refuse the peer. `persist` says the window's flash reservation
+    moved and must be saved."""
 
     def __init__(self, addr):
         self.addr = addr
@@ -249,10 +252,13 @@ class Codec:
             raise SCPMError(ERR_NO_KEY)
         # 3. SNF pre-check
         snf = (data[15] << 24) | (data[16] << 16) | (data[17] << 8) | data[18]
-        win = key.rx.get(sa)  # ring.window() inlined for a known peer
-        if win is None:
-            win = ring.window(sa, key)
-        high = win.high  # RxWindow.check, inlined (hot path)
+        win = key.rx.get(sa)  # a known peer's window; an unknown peer gets one only once
+        if win is None:  # its frame has authenticated (step 6): nothing stored before that
+            high = 0
+            if snf == 0:
+                raise SCPMError(ERR_SNF)
+        else:
+            high = win.high  # RxWindow.check, inlined (hot path)
         if snf <= high:
             if snf == 0:
                 raise SCPMError(ERR_SNF)
@@ -311,6 +317,11 @@ class Codec:
             src = pt
             off = base + 2
         # 6. commit
+        if win is None:  # first authenticated frame of this peer under this key
+            try:
+                win = ring.window(sa, key)
+            except SCPMError as e:  # refused: the peer table is full
+                raise self._spoilt(e.code)
         if snf == high + 1 and snf < win.reserved:  # in order: RxWindow.commit, inlined
             win.seen[snf & 63] = 1
             win.high = snf

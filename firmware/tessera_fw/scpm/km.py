@@ -123,6 +123,7 @@ def _user_key_init(dev, f, txid, p):
     dev._install(C.KIND_MASTER, 0, mgen, p[20:36])
     dev._install(C.KIND_USER, 0, ugen, p[37:53])
     dev.ksn = f.sa
+    dev.from_ksn = True  # the enrolling KSN: where device-initiated frames go
     dev.mku_state = IDLE
     dev.save()
     dev.events.append(("enrolled", f.sa))

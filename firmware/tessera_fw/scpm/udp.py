@@ -9,7 +9,14 @@
 #   {"address": "0a000002", "setup_key": "<32 hex digits>", "port": 24767,
 #    "bind": "0.0.0.0", "ksn_host": "192.168.1.10", "ksn_port": 24767}
 # address is 8 hex digits (or an int); ksn_host/ksn_port are optional (the adapter also
-# learns the KSN's UDP address from its frames); "log": true prints each counted error.
+# learns the KSN's UDP address from its master-key frames); "log": true prints a summary
+# of the counted errors at most every 10 s (device.LOG_MS), never a line per datagram.
+#
+# Hostile input (issue 11 #1): every exception while receiving, decoding or answering a
+# datagram (MemoryError from recvfrom included) is contained and counted (faults); main()
+# is a supervisor that rebuilds the device and restarts the loop if it ever ends other
+# than by Ctrl-C.
+import gc
 import socket
 import time
 from binascii import unhexlify
@@ -20,11 +27,13 @@ except ImportError:
     import uasyncio as asyncio
 
 from tessera_fw import config
-from tessera_fw.scpm.const import PORT
+from tessera_fw.scpm.const import PORT, name
 
 CONFIG = "scpm.json"
 _IDLE_MS = 5
 _TICK_MS = 100  # MKU_REQUEST retries (5 s) are checked at least this often
+LOG_MS = 10000  # with a log: at most one summary line per 10 s
+_RESTART_MS = (100, 1000, 5000)  # supervisor back-off after the 1st, 2nd, 3rd+ restart
 
 
 def ticks_ms():
@@ -32,6 +41,15 @@ def ticks_ms():
         return time.ticks_ms()
     except AttributeError:
         return int(time.monotonic() * 1000)
+
+
+def ticks_diff(a, b):
+    try:
+        return time.ticks_diff(a, b)
+    except AttributeError:  # CPython: the boards' arithmetic
+        from tessera_fw.scpm.device import ticks_diff30
+
+        return ticks_diff30(a, b)
 
 
 def load_config(path=CONFIG):
@@ -97,9 +115,13 @@ class UDPDevice:
         self.sock = s
         self.ksn_addr = ksn  # UDP address for device-initiated frames (MKU_REQUEST)
         self.rx = self.tx = self.faults = 0
-        self.log = log
+        self.last_fault = None  # exception class name of the last contained fault
+        self.log = log  # callback(str), e.g. print: the periodic summary (report())
+        self._snap = {}  # dev.errors and faults at the last summary
+        self._log_at = None  # tick of the last summary
         self.running = True
         self.wakeups = 0  # passes of run()'s loop (idle ones included)
+        self.restarts = 0  # set by main()'s supervisor
 
     def _send(self, frames, addr):
         for f in frames:
@@ -111,26 +133,75 @@ class UDPDevice:
             except OSError:
                 pass
 
+    def _fault(self, e):
+        # counted and summarised (report()): a flood that provokes an exception per
+        # datagram must not write a line per datagram
+        self.faults += 1
+        self.last_fault = type(e).__name__
+
+    def report(self, now_ms):
+        """Issue 11 #10: never a log line per datagram (a flood of junk wrote one per frame
+        and, on a console nobody reads, blocked the board); at most one line per LOG_MS with
+        the count of each error and of the faults since the last line. Error and exception
+        names only, never key material. Returns the line or None."""
+        if self.log is None:
+            return None
+        if self._log_at is not None and ticks_diff(now_ms, self._log_at) < LOG_MS:
+            return None
+        snap = self._snap
+        parts = []
+        total = 0
+        for code, n in self.dev.errors.items():  # at most one entry per error number
+            d = n - snap.get(code, 0)
+            if d:
+                total += d
+                parts.append("%s %d" % (name(code), d))
+        d = self.faults - snap.get("faults", 0)
+        if d:
+            total += d
+            parts.append("faults %d (last %s)" % (d, self.last_fault))
+        if not total:
+            return None
+        self._log_at = now_ms
+        snap = self._snap = dict(self.dev.errors)
+        snap["faults"] = self.faults
+        line = "scpm: %d frames dropped or refused: %s" % (total, ", ".join(parts))
+        self.log(line)
+        return line
+
     def poll(self):
         """Handle every datagram waiting on the socket; run the timers. True if busy."""
         busy = False
-        while True:
+        for _ in range(64):  # bounded: the timers run between batches even under a flood
+            data = None
             try:
                 data, addr = self.sock.recvfrom(1200)
-            except OSError:
+            except OSError:  # EAGAIN: nothing more waiting
+                break
+            except Exception as e:  # noqa: BLE001 - MemoryError: recvfrom allocates each datagram
+                self._fault(e)
+                gc.collect()
                 break
             busy = True
             self.rx += 1
             try:
                 out = self.dev.receive(data, ticks_ms())
+                data = None
+                if self.dev.from_ksn:
+                    # only a frame that authenticated under the master key (or enrolled
+                    # the device) moves where device-initiated frames go (issue 11 #2)
+                    self.ksn_addr = addr
+                self._send(out, addr)
             except Exception as e:  # noqa: BLE001 - a bug must not stop the device serving
-                self.faults += 1
-                print("scpm: fault", type(e).__name__)
-                continue
-            if self.dev.ksn and self.dev.codec.sa == self.dev.ksn and self.dev.codec.key is not None:
-                self.ksn_addr = addr  # a frame authenticated from the KSN: its UDP address
-            self._send(out, addr)
-        self._send(self.dev.tick(ticks_ms()), self.ksn_addr)
+                data = out = None
+                self._fault(e)
+                gc.collect()
+        try:
+            now = ticks_ms()
+            self._send(self.dev.tick(now), self.ksn_addr)
+            self.report(now)
+        except Exception as e:  # noqa: BLE001
+            self._fault(e)
         return busy
 
     def request_update(self, reason=1):
@@ -142,12 +213,16 @@ class UDPDevice:
         while self.running:
             self.wakeups += 1
             if self.poll():
+                await _sleep_ms(0)  # a flood must not starve the application's other tasks
                 continue
             if wait:
                 try:
                     await asyncio.wait_for_ms(_readable(self.sock), _TICK_MS)
                 except asyncio.TimeoutError:
                     pass
+                except Exception as e:  # noqa: BLE001 - e.g. MemoryError in the scheduler
+                    self._fault(e)
+                    await _sleep_ms(_IDLE_MS)
             else:
                 await _sleep_ms(_IDLE_MS)
 
@@ -173,21 +248,14 @@ def start(cfg=None, root=""):
     if cfg is None:
         return None
     dev = make_device(cfg, root)
-    if cfg.get("log"):
-        dev.log = print
     ksn = None
     if cfg.get("ksn_host"):
         ksn = socket.getaddrinfo(cfg["ksn_host"], cfg.get("ksn_port", PORT))[0][-1]
-    return UDPDevice(dev, cfg.get("bind", "0.0.0.0"), cfg.get("port", PORT), ksn)
+    return UDPDevice(dev, cfg.get("bind", "0.0.0.0"), cfg.get("port", PORT), ksn,
+                     print if cfg.get("log") else None)
 
 
-def main():
-    """Entry point for main.py: serve forever (Ctrl-C returns to the REPL)."""
-    u = start()
-    if u is None:
-        print("scpm: no scpm.json, not started")
-        return None
-    print("scpm: device %08x on udp port %d, %s" % (u.dev.addr, u.port, "enrolled" if u.dev.enrolled else "unenrolled"))
+def _serve(u):
     try:
         asyncio.run(u.run())
     finally:
@@ -196,4 +264,42 @@ def main():
             asyncio.new_event_loop()
         except AttributeError:
             pass
-    return u
+
+
+def main(max_restarts=-1, start_fn=None):
+    """Entry point for main.py: serve forever (Ctrl-C returns to the REPL).
+
+    A supervisor: if the loop ever ends (an exception that escaped it, a MemoryError while
+    building the device) the device is rebuilt from its key store and served again, after
+    a back-off of 0.1 s, 1 s, then 5 s; `restarts` counts the restarts. Only Ctrl-C
+    (KeyboardInterrupt, what mpremote sends) or SystemExit ends it. max_restarts >= 0
+    bounds the restarts (tests); start_fn replaces start() (tests)."""
+    restarts = 0
+    u = None
+    while True:
+        try:
+            u = (start_fn or start)()
+            if u is None:
+                print("scpm: no scpm.json, not started")
+                return None
+            u.restarts = restarts
+            print("scpm: device %08x on udp port %d, %s%s" % (
+                u.dev.addr, u.port, "enrolled" if u.dev.enrolled else "unenrolled",
+                (", restart %d" % restarts) if restarts else ""))
+            _serve(u)
+            if not u.running:
+                return u  # stopped on purpose (close())
+            why = "loop ended"
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:  # noqa: BLE001 - the supervisor: whatever ended it, start again
+            why = type(e).__name__
+        u = None
+        gc.collect()
+        if 0 <= max_restarts <= restarts:
+            print("scpm: stopped after %d restarts (%s)" % (restarts, why))
+            return None
+        restarts += 1
+        print("scpm: restart %d (%s)" % (restarts, why))
+        time.sleep_ms(_RESTART_MS[min(restarts, 3) - 1]) if hasattr(time, "sleep_ms") else time.sleep(
+            _RESTART_MS[min(restarts, 3) - 1] / 1000)
