@@ -9,8 +9,6 @@
 import os
 from binascii import hexlify, unhexlify
 
-from micropython import const
-
 from tessera_fw.scpm import const as C
 from tessera_fw.scpm import km
 from tessera_fw.scpm.const import SCPMError
@@ -30,27 +28,10 @@ RETRIES = 3
 # evicting another peer's window, which would let that peer's old frames be replayed.
 MAX_PEERS = 8
 
-_TICKS_MAX = const(0x3FFFFFFF)  # the boards' ticks_ms period is 2^30 ms (12.4 days)
-_TICKS_HALF = const(0x20000000)
-
-
-def ticks_add30(t, delta):
-    """time.ticks_add with the boards' period of 2^30."""
-    return (t + delta) & _TICKS_MAX
-
-
-def ticks_diff30(a, b):
-    """time.ticks_diff (a - b, signed) with the boards' period of 2^30. Also right for a
-    clock of any period that is a multiple of 2^30 (the unix port's 2^62) or one that
-    never wraps (CPython), as long as the differences stay below 2^29 ms."""
-    return ((a - b + _TICKS_HALF) & _TICKS_MAX) - _TICKS_HALF
-
-
 try:  # MicroPython: the port's own (period 2^30 on the boards, 2^62 on the unix port)
     from time import ticks_add, ticks_diff
 except ImportError:  # CPython (tessera.mpshim): the boards' arithmetic
-    ticks_add = ticks_add30
-    ticks_diff = ticks_diff30
+    from tessera_fw.scpm.ticks import ticks_add30 as ticks_add, ticks_diff30 as ticks_diff
 
 # prop id -> [name, read level, write level, value]
 DEFAULT_PROPS = (
@@ -97,6 +78,7 @@ class Device:
         self._last = {}  # op -> (txid, key, answer padata): retransmissions by TXID
         self._challenge = None
         self._snf_request = False
+        self._done_txid = 0  # TXID of the last update committed, aborted or replaced (RAM)
         self.last_error = 0
         self._reset_state()
         rec = self.store.load()
@@ -109,6 +91,7 @@ class Device:
         self.keys = [None] * 80  # kind * 16 + index -> Key (current generation)
         self.keys[0] = self.setup
         self.pending = None
+        self._next_dh = None  # the next MKU_START's DH key pair, made while idle (RAM only)
 
     @property
     def enrolled(self):
@@ -247,7 +230,7 @@ class Device:
         self.from_ksn = f.key is not None and f.key.kind == C.KIND_MASTER
         out = []
         try:
-            if f.persist:
+            if f.persist and not self._mku_start_again(f):
                 self.save()
             try:
                 self._dispatch(f, out, now_ms)
@@ -264,6 +247,32 @@ class Device:
             self._rollback()
             return []
         return out
+
+    def _mku_start_again(self, f):
+        # Issue 9 #3: the KSN retransmits with its SNF moved 64 on, past this window's flash
+        # reservation, so each retransmitted MKU_START cost a flash write. One for the
+        # pending update (same TXID) is answered from the stored MKU_RESPONSE and changes
+        # nothing: its reservation stays in RAM and reaches flash with the next write. Replayed
+        # after a power cut, such a frame gets the same stored answer while the update is
+        # pending, and is refused once the update is resolved (_done_txid); after a commit its
+        # key is gone. Every other frame's reservation is written before it is answered.
+        pd = self.pending
+        if pd is None or f.key is not self.master:
+            return False
+        p = f.padata()
+        return len(p) >= 3 and p[0] == C.OP_MKU_START and _u16(p, 1) == pd.txid
+
+    def precompute(self):
+        """Make the next MKU_START's DH key pair now (one 2048-bit exponentiation: about
+        2.6 s on a Pico W), so that MKU_START then needs only the shared secret. For the
+        adapter to call while idle; True if it did the work. The pair is used by one
+        MKU_START and dropped, kept in RAM only (a reboot makes a new one)."""
+        if self._next_dh is not None or not self.enrolled or self.mku_state != IDLE:
+            return False
+        from tessera_fw.crypto import dh
+
+        self._next_dh = dh.DH(bytes(self.rand(32)))
+        return True
 
     def _rollback(self):
         """Back to the last durable state (after a failed store write)."""

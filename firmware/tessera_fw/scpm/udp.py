@@ -33,6 +33,7 @@ CONFIG = "scpm.json"
 _IDLE_MS = 5
 _TICK_MS = 100  # MKU_REQUEST retries (5 s) are checked at least this often
 LOG_MS = 10000  # with a log: at most one summary line per 10 s
+_PRECOMPUTE_IDLE_MS = 2000  # quiet this long: make the next MKU_START's DH key pair
 _RESTART_MS = (100, 1000, 5000)  # supervisor back-off after the 1st, 2nd, 3rd+ restart
 
 
@@ -47,7 +48,7 @@ def ticks_diff(a, b):
     try:
         return time.ticks_diff(a, b)
     except AttributeError:  # CPython: the boards' arithmetic
-        from tessera_fw.scpm.device import ticks_diff30
+        from tessera_fw.scpm.ticks import ticks_diff30
 
         return ticks_diff30(a, b)
 
@@ -122,6 +123,8 @@ class UDPDevice:
         self.running = True
         self.wakeups = 0  # passes of run()'s loop (idle ones included)
         self.restarts = 0  # set by main()'s supervisor
+        self.precompute = True  # scpm.json "precompute_dh": false turns it off
+        self._busy_at = ticks_ms()  # tick of the last datagram
 
     def _send(self, frames, addr):
         for f in frames:
@@ -213,8 +216,15 @@ class UDPDevice:
         while self.running:
             self.wakeups += 1
             if self.poll():
+                self._busy_at = ticks_ms()
                 await _sleep_ms(0)  # a flood must not starve the application's other tasks
                 continue
+            if self.precompute and ticks_diff(ticks_ms(), self._busy_at) >= _PRECOMPUTE_IDLE_MS:
+                try:  # one exponentiation (seconds on a board) while nothing else is asked
+                    self.dev.precompute()
+                except Exception as e:  # noqa: BLE001 - MemoryError: the update makes its own
+                    self._fault(e)
+                self._busy_at = ticks_ms()
             if wait:
                 try:
                     await asyncio.wait_for_ms(_readable(self.sock), _TICK_MS)
@@ -251,8 +261,10 @@ def start(cfg=None, root=""):
     ksn = None
     if cfg.get("ksn_host"):
         ksn = socket.getaddrinfo(cfg["ksn_host"], cfg.get("ksn_port", PORT))[0][-1]
-    return UDPDevice(dev, cfg.get("bind", "0.0.0.0"), cfg.get("port", PORT), ksn,
-                     print if cfg.get("log") else None)
+    u = UDPDevice(dev, cfg.get("bind", "0.0.0.0"), cfg.get("port", PORT), ksn,
+                  print if cfg.get("log") else None)
+    u.precompute = cfg.get("precompute_dh", True) is not False
+    return u
 
 
 def _serve(u):
