@@ -122,13 +122,13 @@ def test_key_inits_and_app_authority():
         out = d.receive(ksn.frame(key, ksn.km(op, body), svc=svc, sa=sa))
         if key is None:
             return out  # an enrolled device answers no plain frame
-        ksn.codec.addr = sa or KSN  # the answer goes back to the sender
+        ksn.codec.readdress(sa or KSN)  # the answer goes back to the sender
         saved = key.rx
         if sa:
             key.rx = {}  # another receiver: its own window
         p, dd = ksn.open(one(out))
         key.rx = saved
-        ksn.codec.addr = KSN
+        ksn.codec.readdress(KSN)
         assert dd.service == svc and dd.key is key
         return p
 

@@ -171,7 +171,9 @@ def test_retransmitted_mku_start_costs_no_dh_and_no_flash_write():
         assert c.n == 1 and fs.writes == writes, ("DH", c.n, "writes", fs.writes - writes)
     # power cut before anything else was written: the update is still pending, a replay
     # of a retransmission gets the stored answer and changes nothing
+    d = c = None
     d = new_dev(fs)
+    gc.collect()
     assert d.pending.txid == 0x5151
     again, _ = ksn.open(one(d.receive(retx[-1])))
     assert again == resp and d.pending.txid == 0x5151
