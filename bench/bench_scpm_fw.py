@@ -52,6 +52,21 @@ def us():
     return time.ticks_us()
 
 
+def alloc_per_frame(c, frames, ring):
+    """Heap allocated per decode, GC off, after a first frame has made the window."""
+    k.rx.clear()
+    ring.w = RxWindow()
+    c.decode(frames[0], ring)
+    gc.collect()
+    gc.disable()
+    a0 = gc.mem_alloc()
+    for i in range(1, BATCH):
+        c.decode(frames[i], ring)
+    got = (gc.mem_alloc() - a0) / (BATCH - 1)
+    gc.enable()
+    return got
+
+
 res = {"sizes": []}
 for n in (64, 256, 1024):
     frames = [bytes(encode(2, 1, k, s, bytes(n), 3)) for s in range(1, BATCH + 1)]
@@ -120,17 +135,7 @@ for n in (64, 256, 1024):
         best_ct = min(best_ct, tc)
         ratios[r] = td * 1000 // tb
     ratios.sort()
-    # heap per decoded frame
-    k.rx.clear()
-    ring.w = RxWindow()
-    c.decode(frames[0], ring)
-    gc.collect()
-    gc.disable()
-    a0 = gc.mem_alloc()
-    for i in range(1, BATCH):
-        c.decode(frames[i], ring)
-    alloc = (gc.mem_alloc() - a0) / (BATCH - 1)
-    gc.enable()
+    alloc = alloc_per_frame(c, frames, ring)
     gc.collect()
     r0 = gc.mem_alloc()
     for j in range(20):
@@ -153,17 +158,7 @@ for n in (64, 256, 1024):
 # objects on a 32-bit board; on this 64-bit port they are still small ints)
 hi_sa, hi_da = 0x8A000002, 0xC0000001
 frames = [bytes(encode(hi_sa, hi_da, k, s, bytes(256), 3)) for s in range(1, BATCH + 1)]
-c = Codec(hi_da)
-k.rx.clear()
-ring.w = RxWindow()
-c.decode(frames[0], ring)
-gc.collect()
-gc.disable()
-a0 = gc.mem_alloc()
-for i in range(1, BATCH):
-    c.decode(frames[i], ring)
-res["alloc_high"] = (gc.mem_alloc() - a0) / (BATCH - 1)
-gc.enable()
+res["alloc_high"] = alloc_per_frame(Codec(hi_da), frames, Ring())
 frames = None
 k.rx.clear()
 gc.collect()

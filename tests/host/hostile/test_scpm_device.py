@@ -97,7 +97,7 @@ def test_burst_of_5000_mixed_datagrams_device_keeps_answering_its_ksn(board, tmp
     rng = random.Random(11)
 
     async def go():
-        eng = KsnEngine(Store(tmp_path / "ksn.sqlite", storage_key=SKEY), timeout=0.5, retries=4)
+        eng = KsnEngine(Store(tmp_path / "ksn.sqlite", storage_key=SKEY), timeout=0.5, retries=8)
         srv = KsnServer(eng, "127.0.0.1", board["ksn_port"])
         k = Operations(srv)
         await srv.start()
