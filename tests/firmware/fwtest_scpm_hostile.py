@@ -176,6 +176,19 @@ def test_supervisor_restarts_a_loop_that_ended():
         raise AssertionError("Ctrl-C must end the supervisor")
     except KeyboardInterrupt:
         pass
+    # a wrong scpm.json is not retried: its named error, at once
+    path = "/tmp/fwtest_scpm_hostile_cfg.json"
+    with open(path, "w") as f:
+        f.write('{"address": "zz", "setup_key": "404142434445464748494a4b4c4d4e4f"}')
+    try:
+        t0 = time.ticks_ms()
+        udp.main(max_restarts=2, config=path)
+        raise AssertionError("a bad scpm.json must raise")
+    except ValueError as e:
+        assert "address" in str(e) and time.ticks_diff(time.ticks_ms(), t0) < 100
+    finally:
+        os.remove(path)
+    assert udp.main(config="/tmp/fwtest-no-such-scpm.json") is None  # not configured
 
 
 def test_only_the_ksns_master_key_frames_move_ksn_addr():

@@ -278,19 +278,27 @@ def _serve(u):
             pass
 
 
-def main(max_restarts=-1, start_fn=None):
+def main(max_restarts=-1, start_fn=None, config=CONFIG):
     """Entry point for main.py: serve forever (Ctrl-C returns to the REPL).
 
     A supervisor: if the loop ever ends (an exception that escaped it, a MemoryError while
     building the device) the device is rebuilt from its key store and served again, after
     a back-off of 0.1 s, 1 s, then 5 s; `restarts` counts the restarts. Only Ctrl-C
     (KeyboardInterrupt, what mpremote sends) or SystemExit ends it. max_restarts >= 0
-    bounds the restarts (tests); start_fn replaces start() (tests)."""
+    bounds the restarts (tests); start_fn replaces start() (tests). A wrong scpm.json
+    raises its named ValueError at once (not retried)."""
+    if start_fn is None:
+        # a wrong scpm.json is not transient: its named error ends main() here, once
+        cfg = load_config(config)
+        if cfg is None:
+            print("scpm: no scpm.json, not started")
+            return None
+        start_fn = lambda: start(cfg)  # noqa: E731
     restarts = 0
     u = None
     while True:
         try:
-            u = (start_fn or start)()
+            u = start_fn()
             if u is None:
                 print("scpm: no scpm.json, not started")
                 return None
