@@ -48,15 +48,15 @@ def test_peer_table_is_bounded_and_never_evicts():
     d = new_dev()
     ksn = enrol(d)
     user = ksn.keys[(1, 0, 1)]
-    held = d.peers()
+    held = len(d.keys[16].rx)  # the KSN's, from enrolment
     answered = []
-    for i in range(D.MAX_PEERS + 6):  # authenticated frames from distinct SAs (user-key holders)
+    for i in range(D.MAX_PEERS_PER_KEY + 6):  # authenticated frames from distinct SAs (user-key holders)
         sa = 0x0B000000 + i
         out = d.receive(ksn.frame(user, ksn.km(C.OP_APP_GET, b"\x01"), sa=sa, snf=1))
         answered.append(len(out))
-    free = D.MAX_PEERS - held
+    free = D.MAX_PEERS_PER_KEY - held
     assert answered == [1] * free + [0] * (len(answered) - free), answered
-    assert d.peers() == D.MAX_PEERS and d.errors[C.ERR_PEERS_FULL] == len(answered) - free
+    assert len(d.keys[16].rx) == D.MAX_PEERS_PER_KEY and d.errors[C.ERR_PEERS_FULL] == len(answered) - free
     # the admitted peers keep their windows: a replay of the first is still refused
     assert d.receive(ksn.frame(user, ksn.km(C.OP_APP_GET, b"\x01"), sa=0x0B000000, snf=1)) == []
     assert d.errors[C.ERR_REPLAY] == 1
@@ -64,6 +64,17 @@ def test_peer_table_is_bounded_and_never_evicts():
     m = ksn.keys[(4, 0, 1)]
     p, _ = ksn.open(one(d.receive(ksn.frame(m, ksn.km(C.OP_SYNC_REQ, bytes(16))))))
     assert p[0] == C.OP_SYNC_RESP
+    # the bound over all keys: the maker key's holders get what the user key's left
+    p, _ = ksn.open(one(d.receive(ksn.frame(m, ksn.km(C.OP_MAKER_KEY_INIT, b"\x01" + bytes(16))))))
+    assert p[0] == C.OP_MAKER_KEY_INIT_ACK
+    mak = ksn.add(3, 0, 1, bytes(16))
+    real = D.MAX_PEERS
+    D.MAX_PEERS = d.peers() + 2
+    try:
+        got = [len(d.receive(ksn.frame(mak, ksn.km(C.OP_APP_GET, b"\x01"), sa=0x0C000000 + i, snf=1))) for i in range(4)]
+        assert got == [1, 1, 0, 0] and d.peers() == D.MAX_PEERS, got
+    finally:
+        D.MAX_PEERS = real
 
 
 def _bind(dev, log=None):

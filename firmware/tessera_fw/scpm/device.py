@@ -22,11 +22,14 @@ PENDING = "PENDING"
 REQUESTED = "REQUESTED"
 RETRY_MS = 5000
 RETRIES = 3
-# Per-peer SNF state (replay windows) over all keys, except the KSN's under the master key
-# (the master key's lookup admits the enrolled KSN only). Created only for a frame that
-# authenticated; beyond the bound a new peer is refused (ERR_PEERS_FULL), never admitted by
-# evicting another peer's window, which would let that peer's old frames be replayed.
-MAX_PEERS = 8
+# Per-peer SNF state (replay windows), created only for a frame that authenticated: at most
+# MAX_PEERS_PER_KEY peers per key (so the holders of one key cannot shut out another key's)
+# and MAX_PEERS over all keys (the KSN alone may use 19: setup, user, 16 SP, maker), the
+# KSN's under the master key not counted (its lookup admits the enrolled KSN only). Beyond
+# them a new peer is refused (ERR_PEERS_FULL), never admitted by evicting another peer's
+# window, which would let that peer's old frames be replayed. Defined by this project.
+MAX_PEERS = 24
+MAX_PEERS_PER_KEY = 8
 
 try:  # MicroPython: the port's own (period 2^30 on the boards, 2^62 on the unix port)
     from time import ticks_add, ticks_diff
@@ -182,7 +185,7 @@ class Device:
     def window(self, sa, key):
         """A new replay window for a peer whose frame has just authenticated (frame.py
         calls this after the MAC checked): bounded by MAX_PEERS."""
-        if key.kind != C.KIND_MASTER and self.peers() >= MAX_PEERS:
+        if key.kind != C.KIND_MASTER and (len(key.rx) >= MAX_PEERS_PER_KEY or self.peers() >= MAX_PEERS):
             raise SCPMError(C.ERR_PEERS_FULL)
         w = key.rx[sa] = RxWindow()
         return w
