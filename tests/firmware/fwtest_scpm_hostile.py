@@ -150,8 +150,6 @@ def test_receive_loop_contains_memoryerror_and_serves_on():
 
 
 def test_supervisor_restarts_a_loop_that_ended():
-    import asyncio
-
     starts = []
 
     class Dead:
@@ -161,8 +159,7 @@ def test_supervisor_restarts_a_loop_that_ended():
         def __init__(self):
             self.dev = new_dev()
 
-        async def run(self):
-            await asyncio.sleep_ms(1)
+        def serve(self):
             raise RuntimeError("loop died")
 
         def close(self):

@@ -1,8 +1,9 @@
 # UDP adapter (docs/scpm-profile.md section 9): one general frame per datagram, default
 # port 24767. MicroPython's asyncio has no datagram endpoints: the socket is non-blocking
-# and the coroutine sleeps in asyncio's I/O queue until a datagram arrives (the wait its
-# streams use), waking at least every _TICK_MS for the timers; where that queue is not
-# there (CPython) it polls every _IDLE_MS. Runs on ESP32/RP2040 (after the network is up)
+# and the coroutine run() sleeps in asyncio's I/O queue until a datagram arrives (the wait
+# its streams use), waking at least every _TICK_MS for the timers; where that queue is not
+# there (CPython) it polls every _IDLE_MS. main() (a board that runs only the device)
+# serves with serve() instead, waiting in select.poll: asyncio is then never imported. Runs on ESP32/RP2040 (after the network is up)
 # and on the unix port (virtual boards, 127.0.0.1).
 #
 # Configuration: scpm.json on the board filesystem, e.g.
@@ -21,14 +22,10 @@ import socket
 import time
 from binascii import unhexlify
 
-try:
-    import asyncio
-except ImportError:
-    import uasyncio as asyncio
-
 from tessera_fw import config
 from tessera_fw.scpm.const import PORT, name
 
+asyncio = None  # imported on first use (run()): main() serves without it, 4 KB less heap
 CONFIG = "scpm.json"
 _IDLE_MS = 5
 _TICK_MS = 100  # MKU_REQUEST retries (5 s) are checked at least this often
@@ -81,7 +78,19 @@ def _readable(s):
     yield asyncio.core._io_queue.queue_read(s)
 
 
+def _aio():
+    global asyncio
+    if asyncio is None:
+        try:
+            import asyncio as a
+        except ImportError:
+            import uasyncio as a
+        asyncio = a
+    return asyncio
+
+
 def _can_wait():
+    _aio()
     try:
         return callable(asyncio.core._io_queue.queue_read) and callable(asyncio.wait_for_ms)
     except AttributeError:
@@ -219,12 +228,7 @@ class UDPDevice:
                 self._busy_at = ticks_ms()
                 await _sleep_ms(0)  # a flood must not starve the application's other tasks
                 continue
-            if self.precompute and ticks_diff(ticks_ms(), self._busy_at) >= _PRECOMPUTE_IDLE_MS:
-                try:  # one exponentiation (seconds on a board) while nothing else is asked
-                    self.dev.precompute()
-                except Exception as e:  # noqa: BLE001 - MemoryError: the update makes its own
-                    self._fault(e)
-                self._busy_at = ticks_ms()
+            self._idle()
             if wait:
                 try:
                     await asyncio.wait_for_ms(_readable(self.sock), _TICK_MS)
@@ -236,6 +240,29 @@ class UDPDevice:
             else:
                 await _sleep_ms(_IDLE_MS)
 
+    def _idle(self):
+        if self.precompute and ticks_diff(ticks_ms(), self._busy_at) >= _PRECOMPUTE_IDLE_MS:
+            try:  # one exponentiation (seconds on a board) while nothing else is asked
+                self.dev.precompute()
+            except Exception as e:  # noqa: BLE001 - MemoryError: the update makes its own
+                self._fault(e)
+            self._busy_at = ticks_ms()
+
+    def serve(self):
+        """Serve without asyncio, for a board that runs only the device (main()): wait in
+        select.poll for a datagram, at most _TICK_MS for the timers. Ctrl-C ends it."""
+        import select
+
+        p = select.poll()
+        p.register(self.sock, select.POLLIN)
+        while self.running:
+            self.wakeups += 1
+            if self.poll():
+                self._busy_at = ticks_ms()
+                continue
+            self._idle()
+            p.poll(_TICK_MS)
+
     def close(self):
         self.running = False
         # A loop stopped from outside (Ctrl-C lands in the scheduler, not in run()) leaves
@@ -243,7 +270,7 @@ class UDPDevice:
         # this adapter and its device (kilobytes of buffers): a new device started from
         # the REPL then ran out of heap on the esp32 budget. Unregister before closing.
         try:
-            q = asyncio.core._io_queue
+            q = asyncio.core._io_queue  # AttributeError if asyncio was never imported
             if id(self.sock) in q.map:
                 q._dequeue(self.sock)
         except (AttributeError, KeyError, OSError, ValueError):
@@ -269,13 +296,9 @@ def start(cfg=None, root=""):
 
 def _serve(u):
     try:
-        asyncio.run(u.run())
+        u.serve()
     finally:
         u.close()
-        try:  # after Ctrl-C, drop the interrupted loop's tasks so the REPL starts clean
-            asyncio.new_event_loop()
-        except AttributeError:
-            pass
 
 
 def main(max_restarts=-1, start_fn=None, config=CONFIG):
