@@ -19,6 +19,14 @@ def _ticks_ms():
         return int(time.time() * 1000)
 
 
+def _ms_since(t):
+    # through ticks_diff: a self-test across the tick counter's wrap (2^30 ms on a board)
+    try:
+        return time.ticks_diff(time.ticks_ms(), t)
+    except AttributeError:
+        return _ticks_ms() - t
+
+
 def unload(before):
     """Forget every module imported since `before` (a set of sys.modules names), so that
     the heap they hold can be collected; a later import loads them again."""
@@ -64,7 +72,7 @@ def run(suites=SUITES, out=print):
                 passed += 1
             else:
                 failed += 1
-            out("%s %s %dms%s" % ("ok  " if ok else "FAIL", name, _ticks_ms() - start, (" " + why) if why else ""))
+            out("%s %s %dms%s" % ("ok  " if ok else "FAIL", name, _ms_since(start), (" " + why) if why else ""))
         checks = fn = None
         unload(before)
     gc.collect()
@@ -72,7 +80,7 @@ def run(suites=SUITES, out=print):
     # peak_heap: most heap in use above the starting point, seen between checks (before
     # collection, so it includes each check's garbage); retained: still in use afterwards.
     out("SELFTEST %s %d/%d in %dms peak_heap=%d retained=%d min_free=%d platform=%s" % (
-        "PASS" if not failed else "FAIL", passed, total, _ticks_ms() - t0,
+        "PASS" if not failed else "FAIL", passed, total, _ms_since(t0),
         free0 - low_free, gc.mem_alloc() - base, low_free, sys.platform))
     return failed == 0
 
