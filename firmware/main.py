@@ -2,9 +2,15 @@
 # It runs the firmware self-test and prints the result, then starts the SCPM device when
 # the board has an scpm.json (docs/scpm-firmware.md); protocol applications replace the
 # body with their own start-up (see docs/ARCHITECTURE.md).
+import gc
+import sys
+
 import tessera_fw.selftest
 
-tessera_fw.selftest.run()
+tessera_fw.selftest.run()  # each suite unloaded after its checks
+del sys.modules["tessera_fw.selftest"]  # and the runner itself: the device needs the heap
+tessera_fw = None
+gc.collect()
 
 try:
     open("scpm.json").close()

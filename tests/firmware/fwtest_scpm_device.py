@@ -52,12 +52,32 @@ def test_enrolment_refusals():
     assert d.enrolled
     assert d.receive(f) == []  # the same frame again: replay, not answered
     assert d.errors[C.ERR_REPLAY] == 1
-    # re-enrolment refused; a rogue HELLO gets ERR_STATE in clear
-    p, _ = ksn.open(one(d.receive(ksn.frame(None, ksn.km(C.OP_ENROL_HELLO)))))
-    assert p[3] == C.ERR_STATE
+    # re-enrolment refused; a rogue HELLO is counted (ERR_STATE) and not answered
+    n = d.errors.get(C.ERR_STATE, 0)
+    assert d.receive(ksn.frame(None, ksn.km(C.OP_ENROL_HELLO))) == []
+    assert d.errors[C.ERR_STATE] == n + 1
     p, _ = ksn.open(one(d.receive(ksn.frame(setup, ksn.km(C.OP_USER_KEY_INIT, good_body)))))
     assert p[3] == C.ERR_STATE and d.master.key == MASTER1
     assert ack
+
+
+def test_enrolled_device_reflects_nothing_to_plain_frames():
+    # issue 11 #12: a spoofed plain ENROL_HELLO (14 bytes) to an enrolled device drew a
+    # 16-byte KM_ERROR to the claimed source; once enrolled, no plain frame is answered
+    d = new_dev()
+    ksn = enrol(d)
+    before = dict(d.errors)
+    plain = [ksn.frame(None, ksn.km(C.OP_ENROL_HELLO), sa=sa) for sa in (1, 0x0A0000EE, 0xFFFFFFFF)]
+    plain += [ksn.frame(None, ksn.km(C.OP_SP_KEY_INIT, bytes(18))),  # any other plain KM request
+              ksn.frame(None, ksn.km(C.OP_APP_GET, b"\x01")),  # plain application request
+              ksn.frame(None, b"\x01")]  # short PDU
+    for f in plain:
+        assert d.receive(f) == [], f
+    assert d.errors[C.ERR_STATE] == before.get(C.ERR_STATE, 0) + len(plain)
+    assert d.enrolled and d._challenge is None  # no challenge was issued either
+    # an unenrolled device still answers ENROL_HELLO (that is how enrolment starts)
+    d2 = new_dev()
+    assert len(d2.receive(ksn.frame(None, ksn.km(C.OP_ENROL_HELLO)))) == 1
 
 
 def test_retransmitted_user_key_init_gets_same_ack():
@@ -101,14 +121,14 @@ def test_key_inits_and_app_authority():
     def app(key, op, body, svc=3, sa=None):
         out = d.receive(ksn.frame(key, ksn.km(op, body), svc=svc, sa=sa))
         if key is None:
-            return bytes(one(out))[11:]
-        ksn.codec.addr = sa or KSN  # the answer goes back to the sender
+            return out  # an enrolled device answers no plain frame
+        ksn.codec.readdress(sa or KSN)  # the answer goes back to the sender
         saved = key.rx
         if sa:
             key.rx = {}  # another receiver: its own window
         p, dd = ksn.open(one(out))
         key.rx = saved
-        ksn.codec.addr = KSN
+        ksn.codec.readdress(KSN)
         assert dd.service == svc and dd.key is key
         return p
 
@@ -119,7 +139,9 @@ def test_key_inits_and_app_authority():
     assert app(spk, C.OP_APP_SET, b"\x03v2")[4] == C.ERR_AUTHORITY  # firmware: maker level
     assert app(mak, C.OP_APP_SET, b"\x03v2", svc=2)[4:] == b"\x00v2"
     assert app(user, C.OP_APP_GET, b"\x03")[4:] == b"\x00v2"
-    assert app(None, C.OP_APP_GET, b"\x01")[4] == C.ERR_AUTHORITY  # plain: authority 0
+    n = d.errors.get(C.ERR_STATE, 0)
+    assert app(None, C.OP_APP_GET, b"\x01") == []  # plain (authority 0): counted, not answered
+    assert d.errors[C.ERR_STATE] == n + 1
     assert app(user, C.OP_APP_GET, b"\x09")[4] == C.ERR_UNKNOWN_OP
     p = app(user, C.OP_APP_GET, b"")
     assert p[0] == C.OP_KM_ERROR and p[3] == C.ERR_MALFORMED

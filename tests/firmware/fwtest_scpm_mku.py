@@ -127,3 +127,86 @@ def test_device_requested_update_retries_then_gives_up():
     assert ksn.open(one(d.receive(ksn.frame(new, commit))))[0][0] == C.OP_MKU_COMMIT_ACK
 
 
+
+
+class _CountDH:
+    """Counts the DH key pairs the device makes (each is one 2048-bit exponentiation)."""
+
+    def __enter__(self):
+        self.real = dh.DH
+        self.n = 0
+        counter = self
+
+        class Counting(self.real):
+            def __init__(self, *a, **kw):
+                counter.n += 1
+                super().__init__(*a, **kw)
+
+        dh.DH = Counting
+        return self
+
+    def __exit__(self, *exc):
+        dh.DH = self.real
+
+
+def test_retransmitted_mku_start_costs_no_dh_and_no_flash_write():
+    # issue 9 #3: the KSN retransmits with its SNF moved 64 on (past the device's flash
+    # reservation), so each retransmitted MKU_START cost the device a flash write
+    fs = MemFS()
+    d = new_dev(fs)
+    ksn = enrol(d)
+    old = ksn.keys[(4, 0, 1)]
+    u, u2 = KsnMku(ksn, 0x5151, 2), KsnMku(ksn, 0x5252, 2)  # the KSN's own pairs, not counted
+    start = u.start()
+    with _CountDH() as c:
+        resp, _ = ksn.open(one(d.receive(ksn.frame(old, start))))
+        assert c.n == 1
+        writes = fs.writes
+        retx = []
+        for _ in range(4):  # what KsnEngine._timeout sends: same PDU, SNF skipped 64 on
+            ksn.tx[(4, 0, 1)].next += 64
+            retx.append(ksn.frame(old, start))
+            again, _ = ksn.open(one(d.receive(retx[-1])))
+            assert again == resp
+        assert c.n == 1 and fs.writes == writes, ("DH", c.n, "writes", fs.writes - writes)
+    # power cut before anything else was written: the update is still pending, a replay
+    # of a retransmission gets the stored answer and changes nothing
+    d = c = None
+    d = new_dev(fs)
+    gc.collect()
+    assert d.pending.txid == 0x5151
+    again, _ = ksn.open(one(d.receive(retx[-1])))
+    assert again == resp and d.pending.txid == 0x5151
+    # the KSN aborts it; the retransmissions replayed afterwards start nothing
+    ksn.tx[(4, 0, 1)].next += 64
+    assert d.receive(ksn.frame(old, ksn.km(C.OP_MKU_ABORT, b"\x02", 0x5151))) == []
+    assert d.pending is None
+    for f in retx:
+        for a in d.receive(f):
+            p, _ = ksn.open(a)
+            assert p[0] == C.OP_KM_ERROR
+        assert d.pending is None and d.mku_state == "IDLE"
+    # and a fresh update (new TXID) goes through
+    resp2, _ = ksn.open(one(d.receive(ksn.frame(old, u2.start()))))
+    commit = u2.finish(resp2)
+    assert ksn.open(one(d.receive(ksn.frame(ksn.add(4, 0, 2, u2.mk), commit))))[0][0] == C.OP_MKU_COMMIT_ACK
+
+
+def test_precomputed_dh_pair_used_once():
+    d = new_dev()
+    assert not d.precompute()  # not enrolled: nothing to update
+    ksn = enrol(d)
+    u, u2 = KsnMku(ksn, 0x6161, 2), KsnMku(ksn, 0x6262, 3)  # the KSN's own pairs, not counted
+    with _CountDH() as c:
+        assert d.precompute() and not d.precompute()  # one pair, made once
+        assert c.n == 1
+        y = d._next_dh.public
+        resp, _ = ksn.open(one(d.receive(ksn.frame(ksn.keys[(4, 0, 1)], u.start()))))
+        assert c.n == 1 and resp[20:276] == y  # MKU_START made no key pair: it used this one
+        assert d._next_dh is None and not d.precompute()  # PENDING: none made
+        commit = u.finish(resp)
+        new = ksn.add(4, 0, 2, u.mk)
+        assert ksn.open(one(d.receive(ksn.frame(new, commit))))[0][0] == C.OP_MKU_COMMIT_ACK
+        # the next update without a precomputed pair makes a fresh one: never the old one
+        resp2, _ = ksn.open(one(d.receive(ksn.frame(new, u2.start()))))
+        assert c.n == 2 and resp2[20:276] != y

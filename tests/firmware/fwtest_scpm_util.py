@@ -120,30 +120,37 @@ def mku_derive(txid, new_gen, nonce_k, nonce_d, yk, yd, z):
 
 
 class _Slice(io.IOBase):
-    """A stream over the next n bytes of a file, read in small pieces."""
+    """A stream over the next n bytes of a file, read in small pieces into one buffer.
+    json.load reads a byte at a time: a slice per byte would churn the heap while the
+    parser grows a long string (a 4 KB hex frame), and a board heap that fragmented
+    cannot find the 4 KB in one piece."""
 
     def __init__(self, f, n):
         self.f = f
         self.n = n
-        self.buf = b""
-        self.pos = 0
+        self.buf = bytearray(256)
+        self.len = self.pos = 0
 
     def readinto(self, out):
-        if self.pos >= len(self.buf):
+        if self.pos >= self.len:
             if self.n <= 0:
                 return 0
-            self.buf = self.f.read(min(256, self.n))
-            self.n -= len(self.buf)
+            self.len = self.f.readinto(memoryview(self.buf)[:min(256, self.n)])
+            self.n -= self.len
             self.pos = 0
-        k = min(len(out), len(self.buf) - self.pos)
-        out[:k] = self.buf[self.pos:self.pos + k]
+        if len(out) == 1:
+            out[0] = self.buf[self.pos]
+            self.pos += 1
+            return 1
+        k = min(len(out), self.len - self.pos)
+        out[:k] = memoryview(self.buf)[self.pos:self.pos + k]
         self.pos += k
         return k
 
     def read(self, n=-1):  # CPython's json.load reads the whole stream
-        rest = self.buf[self.pos:] + self.f.read(self.n)
+        rest = bytes(self.buf[self.pos:self.len]) + self.f.read(self.n)
         self.n = 0
-        self.pos = len(self.buf)
+        self.pos = self.len
         return rest.decode()
 
 

@@ -76,11 +76,16 @@ ERR_DH = const(19)
 ERR_CONFIRM = const(20)
 ERR_SNF_EXHAUSTED = const(21)
 ERR_UNKNOWN_OP = const(22)
+# Defined by this project, not by the profile's section 8: a local counter only, never sent
+# (frames failing decode are never answered). An authenticated frame from a new peer when
+# the device's peer table is full (device.MAX_PEERS).
+ERR_PEERS_FULL = const(23)
 
 NAMES = ("OK", "ERR_TRUNCATED", "ERR_LENGTH", "ERR_OVERSIZE", "ERR_HEADER", "ERR_SHD",
          "ERR_ALGORITHM", "ERR_NOT_FOR_ME", "ERR_NO_KEY", "ERR_SNF", "ERR_REPLAY", "ERR_TOO_OLD",
          "ERR_MAC", "ERR_PADDING", "ERR_BCC", "ERR_AUTHORITY", "ERR_WRONG_KSN", "ERR_STATE",
-         "ERR_MALFORMED", "ERR_DH", "ERR_CONFIRM", "ERR_SNF_EXHAUSTED", "ERR_UNKNOWN_OP")
+         "ERR_MALFORMED", "ERR_DH", "ERR_CONFIRM", "ERR_SNF_EXHAUSTED", "ERR_UNKNOWN_OP",
+         "ERR_PEERS_FULL")
 
 
 class SCPMError(Exception):

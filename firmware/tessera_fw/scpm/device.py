@@ -4,6 +4,8 @@
 #   out = dev.tick(now_ms)                   # MKU_REQUEST retries
 #   out = dev.request_update(reason, now_ms) # device-requested master key update
 # Frames failing decode are counted (dev.errors) and never answered.
+# Times are ticks in ms (time.ticks_ms()); every comparison goes through ticks_add and
+# ticks_diff, so the timers work across the tick counter's wrap (2^30 ms on the boards).
 import os
 
 from tessera_fw.scpm import persist  # noqa: I001 - first: measured to leave the esp32 test heap least fragmented
@@ -20,6 +22,19 @@ PENDING = "PENDING"
 REQUESTED = "REQUESTED"
 RETRY_MS = 5000
 RETRIES = 3
+# Per-peer SNF state (replay windows), created only for a frame that authenticated: at most
+# MAX_PEERS_PER_KEY peers per key (so the holders of one key cannot shut out another key's)
+# and MAX_PEERS over all keys (the KSN alone may use 19: setup, user, 16 SP, maker), the
+# KSN's under the master key not counted (its lookup admits the enrolled KSN only). Beyond
+# them a new peer is refused (ERR_PEERS_FULL), never admitted by evicting another peer's
+# window, which would let that peer's old frames be replayed. Defined by this project.
+MAX_PEERS = 24
+MAX_PEERS_PER_KEY = 8
+
+try:  # MicroPython: the port's own (period 2^30 on the boards, 2^62 on the unix port)
+    from time import ticks_add, ticks_diff
+except ImportError:  # CPython (tessera.mpshim): the boards' arithmetic
+    from tessera_fw.scpm.ticks import ticks_add30 as ticks_add, ticks_diff30 as ticks_diff
 
 # prop id -> [name, read level, write level, value]
 DEFAULT_PROPS = (
@@ -55,13 +70,14 @@ class Device:
         #     (the stored value is then left as it was)
         self.on_get = None
         self.on_set = None
-        self.log = None  # callback(str) for each counted error, e.g. print
+        self.from_ksn = False  # the last frame received authenticated as the KSN's
         self.store_errors = 0
         self.mku_state = IDLE
         self._req = None  # [txid, reason, deadline, retries] while REQUESTED
         self._last = {}  # op -> (txid, key, answer padata): retransmissions by TXID
         self._challenge = None
         self._snf_request = False
+        self._done_txid = 0  # TXID of the last update committed, aborted or replaced (RAM)
         self.last_error = 0
         self._reset_state()
         rec = self.store.load()
@@ -74,6 +90,7 @@ class Device:
         self.keys = [None] * 80  # kind * 16 + index -> Key (current generation)
         self.keys[0] = self.setup
         self.pending = None
+        self._next_dh = None  # the next MKU_START's DH key pair, made while idle (RAM only)
 
     @property
     def enrolled(self):
@@ -131,10 +148,20 @@ class Device:
         return None
 
     def window(self, sa, key):
-        w = key.rx.get(sa)
-        if w is None:
-            w = key.rx[sa] = RxWindow()
+        """A new replay window for a peer whose frame has just authenticated (frame.py
+        calls this after the MAC checked): bounded by MAX_PEERS."""
+        if key.kind != C.KIND_MASTER and (len(key.rx) >= MAX_PEERS_PER_KEY or self.peers() >= MAX_PEERS):
+            raise SCPMError(C.ERR_PEERS_FULL)
+        w = key.rx[sa] = RxWindow()
         return w
+
+    def peers(self):
+        """Replay windows held, the master key's excepted (only the KSN has those)."""
+        n = 0
+        for k in self.keys:
+            if k is not None and k.kind != C.KIND_MASTER:
+                n += len(k.rx)
+        return n
 
     # ------------------------------------------------------------------ sending
     def _frame(self, da, key, padata, service=C.SVC_AUTH_CONF):
@@ -155,21 +182,23 @@ class Device:
     def _count(self, code):
         self.errors[code] = self.errors.get(code, 0) + 1
         self.last_error = code
-        if self.log is not None:  # the error name only: never key material
-            self.log("scpm: " + C.name(code))
 
     # ------------------------------------------------------------------ receiving
     def receive(self, data, now_ms=0):
         """Process one received general frame; return the frames to send."""
         self._snf_request = False
+        self.from_ksn = False
         try:
             f = self.codec.decode(data, self)
         except SCPMError as e:
             self._count(e.code)
             return []
+        # only the master key proves the KSN (its lookup admits the enrolled KSN's SA only;
+        # a user key is held by the home's other controllers too); enrolment sets it as well
+        self.from_ksn = f.key is not None and f.key.kind == C.KIND_MASTER
         out = []
         try:
-            if f.persist:
+            if f.persist and not self._mku_start_again(f):
                 self.save()
             try:
                 self._dispatch(f, out, now_ms)
@@ -182,9 +211,36 @@ class Device:
                     self._count(e.code)
         except OSError:  # the key store could not be written: nothing durable, nothing said
             self.store_errors += 1
+            self.from_ksn = False
             self._rollback()
             return []
         return out
+
+    def _mku_start_again(self, f):
+        # Issue 9 #3: the KSN retransmits with its SNF moved 64 on, past this window's flash
+        # reservation, so each retransmitted MKU_START cost a flash write. One for the
+        # pending update (same TXID) is answered from the stored MKU_RESPONSE and changes
+        # nothing: its reservation stays in RAM and reaches flash with the next write. Replayed
+        # after a power cut, such a frame gets the same stored answer while the update is
+        # pending, and is refused once the update is resolved (_done_txid); after a commit its
+        # key is gone. Every other frame's reservation is written before it is answered.
+        pd = self.pending
+        if pd is None or f.key is not self.master:
+            return False
+        p = f.padata()
+        return len(p) >= 3 and p[0] == C.OP_MKU_START and _u16(p, 1) == pd.txid
+
+    def precompute(self):
+        """Make the next MKU_START's DH key pair now (one 2048-bit exponentiation: about
+        2.6 s on a Pico W), so that MKU_START then needs only the shared secret. For the
+        adapter to call while idle; True if it did the work. The pair is used by one
+        MKU_START and dropped, kept in RAM only (a reboot makes a new one)."""
+        if self._next_dh is not None or not self.enrolled or self.mku_state != IDLE:
+            return False
+        from tessera_fw.crypto import dh
+
+        self._next_dh = dh.DH(bytes(self.rand(32)))
+        return True
 
     def _rollback(self):
         """Back to the last durable state (after a failed store write)."""
@@ -194,6 +250,11 @@ class Device:
         p = f.padata()
         sa = f.sa
         key = f.key
+        if key is None and self.enrolled:
+            # Issue 11 #12: once enrolled, a plain frame has nothing to ask (only ENROL_HELLO
+            # is plain): counted, never answered, so a spoofed source gets nothing reflected.
+            self._count(C.ERR_STATE)
+            return
         txid = _u16(p, 1) if len(p) >= 3 else 0
         op = p[0] if len(p) else 0
         try:
@@ -233,7 +294,7 @@ class Device:
         while not txid:  # TXID 0 is reserved
             r = self.rand(2)
             txid = (r[0] << 8) | r[1]
-        self._req = [txid, reason, now_ms + RETRY_MS, 0]
+        self._req = [txid, reason, ticks_add(now_ms, RETRY_MS), 0]
         self.mku_state = REQUESTED
         return [self._mku_request_frame()]
 
@@ -244,7 +305,7 @@ class Device:
     def tick(self, now_ms):
         """Timers: resend MKU_REQUEST every 5 s, at most 3 times, then give up (IDLE)."""
         r = self._req
-        if self.mku_state != REQUESTED or r is None or now_ms < r[2]:
+        if self.mku_state != REQUESTED or r is None or ticks_diff(now_ms, r[2]) < 0:
             return []
         if r[3] >= RETRIES:
             self._req = None
@@ -252,7 +313,7 @@ class Device:
             self.events.append(("mku_request_failed", r[1]))
             return []
         r[3] += 1
-        r[2] = now_ms + RETRY_MS
+        r[2] = ticks_add(now_ms, RETRY_MS)
         try:
             return [self._mku_request_frame()]
         except SCPMError as e:

@@ -149,11 +149,13 @@ class Codec:
     found once the frame was copied in (MDAS, padding, PBC, BCC).
 
     `ring` supplies lookup(sa, kind, index, gen) -> Key or None and window(sa, key) ->
-    the snf.RxWindow of that peer and key (its check and in-order commit are inlined
-    here). `persist` says the window's flash reservation moved and must be saved."""
+    a new snf.RxWindow for a peer the key has none for (its check and in-order commit are
+    inlined here). window() is called only once the frame has passed every check, so no
+    per-peer state exists for a frame that did not authenticate (issue 11 #1); it may
+    raise SCPMError to refuse the peer. `persist` says the window's flash reservation
+    moved and must be saved."""
 
     def __init__(self, addr):
-        self.addr = addr
         # received secure frame, copied to a fixed place so that the views below are fixed
         rx = bytearray(_MAX_FRAME)
         rxmv = memoryview(rx)
@@ -169,6 +171,11 @@ class Codec:
                       bytearray(16), bytearray(16), bytearray(16),  # IV input, IV, scratch
                       cryptolib.aes(os.urandom(16), 1), bx, memoryview(bx)[:16],  # tag blinding
                       bytearray(16))
+        # Addresses in small ints (issue 9 #8): on a 32-bit board an int >= 2^30 is a heap
+        # object, and building one from four bytes allocates at every shift and or. DA is
+        # compared byte by byte with this node's address (misaddressed frames, the most
+        # common junk, cost nothing); SA is built only once DA matched.
+        self.readdress(addr)
         self.hd = self.sa = self.da = self.service = self.snf = self.authority = 0
         self.key = None
         self._src = None  # buffer holding PADATA: the frame, or the plaintext buffer
@@ -183,6 +190,11 @@ class Codec:
         if self._src is None:
             return None
         return memoryview(self._src)[self._off:self._off + self._len]
+
+    def readdress(self, addr):
+        """Receive for another node address from now on."""
+        self.addr = addr
+        self._a = (addr >> 24 & 0xFF, addr >> 16 & 0xFF, addr >> 8 & 0xFF, addr & 0xFF)
 
     def _spoilt(self, code):
         # a check after the copy into the receive buffer failed: the previous frame's
@@ -201,14 +213,15 @@ class Codec:
             raise SCPMError(ERR_HEADER)
         if (data[9] << 8) | data[10] != n - 11:
             raise SCPMError(ERR_LENGTH)
-        da = (data[5] << 24) | (data[6] << 16) | (data[7] << 8) | data[8]
+        a = self._a
+        mine = data[5] == a[0] and data[6] == a[1] and data[7] == a[2] and data[8] == a[3]
         if hd == _HD_PLAIN:
-            if da != self.addr:
+            if not mine:
                 raise SCPMError(ERR_NOT_FOR_ME)
             self.hd = hd
             self.persist = False
             self.sa = (data[1] << 24) | (data[2] << 16) | (data[3] << 8) | data[4]
-            self.da = da
+            self.da = self.addr
             self.service = self.snf = self.authority = 0
             self.key = None
             self._src = data
@@ -240,7 +253,7 @@ class Codec:
                 raise SCPMError(ERR_TRUNCATED)
             if enc & 15:
                 raise SCPMError(ERR_PADDING)
-        if da != self.addr:
+        if not mine:
             raise SCPMError(ERR_NOT_FOR_ME)
         sa = (data[1] << 24) | (data[2] << 16) | (data[3] << 8) | data[4]
         # 2. key
@@ -249,10 +262,13 @@ class Codec:
             raise SCPMError(ERR_NO_KEY)
         # 3. SNF pre-check
         snf = (data[15] << 24) | (data[16] << 16) | (data[17] << 8) | data[18]
-        win = key.rx.get(sa)  # ring.window() inlined for a known peer
-        if win is None:
-            win = ring.window(sa, key)
-        high = win.high  # RxWindow.check, inlined (hot path)
+        win = key.rx.get(sa)  # a known peer's window; an unknown peer gets one only once
+        if win is None:  # its frame has authenticated (step 6): nothing stored before that
+            high = 0
+            if snf == 0:
+                raise SCPMError(ERR_SNF)
+        else:
+            high = win.high  # RxWindow.check, inlined (hot path)
         if snf <= high:
             if snf == 0:
                 raise SCPMError(ERR_SNF)
@@ -311,6 +327,11 @@ class Codec:
             src = pt
             off = base + 2
         # 6. commit
+        if win is None:  # first authenticated frame of this peer under this key
+            try:
+                win = ring.window(sa, key)
+            except SCPMError as e:  # refused: the peer table is full
+                raise self._spoilt(e.code)
         if snf == high + 1 and snf < win.reserved:  # in order: RxWindow.commit, inlined
             win.seen[snf & 63] = 1
             win.high = snf
@@ -319,7 +340,7 @@ class Codec:
             self.persist = win.commit(snf)
         self.hd = hd
         self.sa = sa
-        self.da = da
+        self.da = self.addr
         self.service = svc
         self.key = key
         self.snf = snf

@@ -123,6 +123,7 @@ def _user_key_init(dev, f, txid, p):
     dev._install(C.KIND_MASTER, 0, mgen, p[20:36])
     dev._install(C.KIND_USER, 0, ugen, p[37:53])
     dev.ksn = f.sa
+    dev.from_ksn = True  # the enrolling KSN: where device-initiated frames go
     dev.mku_state = IDLE
     dev.save()
     dev.events.append(("enrolled", f.sa))
@@ -135,6 +136,7 @@ def drop_pending(dev):
     pd = dev.pending
     if pd is not None:
         pd.key.forget()
+        dev._done_txid = pd.txid  # its MKU_START retransmissions must not start it again
     dev.pending = None
     if dev.mku_state == PENDING:
         dev.mku_state = IDLE
@@ -146,7 +148,9 @@ def _mku_start(dev, key, txid, p):
     if key is not dev.master:
         raise SCPMError(C.ERR_STATE)  # MKU_START travels under the current master key
     if pd is not None and pd.txid == txid:
-        return pd.response
+        return pd.response  # retransmission: the stored answer, no DH, no flash write
+    if txid == dev._done_txid:  # a retransmission of an update already resolved
+        raise SCPMError(C.ERR_STATE)
     new_gen = p[3]
     if new_gen != next_gen(key.gen):
         raise SCPMError(C.ERR_STATE)
@@ -157,8 +161,11 @@ def _mku_start(dev, key, txid, p):
     if pd is not None:  # a new TXID replaces the pending update
         drop_pending(dev)
     nonce_d = bytes(dev.rand(16))
+    d = dev._next_dh  # made while idle (Device.precompute), or now
+    dev._next_dh = None  # one MKU_START only, whatever happens next
     try:
-        d = dh.DH(bytes(dev.rand(32)))
+        if d is None:
+            d = dh.DH(bytes(dev.rand(32)))
     except dh.DHError:
         raise SCPMError(C.ERR_DH)
     z = pow(yk, d._x, dh.P)
@@ -191,6 +198,7 @@ def _mku_commit(dev, key, txid, p):
     dev.mku_state = IDLE
     if old is not None:
         old.forget()
+    dev._done_txid = txid
     dev.save()
     dev.events.append(("mku_committed", pd.key.gen))
     ans = bytes((C.OP_MKU_COMMIT_ACK, txid >> 8, txid & 0xFF, pd.key.gen))
