@@ -235,27 +235,6 @@ def test_tampered_km_frames_never_answered():
     assert sum(d.errors.values()) >= 2 * len(good)
 
 
-def test_snf_reservation_survives_reboot():
-    fs = MemFS()
-    d = None
-    d = new_dev(fs)
-    ksn = enrol(d)
-    m = ksn.keys[(4, 0, 1)]
-    frames = [ksn.frame(m, ksn.km(C.OP_SYNC_REQ, bytes(16))) for _ in range(41)]
-    sent = []
-    for f in frames[:40]:
-        sent.append(ksn.open(one(d.receive(f)))[1].snf)
-    d = None
-    d = new_dev(fs)  # reboot
-    for f in frames[:40]:
-        assert d.receive(f) == []  # every replay refused
-    out = d.receive(frames[40])  # SNF 41 <= the reservation: refused too (at most 64 lost)
-    assert out == []
-    ksn.tx[(4, 0, 1)].next = 66  # the KSN skips ahead past the receiver's reservation
-    p, dd = ksn.open(one(d.receive(ksn.frame(m, ksn.km(C.OP_SYNC_REQ, bytes(16))))))
-    assert dd.snf > max(sent)  # the device's sender resumed at its reservation
-
-
 class FailingFS(MemFS):
     def __init__(self):
         MemFS.__init__(self)
