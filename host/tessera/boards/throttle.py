@@ -69,7 +69,7 @@ class Calibration:
 
 
 @functools.cache
-def calibrate(reps: int = 5) -> Calibration:
+def calibrate(reps: int = 7) -> Calibration:
     """Time the calibration pow()s under the unix port, unthrottled (once per process).
     The median of `reps` runs: on a shared machine the CPU time of one pow() varies by
     about +-20% with the load of the other core, and the throttled board meets the same
@@ -134,6 +134,14 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def _maps_contain(pid: int, marker: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/maps", "rb") as f:
+            return marker.encode() in f.read()
+    except OSError:
+        return True  # gone, or maps not readable: throttle from now on
+
+
 # ------------------------------------------------------------------ the throttler thread
 
 
@@ -141,7 +149,7 @@ class Throttle(threading.Thread):
     """Duty-cycle one process so that its wall time ~= slowdown x its CPU time."""
 
     CREDIT_CAP = 0.0005  # CPU s an idle process may bank (an idle MCU banks nothing)
-    RUN_SLICE = 0.001  # wall s between checks while the process computes
+    RUN_SLICE = 0.002  # wall s between checks while the process computes (docs/boards.md: accuracy)
     IDLE_POLL = 0.003  # ... while it sleeps (waiting for a datagram or a key)
     MAX_STOP = 0.05  # longest single wait while stopped (re-reads the target)
 
@@ -154,6 +162,7 @@ class Throttle(threading.Thread):
         self._slowdown: float | None = None
         self._gen = 0
         self._from_birth = False
+        self._marker: str | None = None
         self._quit = False
         self.stops = 0  # SIGSTOPs sent (for status and tests)
 
@@ -167,10 +176,14 @@ class Throttle(threading.Thread):
         except (ProcessLookupError, OSError):
             pass
 
-    def set_target(self, pid: int | None, slow: float | None, from_birth: bool = False) -> None:
+    def set_target(self, pid: int | None, slow: float | None, from_birth: bool = False,
+                   marker: str | None = None) -> None:
         """Throttle `pid` by `slow` (None: run it at full speed). Continues the old target.
         `from_birth`: the CPU time the process used before this call is owed too (a new
-        interpreter ran unthrottled for a few milliseconds before its pid was known)."""
+        interpreter ran unthrottled for a few milliseconds before its pid was known).
+        `marker`: throttle only from when a file whose path contains it is mapped into the
+        process (the MicroPython runtime inside a CPython launcher: the launcher's own
+        start-up is not the board's)."""
         with self._lock:
             self._signal(signal.SIGCONT)
             if pid != self._pid:
@@ -185,6 +198,7 @@ class Throttle(threading.Thread):
                 self._pid = pid
             self._slowdown = slow
             self._from_birth = from_birth
+            self._marker = marker
             self._gen += 1
         self._wake.set()
 
@@ -207,12 +221,18 @@ class Throttle(threading.Thread):
             with self._lock:
                 if self._quit:
                     return
-                pid, slow, now_gen, birth = self._pid, self._slowdown, self._gen, self._from_birth
+                pid, slow, now_gen, birth, marker = (self._pid, self._slowdown, self._gen, self._from_birth,
+                                                     self._marker)
             if now_gen != gen:  # new target or speed: start with the cap, running
-                gen, stopped, last_t = now_gen, False, 0.0
+                gen, stopped, last_t, loaded = now_gen, False, 0.0, marker is None
             if pid is None or not slow:
                 self._pause(0.5)
                 continue
+            if not loaded:
+                loaded = _maps_contain(pid, marker)
+                if not loaded:
+                    self._pause(0.002)
+                    continue
             c = cpu_seconds(pid)
             if c is None:  # exited; the bridge will set the next interpreter
                 self._pause(0.05)

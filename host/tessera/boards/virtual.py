@@ -227,11 +227,15 @@ class VirtualBoard:
         if not st:
             return False
         os.kill(st["pid"], signal.SIGTERM)
-        for _ in range(100):
-            if not self.state():
+        for _ in range(100):  # gone when the bridge and its interpreter let go of the directory
+            if not _lock_held(self.dir):
                 return True
             time.sleep(0.05)
-        os.kill(st["pid"], signal.SIGKILL)
+        os.kill(st["pid"], signal.SIGKILL)  # its interpreter dies with it (PR_SET_PDEATHSIG)
+        for _ in range(40):
+            if not _lock_held(self.dir):
+                break
+            time.sleep(0.05)
         return True
 
     def power_cut(self, wait_udp_port: int | None = None, timeout: float = 15.0) -> None:
@@ -346,6 +350,14 @@ def _console_mode(fd: int) -> None:
     termios.tcsetattr(fd, termios.TCSANOW, attrs)
 
 
+def _is_script(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(2) == b"#!"
+    except OSError:
+        return False
+
+
 def _take_lock(directory: Path) -> int | None:
     fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     for _ in range(100):  # a status check holds a shared lock for microseconds
@@ -435,6 +447,7 @@ def serve(board: str, directory: Path, speed: str = "fast") -> int:
     fs = directory / "fs"
     (fs / "lib").mkdir(parents=True, exist_ok=True)
     interp = micropython_path()
+    marker = "micropython_run" if _is_script(interp) else None
     dev_master, dev_slave = os.openpty()  # the board's side: the interpreter's console
     usb_master, usb_slave = os.openpty()  # the host's side: the "USB serial port"
     _console_mode(dev_slave)
@@ -499,8 +512,10 @@ def serve(board: str, directory: Path, speed: str = "fast") -> int:
         # memory, so reset the console mode as a reboot does.
         _console_mode(dev_slave)
         p = _spawn(interp, prof.heapsize_arg, fs, dev_slave, boot, lock_fd)
-        # throttled from its first instruction: what it ran before this line is owed
-        thr.set_target(p.pid, slow, from_birth=True)
+        # Throttled from its first MicroPython instruction. The PyPI interpreter is a CPython
+        # launcher that loads the runtime as an extension module: its start-up is not the
+        # board's. A native binary is throttled from birth (what ran before this line is owed).
+        thr.set_target(p.pid, slow, from_birth=marker is None, marker=marker)
         state["boots"] += 1
         state["interp_pid"] = p.pid
         return p
