@@ -8,7 +8,6 @@ argument: what a user gets.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import json
 import os
