@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 SPEEDS = ("fast", "board")
 
 # The calibration program, run by the unix port: the firmware's own modulus (group 14) and a
-# fixed 256-bit exponent. CPU time of this thread from /proc/self/schedstat (ns); where that
+# fixed 256-bit exponent with 128 one bits, as a random exponent has on average (binary
+# exponentiation costs one multiplication per one bit on top of the 256 squarings). CPU time of this thread from /proc/self/schedstat (ns); where that
 # file is missing, wall time stands in.
 _CAL_SCRIPT = """\
 import time
@@ -48,7 +49,7 @@ def cpu():
         return v
     except (OSError, ValueError):
         return -1
-x = int.from_bytes(bytes(range(0x81, 0xA1)), 'big')
+x = int.from_bytes(bytes((0xA5, 0x5A)) * 16, 'big')
 for _ in range(REPS):
     c0 = cpu(); t0 = time.ticks_us()
     y = pow(2, x, dh.P)
@@ -69,15 +70,18 @@ class Calibration:
 
 
 @functools.cache
-def calibrate(reps: int = 7) -> Calibration:
+def calibrate(heap_bytes: int | None = None, reps: int = 9) -> Calibration:
     """Time the calibration pow()s under the unix port, unthrottled (once per process).
     The median of `reps` runs: on a shared machine the CPU time of one pow() varies by
     about +-20% with the load of the other core, and the throttled board meets the same
-    load later, so the typical run is the right reference (docs/boards.md)."""
+    load later, so the typical run is the right reference (docs/boards.md). `heap_bytes`:
+    the board's heap, so that the garbage collection inside pow() costs what it costs on
+    the board's virtual twin."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MICROPY")}
     env["MICROPYPATH"] = str(firmware_dir())
     try:
-        out = subprocess.run([micropython_path(), "-c", _CAL_SCRIPT.replace("REPS", str(reps))],
+        heap = ["-X", f"heapsize={heap_bytes}"] if heap_bytes else []
+        out = subprocess.run([micropython_path(), *heap, "-c", _CAL_SCRIPT.replace("REPS", str(reps))],
                              capture_output=True, text=True, timeout=120, env=env, check=True).stdout
         rows = [[int(v) for v in ln.split()] for ln in out.splitlines() if ln.strip()]
     except (OSError, subprocess.SubprocessError, ValueError) as exc:
@@ -105,7 +109,7 @@ def slowdown(prof: BoardProfile, cal: Calibration | None = None) -> float:
     board = prof.speed
     if board is None:
         raise TesseraError(f"board {prof.name!r} has no speed calibration in its board.json")
-    cal = cal or calibrate()
+    cal = cal or calibrate(prof.heap_bytes)
     return (board.pow_g_s + board.pow_y_s) / (cal.pow_g_s + cal.pow_y_s)
 
 

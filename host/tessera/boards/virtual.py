@@ -59,6 +59,15 @@ CONSOLE_BUFFER = 16 * 1024  # console output kept for a host that does not read,
 CONSOLE_STALL_S = 0.25  # a host that read recently gets back-pressure this long before drops
 
 
+def _alive(pid: int) -> bool:
+    """A running process (a killed bridge nobody has reaped yet is a zombie: not running)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _lock_held(directory: Path) -> bool:
     """Whether a bridge (or an interpreter it started) holds the board directory."""
     try:
@@ -108,7 +117,8 @@ class VirtualBoard:
     def state(self) -> dict | None:
         try:
             st = json.loads((self.dir / STATE_FILE).read_text())
-            os.kill(st["pid"], 0)
+            if not _alive(st["pid"]):
+                return None
         except (OSError, ValueError, KeyError, TypeError):
             return None
         if not _lock_held(self.dir):  # a stale file whose pid was recycled
@@ -174,7 +184,11 @@ class VirtualBoard:
                 if speed is not None and st.get("speed") != speed:
                     self.set_speed(speed)
                 return st["pty"]
-            if _lock_held(self.dir):
+            for _ in range(40):  # an interpreter whose bridge just died is still exiting
+                if not _lock_held(self.dir):
+                    break
+                time.sleep(0.05)
+            else:
                 raise TesseraError(f"virtual board {self.name!r}: {self.dir} is held by a process without a "
                                    "running bridge (an interpreter left over from a killed bridge?); "
                                    f"see {self.dir / 'bridge.log'}")
@@ -226,12 +240,14 @@ class VirtualBoard:
         st = self.state()
         if not st:
             return False
-        os.kill(st["pid"], signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(st["pid"], signal.SIGTERM)
         for _ in range(100):  # gone when the bridge and its interpreter let go of the directory
             if not _lock_held(self.dir):
                 return True
             time.sleep(0.05)
-        os.kill(st["pid"], signal.SIGKILL)  # its interpreter dies with it (PR_SET_PDEATHSIG)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(st["pid"], signal.SIGKILL)  # its interpreter dies with it (PR_SET_PDEATHSIG)
         for _ in range(40):
             if not _lock_held(self.dir):
                 break
@@ -484,7 +500,7 @@ def serve(board: str, directory: Path, speed: str = "fast") -> int:
     def apply_speed(new: str) -> None:
         nonlocal slow
         if new == "board":
-            cal = throttle.calibrate()
+            cal = throttle.calibrate(prof.heap_bytes)
             slow = throttle.slowdown(prof, cal)
             state.update(slowdown=round(slow, 2), host_pow_ms=[round(cal.pow_g_s * 1e3, 2), round(cal.pow_y_s * 1e3, 2)],
                          board_pow_s=[prof.speed.pow_g_s, prof.speed.pow_y_s], clock_hz=prof.speed.clock_hz)

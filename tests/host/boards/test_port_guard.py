@@ -97,14 +97,14 @@ def test_a_board_refuses_a_port_another_board_or_process_holds(tessera_var, capl
         b.stop()
 
 
-def _bridges(var) -> list[int]:
+def _bridges(board_dir) -> list[int]:
     out = []
     for d in os.listdir("/proc"):
         try:
             cmd = open(f"/proc/{d}/cmdline", "rb").read().decode(errors="replace")
         except OSError:
             continue
-        if "tessera.boards.virtual" in cmd and str(var) in cmd:
+        if "tessera.boards.virtual" in cmd and f"{board_dir}\0" in cmd:
             out.append(int(d))
     return out
 
@@ -117,7 +117,7 @@ def test_one_bridge_per_board_even_when_started_twice_at_once(tessera_var):
         ptys = {p.communicate(timeout=60)[0].strip() for p in starts}
         assert ptys == {vb.port}
         time.sleep(0.5)  # a second bridge, if any, would be up by now
-        assert len(_bridges(tessera_var)) == 1
+        assert len(_bridges(vb.dir)) == 1
         # a bridge killed outright takes its interpreter with it: nothing keeps the directory
         st = vb.state()
         os.kill(st["pid"], signal.SIGKILL)

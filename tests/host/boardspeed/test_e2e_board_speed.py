@@ -16,7 +16,7 @@ import time
 import pytest
 
 from tessera.boards import ops, profile
-from tessera.boards.virtual import VirtualBoard, free_udp_port
+from tessera.boards.virtual import free_udp_port
 from tessera.errors import TesseraError
 from tessera.scpm import codec as C
 from tessera.scpm.codec import ErrorCode
@@ -54,22 +54,16 @@ def _board_param(name: str):
 
 
 class Device:
-    def __init__(self, board: str) -> None:
-        self.vb = VirtualBoard(f"speed-e2e-{board}", board)
-        self.addr = 0x0A000200 + (1 if board == "rp2040" else 2)
+    def __init__(self, t: ops.Target) -> None:
+        self.target, self.vb = t, t.vboard
+        self.addr = 0x0A000200 + (1 if t.profile.name == "rp2040" else 2)
         self.setup = os.urandom(16)
         self.port = free_udp_port()
         self.ksn_port = free_udp_port()
-        self.target: ops.Target | None = None
-
-    def start(self) -> None:
-        self.target = ops.Target(profile.load(self.vb.board), self.vb.start(fresh=True), True, self.vb)
-        ops.deploy(self.target, with_main=True)  # at this machine's speed: deploying is not under test
         cfg = {"address": f"{self.addr:08x}", "setup_key": self.setup.hex(), "port": self.port,
                "bind": "127.0.0.1", "ksn_host": "127.0.0.1", "ksn_port": self.ksn_port}
         (self.vb.fs / "scpm.json").write_text(json.dumps(cfg))
-        self.vb.power_cut(self.port)  # main.py: self-test, then the device on its port
-        self.vb.set_speed("board")  # from here on the board runs at its own speed
+        self.vb.power_cut(self.port, timeout=120)  # main.py at board speed: self-test, then the device
 
     def reboot(self) -> None:
         """Power cut at board speed: the boot self-test alone runs the DH once."""
@@ -77,13 +71,8 @@ class Device:
 
 
 @pytest.fixture(params=[_board_param("rp2040"), _board_param("esp32")])
-def device(request, tessera_var):
-    d = Device(request.param)
-    try:
-        d.start()
-        yield d
-    finally:
-        d.vb.stop()
+def device(request, virtual_board):
+    return Device(virtual_board(f"speed-e2e-{request.param}", request.param, speed="board", main=True))
 
 
 def test_scpm_flows_at_board_speed_with_ksn_defaults(device, tmp_path, capsys):
