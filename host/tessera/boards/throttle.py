@@ -4,14 +4,15 @@ board's interpreter so that it runs about as fast as the real MCU.
 Calibration (once per process, cached): the unix-port interpreter times the same two
 2048-bit modular exponentiations a board profile was measured with (pow(2, x, p) and
 pow(y, x, p), the two halves of the firmware's DH; boards/<name>/board.json "speed"), in CPU
-time, unthrottled. The slow-down is the board's seconds over this machine's CPU seconds.
+time, itself throttled CAL_SLOWDOWN times in the same windows as a board (a window starts
+with cold caches: unthrottled, the calibration came out 25-40% too fast). The slow-down is
+the board's seconds over this machine's CPU seconds.
 
 Throttling: a thread in the bridge reads the interpreter's consumed CPU time (the kernel's
 per-process CPU clock, nanoseconds; /proc/<pid>/stat as a fallback) and stops and continues
-the process with SIGSTOP/SIGCONT so that wall time ~= slow-down x CPU time. It self-corrects:
-on a loaded machine the interpreter already gets less CPU per second of wall time, so it is
-stopped less. Idle time earns no credit beyond CREDIT_CAP, as an idle MCU cannot bank
-cycles for later. Defined by this project (docs/boards.md).
+the process with SIGSTOP/SIGCONT so that wall time ~= slow-down x CPU time, paying for each
+window of work before it runs. It self-corrects: on a loaded machine the interpreter gets
+less CPU per window, so it waits less. Defined by this project (docs/boards.md).
 """
 from __future__ import annotations
 
@@ -62,30 +63,44 @@ for _ in range(REPS):
 
 @dataclass(frozen=True)
 class Calibration:
-    """This machine's unthrottled unix-port CPU seconds for pow(2, x, p) and pow(y, x, p)."""
+    """This machine's unix-port CPU seconds (throttled as a board runs) for pow(2, x, p) and pow(y, x, p)."""
 
     pow_g_s: float
     pow_y_s: float
     clock: str  # "cpu" (schedstat) or "wall" (fallback)
 
 
+CAL_SLOWDOWN = 10.0  # the calibration runs throttled by this much (docs/boards.md)
+
+
 @functools.cache
-def calibrate(heap_bytes: int | None = None, reps: int = 9) -> Calibration:
-    """Time the calibration pow()s under the unix port, unthrottled (once per process).
-    The median of `reps` runs: on a shared machine the CPU time of one pow() varies by
+def calibrate(heap_bytes: int | None = None, reps: int = 5) -> Calibration:
+    """Time the calibration pow()s under the unix port, in CPU time, throttled by
+    CAL_SLOWDOWN (once per process). The median of `reps` runs: on a shared machine the CPU time of one pow() varies by
     about +-20% with the load of the other core, and the throttled board meets the same
     load later, so the typical run is the right reference (docs/boards.md). `heap_bytes`:
     the board's heap, so that the garbage collection inside pow() costs what it costs on
     the board's virtual twin."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MICROPY")}
     env["MICROPYPATH"] = str(firmware_dir())
+    heap = ["-X", f"heapsize={heap_bytes}"] if heap_bytes else []
+    thr = None
     try:
-        heap = ["-X", f"heapsize={heap_bytes}"] if heap_bytes else []
-        out = subprocess.run([micropython_path(), *heap, "-c", _CAL_SCRIPT.replace("REPS", str(reps))],
-                             capture_output=True, text=True, timeout=120, env=env, check=True).stdout
+        proc = subprocess.Popen([micropython_path(), *heap, "-c", _CAL_SCRIPT.replace("REPS", str(reps))],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        if CAL_SLOWDOWN:  # in windows, as the board will run: a window starts with cold caches
+            thr = Throttle()
+            thr.start()
+            thr.set_target(proc.pid, CAL_SLOWDOWN, marker="micropython_run")
+        out, err = proc.communicate(timeout=120)
+        if proc.returncode:
+            raise subprocess.SubprocessError(err.strip()[-300:])
         rows = [[int(v) for v in ln.split()] for ln in out.splitlines() if ln.strip()]
     except (OSError, subprocess.SubprocessError, ValueError) as exc:
         raise TesseraError(f"could not calibrate this machine against the boards: {exc}") from None
+    finally:
+        if thr is not None:
+            thr.close()
     if len(rows) != reps:
         raise TesseraError(f"calibration printed {out!r}")
     if all(r[0] >= 0 for r in rows):
@@ -138,6 +153,15 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def _runnable(pid: int) -> bool:
+    """Whether the process is running or waiting for a CPU (not sleeping in a system call)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"R"
+    except (OSError, IndexError):
+        return False
+
+
 def _maps_contain(pid: int, marker: str) -> bool:
     try:
         with open(f"/proc/{pid}/maps", "rb") as f:
@@ -150,11 +174,16 @@ def _maps_contain(pid: int, marker: str) -> bool:
 
 
 class Throttle(threading.Thread):
-    """Duty-cycle one process so that its wall time ~= slowdown x its CPU time."""
+    """Duty-cycle one process so that its wall time ~= slowdown x its CPU time.
 
-    CREDIT_CAP = 0.0005  # CPU s an idle process may bank (an idle MCU banks nothing)
-    RUN_SLICE = 0.002  # wall s between checks while the process computes (docs/boards.md: accuracy)
-    IDLE_POLL = 0.003  # ... while it sleeps (waiting for a datagram or a key)
+    The process runs in windows of QUANTUM (wall) and is stopped in between until it has
+    earned, at the board's speed, the next window's CPU: work is paid for before it is done,
+    so a short job (one frame) is answered as late as on the board, within one period
+    (slowdown x QUANTUM, about 0.2 s for a Pico W here). CPU a window left unused while the
+    process slept is forfeited (an idle MCU banks nothing); CPU it could not get because
+    the machine was busy is kept, so the throttle corrects itself under load."""
+
+    QUANTUM = 0.002  # CPU s (and wall s) of one run window
     MAX_STOP = 0.05  # longest single wait while stopped (re-reads the target)
 
     def __init__(self) -> None:
@@ -218,17 +247,16 @@ class Throttle(threading.Thread):
 
     def run(self) -> None:
         gen = -1
-        credit = 0.0
-        last_t = last_c = 0.0
-        stopped = False
+        credit = last_t = last_c = 0.0
+        stopped = started = loaded = False
         while True:
             with self._lock:
                 if self._quit:
                     return
                 pid, slow, now_gen, birth, marker = (self._pid, self._slowdown, self._gen, self._from_birth,
                                                      self._marker)
-            if now_gen != gen:  # new target or speed: start with the cap, running
-                gen, stopped, last_t, loaded = now_gen, False, 0.0, marker is None
+            if now_gen != gen:  # a new target or speed (set_target has continued the process)
+                gen, stopped, started, loaded = now_gen, False, False, marker is None
             if pid is None or not slow:
                 self._pause(0.5)
                 continue
@@ -242,24 +270,23 @@ class Throttle(threading.Thread):
                 self._pause(0.05)
                 continue
             now = time.monotonic()
-            if last_t == 0.0:
-                credit = self.CREDIT_CAP - (c if birth else 0.0)
-            else:
-                credit = min(self.CREDIT_CAP, credit + (now - last_t) / slow - (c - last_c))
-            busy = c - last_c > 0.0001
+            if not started:  # what it ran so far is owed (from birth) or free (a speed switch)
+                started, credit, last_t, last_c = True, 0.0, now, (0.0 if birth else c)
+            credit += (now - last_t) / slow - (c - last_c)
             last_t, last_c = now, c
             with self._lock:
                 if self._gen != gen:
                     continue
-                if credit < 0 and not stopped:
+                if not stopped:  # the end of a run window
+                    if credit > 0 and not _runnable(pid):
+                        credit = 0.0  # it slept: the rest of the window is not banked
                     self._signal(signal.SIGSTOP)
                     self.stops += 1
                     stopped = True
-                elif credit >= 0 and stopped:
+                elif credit >= self.QUANTUM:  # the next window is paid for
                     self._signal(signal.SIGCONT)
                     stopped = False
-                    busy = True  # it was stopped mid-computation
             if stopped:
-                self._pause(min(-credit * slow, self.MAX_STOP))
+                self._pause(min((self.QUANTUM - credit) * slow, self.MAX_STOP))
             else:
-                self._pause(self.RUN_SLICE if busy else self.IDLE_POLL)
+                self._pause(self.QUANTUM)

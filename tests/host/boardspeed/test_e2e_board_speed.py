@@ -61,7 +61,7 @@ def _board_param(name: str):
     1.3 x the DH therefore fail against this board: the bug issue 9 #3 fixes in the KSN (the
     host-scpm area, not this one; 1.0 s x 4 fails on both boards, as the issue measured).
     Marked expected-to-fail, strictly, only while the defaults are that short; the test runs
-    as a plain test as soon as they are re-sized (with 2.0 s x 6 it passed here, 68 s for both)."""
+    as a plain test as soon as they are re-sized (with 2.0 s x 6 it passed here, 79 s for both)."""
     wait, dh = _ksn_default_wait(), profile.load(name).speed.dh_s
     too_short = wait is not None and wait < 1.3 * dh
     return pytest.param(name, id=name, marks=pytest.mark.xfail(
