@@ -42,7 +42,7 @@ def deployed_boards(tessera_var):
 def virtual_board(tessera_var):
     """Factory for virtual boards stopped after the test:
     virtual_board(name, board, speed="fast", main=False) -> ops.Target (with .vboard).
-    The firmware is deployed at this machine's speed (a deploy at board speed takes ~17 s
+    The firmware is deployed at this machine's speed (a deploy at board speed takes ~25 s
     on an rp2040, docs/boards.md); the board then runs at `speed` ("board": throttled to the
     real board's speed, tessera.boards.throttle)."""
     started = []

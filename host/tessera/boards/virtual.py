@@ -570,7 +570,9 @@ def serve(board: str, directory: Path, speed: str = "fast") -> int:
                     break
                 write_state()
             now = time.monotonic()
-            if (console.dropped, thr.stops) != saved and now - last_save > 0.5:
+            # drops are news (0.5 s), the stop count of a throttled board changes always (5 s)
+            if (console.dropped != saved[0] and now - last_save > 0.5) or (
+                    thr.stops != saved[1] and now - last_save > 5):
                 write_state()
                 saved, last_save = (console.dropped, thr.stops), now
     finally:
