@@ -36,3 +36,26 @@ def deployed_boards(tessera_var):
     finally:
         for vb in started:
             vb.stop()
+
+
+@pytest.fixture
+def virtual_board(tessera_var):
+    """Factory for virtual boards stopped after the test:
+    virtual_board(name, board, speed="fast", main=False) -> ops.Target (with .vboard).
+    The firmware is deployed at this machine's speed (a deploy at board speed takes ~25 s
+    on an rp2040, docs/boards.md); the board then runs at `speed` ("board": throttled to the
+    real board's speed, tessera.boards.throttle)."""
+    started = []
+
+    def start(name: str, board: str, speed: str = "fast", main: bool = False) -> ops.Target:
+        vb = VirtualBoard(name, board)
+        started.append(vb)
+        t = ops.Target(profile.load(board), vb.start(fresh=True), virtual=True, vboard=vb)
+        ops.deploy(t, with_main=main)
+        if speed != "fast":
+            vb.set_speed(speed)
+        return t
+
+    yield start
+    for vb in started:
+        vb.stop()

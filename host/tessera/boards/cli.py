@@ -28,7 +28,7 @@ def resolve_target(args: argparse.Namespace, need_board: bool = False) -> ops.Ta
         port = vb.start()
         if not was:
             log.info("started virtual %s on %s (heap %d bytes)", prof.name, port, prof.heap_bytes)
-        return ops.Target(prof, port, virtual=True)
+        return ops.Target(prof, port, virtual=True, vboard=vb)
     if need_board and not args.board:
         raise TesseraError("--board is required with --port (it selects the mpy-cross arch and budgets)")
     prof = profile.load(args.board or "esp32")
@@ -39,8 +39,16 @@ def cmd_list(args: argparse.Namespace) -> int:
     for p in profile.load_all():
         print(f"{p.name:8} {p.mpy_arch:9} heap {p.heap_bytes:7d} B  flash budget {p.flash_budget_bytes:7d} B  {p.description}")
     for vb, st in running_boards():
-        print(f"virtual {vb.name}: {st['pty']} (pid {st['pid']}, boots {st.get('boots', 1)})")
+        print(f"virtual {vb.name}: {_describe(st)}")
     return 0
+
+
+def _describe(st: dict) -> str:
+    v = ops.virtual_status(st)
+    speed = f"board speed ({v['slowdown']}x slower than this machine)" if v.get("slowdown") else "fast"
+    udp = f", udp {v['udp_port']}" if v.get("udp_port") else ""
+    return (f"board {st['board']} on {st['pty']}, {speed}, heap {st['heap_bytes']}, boots {v['boots']}{udp}, "
+            f"console dropped {v['console_dropped']} B, fs {st['fs']}")
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -67,13 +75,13 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_virtual(args: argparse.Namespace) -> int:
     if args.action == "list":
         for vb, st in running_boards():
-            print(f"{vb.name}: board {st['board']} on {st['pty']} heap {st['heap_bytes']} fs {st['fs']} boots {st.get('boots', 1)}")
+            print(f"{vb.name}: {_describe(st)}")
         return 0
     if not args.board:
         raise TesseraError(f"virtual {args.action} needs a BOARD ({', '.join(profile.board_names())})")
     vb = VirtualBoard(args.name or args.board, args.board)
     if args.action == "start":
-        port = vb.start(fresh=args.fresh)
+        port = vb.start(fresh=args.fresh, speed=args.speed)
         print(port)
     elif args.action == "stop":
         print("stopped" if vb.stop() else "not running")
@@ -101,7 +109,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(st))
     else:
         for k, v in st.items():
-            print(f"{k:12} {v}")
+            print(f"{k:15} {v}")
     return 0
 
 
@@ -132,6 +140,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("board", nargs="?", help="board profile: heap limit and name")
     q.add_argument("--name", help="instance name (default: the board name); several can run at once")
     q.add_argument("--fresh", action="store_true", help="wipe the board's filesystem first")
+    q.add_argument("--speed", choices=["fast", "board"], default=None,
+                   help="fast: this machine's speed (default for a new board); board: throttled so that the "
+                   "firmware's DH takes as long as on the real board (also switches a running board)")
     q.set_defaults(func=cmd_virtual)
 
     q = s.add_parser("deploy", help="compile and copy the firmware to a board, with progress")

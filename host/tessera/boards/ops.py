@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from tessera.boards import build
 from tessera.boards.profile import BoardProfile
 from tessera.boards.remote import Remote
+from tessera.boards.virtual import VirtualBoard
 from tessera.errors import TesseraError
 from tessera.paths import firmware_dir
 
@@ -20,16 +21,23 @@ class Target:
     profile: BoardProfile
     port: str
     virtual: bool
+    vboard: VirtualBoard | None = None  # the virtual board behind `port`, when known
 
     @property
     def remote(self) -> Remote:
         return Remote(self.port)
+
+    def bridge_state(self) -> dict | None:
+        return self.vboard.state() if self.vboard is not None else None
 
 
 def deploy(target: Target, with_main: bool = False) -> build.BuildResult:
     """Compile (for the board's arch; portable bytecode for a virtual board, since the unix
     port refuses another arch's native code) and copy to /lib/tessera_fw with progress."""
     arch = None if target.virtual else target.profile.mpy_arch
+    st = target.bridge_state()
+    if st is not None:  # its scpm.json port must be its own (docs/boards.md, one board per port)
+        target.vboard.check_udp_port(own_pid=st.get("interp_pid"))
     result = build.compile_firmware(arch)
     build.check_budget(target.profile, result)
     files = [(result.out_dir / rel, f"lib/{rel}") for rel, _ in result.files]
@@ -71,4 +79,17 @@ def status(target: Target) -> dict:
     st = target.remote.eval_json("import tessera_fw.selftest as _t; _t.status()")
     if not isinstance(st, dict):
         raise TesseraError(f"unexpected status {st!r}")
-    return st
+    return {**st, **virtual_status(target.bridge_state())}
+
+
+def virtual_status(st: dict | None) -> dict:
+    """What the bridge of a virtual board knows that the board does not: its speed (and
+    slow-down against this machine), the console bytes dropped because nobody read them,
+    its boots and its UDP port."""
+    if st is None:
+        return {}
+    out = {"speed": st.get("speed", "fast"), "console_dropped": st.get("console_dropped", 0),
+           "boots": st.get("boots", 1), "udp_port": st.get("udp_port")}
+    if st.get("slowdown"):
+        out["slowdown"] = st["slowdown"]
+    return out

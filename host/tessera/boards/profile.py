@@ -10,6 +10,39 @@ from tessera.paths import boards_dir
 
 
 @dataclass(frozen=True)
+class BoardSpeed:
+    """How fast the real board is: its clock and the board's seconds for the calibration
+    operation (boards/<name>/board.json "speed"; figures and sources in docs/boards.md)."""
+
+    clock_hz: int
+    pow_g_s: float  # pow(2, x, p): 2048-bit p, 256-bit x
+    pow_y_s: float  # pow(y, x, p)
+    source: str
+
+    @property
+    def dh_s(self) -> float:
+        """Both exponentiations: what one DH agreement (an MKU_START) costs the board."""
+        return self.pow_g_s + self.pow_y_s
+
+
+def _speed(d: dict[str, Any] | None) -> BoardSpeed | None:
+    if d is None:
+        return None
+    clock = int(d["clock_hz"])
+    cal = d["calibration"]
+
+    def secs(op: str) -> float:
+        if f"{op}_s" in cal:
+            return float(cal[f"{op}_s"])
+        return int(cal[f"{op}_cycles"]) / clock
+
+    sp = BoardSpeed(clock, secs("pow_g"), secs("pow_y"), str(cal["source"]))
+    if clock <= 0 or sp.pow_g_s <= 0 or sp.pow_y_s <= 0:
+        raise ValueError("speed figures must be positive")
+    return sp
+
+
+@dataclass(frozen=True)
 class BoardProfile:
     name: str
     description: str
@@ -18,6 +51,7 @@ class BoardProfile:
     flash_budget_bytes: int
     has_md5: bool = True
     transport: dict[str, Any] = field(default_factory=dict)
+    speed: BoardSpeed | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -44,6 +78,7 @@ def load(name: str) -> BoardProfile:
             flash_budget_bytes=int(d["flash_budget_bytes"]),
             has_md5=bool(d.get("has_md5", True)),
             transport=dict(d.get("transport", {})),
+            speed=_speed(d.get("speed")),
             raw=d,
         )
     except (KeyError, ValueError, TypeError) as exc:
