@@ -8,65 +8,23 @@ argument: what a user gets.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import os
-import tempfile
 import time
 
 import pytest
 
 from tessera.boards import ops, profile
 from tessera.boards.virtual import free_udp_port
-from tessera.errors import TesseraError
 from tessera.scpm import codec as C
 from tessera.scpm.codec import ErrorCode
 from tessera.scpm.ksn import KsnEngine
 from tessera.scpm.server import KsnServer, Operations
-from tessera.scpm.sim import Clock, Fleet
 from tessera.scpm.store import Store
 
 pytestmark = pytest.mark.slow
 SKEY = bytes(range(32))
 QUIET = lambda s: None  # noqa: E731
-
-
-@functools.cache
-def _ksn_default_wait() -> float | None:
-    """How long a KSN built with its defaults waits for a silent device's MKU_RESPONSE
-    before it gives up: measured on the sans-IO engine with a fake clock (so that it holds
-    whatever shape the defaults take), None if that cannot be measured."""
-    try:
-        with tempfile.TemporaryDirectory() as d:
-            clock = Clock()
-            engine = KsnEngine(Store(os.path.join(d, "k.sqlite"), storage_key=SKEY, durable=False), clock=clock)
-            try:
-                fleet = Fleet(engine, clock)
-                fleet.add(0x0A0002FF, bytes(16))
-                if fleet.run(engine.enrol(0x0A0002FF, bytes(16))).error:
-                    return None
-                fleet.hook = lambda direction, addr, frame: None  # the device computes its DH: silence
-                t0 = clock.t
-                t = fleet.run(engine.rotate(0x0A0002FF), max_time=600)
-                return clock.t - t0 if t.error else None
-            finally:
-                engine.store.close()
-    except Exception:  # noqa: BLE001 - an engine API this helper does not know: no verdict
-        return None
-
-
-def _board_param(name: str):
-    """The KSN gives up on an MKU_START after its default wait; a board-speed board's DH
-    takes the profile's time within +-30% (test_board_speed.py). Defaults that wait less than
-    1.3 x the DH therefore fail against this board: the bug issue 9 #3 fixes in the KSN (the
-    host-scpm area, not this one; 1.0 s x 4 fails on both boards, as the issue measured).
-    Marked expected-to-fail, strictly, only while the defaults are that short; the test runs
-    as a plain test as soon as they are re-sized (with 2.0 s x 6 it passed here, 79 s for both)."""
-    wait, dh = _ksn_default_wait(), profile.load(name).speed.dh_s
-    too_short = wait is not None and wait < 1.3 * dh
-    return pytest.param(name, id=name, marks=pytest.mark.xfail(
-        too_short, strict=True, raises=TesseraError,
-        reason=f"the KSN's default wait for MKU_RESPONSE ({wait} s) is under 1.3 x the {name}'s DH ({dh:.1f} s): issue 9 #3"))
 
 
 class Device:
@@ -86,7 +44,7 @@ class Device:
         self.vb.power_cut(self.port, timeout=120)
 
 
-@pytest.fixture(params=[_board_param("rp2040"), _board_param("esp32")])
+@pytest.fixture(params=["rp2040", "esp32"])
 def device(request, virtual_board):
     return Device(virtual_board(f"speed-e2e-{request.param}", request.param, speed="board", main=True))
 
@@ -157,8 +115,8 @@ def test_scpm_flows_at_board_speed_with_ksn_defaults(device, tmp_path, capsys):
         finally:
             with capsys.disabled():
                 st = d.vb.state() or {}
-                print(f"\n{d.vb.board} at board speed (slow-down {st.get('slowdown')}x), KSN timeout "
-                      f"{engine.timeout} s x {engine.retries}: " + ", ".join(f"{n} {s:.1f} s" for n, s in timings))
+                print(f"\n{d.vb.board} at board speed (slow-down {st.get('slowdown')}x), KSN default timers "
+                      f"{engine.timing}: " + ", ".join(f"{n} {s:.1f} s" for n, s in timings))
             await server.stop()
             engine.store.close()
 
