@@ -253,7 +253,8 @@ class SessionManager:
         return self.ks
 
     def _ks_window(self, maid: bytes, key: P.ProtKey) -> P.ReplayWindow:
-        return self.members[maid].windows.setdefault((key.ref, key.gen), P.ReplayWindow())
+        # made at admission (_subsreq): receiving never creates state (profile B.7)
+        return self.members[maid].windows[(key.ref, key.gen)]
 
     def _ktlsreq(self, link: Link, data: bytes) -> list:
         """B.5: KTLSREQ in clear inside TLS; answer with the seed, derive K_TLS."""
@@ -282,6 +283,8 @@ class SessionManager:
         sid = self.cfg.session_id
         m = Member(msg.maid, msg.nt, link.ktls, hashlib.sha256(link.cert_der or b"").digest(),
                    P.hashed_maid(sid, msg.maid), link.hashed_ktls, link=link.conn)
+        if msg.nt != N.RMA:
+            m.windows[(P.KeyRef.KS, self.ks.gen)] = P.ReplayWindow()
         self.members[msg.maid] = m
         link.member = m
         out = [self._seal(m, link, self._msg(M.SUBSANS, msg.maid, C.ResultCtl(C.Result.ACCEPTED)))]
