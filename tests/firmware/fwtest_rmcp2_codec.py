@@ -37,7 +37,8 @@ def test_fields_an_rma_reads():
         raw = unhex(c["msg"])
         d.decode(raw)
         desc = c["desc"]
-        assert d.same_session(unhex(desc["session_id"])) and d.same_maid(unhex(desc["maid"]))
+        assert d.same(4, unhex(desc["session_id"])) and d.same(12, unhex(desc["maid"]))
+        assert not d.same(12, b"\x00" * 8)
         for ctl in desc["controls"]:
             if ctl["control"] == "KeyInfo":
                 assert d.key_type(d.km) == raw[d.pos[15] + 2] and bytes(d.key_data(d.km)) == unhex(ctl["key_data"])

@@ -108,6 +108,36 @@ def index(t):
     return -1
 
 
+def header(buf, minimum, maximum):
+    """Step 1 of profile B.12 (shared with the envelope): sizes, Length, Ver, type, NT,
+    MAID. Returns the message's rule."""
+    n = len(buf)
+    if n < minimum:
+        raise Rmcp2Error(ERR_TRUNCATED)
+    if n > maximum:
+        raise Rmcp2Error(ERR_OVERSIZE)
+    if (buf[2] << 8) | buf[3] != n:
+        raise Rmcp2Error(ERR_LENGTH)
+    if buf[0] >> 4 != 4:
+        raise Rmcp2Error(ERR_VERSION)
+    rule = _RULES.get(buf[1])
+    if rule is None:
+        raise Rmcp2Error(ERR_UNKNOWN_MESSAGE)
+    if not (rule[0] >> (buf[0] & 15)) & 1:
+        raise Rmcp2Error(ERR_NODE_TYPE)
+    if not _nonzero(buf, 12):
+        raise Rmcp2Error(ERR_MAID)
+    return rule
+
+
+def _nonzero(buf, o):
+    """Whether the 8 bytes at o (a MAID) are not all zero."""
+    z = 0
+    for i in range(o, o + 8):
+        z |= buf[i]
+    return z != 0
+
+
 class Decoder:
     """decode(buf) validates one message and leaves, without copying it:
     mtype, nt, n; pos[i] = offset of the first control of index i (0: absent);
@@ -125,26 +155,9 @@ class Decoder:
 
     def decode(self, buf):
         n = len(buf)
-        if n < _HDR:
-            raise Rmcp2Error(ERR_TRUNCATED)
-        if n > _MAX:
-            raise Rmcp2Error(ERR_OVERSIZE)
-        if (buf[2] << 8) | buf[3] != n:
-            raise Rmcp2Error(ERR_LENGTH)
-        if buf[0] >> 4 != 4:
-            raise Rmcp2Error(ERR_VERSION)
+        rule = header(buf, _HDR, _MAX)
         mtype = buf[1]
-        rule = _RULES.get(mtype)
-        if rule is None:
-            raise Rmcp2Error(ERR_UNKNOWN_MESSAGE)
         nt = buf[0] & 15
-        if not (rule[0] >> nt) & 1 or nt == 0:
-            raise Rmcp2Error(ERR_NODE_TYPE)
-        z = 0
-        for i in range(12, 20):
-            z |= buf[i]
-        if not z:
-            raise Rmcp2Error(ERR_MAID)
         if mtype == 0x25 and n != _HDR:  # HRSREQ: Length 0x14 (11.2.10 d)
             raise Rmcp2Error(ERR_LENGTH)
         allowed = rule[2]
@@ -282,17 +295,11 @@ class Decoder:
         """Byte k of the first control `code` (0 = type, 1 = length, 2.. = fields)."""
         return self.buf[self.pos[index(code)] + k]
 
-    def same_session(self, sid):
+    def same(self, at, ref):
+        """Whether the 8 header bytes at `at` (4: Session ID, 12: MAID) equal `ref`."""
         b = self.buf
         for i in range(8):
-            if b[4 + i] != sid[i]:
-                return False
-        return True
-
-    def same_maid(self, maid):
-        b = self.buf
-        for i in range(8):
-            if b[12 + i] != maid[i]:
+            if b[at + i] != ref[i]:
                 return False
         return True
 
@@ -342,10 +349,7 @@ def _other(buf, o, i, ln):
         if buf[o + 7]:
             raise Rmcp2Error(ERR_VALUE)
     elif i == _I_CANDIDATE:
-        z = 0
-        for j in range(o + 2, o + 10):
-            z |= buf[j]
-        if not z:
+        if not _nonzero(buf, o + 2):
             raise Rmcp2Error(ERR_MAID)
 
 

@@ -11,10 +11,8 @@ from micropython import const
 
 from tessera_fw.crypto.aes import CTR
 from tessera_fw.crypto.hmac import HMAC, ct_equal
-from tessera_fw.rmcp2.const import (
-    ERR_ALGORITHM, ERR_KEY, ERR_LENGTH, ERR_MAC, ERR_MAID, ERR_NODE_TYPE, ERR_OVERSIZE, ERR_PADDING, ERR_REPLAY,
-    ERR_TRUNCATED, ERR_UNKNOWN_MESSAGE, ERR_VERSION, Rmcp2Error)
-from tessera_fw.rmcp2.msg import _RULES
+from tessera_fw.rmcp2.const import ERR_ALGORITHM, ERR_KEY, ERR_MAC, ERR_OVERSIZE, ERR_PADDING, ERR_REPLAY, Rmcp2Error
+from tessera_fw.rmcp2.msg import header
 
 _HDR = const(20)
 _SEC = const(8)  # KeyRef EncAlg AuthAlg KeyGen Seq(4)
@@ -148,24 +146,7 @@ class Envelope:
         plain message (Length fixed). lookup(maid_view, ref, gen) -> ProtKey or None;
         window(maid_view, key) -> Window (committed only after the Tag verified)."""
         n = len(data)
-        if n < _HDR + _OVER:
-            raise Rmcp2Error(ERR_TRUNCATED)
-        if n > _MAX_SEALED:
-            raise Rmcp2Error(ERR_OVERSIZE)
-        if (data[2] << 8) | data[3] != n:
-            raise Rmcp2Error(ERR_LENGTH)
-        if data[0] >> 4 != 4:
-            raise Rmcp2Error(ERR_VERSION)
-        rule = _RULES.get(data[1])
-        if rule is None:
-            raise Rmcp2Error(ERR_UNKNOWN_MESSAGE)
-        if not (rule[0] >> (data[0] & 15)) & 1:
-            raise Rmcp2Error(ERR_NODE_TYPE)
-        z = 0
-        for i in range(12, 20):
-            z |= data[i]
-        if not z:
-            raise Rmcp2Error(ERR_MAID)
+        header(data, _HDR + _OVER, _MAX_SEALED)
         ref = data[20]
         gen = data[23]
         if not (1 <= ref <= 3 or 0x81 <= ref <= 0x83):

@@ -10,7 +10,7 @@ Length (B.2). Values marked "defined by this project" in the profile are Tessera
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import IntEnum
 from typing import ClassVar, Iterator, TypeVar
 
@@ -337,24 +337,30 @@ class MaAuth:
         return _sub(SubType.MA_AUTH, bytes((self.pass_no,)) + self.data)
 
 
+class _Three(Control):
+    """Controls of Length 8: three code bytes, then three zero bytes (figures 109, 114)."""
+
+    LENGTH = 8
+    ENUMS: ClassVar[tuple[type[IntEnum], ...]]
+
+    def body(self) -> bytes:
+        return bytes(tuple(getattr(self, f.name) for f in fields(self)) + (0, 0, 0))
+
+    @classmethod
+    def parse(cls, b: bytes):
+        _zero(b[3:6], cls.CODE.name)
+        return cls(*(_enum(e, b[i], f"{cls.CODE.name} field {i}") for i, e in enumerate(cls.ENUMS)))
+
+
 @dataclass(frozen=True)
-class SmaPropose(Control):
+class SmaPropose(_Three):
     """11.2.5.2, figure 109."""
 
     CODE = CtlType.SMA_PROPOSE
-    LENGTH = 8
+    ENUMS = (GpAttribute, GkMecha, EnDecId)
     gp_attribute: GpAttribute
     gk_mecha: GkMecha
     con_en_dec_id: EnDecId
-
-    def body(self) -> bytes:
-        return bytes((self.gp_attribute, self.gk_mecha, self.con_en_dec_id, 0, 0, 0))
-
-    @classmethod
-    def parse(cls, b: bytes) -> SmaPropose:
-        _zero(b[3:6], "SMA_PROPOSE")
-        return cls(_enum(GpAttribute, b[0], "GP_ATTRIBUTE"), _enum(GkMecha, b[1], "GK_MECHA"),
-                   _enum(EnDecId, b[2], "CON_EN_DEC_ID"))
 
 
 @dataclass(frozen=True)
@@ -401,23 +407,14 @@ class AuthAlgCapab(_Capab):
 
 
 @dataclass(frozen=True)
-class GkMech(Control):
+class GkMech(_Three):
     """11.2.6.2, figure 114."""
 
     CODE = CtlType.GK_MECH
-    LENGTH = 8
+    ENUMS = (GpAttribute, GkMecha, GkName)
     gp_attribute: GpAttribute
     gk_mecha: GkMecha
     gk_name: GkName
-
-    def body(self) -> bytes:
-        return bytes((self.gp_attribute, self.gk_mecha, self.gk_name, 0, 0, 0))
-
-    @classmethod
-    def parse(cls, b: bytes) -> GkMech:
-        _zero(b[3:6], "GK_MECH")
-        return cls(_enum(GpAttribute, b[0], "GP_ATTRIBUTE"), _enum(GkMecha, b[1], "GK_MECHA"),
-                   _enum(GkName, b[2], "GK_NAME"))
 
 
 @dataclass(frozen=True)
@@ -853,11 +850,10 @@ def iter_controls(data: bytes, start: int = HEADER_LEN) -> Iterator[tuple[int, i
         i += n
 
 
-def decode(data: bytes) -> Message:
-    """Decode one message (profile B.2, B.12 order). Raises Rmcp2Error only."""
-    data = bytes(data)
+def check_header(data: bytes, minimum: int) -> tuple[MsgType, NodeType]:
+    """Step 1 of profile B.12 (shared with the envelope, B.7): sizes, Length, Ver, type, NT, MAID."""
     n = len(data)
-    if n < HEADER_LEN:
+    if n < minimum:
         raise Rmcp2Error(ErrorCode.TRUNCATED, f"{n} bytes")
     if int.from_bytes(data[2:4], "big") != n:
         raise Rmcp2Error(ErrorCode.LENGTH, f"Length field vs {n} bytes")
@@ -867,14 +863,21 @@ def decode(data: bytes) -> Message:
         mtype = MsgType(data[1])
     except ValueError:
         raise Rmcp2Error(ErrorCode.UNKNOWN_MESSAGE, f"{data[1]:#04x}") from None
-    rule = RULES[mtype]
-    nt_v = data[0] & 0x0F
-    if nt_v not in rule.nts:
-        raise Rmcp2Error(ErrorCode.NODE_TYPE, f"{nt_v:#x} may not send {mtype.name}")
-    nt = NodeType(nt_v)
-    maid = data[12:20]
-    if not any(maid):
+    nt = data[0] & 0x0F
+    if nt not in RULES[mtype].nts:
+        raise Rmcp2Error(ErrorCode.NODE_TYPE, f"{nt:#x} may not send {mtype.name}")
+    if not any(data[12:20]):
         raise Rmcp2Error(ErrorCode.MAID, "all-zero MAID")
+    return mtype, NodeType(nt)
+
+
+def decode(data: bytes) -> Message:
+    """Decode one message (profile B.2, B.12 order). Raises Rmcp2Error only."""
+    data = bytes(data)
+    n = len(data)
+    mtype, nt = check_header(data, HEADER_LEN)
+    rule = RULES[mtype]
+    maid = data[12:20]
     if rule.fixed_length is not None and n != rule.fixed_length:
         raise Rmcp2Error(ErrorCode.LENGTH, f"{mtype.name} Length must be {rule.fixed_length:#x}")
     controls: list[Control] = []

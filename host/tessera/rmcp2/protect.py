@@ -15,8 +15,7 @@ from typing import Callable
 
 from tessera.crypto import aes
 from tessera.crypto.mac import ct_equal, hmac
-from tessera.rmcp2.codec import (HEADER_LEN, RULES, VERSION, AuthId, EnDecId, ErrorCode, MsgType, Rmcp2Error,
-                                 decode)
+from tessera.rmcp2.codec import HEADER_LEN, AuthId, EnDecId, ErrorCode, Rmcp2Error, check_header, decode
 
 SEC_LEN = 8  # KeyRef EncAlg AuthAlg KeyGen Seq(4)
 IV_LEN = 16
@@ -140,20 +139,7 @@ def peek(data: bytes) -> tuple[bytes, SecHeader]:
     before the key is looked up). Returns (MAID of the header, SecHeader)."""
     data = bytes(data)
     n = len(data)
-    if n < HEADER_LEN + OVERHEAD:
-        raise Rmcp2Error(ErrorCode.TRUNCATED, f"{n} bytes")
-    if int.from_bytes(data[2:4], "big") != n:
-        raise Rmcp2Error(ErrorCode.LENGTH, f"Length field vs {n} bytes")
-    if data[0] >> 4 != VERSION:
-        raise Rmcp2Error(ErrorCode.VERSION, f"{data[0] >> 4}")
-    try:
-        mtype = MsgType(data[1])
-    except ValueError:
-        raise Rmcp2Error(ErrorCode.UNKNOWN_MESSAGE, f"{data[1]:#04x}") from None
-    if data[0] & 0x0F not in RULES[mtype].nts:
-        raise Rmcp2Error(ErrorCode.NODE_TYPE, f"{data[0] & 0x0F:#x} may not send {mtype.name}")
-    if not any(data[12:20]):
-        raise Rmcp2Error(ErrorCode.MAID, "all-zero MAID")
+    check_header(data, HEADER_LEN + OVERHEAD)
     ref, enc, auth, gen, seq = struct.unpack(">BBBBI", data[HEADER_LEN:HEADER_LEN + SEC_LEN])
     try:
         kref = KeyRef(ref)
