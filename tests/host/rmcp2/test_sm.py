@@ -339,3 +339,39 @@ def test_connection_table_is_bounded():
 def test_open_session_needs_a_policy():
     with pytest.raises(ValueError):
         new_sm().open_session()
+
+
+def _served_session():
+    sm, sma, dma = server_side()
+    agree(sm, sma, [dma])
+    sm.open_session()
+    rma = MA(N.RMA, 80)
+    admit(sm, rma, "r80", now=20.0)
+    return sm, rma, dma
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(["fresh", "r80", "ks"]), st.binary(max_size=120)), max_size=8), st.data())
+def test_engine_survives_arbitrary_input_and_keeps_serving(inputs, data):
+    sm, rma, dma = _served_session()
+    valid = [rma.seal(rma.msg(M.SECAGREQ)), dma.seal(dma.msg(M.SECAGREQ), dma.ks, sm.policy.suite)]
+    sm.connect("fresh", 20.0, cert_der=b"c")
+    for where, raw in inputs:
+        if data.draw(st.booleans()):  # a mutated valid message instead of pure garbage
+            b = bytearray(valid[where == "ks"])
+            b[data.draw(st.integers(0, len(b) - 1))] ^= data.draw(st.integers(1, 255))
+            raw = bytes(b)
+        conn = ("ks", "dma0") if where == "ks" else where
+        for a in sm.receive(conn, raw, 20.0):
+            assert isinstance(a, (S.Send, S.Close))
+    assert len(sm.links) <= 6 and sum(sm.errors.values()) <= len(inputs) + 1
+    # an honest RMA is still admitted and agrees on the policy
+    honest = MA(N.RMA, 81)
+    out = admit(sm, honest, "r81", now=21.0)
+    assert honest.open(sends(out)[0].data).get(C.ResultCtl).value == C.Result.ACCEPTED
+    assert rma_agree(sm, honest, "r81", now=21.0) == []
+    assert P.hashed_maid(SID, honest.maid) in sm.acl
