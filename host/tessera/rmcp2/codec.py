@@ -316,7 +316,7 @@ class KeyMaterial:
     """KEY_MATERIAL sub-control (11.2.4.3, 11.2.9.3): Key_Type and KEY_DATA (B.6)."""
 
     key_type: KeyType
-    key_data: bytes
+    key_data: bytes = field(repr=False)  # key material: never shown
 
     def encode(self) -> bytes:
         if 4 + len(self.key_data) > MAX_KEY_MATERIAL:
@@ -478,7 +478,7 @@ class KeyInfo(Control):
 
     CODE = CtlType.KEY_INFO
     key_type: KeyType
-    key_data: bytes
+    key_data: bytes = field(repr=False)  # key material: never shown
 
     def body(self) -> bytes:
         return bytes((self.key_type, 0))
@@ -555,9 +555,9 @@ class AuthAns(Control):
 
 @dataclass(frozen=True)
 class _Fixed(Control):
-    """Project controls with Reserved(2) then fixed bytes."""
+    """Project controls with Reserved(2) then fixed bytes (a seed or a nonce: never shown)."""
 
-    value: bytes
+    value: bytes = field(repr=False)
     SIZE: ClassVar[int]
 
     def body(self) -> bytes:

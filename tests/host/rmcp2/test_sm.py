@@ -375,3 +375,20 @@ def test_engine_survives_arbitrary_input_and_keeps_serving(inputs, data):
     assert honest.open(sends(out)[0].data).get(C.ResultCtl).value == C.Result.ACCEPTED
     assert rma_agree(sm, honest, "r81", now=21.0) == []
     assert P.hashed_maid(SID, honest.maid) in sm.acl
+
+
+def test_no_key_material_in_reprs_or_logs(caplog):
+    """Ks, K_TLS seeds and KEY_DATA never appear in a repr (what a log line would show)."""
+    caplog.set_level("DEBUG")
+    sm = new_sm()
+    sma = MA(N.SMA, 1)
+    sm.connect("sma", 1.0, cert_der=sma.cert)
+    ktlsans = C.decode(sends(sm.receive("sma", sma.ktlsreq(), 1.0))[0].data)
+    sma.ktlsans(ktlsans.encode())
+    out = sm.receive("sma", sma.seal(sma.msg(M.SUBSREQ)), 1.0)
+    kd = sma.open(sends(out)[1].data)
+    secrets_ = [ktlsans.get(C.KtlsSeed).value, sm._ks_raw, kd.get(C.KeyInfo).key_data]
+    texts = [repr(ktlsans), repr(kd), repr(sm.members), repr(sm.links), repr(sm.ks), repr(sma.ktls), caplog.text]
+    for s in secrets_:
+        for t in texts:
+            assert s.hex() not in t and repr(s)[2:-1] not in t
