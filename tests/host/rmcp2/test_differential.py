@@ -119,3 +119,25 @@ def test_envelopes_agree(m, suite, seq, iv, ref, data):
     assert he == fe
     if not he:
         assert f == h == plain
+
+
+@FAST
+@given(st.lists(st.one_of(st.integers(0, 120), st.integers(P.SEQ_MAX - 40, P.SEQ_MAX + 2)), max_size=80))
+def test_replay_windows_agree(seqs):
+    h, f = P.ReplayWindow(), FS.Window()
+    for s in seqs:
+        try:
+            h.check(s)
+            hok = True
+        except C.Rmcp2Error:
+            hok = False
+        try:
+            f.check(s)
+            fok = True
+        except FwError:
+            fok = False
+        assert hok == fok, (s, h.high)
+        if hok:
+            h.commit(s)
+            f.commit(s)
+        assert h.high == f.high
