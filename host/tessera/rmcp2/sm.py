@@ -6,8 +6,15 @@ with a verified client certificate is up (or a plain TCP link for the Ks-protect
 `receive()` with each complete message, `tick()` with the time, and carries out the `Send`
 and `Close` actions returned. Randomness comes from the injected `rand(n)`.
 
-Not built yet: the asyncio adapter, SQLite store, Ks hash schedule, ACL service
-(HRSREQ/HRSANS), leave/termination and everything of part 2.
+Session key Ks (10.1.2.1; profile B.6, B.14): created at bootstrap, delivered under K_TLS at
+admission, hashed forward every `ks_period`, replaced by a fresh random key when a DMA is
+truncated or an SMA/DMA leaves abnormally, and then delivered by KEYDELIVER to the SMA and
+every DMA under each one's own K_TLS. ACL (10.1.5): HRSREQ answered by HRSANS under Ks.
+
+An optional `journal` (the SQLite store, store.py) is told every state change before the
+engine acts on it, so that what was acknowledged survives a crash.
+
+Not built: leave/termination of RMAs and everything of part 2.
 """
 from __future__ import annotations
 
@@ -52,6 +59,7 @@ class SmConfig:
     admit_timeout: float = 20.0  # T_ADMIT (B.10)
     secagans_timeout: float = 30.0  # T_SECAGANS (B.10)
     ks_period: int = 3600  # B.6
+    ks_grace: float = 30.0  # B.6: previous generation accepted after a hash step
     max_rmas: int = 2000  # B.8
     max_links: int = 4096
     modules: frozenset[int] = frozenset()  # algorithm codes whose modules the SM can hand out (B.3 SECALGANS)
@@ -91,8 +99,10 @@ class Member:
     policy: str = "none"  # none -> sent -> ok | failed
     policy_deadline: float = 0.0
     suite: P.Suite = P.BOOTSTRAP
+    ks_pending: bool = False  # a fresh Ks this member has not been sent yet (B.14)
     link: object = None
     tx_seq: int = 0
+    tx_reserved: int = 0  # Seq values up to here may have been used (journalled before use)
     windows: dict = field(default_factory=dict, repr=False)
 
 
@@ -122,6 +132,13 @@ class SessionManager:
         self.service_user_ids: set[bytes] = set()
         self._ks_raw = rand(16)  # created at bootstrap (10.1.2.1)
         self.ks = P.ProtKey(P.KeyRef.KS, self._ks_raw, 1)
+        self.ks_mode = C.KeyMode.FRESH
+        self.ks_since = now  # when the current generation came into force
+        self.ks_prev: P.ProtKey | None = None  # previous generation, during the grace after a hash step
+        self.ks_prev_until = 0.0
+        self.journal = None  # store.Journal or None (set by the adapter / store.restore)
+        self._now = now
+        self._admitting: object = None
         self.policy: Policy | None = None
         self.open_to_rmas = False
         self.errors: Counter[str] = Counter()
@@ -132,13 +149,48 @@ class SessionManager:
         """The content provider registers a service user identifier (10.1.1.5)."""
         if not 1 <= len(ident) <= 253:
             raise ValueError("a service user identifier is 1..253 bytes (profile A.6)")
+        self._j("add_service_user_id", bytes(ident))
         self.service_user_ids.add(bytes(ident))
+
+    def remove_service_user_id(self, ident: bytes) -> bool:
+        """Withdraw an identifier; members already admitted stay (10.1.1.5 checks at SUBSREQ)."""
+        if bytes(ident) not in self.service_user_ids:
+            return False
+        self._j("remove_service_user_id", bytes(ident))
+        self.service_user_ids.discard(bytes(ident))
+        return True
 
     def open_session(self) -> None:
         """Open the session to RMAs (10.1.1.3: the announcement is out of scope)."""
         if self.policy is None:
             raise ValueError("the security policy is not set yet (10.1.4.2 follows 10.1.4.1)")
         self.open_to_rmas = True
+        self._j("put_session", self)
+
+    def rekey(self, now: float, reason: str = "operator request") -> list:
+        """A fresh random Ks (no hashing), KEYDELIVER to the SMA and every DMA (figure 93)."""
+        log.warning("rmcp2 sm: fresh Ks: %s", reason)
+        gen = P.next_gen(self.ks.gen)
+        self._set_ks(self.rand(16), gen, C.KeyMode.FRESH, now)
+        self.ks_prev = None  # no grace: a truncated DMA's key must stop working at once (B.14)
+        out: list = []
+        for m in self.members.values():
+            if m.nt != N.RMA:
+                m.ks_pending = True
+                out += self._deliver_ks(m)
+        return out
+
+    def truncate(self, maid: bytes, now: float) -> list:
+        """Expel an SMA/DMA (LEAVREQ EXPELLED under its K_TLS, 10.2.5) and replace Ks."""
+        m = self.members.get(bytes(maid))
+        if m is None or m.nt == N.RMA:
+            raise ValueError("no such SMA/DMA in the session")
+        out: list = []
+        link = self.links.get(m.link)
+        if link is not None:
+            out.append(self._seal(m, link, self._msg(M.LEAVREQ, m.maid, C.ResultCtl(C.Result.EXPELLED)), m.ktls))
+        out += self._remove(m, "truncated by the operator")
+        return out + self.rekey(now, "a DMA was truncated")
 
     @property
     def sma(self) -> Member | None:
@@ -158,6 +210,7 @@ class SessionManager:
             link.member.link = None
 
     def tick(self, now: float) -> list:
+        self._now = now
         out: list = []
         for link in list(self.links.values()):
             if link.member is None and now - link.opened > self.cfg.admit_timeout:
@@ -167,12 +220,18 @@ class SessionManager:
         for m in list(self.members.values()):  # _refuse_policy removes members
             if m.policy == "sent" and now > m.policy_deadline:
                 out += self._refuse_policy(m, "no SECAGANS before the deadline")
+        if self.ks_prev is not None and now >= self.ks_prev_until:
+            self.ks_prev = None
+            self._prune_windows()
+        if now - self.ks_since >= self.cfg.ks_period:
+            out += self._hash_step(now)
         return out
 
     def receive(self, conn: object, data: bytes, now: float) -> list:
         link = self.links.get(conn)
         if link is None:
             return []
+        self._now = now
         try:
             return self._receive(link, bytes(data), now)
         except C.Rmcp2Error as e:
@@ -194,13 +253,71 @@ class SessionManager:
         self.disconnect(link.conn)
         return [Close(link.conn, reason)]
 
-    def _seal(self, m: Member | None, link: Link, msg: C.Message) -> Send:
-        """Protect a message for `link` per profile B.7: K_TLS on a TLS link, Ks otherwise."""
-        if m is None:
-            raise AssertionError("sealing needs a member or a link key")
+    def _j(self, op: str, *args) -> None:
+        if self.journal is not None:
+            getattr(self.journal, op)(*args)
+
+    def _seal(self, m: Member, link: Link, msg: C.Message, key: P.ProtKey | None = None) -> Send:
+        """Protect a message for `link` per profile B.7: K_TLS on a TLS link, Ks otherwise
+        (or the key given). Seq values are reserved in the journal before use, so a restarted
+        SM never repeats one under a key a receiver still holds."""
         m.tx_seq += 1
-        key, suite = (m.ktls, m.suite) if link.tls else (self.ks, m.suite)
-        return Send(link.conn, P.seal(msg.encode(), key, suite, m.tx_seq, self.rand(16)))
+        if m.tx_seq > m.tx_reserved and m.hashed_maid:
+            m.tx_reserved = m.tx_seq + 255
+            self._j("put_member", m)
+        key = key or (m.ktls if link.tls else self.ks)
+        return Send(link.conn, P.seal(msg.encode(), key, m.suite, m.tx_seq, self.rand(16)))
+
+    def _set_ks(self, raw: bytes, gen: int, mode: C.KeyMode, now: float) -> None:
+        self._ks_raw, self.ks, self.ks_mode, self.ks_since = raw, P.ProtKey(P.KeyRef.KS, raw, gen), mode, now
+        for m in self.members.values():
+            if m.nt != N.RMA:
+                m.windows[(P.KeyRef.KS, gen)] = P.ReplayWindow()
+        self._prune_windows()
+        self._j("put_ks", self)  # before any message under the new generation leaves
+
+    def _prune_windows(self) -> None:
+        keep = {self.ks.gen} | ({self.ks_prev.gen} if self.ks_prev else set())
+        for m in self.members.values():
+            for k in [k for k in m.windows if k[0] == P.KeyRef.KS and k[1] not in keep]:
+                del m.windows[k]
+
+    def _hash_step(self, now: float) -> list:
+        """B.6: Ks(g+1) = H(Ks(g)); the old generation stays valid for ks_grace. Each
+        connected SMA/DMA gets an HB under the new generation, which tells it to hash forward."""
+        old = self.ks
+        gen = P.next_gen(old.gen)
+        self._set_ks(P.ks_next(self._ks_raw, self.cfg.session_id, gen), gen, C.KeyMode.HASHED, now)
+        self.ks_prev, self.ks_prev_until = old, now + self.cfg.ks_grace
+        for m in self.members.values():
+            if m.nt != N.RMA:
+                m.windows.setdefault((P.KeyRef.KS, old.gen), P.ReplayWindow())
+        out = []
+        for m in self.members.values():
+            link = self.links.get(m.link)
+            if m.nt != N.RMA and link is not None and not link.tls:
+                out.append(self._seal(m, link, self._msg(M.HB, m.maid)))
+        return out
+
+    def _keydeliver(self, m: Member, link: Link) -> Send:
+        """KEYDELIVER of the current Ks under the member's own K_TLS (10.1.2.1, B.14)."""
+        kd = C.KeyData(self.ks.gen, self.ks_mode, self.cfg.ks_period, self._ks_raw).encode()
+        return self._seal(m, link, C.Message(M.KEYDELIVER, N.SM, self.cfg.session_id, m.maid,
+                                             (C.KeyInfo(C.KeyType.KS, kd),)), m.ktls)
+
+    def _deliver_ks(self, m: Member) -> list:
+        link = self.links.get(m.link)
+        if link is None or link.tls:
+            return []  # delivered when the member next authenticates on a plain link
+        m.ks_pending = False
+        return [self._keydeliver(m, link)]
+
+    def _remove(self, m: Member, why: str) -> list:
+        self.members.pop(m.maid, None)
+        self.acl.pop(m.hashed_maid, None)
+        self._j("drop_member", m.maid)
+        link = self.links.get(m.link)
+        return self._drop(link, why) if link else []
 
     def _msg(self, t: C.MsgType, maid: bytes, *controls: C.Control) -> C.Message:
         return C.Message(t, N.SM, self.cfg.session_id, maid, tuple(controls))
@@ -212,6 +329,7 @@ class SessionManager:
             plain = P.unseal(data, link.member.suite if link.member else P.BOOTSTRAP, self._tls_key(link),
                              lambda maid, key: link.window)
         else:
+            _, sec = P.peek(data)
             plain = P.unseal(data, self._ks_suite(data), self._ks_key, self._ks_window)
         msg = C.decode(plain)
         if msg.session_id != self.cfg.session_id:
@@ -223,17 +341,27 @@ class SessionManager:
                     raise C.Rmcp2Error(C.ErrorCode.UNEXPECTED_CONTROL, "SUBSREQ first")
                 return self._subsreq(link, msg)
             member = link.member
-        else:  # the Tag verified under Ks, which _ks_key gives only for an admitted SMA/DMA
-            member = link.member = self.members[msg.maid]
+        else:  # the Tag verified under Ks or the member's K_TLS (_ks_key: admitted SMA/DMA only)
+            member = self.members[msg.maid]
+            if sec.ref == P.KeyRef.KTLS or link.member is None:
+                link.member = member  # K_TLS names this one member; Ks only "one of them" (B.13)
+            self._j("put_window", member, sec.ref, sec.gen)
         if msg.maid != member.maid:
             self._count("MAID differs from the admitted one")
             return []
         member.link = link.conn
-        handler = {M.SECAGREQ: self._secagreq, M.SECALGREQ: self._secalgreq, M.SECAGANS: self._secagans}.get(msg.type)
+        out = self._deliver_ks(member) if member.ks_pending else []
+        if not link.tls and sec.ref == P.KeyRef.KTLS:
+            if msg.type != M.HB:
+                self._count("only HB is accepted under K_TLS on a plain link")
+                return out
+            return out or [self._keydeliver(member, link)]  # resynchronise its Ks (B.14)
+        handler = {M.SECAGREQ: self._secagreq, M.SECALGREQ: self._secalgreq, M.SECAGANS: self._secagans,
+                   M.HRSREQ: self._hrsreq, M.HB: self._hb}.get(msg.type)
         if handler is None:
             self._count(f"{msg.type.name} not handled by this SM")
-            return []
-        return handler(member, link, msg, now)
+            return out
+        return out + handler(member, link, msg, now)
 
     def _tls_key(self, link: Link):
         def lookup(maid: bytes, sec: P.SecHeader):
@@ -248,9 +376,17 @@ class SessionManager:
 
     def _ks_key(self, maid: bytes, sec: P.SecHeader):
         m = self.members.get(maid)
-        if m is None or m.nt == N.RMA or sec.ref != P.KeyRef.KS or sec.gen != self.ks.gen:
+        if m is None or m.nt == N.RMA:
             return None
-        return self.ks
+        if sec.ref == P.KeyRef.KTLS:
+            return m.ktls  # a member's own key: binds a new plain link to it (B.14)
+        if sec.ref != P.KeyRef.KS:
+            return None
+        if sec.gen == self.ks.gen:
+            return self.ks
+        if self.ks_prev is not None and sec.gen == self.ks_prev.gen and self._now < self.ks_prev_until:
+            return self.ks_prev
+        return None
 
     def _ks_window(self, maid: bytes, key: P.ProtKey) -> P.ReplayWindow:
         # made at admission (_subsreq): receiving never creates state (profile B.7)
@@ -261,7 +397,7 @@ class SessionManager:
         msg = C.decode(data)
         if msg.type != M.KTLSREQ or msg.session_id != self.cfg.session_id or link.cert_der is None:
             raise C.Rmcp2Error(C.ErrorCode.UNEXPECTED_CONTROL, "KTLSREQ first, on a TLS link")
-        if msg.maid in self.members:
+        if not self._maid_free(msg.maid, link.cert_der):
             self._count("MAID in use")
             return self._drop(link, "MAID in use")
         nonce = msg.get(C.KtlsNonce).value
@@ -272,8 +408,15 @@ class SessionManager:
         link.hashed_ktls = P.hashed_ktls(raw, self.cfg.session_id)
         return [Send(link.conn, self._msg(M.KTLSANS, msg.maid, C.KtlsSeed(seed)).encode())]
 
+    def _maid_free(self, maid: bytes, cert_der: bytes | None) -> bool:
+        """A MAID is free, or held by a member with the same certificate and no live link
+        (it lost its connection, or the SM restarted): it may subscribe again (B.13)."""
+        m = self.members.get(maid)
+        return m is None or (m.link not in self.links and m.cert_sha256 == hashlib.sha256(cert_der or b"").digest())
+
     def _subsreq(self, link: Link, msg: C.Message) -> list:
         """10.1.1.2-10.1.1.5: admission of the SMA, DMAs and RMAs."""
+        self._admitting = link.conn
         result = self._admission_result(msg)
         temp = Member(msg.maid, msg.nt, link.ktls, b"", b"", b"")
         if result != C.Result.ACCEPTED:
@@ -281,22 +424,31 @@ class SessionManager:
             out = [self._seal(temp, link, self._msg(M.SUBSANS, msg.maid, C.ResultCtl(result)))]
             return out + self._drop(link, result.name)
         sid = self.cfg.session_id
+        old = self.members.pop(msg.maid, None)
+        if old is not None:  # re-subscription with the same certificate: the old state goes
+            self.acl.pop(old.hashed_maid, None)
+            self._count("re-subscription of a known MAID")
         m = Member(msg.maid, msg.nt, link.ktls, hashlib.sha256(link.cert_der or b"").digest(),
                    P.hashed_maid(sid, msg.maid), link.hashed_ktls, link=link.conn)
+        m.windows[(P.KeyRef.KTLS, 0)] = link.window  # one K_TLS window across its links
         if msg.nt != N.RMA:
             m.windows[(P.KeyRef.KS, self.ks.gen)] = P.ReplayWindow()
+            if self.ks_prev is not None:
+                m.windows[(P.KeyRef.KS, self.ks_prev.gen)] = P.ReplayWindow()
         self.members[msg.maid] = m
         link.member = m
+        self._j("put_member", m)  # before SUBSANS ACCEPTED leaves
         out = [self._seal(m, link, self._msg(M.SUBSANS, msg.maid, C.ResultCtl(C.Result.ACCEPTED)))]
         if msg.nt != N.RMA:  # Ks under K_TLS to the SMA and DMAs only (10.1.1.1, 10.1.2.1)
-            kd = C.KeyData(self.ks.gen, C.KeyMode.FRESH, self.cfg.ks_period, self._ks_raw).encode()
-            out.append(self._seal(m, link, C.Message(M.KEYDELIVER, N.SM, sid, msg.maid,
-                                                     (C.KeyInfo(C.KeyType.KS, kd),))))
+            out.append(self._keydeliver(m, link))
             out += self._drop(link, "Ks delivered: the TLS session closes (10.1.1.1)")
         return out
 
     def _admission_result(self, msg: C.Message) -> C.Result:
-        if msg.maid in self.members:
+        if not self._maid_free(msg.maid, self.links[self._admitting].cert_der):
+            return C.Result.MAID_IN_USE
+        old = self.members.get(msg.maid)
+        if old is not None and old.nt != msg.nt:
             return C.Result.MAID_IN_USE
         if msg.nt == N.SMA:
             return C.Result.NOT_ALLOWED if self.sma else C.Result.ACCEPTED
@@ -322,6 +474,7 @@ class SessionManager:
         if self.policy is not None and has_capab:
             self._count("capabilities after the policy is set (11.2.5.1 g)")
         m.secagreq = msg
+        self._j("put_member", m)
         if self.policy is None:
             if now - self.created >= self.cfg.agree_time:
                 return self._select_policy(now)  # the time has passed already: select now
@@ -332,6 +485,7 @@ class SessionManager:
         assert self.policy is not None
         m.policy = "sent"
         m.policy_deadline = now + self.cfg.secagans_timeout
+        self._j("put_member", m)
         link = self.links.get(m.link)
         return self._seal(m, link, self._msg(M.SECLIST, m.maid, *self.policy.controls()))
 
@@ -348,6 +502,7 @@ class SessionManager:
         self.policy = Policy(prop.gp_attribute, prop.gk_mecha, _best(reqs, C.GkMechCapab, USABLE_GK_NAME), content,
                              _best(reqs, C.EnDecCapab, USABLE_EN_DEC), _best(reqs, C.AuthAlgCapab, USABLE_AUTH))
         log.info("rmcp2 sm: policy %s", self.policy)
+        self._j("put_session", self)
         return [self._seclist(m, now) for m in self.members.values()
                 if m.secagreq is not None and m.link in self.links]
 
@@ -375,16 +530,30 @@ class SessionManager:
         m.suite = self.policy.suite  # the link moves to the agreed algorithms (B.7)
         if m.nt == N.RMA:
             self.acl[m.hashed_maid] = m.hashed_ktls  # 10.1.5
+        self._j("put_member", m)
         return []
 
+    def _hrsreq(self, m: Member, link: Link, msg: C.Message, now: float) -> list:
+        """10.1.5: the ACL (hashed MAID, hashed K_TLS of every RMA that agreed on the policy)
+        to a DMA, under Ks. Entries in a fixed order so equal ACLs give equal messages."""
+        if m.nt != N.DMA or link.tls:
+            self._count("HRSREQ not from a DMA on its Ks link")
+            return []
+        entries = tuple(sorted(hm + hk for hm, hk in self.acl.items()))[:C.MAX_ACL]
+        return [self._seal(m, link, self._msg(M.HRSANS, m.maid, C.AclList(entries)))]
+
+    def _hb(self, m: Member, link: Link, msg: C.Message, now: float) -> list:
+        return []  # liveness only; the authenticated message already bound the link
+
     def _refuse_policy(self, m: Member, why: str) -> list:
-        """An MA that cannot run the policy leaves the session (10.1.4)."""
+        """An MA that cannot run the policy leaves the session (10.1.4); an SMA/DMA leaving
+        holds Ks, so Ks is replaced (figure 93: "something abnormal")."""
         self._count(f"policy refused: {why}")
         m.policy = "failed"
-        self.members.pop(m.maid, None)
-        self.acl.pop(m.hashed_maid, None)
-        link = self.links.get(m.link)
-        return self._drop(link, "policy refused") if link else []
+        out = self._remove(m, "policy refused")
+        if m.nt != N.RMA:
+            out += self.rekey(self._now, f"{m.nt.name} left the session: {why}")
+        return out
 
 
 def _best(reqs: list[C.Message], cls: type, usable: tuple) -> C.IntEnum:
