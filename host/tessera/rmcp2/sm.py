@@ -171,8 +171,8 @@ class SessionManager:
         """A fresh random Ks (no hashing), KEYDELIVER to the SMA and every DMA (figure 93)."""
         log.warning("rmcp2 sm: fresh Ks: %s", reason)
         gen = P.next_gen(self.ks.gen)
-        self._set_ks(self.rand(16), gen, C.KeyMode.FRESH, now)
         self.ks_prev = None  # no grace: a truncated DMA's key must stop working at once (B.14)
+        self._set_ks(self.rand(16), gen, C.KeyMode.FRESH, now)
         out: list = []
         for m in self.members.values():
             if m.nt != N.RMA:
@@ -223,6 +223,7 @@ class SessionManager:
         if self.ks_prev is not None and now >= self.ks_prev_until:
             self.ks_prev = None
             self._prune_windows()
+            self._j("put_ks", self)
         if now - self.ks_since >= self.cfg.ks_period:
             out += self._hash_step(now)
         return out
@@ -287,11 +288,8 @@ class SessionManager:
         connected SMA/DMA gets an HB under the new generation, which tells it to hash forward."""
         old = self.ks
         gen = P.next_gen(old.gen)
-        self._set_ks(P.ks_next(self._ks_raw, self.cfg.session_id, gen), gen, C.KeyMode.HASHED, now)
         self.ks_prev, self.ks_prev_until = old, now + self.cfg.ks_grace
-        for m in self.members.values():
-            if m.nt != N.RMA:
-                m.windows.setdefault((P.KeyRef.KS, old.gen), P.ReplayWindow())
+        self._set_ks(P.ks_next(self._ks_raw, self.cfg.session_id, gen), gen, C.KeyMode.HASHED, now)
         out = []
         for m in self.members.values():
             link = self.links.get(m.link)
@@ -427,6 +425,7 @@ class SessionManager:
         old = self.members.pop(msg.maid, None)
         if old is not None:  # re-subscription with the same certificate: the old state goes
             self.acl.pop(old.hashed_maid, None)
+            self._j("drop_member", old.maid)
             self._count("re-subscription of a known MAID")
         m = Member(msg.maid, msg.nt, link.ktls, hashlib.sha256(link.cert_der or b"").digest(),
                    P.hashed_maid(sid, msg.maid), link.hashed_ktls, link=link.conn)
