@@ -161,3 +161,20 @@ def test_kill_9_loses_no_acknowledged_member(tmp_path):
     sm = ST.open_engine(ST.SmStore(db, key=bytes(range(32))), now=2.0)
     missing = [m for m in acked if m not in sm.members]
     assert len(acked) >= 25 and not missing
+
+
+def test_service_user_cli_add_list_remove(tmp_path, capsys, monkeypatch):
+    from tessera.cli import main
+    monkeypatch.setenv(ST.ENV_KEY, bytes(range(32)).hex())
+    db = str(tmp_path / "sm.sqlite")
+    assert main(["sm", "service-user", "list", "--db", db]) == 2  # no database: a clear error, none created
+    assert not (tmp_path / "sm.sqlite").exists()
+    assert main(["sm", "service-user", "add", "--db", db, "viewer-1"]) == 0
+    assert main(["sm", "service-user", "add", "--db", db, "--hex", "00ff"]) == 0
+    assert main(["sm", "service-user", "add", "--db", db, "--hex", "zz"]) == 2
+    capsys.readouterr()
+    assert main(["sm", "service-user", "list", "--db", db]) == 0
+    assert capsys.readouterr().out.split() == ["hex:00ff", "viewer-1"]
+    assert main(["sm", "service-user", "remove", "--db", db, "viewer-1"]) == 0
+    assert main(["sm", "service-user", "remove", "--db", db, "viewer-1"]) == 2
+    assert ST.SmStore(db).service_user_ids() == {b"\x00\xff"}
