@@ -50,7 +50,7 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
 
 
 def make_pki(d: Path | str, names: list[str], days: int = 365, ca_name: str = "ca") -> dict[str, Path]:
-    """A CA and one P-256 leaf per name (CN = name; SAN 127.0.0.1, ::1 and localhost)."""
+    """A CA and one P-256 leaf per name (CN = name; SAN the name, 127.0.0.1, ::1, localhost)."""
     d = Path(d)
     d.mkdir(parents=True, exist_ok=True)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -63,7 +63,7 @@ def make_pki(d: Path | str, names: list[str], days: int = 365, ca_name: str = "c
     out = {ca_name: d / f"{ca_name}.pem"}
     for n in names:
         k = ec.generate_private_key(ec.SECP256R1())
-        c = _cert(n, k, ca_dn, ca_key, False, days, san)
+        c = _cert(n, k, ca_dn, ca_key, False, days, [x509.DNSName(n), *san])  # a board checks the SM by name
         (d / f"{n}.pem").write_bytes(c.public_bytes(serialization.Encoding.PEM))
         _write_key(d / f"{n}.key", k)
         out[n] = d / f"{n}.pem"
