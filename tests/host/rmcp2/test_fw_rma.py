@@ -31,6 +31,7 @@ mpshim.install()
 from tessera_fw.rmcp2 import rma as R  # noqa: E402
 
 N = C.NodeType
+HEAP = 112 * 1024  # the ESP32 board heap of the firmware test harness (tests/mpy_plugin.py)
 
 
 def policy_session(gp=C.GpAttribute.OPEN, content=C.EnDecId.AES_CTR_128):
@@ -124,7 +125,10 @@ MP_SCRIPT = textwrap.dedent('''
     maid = bytes([127, 0, 0, 1, 0xB0, n, 0, n])
     r = Rma(sid, maid, cert, os.urandom, sui=sui.encode() if sui else None)
     link = rma_net.admit(r, "127.0.0.1", port, cert, rd(name + ".key.der"), rd("ca.der"))
-    print(STATE_NAMES[r.state], r.result, r.sec_return, link.handshake_ms, r.hashed_ktls().hex(), maid.hex())
+    import gc
+    gc.collect()
+    print(STATE_NAMES[r.state], r.result, r.sec_return, link.handshake_ms, r.hashed_ktls().hex(), maid.hex(),
+          gc.mem_alloc())
     link.close()
 ''')
 
@@ -172,11 +176,12 @@ def test_board_rma_in_micropython_against_the_real_sm_over_tls(pki, tmp_path):
             await asyncio.sleep(1.0)  # the SM reads identifiers every tick (0.5 s)
 
             def board(name, n, sui="", d=pki_dir):
-                return subprocess.run([mp, "-c", MP_SCRIPT, str(d), str(tp), sid, name, str(n), sui], env=env,
+                return subprocess.run([mp, "-X", f"heapsize={HEAP}", "-c", MP_SCRIPT, str(d), str(tp), sid, name, str(n), sui], env=env,
                                       capture_output=True, text=True, timeout=60)
             good = await asyncio.to_thread(board, "rma1", 1, "viewer-1")
             assert good.returncode == 0, good.stderr
-            state, result, ret, hs_ms, hk, maid = good.stdout.split()
+            state, result, ret, hs_ms, hk, maid, heap = good.stdout.split()
+            print(f"board RMA over TLS: handshake {hs_ms} ms, heap in use with the TLS session open {heap} bytes")
             assert (state, result, ret) == ("ready", "1", "1")
             missing = await asyncio.to_thread(board, "rma2", 2)
             assert missing.stdout.split()[:2] == ["refused", str(0x41)], missing.stderr
