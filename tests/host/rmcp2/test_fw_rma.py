@@ -114,9 +114,13 @@ def test_board_rma_counts_tampered_and_replayed_input():
 
 
 MP_SCRIPT = textwrap.dedent('''
-    import sys, os
+    import gc, sys, os
+    gc.collect()
+    h0 = gc.mem_alloc()
     from tessera_fw.rmcp2.rma import Rma, STATE_NAMES
     from tessera_fw.rmcp2 import rma_net
+    gc.collect()
+    h1 = gc.mem_alloc()
     d, port, sid, name, n, sui = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3]), sys.argv[4], int(sys.argv[5]), sys.argv[6]
     def rd(p):
         with open(d + "/" + p, "rb") as f:
@@ -124,11 +128,12 @@ MP_SCRIPT = textwrap.dedent('''
     cert = rd(name + ".der")
     maid = bytes([127, 0, 0, 1, 0xB0, n, 0, n])
     r = Rma(sid, maid, cert, os.urandom, sui=sui.encode() if sui else None)
+    gc.collect()
+    h2 = gc.mem_alloc()
     link = rma_net.admit(r, "127.0.0.1", port, cert, rd(name + ".key.der"), rd("ca.der"))
-    import gc
     gc.collect()
     print(STATE_NAMES[r.state], r.result, r.sec_return, link.handshake_ms, r.hashed_ktls().hex(), maid.hex(),
-          gc.mem_alloc())
+          h1 - h0, h2 - h1, gc.mem_alloc() - h2)
     link.close()
 ''')
 
@@ -180,8 +185,9 @@ def test_board_rma_in_micropython_against_the_real_sm_over_tls(pki, tmp_path):
                                       capture_output=True, text=True, timeout=60)
             good = await asyncio.to_thread(board, "rma1", 1, "viewer-1")
             assert good.returncode == 0, good.stderr
-            state, result, ret, hs_ms, hk, maid, heap = good.stdout.split()
-            print(f"board RMA over TLS: handshake {hs_ms} ms, heap in use with the TLS session open {heap} bytes")
+            state, result, ret, hs_ms, hk, maid, h_imp, h_rma, h_tls = good.stdout.split()
+            print(f"board RMA over TLS: handshake {hs_ms} ms; heap: imports {h_imp} B, Rma() {h_rma} B, "
+                  f"TLS link open and admitted {h_tls} B more")
             assert (state, result, ret) == ("ready", "1", "1")
             missing = await asyncio.to_thread(board, "rma2", 2)
             assert missing.stdout.split()[:2] == ["refused", str(0x41)], missing.stderr
