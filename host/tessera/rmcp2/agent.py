@@ -42,6 +42,7 @@ class AgentConfig:
     auth: frozenset[int] = frozenset({C.AuthId.HMAC_SHA1, C.AuthId.HMAC_MD5})
     gk_names: frozenset[int] = frozenset({C.GkName.KDC})
     hrs_refresh: float = 60.0  # B.10 HRS_REFRESH
+    hb_interval: float = 30.0  # B.10 T_HB: keeps the link inside the SM's T_IDLE (60 s)
     ks_grace: float = 30.0  # B.6
 
 
@@ -67,6 +68,7 @@ class Agent:
     _windows: dict = field(default_factory=dict, repr=False)
     _plain: bool = False
     _next_hrs: float = 0.0
+    _next_hb: float = 0.0
     _missing: list = field(default_factory=list)
     _sent_secagreq: bool = False
 
@@ -101,10 +103,14 @@ class Agent:
     def tick(self, now: float) -> list[bytes]:
         if self._ks_prev is not None and now >= self._ks_prev_until:
             self._ks_prev = None
-        if (self.cfg.nt == N.DMA and self._plain and self._ks is not None and self.state == "ready"
-                and now >= self._next_hrs):
-            self._next_hrs = now + self.cfg.hrs_refresh
+        if self.state != "ready" or (self.cfg.nt != N.RMA and not self._plain):
+            return []
+        if self.cfg.nt == N.DMA and now >= self._next_hrs:
+            self._next_hrs, self._next_hb = now + self.cfg.hrs_refresh, now + self.cfg.hb_interval
             return [self._seal(self._msg(M.HRSREQ), self._ks)]
+        if now >= self._next_hb:  # HB (B.3) on its link: liveness, and the SM's T_IDLE stays unexpired
+            self._next_hb = now + self.cfg.hb_interval
+            return [self._seal(self._msg(M.HB), self._link_key())]
         return []
 
     def acl_allows(self, hashed_maid: bytes, hashed_ktls: bytes) -> bool:
