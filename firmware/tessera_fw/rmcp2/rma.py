@@ -71,6 +71,12 @@ class Rma:
         self.state = ST_KTLS
         return M.ktlsreq(self.w, self.sid, self.maid, self._nonce)
 
+    def hb(self):
+        """HB under K_TLS on the admitted link (B.3, T_HB): keeps it inside the SM's T_IDLE."""
+        if self.state != ST_READY:
+            return None
+        return self._seal(M.empty(self.w, 0xAD, self.sid, self.maid))
+
     def hashed_ktls(self):
         return S.hashed_ktls(self.ktls._raw, self.sid) if self.ktls else b""
 

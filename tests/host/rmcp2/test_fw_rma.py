@@ -76,6 +76,10 @@ def test_board_rma_subscribes_agrees_and_enters_the_acl():
     assert (rma.enc, rma.mac) == (int(sm.policy.gk_en_dec), int(sm.policy.auth))
     assert sm.acl == {P.hashed_maid(SID, rma.maid): rma.hashed_ktls()}
     assert sum(rma.errors) == 0
+    before = sum(sm.errors.values())
+    for _ in range(3):  # HB keeps the link: authenticated, in the agreed suite, no error counted
+        assert sm.receive("b1", bytes(rma.hb()), 21.0) == []
+    assert sum(sm.errors.values()) == before and "b1" in sm.links
 
 
 def test_board_rma_in_a_closed_group():

@@ -129,7 +129,15 @@ def test_fresh_ks_when_a_dma_is_truncated_reaches_the_others_not_it():
     sm, net = session(n_dmas=3)
     before = sm._ks_raw
     gone = dmas(net)[2]
-    net.deliver(sm.truncate(gone.cfg.maid, 30.0), 30.0)
+    actions = sm.truncate(gone.cfg.maid, 30.0)
+    kds = [a.data for a in actions if isinstance(a, S.Send) and a.conn[0] != "dma2"]
+    assert len(kds) == 3  # SMA and the two remaining DMAs
+    old = P.ProtKey(P.KeyRef.KS, before, 1)
+    for d in kds:  # under each member's own K_TLS: the old Ks (which the truncated DMA holds) opens none
+        assert P.peek(d)[1].ref == P.KeyRef.KTLS
+        with pytest.raises(C.Rmcp2Error):
+            P.unseal(d, P.BOOTSTRAP, lambda maid, sec: old, lambda maid, k: P.ReplayWindow())
+    net.deliver(actions, 30.0)
     assert gone.state == "expelled" and gone.ks is None and gone.cfg.maid not in sm.members
     assert sm.ks.gen == 2 and sm.ks_mode == C.KeyMode.FRESH and sm._ks_raw != before
     assert sm._ks_raw != P.ks_next(before, SID, 2)  # random, not the hash of the old key
