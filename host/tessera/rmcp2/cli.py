@@ -182,8 +182,8 @@ def register(sub) -> None:
     ss = sm.add_subparsers(dest="sm_command", metavar="SUBCOMMAND", required=True)
 
     p = ss.add_parser("pki", help="make a CA and ECDSA P-256 certificates for the SM and MAs")
-    p.add_argument("--dir", required=True)
-    p.add_argument("--days", type=int, default=365)
+    p.add_argument("--dir", required=True, help="directory for ca.pem, NAME.pem and NAME.key (created)")
+    p.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
     p.add_argument("names", nargs="+", help="certificate names, e.g. sm sma dma1 rma1")
     p.set_defaults(func=cmd_pki)
 
@@ -192,18 +192,18 @@ def register(sub) -> None:
     p.add_argument("--session-id", type=_hex_int, help="create the session with this ID (first run)")
     p.add_argument("--pki-dir", required=True, help="directory with ca.pem, NAME.pem, NAME.key")
     p.add_argument("--name", default="sm", help="the SM's certificate name (default sm)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--tls-port", type=cliargs.port, default=TLS_PORT, help="TLS admission port (0: any free)")
     p.add_argument("--plain-port", type=cliargs.port, default=PLAIN_PORT, help="Ks control port (0: any free)")
     p.add_argument("--agree-time", type=float, default=10.0, help="Security Agree.time in seconds (10.1.4.1)")
     p.add_argument("--ks-period", type=int, default=3600, help="seconds between Ks hash steps (B.6)")
-    p.add_argument("--max-rmas", type=int, default=2000)
+    p.add_argument("--max-rmas", type=int, default=2000, help="RMAs admitted per session (B.8, default 2000)")
     p.add_argument("--max-conns", type=int, default=1024, help="connections on both listeners together")
     p.add_argument("--hold", action="store_true", help="do not open the session to RMAs when the policy is set")
     p.set_defaults(func=cmd_serve)
 
     p = ss.add_parser("status", help="what the store holds")
-    p.add_argument("--db")
+    p.add_argument("--db", help=f"SQLite store (default {default_db()})")
     p.set_defaults(func=cmd_status)
 
     su = ss.add_parser("service-user", help="service user identifiers of the content provider (10.1.1.5)")
@@ -211,7 +211,7 @@ def register(sub) -> None:
     for name, func, has_id in (("add", cmd_su_add, True), ("list", cmd_su_list, False),
                                ("remove", cmd_su_remove, True)):
         q = sus.add_parser(name, help=f"{name} identifiers (a running SM picks changes up within a second)")
-        q.add_argument("--db")
+        q.add_argument("--db", help=f"SQLite store (default {default_db()})")
         q.add_argument("--hex", action="store_true", help="identifiers as hexadecimal bytes")
         if has_id:
             q.add_argument("ident", help="the identifier (UTF-8 text, or hex with --hex)")
