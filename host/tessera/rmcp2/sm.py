@@ -341,9 +341,12 @@ class SessionManager:
             member = link.member
         else:  # the Tag verified under Ks or the member's K_TLS (_ks_key: admitted SMA/DMA only)
             member = self.members[msg.maid]
-            if sec.ref == P.KeyRef.KTLS or link.member is None:
-                link.member = member  # K_TLS names this one member; Ks only "one of them" (B.13)
             self._j("put_window", member, sec.ref, sec.gen)
+            if link.member is not None and link.member.maid != member.maid:
+                # Ks proves only "one of the SMA/DMAs" (B.13): a link stays with its member
+                self._count("MAID differs from the link's member")
+                return []
+            link.member = member
         if msg.maid != member.maid:
             self._count("MAID differs from the admitted one")
             return []

@@ -240,3 +240,16 @@ def test_ks_and_ktls_never_in_reprs():
     for secret in (sm._ks_raw, d0._ktls._raw):
         assert secret.hex() not in text and repr(secret)[2:-1] not in text
     assert hashlib.sha256(sm._ks_raw).hexdigest() not in text
+
+
+def test_a_dma_cannot_take_over_another_members_link_with_ks():
+    """Ks is shared: DMA 0 can seal a message naming DMA 1, but the SM keeps each link with
+    the member that bound it, so DMA 1's key deliveries never go to DMA 0's connection."""
+    sm, net = session(n_dmas=2)
+    d0, d1 = dmas(net)
+    forged = C.Message(M.HB, N.DMA, SID, d1.cfg.maid)
+    out = sm.receive(net.conn["dma0"], d0._seal(forged, d0.ks), 12.0)
+    assert out == [] and sm.errors["MAID differs from the link's member"] == 1
+    assert sm.members[d1.cfg.maid].link == net.conn["dma1"]
+    net.deliver(sm.rekey(13.0), 13.0)
+    assert d1.ks_gen == 2 and d1.ks._raw == sm._ks_raw and d0.errors["KEY"] == 0
