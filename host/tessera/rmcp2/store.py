@@ -1,0 +1,292 @@
+"""The session manager's SQLite store (docs/rmcp2.md): the session and its policy, members,
+service user identifiers, the ACL and the current Ks generation.
+
+Key material (Ks, the previous Ks during a grace, each member's K_TLS) is stored as
+AES-256-GCM ciphertext under the SM storage key, with the row's identity as associated data
+so a blob cannot be moved to another row (as the SCPM KSN store does). The storage key lives
+in a 0600 file next to the database (`<db>.key`) or comes from TESSERA_SM_KEY (64 hex
+digits); the database file is created 0600 too.
+
+The engine (sm.py) calls the journal methods below *before* it returns the messages that
+acknowledge a change (SUBSANS, KEYDELIVER, HRSANS ...), each in its own committed
+transaction with synchronous=FULL, so a restart after a clean stop or kill -9 brings back
+everything an MA was told. Outgoing Seq values are reserved in blocks (`tx_reserved`) and
+every accepted message's replay window is written, so a restarted SM neither repeats a Seq
+nor accepts a replay under a key that is still in force.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+from pathlib import Path
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from tessera.errors import TesseraError
+from tessera.paths import var_dir
+from tessera.rmcp2 import codec as C
+from tessera.rmcp2 import protect as P
+
+log = logging.getLogger("tessera.rmcp2.store")
+
+ENV_KEY = "TESSERA_SM_KEY"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS service_user_ids (ident BLOB PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS ks (
+    slot TEXT PRIMARY KEY, gen INTEGER NOT NULL, mode INTEGER NOT NULL, since REAL NOT NULL,
+    until REAL NOT NULL, blob BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS members (
+    maid BLOB PRIMARY KEY, nt INTEGER NOT NULL, cert_sha256 BLOB NOT NULL, hashed_maid BLOB NOT NULL,
+    hashed_ktls BLOB NOT NULL, ktls BLOB NOT NULL, secagreq BLOB, policy TEXT NOT NULL,
+    policy_deadline REAL NOT NULL, suite_enc INTEGER NOT NULL, suite_auth INTEGER NOT NULL,
+    tx_reserved INTEGER NOT NULL, ks_pending INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS windows (
+    maid BLOB NOT NULL, ref INTEGER NOT NULL, gen INTEGER NOT NULL, high INTEGER NOT NULL,
+    bits INTEGER NOT NULL, PRIMARY KEY (maid, ref, gen));
+CREATE TABLE IF NOT EXISTS acl (hashed_maid BLOB PRIMARY KEY, hashed_ktls BLOB NOT NULL);
+"""
+
+
+class StoreError(TesseraError):
+    pass
+
+
+def default_db() -> Path:
+    return var_dir() / "rmcp2-sm.sqlite"
+
+
+def storage_key(db_path: Path) -> bytes:
+    """TESSERA_SM_KEY, else `<db>.key` (created 0600 with a random key; refused if others can read it)."""
+    env = os.environ.get(ENV_KEY, "").strip()
+    if env:
+        try:
+            key = bytes.fromhex(env)
+        except ValueError:
+            key = b""
+        if len(key) != 32:
+            raise StoreError(f"{ENV_KEY} must be 64 hex digits (AES-256)")
+        return key
+    kp = db_path.with_name(db_path.name + ".key")
+    if kp.exists():
+        if kp.stat().st_mode & 0o077:
+            raise StoreError(f"{kp} is readable by others; chmod 600 it")
+        try:
+            key = bytes.fromhex(kp.read_text().strip())
+        except ValueError:
+            key = b""
+        if len(key) != 32:
+            raise StoreError(f"{kp} does not hold a 32-byte key")
+        return key
+    key = os.urandom(32)
+    fd = os.open(kp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key.hex() + "\n")
+    log.info("created SM storage key file %s (mode 0600)", kp)
+    return key
+
+
+class SmStore:
+    """One session per database. Thread-safe (one connection, one lock). Doubles as the
+    engine's journal (`sm.journal = store`)."""
+
+    def __init__(self, path: Path | str | None = None, key: bytes | None = None, durable: bool = True) -> None:
+        self.path = Path(path) if path else default_db()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+        self._aead = AESGCM(key if key is not None else storage_key(self.path))
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'OFF'}")
+        self._db.executescript(SCHEMA)
+        check = self._meta("keycheck")
+        if check is None:
+            self._set_meta("keycheck", self._seal("keycheck", b"tessera-rmcp2-sm").hex())
+        else:
+            self._open("keycheck", bytes.fromhex(check))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ------------------------------------------------------------ encryption at rest
+    def _seal(self, aad: str, secret: bytes) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + self._aead.encrypt(nonce, secret, aad.encode())
+
+    def _open(self, aad: str, blob: bytes) -> bytes:
+        try:
+            return self._aead.decrypt(blob[:12], blob[12:], aad.encode())
+        except Exception:
+            raise StoreError(f"cannot decrypt {aad} (wrong SM storage key?)") from None
+
+    def _exec(self, *stmts: tuple[str, tuple]) -> None:
+        """Statements in one committed transaction."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, args in stmts:
+                    self._db.execute(sql, args)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _meta(self, k: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT v FROM meta WHERE k=?", (k,)).fetchone()
+        return row[0] if row else None
+
+    def _set_meta(self, k: str, v: str) -> None:
+        self._exec(("INSERT OR REPLACE INTO meta VALUES (?, ?)", (k, v)))
+
+    # ------------------------------------------------------------ session definition
+    def session(self) -> dict | None:
+        """The session's settings as created (`create_session`), or None."""
+        v = self._meta("session")
+        return json.loads(v) if v else None
+
+    def create_session(self, settings: dict) -> None:
+        if self.session() is not None:
+            raise StoreError(f"{self.path} already holds session {self.session()['session_id']:#018x}")
+        self._set_meta("session", json.dumps(settings, sort_keys=True))
+
+    # ------------------------------------------------------------ service user identifiers (CP)
+    def service_user_ids(self) -> set[bytes]:
+        with self._lock:
+            return {bytes(r[0]) for r in self._db.execute("SELECT ident FROM service_user_ids")}
+
+    def add_service_user_id(self, ident: bytes) -> None:
+        if not 1 <= len(ident) <= 253:
+            raise StoreError("a service user identifier is 1..253 bytes (profile A.6)")
+        self._exec(("INSERT OR IGNORE INTO service_user_ids VALUES (?)", (bytes(ident),)))
+
+    def remove_service_user_id(self, ident: bytes) -> bool:
+        with self._lock:
+            n = self._db.execute("SELECT COUNT(*) FROM service_user_ids WHERE ident=?", (bytes(ident),)).fetchone()[0]
+            self._exec(("DELETE FROM service_user_ids WHERE ident=?", (bytes(ident),)))
+        return bool(n)
+
+    # ------------------------------------------------------------ journal (called by sm.py)
+    def put_session(self, sm) -> None:
+        pol = sm.policy
+        v = None if pol is None else [int(pol.gp_attribute), int(pol.gk_mecha), int(pol.gk_name),
+                                       int(pol.con_en_dec), int(pol.gk_en_dec), int(pol.auth)]
+        self._set_meta("state", json.dumps({"policy": v, "open": sm.open_to_rmas, "created": sm.created}))
+
+    def put_ks(self, sm) -> None:
+        stmts = [("INSERT OR REPLACE INTO ks VALUES ('current', ?, ?, ?, 0, ?)",
+                  (sm.ks.gen, int(sm.ks_mode), sm.ks_since, self._seal(f"ks:{sm.ks.gen}", sm._ks_raw)))]
+        if sm.ks_prev is None:
+            stmts.append(("DELETE FROM ks WHERE slot='prev'", ()))
+        else:
+            stmts.append(("INSERT OR REPLACE INTO ks VALUES ('prev', ?, 0, 0, ?, ?)",
+                          (sm.ks_prev.gen, sm.ks_prev_until, self._seal(f"ks:{sm.ks_prev.gen}", sm.ks_prev._raw))))
+        keep = (sm.ks.gen, sm.ks_prev.gen if sm.ks_prev else sm.ks.gen)
+        stmts.append(("DELETE FROM windows WHERE ref=? AND gen NOT IN (?, ?)", (int(P.KeyRef.KS), *keep)))
+        self._exec(*stmts)
+
+    def put_member(self, m) -> None:
+        maid = bytes(m.maid)
+        stmts = [("INSERT OR REPLACE INTO members VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                  (maid, int(m.nt), m.cert_sha256, m.hashed_maid, m.hashed_ktls,
+                   self._seal(f"ktls:{maid.hex()}", m.ktls._raw), m.secagreq.encode() if m.secagreq else None,
+                   m.policy, m.policy_deadline, int(m.suite.enc), int(m.suite.auth), m.tx_reserved,
+                   int(m.ks_pending)))]
+        if m.nt == C.NodeType.RMA and m.policy == "ok":
+            stmts.append(("INSERT OR REPLACE INTO acl VALUES (?, ?)", (m.hashed_maid, m.hashed_ktls)))
+        else:
+            stmts.append(("DELETE FROM acl WHERE hashed_maid=?", (m.hashed_maid,)))
+        self._exec(*stmts)
+
+    def drop_member(self, maid: bytes) -> None:
+        maid = bytes(maid)
+        with self._lock:
+            row = self._db.execute("SELECT hashed_maid FROM members WHERE maid=?", (maid,)).fetchone()
+        self._exec(("DELETE FROM members WHERE maid=?", (maid,)), ("DELETE FROM windows WHERE maid=?", (maid,)),
+                   ("DELETE FROM acl WHERE hashed_maid=?", (row[0] if row else b"",)))
+
+    def put_window(self, m, ref: int, gen: int) -> None:
+        w = m.windows.get((ref, gen))
+        if w is not None:
+            self._exec(("INSERT OR REPLACE INTO windows VALUES (?, ?, ?, ?, ?)",
+                        (bytes(m.maid), int(ref), int(gen), w.high, w.seen)))
+
+    # ------------------------------------------------------------ restore
+    def restore(self, sm) -> None:
+        """Put the stored state into a freshly made engine (before any connection)."""
+        from tessera.rmcp2 import sm as S  # the engine module imports nothing from here
+        with self._lock:
+            ks_rows = {r[0]: r[1:] for r in self._db.execute("SELECT slot, gen, mode, since, until, blob FROM ks")}
+            members = self._db.execute("SELECT * FROM members").fetchall()
+            windows = self._db.execute("SELECT maid, ref, gen, high, bits FROM windows").fetchall()
+            acl = self._db.execute("SELECT hashed_maid, hashed_ktls FROM acl").fetchall()
+        sm.service_user_ids = self.service_user_ids()
+        st = json.loads(self._meta("state") or "null")
+        if st:
+            sm.created, sm.open_to_rmas = st["created"], st["open"]
+            if st["policy"]:
+                p = st["policy"]
+                sm.policy = S.Policy(C.GpAttribute(p[0]), C.GkMecha(p[1]), C.GkName(p[2]), C.EnDecId(p[3]),
+                                     C.EnDecId(p[4]), C.AuthId(p[5]))
+        if "current" in ks_rows:
+            gen, mode, since, _, blob = ks_rows["current"]
+            sm._ks_raw = self._open(f"ks:{gen}", blob)
+            sm.ks, sm.ks_mode, sm.ks_since = P.ProtKey(P.KeyRef.KS, sm._ks_raw, gen), C.KeyMode(mode), since
+        if "prev" in ks_rows:
+            gen, _, _, until, blob = ks_rows["prev"]
+            sm.ks_prev, sm.ks_prev_until = P.ProtKey(P.KeyRef.KS, self._open(f"ks:{gen}", blob), gen), until
+        sm.members.clear()
+        for (maid, nt, cert, hm, hk, kt, sag, pol, dl, enc, auth, txr, pend) in members:
+            maid = bytes(maid)
+            m = S.Member(maid, C.NodeType(nt), P.ProtKey(P.KeyRef.KTLS, self._open(f"ktls:{maid.hex()}", kt)),
+                         bytes(cert), bytes(hm), bytes(hk), secagreq=C.decode(bytes(sag)) if sag else None,
+                         policy=pol, policy_deadline=dl, suite=P.Suite(C.EnDecId(enc), C.AuthId(auth)),
+                         tx_seq=txr, tx_reserved=txr, ks_pending=bool(pend))
+            m.windows[(P.KeyRef.KTLS, 0)] = P.ReplayWindow()
+            if m.nt != C.NodeType.RMA:
+                for k in (sm.ks, sm.ks_prev):
+                    if k is not None:
+                        m.windows[(P.KeyRef.KS, k.gen)] = P.ReplayWindow()
+            sm.members[maid] = m
+        for maid, ref, gen, high, bits in windows:
+            m = sm.members.get(bytes(maid))
+            if m is not None and (ref, gen) in m.windows:
+                m.windows[(ref, gen)].high, m.windows[(ref, gen)].seen = high, bits
+        sm.acl = {bytes(a): bytes(b) for a, b in acl}
+        sm.journal = self
+        log.info("rmcp2 store: restored %d members, %d ACL entries, Ks generation %d from %s",
+                 len(sm.members), len(sm.acl), sm.ks.gen, self.path)
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return {t: self._db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+                    for t in ("members", "acl", "service_user_ids", "windows")}
+
+
+def open_engine(store: SmStore, config=None, now: float = 0.0, rand=os.urandom):
+    """The session manager of `store`: restored if the store holds a session, else created
+    from `config` (an sm.SmConfig) with its bootstrap Ks journalled before anything is sent."""
+    from tessera.rmcp2 import sm as S
+    settings = store.session()
+    if settings is None:
+        if config is None:
+            raise StoreError(f"{store.path} holds no session; create one first (tessera sm serve --session-id ...)")
+        d = {k: getattr(config, k) for k in S.SmConfig.__dataclass_fields__}
+        d["maid"], d["modules"] = config.maid.hex(), sorted(int(x) for x in config.modules)
+        store.create_session(d)
+        eng = S.SessionManager(config, rand=rand, now=now)
+        eng.journal = store
+        store.put_ks(eng)
+        store.put_session(eng)
+        return eng
+    d = dict(settings)
+    d["maid"], d["modules"] = bytes.fromhex(d["maid"]), frozenset(d["modules"])
+    eng = S.SessionManager(S.SmConfig(**d), rand=rand, now=now)
+    store.restore(eng)
+    return eng
