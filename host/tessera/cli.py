@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tessera",
         description="Tessera: SCPM key setting node, ASM peer, "
-        "BCAST SP-4 over SimulCrypt, and MicroPython board tooling (the RMCP-2 part is not built yet).",
+        "BCAST SP-4 over SimulCrypt, and MicroPython board tooling (secure RMCP-2: the session manager, agents and the board RMA's control plane; no tree join or content yet).",
     )
     parser.add_argument("--version", action="version", version=f"tessera {tessera.__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")

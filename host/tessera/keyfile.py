@@ -140,3 +140,26 @@ def load_storage_key(db: Path, env: Mapping[str, str] | None, var: str, what: st
             log.info("created the %s storage key %s (mode 0600)", what, path)
             return raw, str(path)
     return read_key_file(path, error), str(path)
+
+
+class Sealer:
+    """AES-256-GCM for key material at rest in a store's rows: a fresh 96-bit nonce per
+    seal, the row's name as associated data (a sealed value moved to another row does not
+    open). `error(message)` is raised for anything that does not open; the message names the
+    row and says which key was probably wrong, never the value."""
+
+    def __init__(self, key: bytes, error: type[Exception], wrong_key_hint: str) -> None:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        self._aead = AESGCM(key)
+        self._error, self._hint = error, wrong_key_hint
+
+    def seal(self, aad: str, secret: bytes) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + self._aead.encrypt(nonce, secret, aad.encode())
+
+    def open(self, aad: str, blob: bytes) -> bytes:
+        try:
+            return self._aead.decrypt(blob[:12], blob[12:], aad.encode())
+        except Exception:  # noqa: BLE001 - InvalidTag, a short blob: the same answer
+            raise self._error(f"cannot decrypt {aad} ({self._hint})") from None

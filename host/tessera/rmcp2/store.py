@@ -23,8 +23,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
+from tessera import keyfile
 from tessera.errors import TesseraError
 from tessera.paths import var_dir
 from tessera.rmcp2 import codec as C
@@ -60,33 +59,9 @@ def default_db() -> Path:
 
 
 def storage_key(db_path: Path) -> bytes:
-    """TESSERA_SM_KEY, else `<db>.key` (created 0600 with a random key; refused if others can read it)."""
-    env = os.environ.get(ENV_KEY, "").strip()
-    if env:
-        try:
-            key = bytes.fromhex(env)
-        except ValueError:
-            key = b""
-        if len(key) != 32:
-            raise StoreError(f"{ENV_KEY} must be 64 hex digits (AES-256)")
-        return key
-    kp = db_path.with_name(db_path.name + ".key")
-    if kp.exists():
-        if kp.stat().st_mode & 0o077:
-            raise StoreError(f"{kp} is readable by others; chmod 600 it")
-        try:
-            key = bytes.fromhex(kp.read_text().strip())
-        except ValueError:
-            key = b""
-        if len(key) != 32:
-            raise StoreError(f"{kp} does not hold a 32-byte key")
-        return key
-    key = os.urandom(32)
-    fd = os.open(kp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key.hex() + "\n")
-    log.info("created SM storage key file %s (mode 0600)", kp)
-    return key
+    """TESSERA_SM_KEY, else `<db>.key` (created 0600, atomically, with fsync; a corrupt or
+    foreign-readable one refused with a one-line error): tessera.keyfile, as every store."""
+    return keyfile.load_storage_key(db_path, None, ENV_KEY, "SM", StoreError)[0]
 
 
 class SmStore:
@@ -96,9 +71,9 @@ class SmStore:
     def __init__(self, path: Path | str | None = None, key: bytes | None = None, durable: bool = True) -> None:
         self.path = Path(path) if path else default_db()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.path.exists():
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
-        self._aead = AESGCM(key if key is not None else storage_key(self.path))
+        keyfile.private_file(self.path)
+        self._sealer = keyfile.Sealer(key if key is not None else storage_key(self.path), StoreError,
+                                      "wrong SM storage key?")
         self._lock = threading.RLock()
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -116,14 +91,10 @@ class SmStore:
 
     # ------------------------------------------------------------ encryption at rest
     def _seal(self, aad: str, secret: bytes) -> bytes:
-        nonce = os.urandom(12)
-        return nonce + self._aead.encrypt(nonce, secret, aad.encode())
+        return self._sealer.seal(aad, secret)
 
     def _open(self, aad: str, blob: bytes) -> bytes:
-        try:
-            return self._aead.decrypt(blob[:12], blob[12:], aad.encode())
-        except Exception:
-            raise StoreError(f"cannot decrypt {aad} (wrong SM storage key?)") from None
+        return self._sealer.open(aad, blob)
 
     def _exec(self, *stmts: tuple[str, tuple]) -> None:
         """Statements in one committed transaction."""

@@ -23,7 +23,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from tessera import keyfile
 from tessera.errors import TesseraError
@@ -99,7 +98,8 @@ class Store:
         self.path = Path(path) if path else default_db()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         keyfile.private_file(self.path)  # sealed keys and registry metadata: nobody else's business
-        self._aead = AESGCM(storage_key if storage_key is not None else _load_storage_key(self.path))
+        self._sealer = keyfile.Sealer(storage_key if storage_key is not None else _load_storage_key(self.path),
+                                      StoreError, "wrong KSN storage key?")
         self._lock = threading.RLock()
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -115,14 +115,10 @@ class Store:
 
     # ------------------------------------------------------------ encryption at rest
     def _seal(self, aad: str, secret: bytes) -> bytes:
-        nonce = os.urandom(12)
-        return nonce + self._aead.encrypt(nonce, secret, aad.encode())
+        return self._sealer.seal(aad, secret)
 
     def _open(self, aad: str, blob: bytes) -> bytes:
-        try:
-            return self._aead.decrypt(blob[:12], blob[12:], aad.encode())
-        except Exception:
-            raise StoreError(f"cannot decrypt key row {aad} (wrong KSN storage key?)") from None
+        return self._sealer.open(aad, blob)
 
     def _check_key(self) -> None:
         row = self._db.execute("SELECT v FROM meta WHERE k='keycheck'").fetchone()
