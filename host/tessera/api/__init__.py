@@ -12,6 +12,9 @@ name starting with an underscore, are internal and may change without notice.
 """
 from __future__ import annotations
 
+from tessera.api.asm import (Asm, AsmClient, AsmError, AsmLinkError, AsmPeerRejected, AsmProtocolError, AsmRefused,
+                             AsmResponder, ClockOffset, CollectedRecord, CollectProgress, CollectResult, Credentials,
+                             LEKey, SpbStatus, collected_records, pki_credentials, response_name, set_spb_status)
 from tessera.api.boards import (Board, BoardStatus, DeployProgress, DeployResult, SelftestReport, serial_ports,
                                 virtual_boards)
 from tessera.api.errors import (BatchFailed, BoardError, DeviceError, InvalidKey, KsnBusy, KsnError, NoDatabase,
@@ -25,6 +28,10 @@ __all__ = [
     # SCPM key setting node
     "AsyncKsn", "Ksn", "serve_ksn", "list_devices", "DeviceInfo", "Enrolled", "KeyInstalled", "Rotated", "Synced",
     "KsnEndpoint", "Timing", "ErrorCode", "KSN_ADDRESS", "KSN_PORT", "format_addr", "parse_addr",
+    # ASM
+    "Asm", "AsmClient", "AsmResponder", "Credentials", "LEKey", "SpbStatus", "ClockOffset", "CollectProgress",
+    "CollectResult", "CollectedRecord", "collected_records", "pki_credentials", "response_name", "set_spb_status",
+    "AsmError", "AsmLinkError", "AsmPeerRejected", "AsmProtocolError", "AsmRefused",
     # errors
     "TesseraError", "BoardError", "KsnError", "NoDatabase", "KsnBusy", "InvalidKey", "UnknownDevice", "DeviceError",
     "BatchFailed",

@@ -5,6 +5,8 @@ example's output, so an example that rots fails CI."""
 from __future__ import annotations
 
 import json
+import re
+import time
 import os
 import subprocess
 import sys
@@ -109,3 +111,55 @@ def test_property_all(fleet):
     assert out.count("refused: the key has too little authority") == n, out
     out = run_example("property_all.py", "--db", db, "--port", port, "--prop", "2")
     assert out.count("property 2 = 0007") == n, out
+
+
+@pytest.fixture(scope="module")
+def asm_responder(tmp_path_factory):
+    """A PKI (`tessera pki create`) and an ASM responder (tessera.AsmResponder) on its own
+    event loop thread, on an ephemeral port."""
+    import asyncio
+    import threading
+
+    from tessera import AsmResponder, pki_credentials
+    from tessera.cli import main
+
+    d = tmp_path_factory.mktemp("asm")
+    assert main(["pki", "create", "--dir", str(d / "pki"), "--leaf", "SM:sm1", "--leaf", "LD:ld1"]) == 0
+    loop = asyncio.new_event_loop()
+    t = threading.Thread(target=loop.run_forever, daemon=True)
+    t.start()
+    r = AsmResponder(pki_credentials(d / "pki", "ld1"), d / "spb.db", port=0)
+    asyncio.run_coroutine_threadsafe(r.start(), loop).result(20)
+    try:
+        yield {"dir": d, "responder": r}
+    finally:
+        asyncio.run_coroutine_threadsafe(r.stop(), loop).result(20)
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(5)
+        loop.close()
+
+
+def test_asm_log(asm_responder):
+    """Records made by key loads and an operator alert are collected, listed once, and a
+    second run collects nothing new."""
+    from tessera import Asm, LEKey, pki_credentials
+
+    d, r = asm_responder["dir"], asm_responder["responder"]
+    with Asm("127.0.0.1", r.port, creds=pki_credentials(d / "pki", "sm1")) as asm:
+        assert asm.load_keys([LEKey(7, os.urandom(16), 3600, 1), LEKey(8, os.urandom(16), 3600, 2)]) == 0
+        assert asm.key_ids() == [7, 8] and asm.purge_key(7) and not asm.purge_key(7)
+    r.set_status("alert", "test")
+    args = ["--port", str(r.port), "--pki", str(d / "pki"), "--name", "sm1", "--db", str(d / "sm.db")]
+    time.sleep(1.1)  # the collector takes whole seconds up to the responder's last complete one
+    out = run_example("asm_log.py", *args)
+    assert "status security-alert" in out, out
+    n = int(re.search(r"(\d+) record\(s\) held", out).group(1))
+    assert n >= 1 and re.search(r"\d+ listed, (\d+) new", out).group(1) == str(n), out
+    assert "SPBSecurityAlert" in out, out
+    first = re.findall(r"event +(\d+) ", out)
+    assert len(first) == n and "KeyTransfer" in out, out
+    time.sleep(1.1)
+    out = run_example("asm_log.py", *args)  # only what is new: the first run's own link records
+    new = int(re.search(r"\d+ listed, (\d+) new", out).group(1))
+    second = re.findall(r"event +(\d+) ", out)
+    assert new >= 1 and len(second) == n + new == len(set(second)) and set(first) < set(second), out
