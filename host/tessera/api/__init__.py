@@ -7,7 +7,8 @@ name starting with an underscore, are internal and may change without notice.
 - boards, real or virtual: `Board` (tessera.api.boards)
 - the SCPM key setting node: `AsyncKsn`, `Ksn`, `serve_ksn` (tessera.api.ksn)
 - the ASM initiator and log collector: `AsmClient`, `collect_log` (tessera.api.asm)
-- the SimulCrypt roles: tessera.api.simulcrypt
+- the SimulCrypt roles: the submodule `tessera.api.simulcrypt`, with its own `__all__`
+  (not re-exported by `tessera`, whose `tessera.simulcrypt` is the protocol package)
 - errors: `TesseraError` and its subclasses (tessera.api.errors)
 """
 from __future__ import annotations

@@ -9,8 +9,12 @@ from pathlib import Path
 import tessera
 import tessera.api
 
-LISTED = [ln.strip() for ln in (Path(__file__).with_name("public_names.txt")).read_text().splitlines()
-          if ln.strip() and not ln.startswith("#")]
+import tessera.api.simulcrypt
+
+LINES = [ln.strip() for ln in (Path(__file__).with_name("public_names.txt")).read_text().splitlines()
+         if ln.strip() and not ln.startswith("#")]
+LISTED = [n for n in LINES if "." not in n]
+SIMULCRYPT = [n.split(".", 1)[1] for n in LINES if n.startswith("simulcrypt.")]
 
 
 def test_no_public_name_disappears():
@@ -18,6 +22,12 @@ def test_no_public_name_disappears():
     assert not missing, f"public names removed from tessera.api.__all__: {missing}"
     for name in LISTED:
         assert getattr(tessera, name) is getattr(tessera.api, name), name
+
+
+def test_simulcrypt_submodule_names():
+    assert sorted(SIMULCRYPT) == sorted(tessera.api.simulcrypt.__all__)
+    for name in SIMULCRYPT:
+        getattr(tessera.api.simulcrypt, name)
 
 
 def test_new_names_are_listed_deliberately():
