@@ -47,7 +47,12 @@ class AsmPeerRejected(AsmError):
 
 
 class AsmRefused(AsmError):
-    """The responder answered the request with an error response."""
+    """The responder answered the request with an error response; `response` names it
+    ("invalid_parameter", ...) when the answer was a GeneralResponse code."""
+
+    def __init__(self, message: str, response: str | None = None) -> None:
+        self.response = response
+        super().__init__(message)
 
 
 class AsmProtocolError(AsmError):
@@ -146,7 +151,7 @@ class AsmClient:
         """GetTime (clause 7.2): the responder's UTC time, seconds since 1970."""
         r = await self._call(self._ini.get_time())
         if r.response != 0:
-            raise AsmRefused(f"GetTime: {response_name(r.response)}")
+            raise AsmRefused(f"GetTime: {response_name(r.response)}", response_name(r.response))
         return int(r.time)
 
     async def clock_offset(self) -> ClockOffset:
@@ -162,7 +167,7 @@ class AsmClient:
         """GetEventID (clause 7.4): one log record (XML)."""
         r = await self._call(self._ini.get_event_id(event_id))
         if r.response != 0:
-            raise AsmRefused(f"GetEventID {event_id}: {response_name(r.response)}")
+            raise AsmRefused(f"GetEventID {event_id}: {response_name(r.response)}", response_name(r.response))
         return bytes(r.log_record)
 
     async def query_spb(self) -> SpbStatus:
@@ -176,7 +181,7 @@ class AsmClient:
             raise ValueError("no keys to load")
         r = await self._call(self._ini.le_key_load(keys))
         if r.response != 0:
-            raise AsmRefused(f"LEKeyLoad: {response_name(r.response)}")
+            raise AsmRefused(f"LEKeyLoad: {response_name(r.response)}", response_name(r.response))
         return int(r.overflow)
 
     async def has_key(self, key_id: int) -> bool:
@@ -195,7 +200,7 @@ class AsmClient:
         """LEKeyPurgeAll (clause 8.5)."""
         r = await self._call(self._ini.le_key_purge_all())
         if r.response != 0:
-            raise AsmRefused(f"LEKeyPurgeAll: {response_name(r.response)}")
+            raise AsmRefused(f"LEKeyPurgeAll: {response_name(r.response)}", response_name(r.response))
 
     async def collect(self, db: str | Path, responder: str | None = None,
                       progress: CollectProgress | None = None) -> CollectResult:
