@@ -73,6 +73,7 @@ class DeviceInfo:
     needs_sync: bool  # an update was interrupted; `sync` (or `rotate`) resolves it
     keys: dict[str, int] = field(default_factory=dict)  # "sp[1]", "user", "maker" -> generation held
     last_error: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # `tessera ksn list --json`
 
     @property
     def address(self) -> str:
@@ -110,7 +111,7 @@ def _key_name(k: str) -> str:
 def _info(d: dict) -> DeviceInfo:
     host, _, port = d["endpoint"].rpartition(":")
     return DeviceInfo(d["addr"], d["name"], host, int(port), d["state"], d["master_gen"], d["pending_gen"],
-                      d["needs_sync"], {_key_name(k): g for k, g in sorted(d["held"].items())}, d["last_error"])
+                      d["needs_sync"], {_key_name(k): g for k, g in sorted(d["held"].items())}, d["last_error"], d)
 
 
 def _check_key(key: bytes, what: str) -> str:
