@@ -13,11 +13,12 @@ port, for as long as the object is open. Keys are `bytes` (16); they are never l
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
+from tessera.api._sync import _LoopOwner
 from tessera.api.errors import (BatchFailed, DeviceError, InvalidKey, KsnBusy, KsnError, NoDatabase,
                                 UnknownDevice)
 from tessera.errors import TesseraError
@@ -31,7 +32,6 @@ Progress = Callable[[str], None]
 KSN_PORT = _C.PORT
 KSN_ADDRESS = _C.KSN_ADDRESS
 _KINDS = {"sp": KeyKind.SP, "maker": KeyKind.MAKER, "user": KeyKind.USER}
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -363,23 +363,20 @@ async def serve_ksn(db: str | Path, host: str = "127.0.0.1", port: int = KSN_POR
         raise (KsnBusy if "another KSN process" in str(e) else KsnError)(str(e)) from None
 
 
-class Ksn:
+class Ksn(_LoopOwner):
     """The synchronous KSN for short scripts: the same operations as AsyncKsn, each a plain
     call. The UDP socket is served only during a call (answers arriving between calls wait
     in the socket). Use `with Ksn(db) as ksn:`."""
 
     def __init__(self, db: str | Path, *, create: bool = False, host: str = "127.0.0.1", port: int = KSN_PORT,
                  address: int = KSN_ADDRESS, timing: Timing | None = None, use_server: bool = True) -> None:
-        self._loop = asyncio.new_event_loop()
+        super().__init__()
         try:
             self._ksn: AsyncKsn = self._run(AsyncKsn.open(db, create=create, host=host, port=port, address=address,
                                                           timing=timing, use_server=use_server))
         except BaseException:
-            self._loop.close()
+            self._close_loop()
             raise
-
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return self._loop.run_until_complete(coro)
 
     @property
     def db(self) -> Path:
@@ -398,7 +395,7 @@ class Ksn:
             try:
                 self._run(self._ksn.close())
             finally:
-                self._loop.close()
+                self._close_loop()
 
     def __enter__(self) -> Ksn:
         return self
