@@ -23,6 +23,7 @@ from tessera.errors import TesseraError
 from tessera.scpm import codec as C
 from tessera.scpm.control import control_path
 from tessera.scpm.ksn import Timing
+from tessera.scpm.server import _hex_key
 from tessera.scpm.store import default_db
 
 log = logging.getLogger("tessera.scpm")
@@ -60,16 +61,6 @@ def run_op(args: argparse.Namespace, op: Callable[[AsyncKsn], Awaitable[Any]], c
             return await op(ksn)
 
     return asyncio.run(main())
-
-
-def _key_bytes(text: str, what: str) -> bytes:
-    try:
-        raw = bytes.fromhex(text)
-    except ValueError:
-        raw = b""
-    if len(raw) != 16:  # the value itself is never repeated
-        raise TesseraError(f"{what} must be 32 hex digits (16 bytes)")
-    return raw
 
 
 SETUP_KEY_ENV = "TESSERA_KSN_SETUP_KEY"
@@ -171,7 +162,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_enrol(args: argparse.Namespace) -> int:
     host, port = _endpoint(args.device)
     addr = parse_addr(args.addr)
-    setup_key = _key_bytes(read_secret(args, "setup_key", "the setup key (32 hex digits from the device label)",
+    setup_key = _hex_key(read_secret(args, "setup_key", "the setup key (32 hex digits from the device label)",
                                        default_env=SETUP_KEY_ENV), "the setup key (from the device label)")
     run_op(args, lambda ksn: ksn.enrol(addr, setup_key, host, port, args.name or "", progress=print), create=True)
     return 0
@@ -181,7 +172,7 @@ def cmd_provision(kind: str):
     def run(args: argparse.Namespace) -> int:
         targets = _targets(args)
         text = read_secret(args, "key", f"the {kind} key (32 hex digits)", required=False)
-        key = _key_bytes(text, f"the {kind} key") if text else None
+        key = _hex_key(text, f"the {kind} key") if text else None
         run_op(args, lambda ksn: ksn.install_key(kind, targets, getattr(args, "index", 0), args.new, key,
                                                  progress=print))
         return 0
