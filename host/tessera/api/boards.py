@@ -179,7 +179,8 @@ class Board:
             if with_main:
                 files += [(firmware_dir() / "boot.py", "boot.py"), (firmware_dir() / "main.py", "main.py")]
             remote = self._remote()
-            remote.put_tree(files, clean="lib/tessera_fw", progress=progress)
+            # put_tree counts the copies through its callback: always give it one
+            remote.put_tree(files, clean="lib/tessera_fw", progress=progress or (lambda i, n, path, size: None))
             version = remote.exec("import tessera_fw; print(tessera_fw.VERSION)").strip()
         except TesseraError as e:
             raise _board_error(e) from None
