@@ -192,7 +192,7 @@ def _serve(start, close) -> None:
 
 
 def cmd_stkm_generator(args: argparse.Namespace) -> int:
-    from tessera.simulcrypt.ecmg import StkmGenerator
+    from tessera.api.simulcrypt import StkmGenerator
 
     from tessera.simulcrypt.tables import ErrorInfo
 
@@ -249,7 +249,7 @@ def cmd_scs(args: argparse.Namespace) -> int:
 
 
 def cmd_mux(args: argparse.Namespace) -> int:
-    from tessera.simulcrypt.mux import Multiplexer
+    from tessera.api.simulcrypt import Multiplexer
     from tessera.simulcrypt.tables import ErrorInfo
 
     if args.channels_per_client is not None and args.channels_per_client < 1:
