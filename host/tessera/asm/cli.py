@@ -12,13 +12,9 @@ import ssl
 import stat
 from pathlib import Path
 
-from tessera.asm.codec import GeneralResponse, LEKey, SPBStatus
-from tessera.asm.engine import ResponseTooLarge
-from tessera.asm.initiator import CollectError, Initiator, LinkFailure, LogCollector, PeerProtocolError, RequestRefused
-from tessera.asm.net import INITIATOR_ROLES, RESPONDER_ROLES, PeerRejected
-from tessera.asm.responder import Responder, ResponderConfig
-from tessera.asm.store import SecurityLog
-from tessera.asm.tls import ASM_PORT, Credentials, TLSProfileError
+from tessera.asm.codec import LEKey
+from tessera.asm.net import INITIATOR_ROLES, RESPONDER_ROLES
+from tessera.asm.tls import ASM_PORT, Credentials
 from tessera.cliargs import port as port_arg
 from tessera.errors import TesseraError
 from tessera.paths import var_dir
@@ -75,19 +71,20 @@ def _add_creds(p: argparse.ArgumentParser) -> None:
 
 # --------------------------------------------------------------------------- responder
 def cmd_responder(args: argparse.Namespace) -> int:
-    cfg = ResponderConfig(
-        creds=_creds(args, "responder"), db=Path(args.db or var_dir() / "asm-responder.db"),
-        host=args.host, port=args.port, key_capacity=args.capacity,
-        persist_keys=Path(args.persist_keys) if args.persist_keys else None, budget=args.budget,
-        initiator_roles=frozenset(args.initiator_role or INITIATOR_ROLES),
-        large_handshake_records=args.large_handshake_records, max_connections=args.max_connections,
-        max_connections_per_source=args.max_connections_per_source)
+    from tessera.api.asm import AsmResponder
+
+    db = Path(args.db or var_dir() / "asm-responder.db")
 
     async def main() -> None:
-        r = Responder(cfg)
+        r = AsmResponder(_creds(args, "responder"), db, args.host, args.port, key_capacity=args.capacity,
+                         persist_keys=Path(args.persist_keys) if args.persist_keys else None, budget=args.budget,
+                         initiator_roles=frozenset(args.initiator_role or INITIATOR_ROLES),
+                         large_handshake_records=args.large_handshake_records,
+                         max_connections=args.max_connections,
+                         max_connections_per_source=args.max_connections_per_source)
         try:
             port = await r.start()
-            print(f"ASM responder on {cfg.host}:{port}, security log {cfg.db}", flush=True)
+            print(f"ASM responder on {args.host}:{port}, security log {db}", flush=True)
             await r.serve_forever()
         finally:
             await r.stop()
@@ -101,21 +98,9 @@ def cmd_responder(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Drive the responder's QuerySPB status (clause 7.5) through its database."""
-    db = Path(args.db or var_dir() / "asm-responder.db")
-    try:
-        slog = SecurityLog(db)
-    except sqlite3.Error as exc:
-        raise TesseraError(f"cannot open the responder database {db}: {exc}") from None
-    try:
-        if args.state:
-            st = {"not-playing": SPBStatus.NOT_PLAYING, "playing": SPBStatus.PLAYING,
-                  "alert": SPBStatus.SECURITY_ALERT}[args.state]
-            slog.set_status(st)
-            if st is SPBStatus.SECURITY_ALERT:
-                slog.record("Operations", "SPBSecurityAlert", exceptions={"Reason": args.reason or "raised by operator"})
-        print(slog.get_status().name.lower().replace("_", "-"))
-    finally:
-        slog.close()
+    from tessera.api.asm import set_spb_status
+
+    print(set_spb_status(Path(args.db or var_dir() / "asm-responder.db"), args.state, args.reason))
     return 0
 
 
@@ -145,64 +130,55 @@ def _keys_from(args: argparse.Namespace) -> list[LEKey]:
     return keys
 
 
-def _code(v: int) -> str:
-    try:
-        return GeneralResponse(v).name.lower()
-    except ValueError:
-        return str(v)
-
-
 async def _client(args: argparse.Namespace) -> int:
+    from tessera.api.asm import AsmClient, AsmRefused
+
     keys = _keys_from(args) if args.asm_command == "key-load" else []  # a bad file fails before connecting
-    ini = Initiator(args.host, args.port, creds=_creds(args, "initiator"), timeout=args.timeout,
-                    responder_roles=frozenset(args.responder_role or RESPONDER_ROLES),
-                    large_handshake_records=args.large_handshake_records)
-    async with ini:
+    async with AsmClient(args.host, args.port, creds=_creds(args, "initiator"), timeout=args.timeout,
+                         responder_roles=frozenset(args.responder_role or RESPONDER_ROLES),
+                         large_handshake_records=args.large_handshake_records) as asm:
         c = args.asm_command
         if c == "get-time":
-            r = await ini.get_time()
-            print(f"time {r.time} response {_code(r.response)}")
+            print(f"time {await asm.get_time()} response successful")
         elif c == "clock-offset":
-            o = await ini.clock_offset()
+            o = await asm.clock_offset()
             print(f"responder clock offset {o.offset:+.1f} s (+/- {o.uncertainty:.1f} s), responder time {o.responder_time}")
         elif c == "event-list":
-            r = await ini.get_event_list(args.start, args.stop)
-            print(f"{len(r.event_ids)} event(s) in [{args.start}, {args.stop}]: {' '.join(map(str, sorted(r.event_ids)))}")
+            ids = await asm.event_ids(args.start, args.stop)
+            print(f"{len(ids)} event(s) in [{args.start}, {args.stop}]: {' '.join(map(str, ids))}")
         elif c == "event-id":
-            r = await ini.get_event_id(args.event_id)
-            if r.response != 0:
-                print(f"response {_code(r.response)}")
+            try:
+                print((await asm.event(args.event_id)).decode("utf-8", "replace"))
+            except AsmRefused as exc:
+                print(f"response {exc.response}")
                 return 1
-            print(r.log_record.decode("utf-8", "replace"))
         elif c == "query-spb":
-            r = await ini.query_spb()
-            print(f"protocol {r.protocol_version} status {SPBStatus(r.status).name.lower().replace('_', '-') if r.status < 3 else r.status} response {_code(r.response)}")
+            r = await asm.query_spb()
+            print(f"protocol {r.protocol_version} status {r.status} response {r.response}")
         elif c == "key-load":
-            r = await ini.le_key_load(keys)
-            print(f"loaded {len(keys)} key(s) (IDs {keys[0].key_id}..{keys[-1].key_id}): overflow {r.overflow} response {_code(r.response)}")
-            return 0 if r.response == 0 else 1
+            try:
+                overflow = await asm.load_keys(keys)
+            except AsmRefused as exc:
+                print(f"loaded {len(keys)} key(s) (IDs {keys[0].key_id}..{keys[-1].key_id}): response {exc.response}")
+                return 1
+            print(f"loaded {len(keys)} key(s) (IDs {keys[0].key_id}..{keys[-1].key_id}): overflow {overflow} "
+                  "response successful")
         elif c == "key-query":
-            r = await ini.le_key_query_id(args.key_id)
-            print(f"key {args.key_id} {'present' if r.present else 'absent'}")
+            print(f"key {args.key_id} {'present' if await asm.has_key(args.key_id) else 'absent'}")
         elif c == "key-query-all":
-            r = await ini.le_key_query_all()
-            print(f"{len(r.key_ids)} key(s): {' '.join(map(str, sorted(r.key_ids)))}")
+            ids = await asm.key_ids()
+            print(f"{len(ids)} key(s): {' '.join(map(str, ids))}")
         elif c == "key-purge":
-            r = await ini.le_key_purge_id(args.key_id)
-            print(f"key {args.key_id} {'was not there' if r.no_key_id else 'purged'}")
+            print(f"key {args.key_id} {'purged' if await asm.purge_key(args.key_id) else 'was not there'}")
         elif c == "key-purge-all":
-            r = await ini.le_key_purge_all()
-            print(f"all keys purged: response {_code(r.response)}")
+            await asm.purge_all_keys()
+            print("all keys purged: response successful")
         elif c == "collect":
-            col = LogCollector(Path(args.db or var_dir() / "asm-initiator.db"), args.responder or f"{args.host}:{args.port}")
-
             def progress(stored: int, listed: int, window: tuple[int, int]) -> None:
                 log.info("collect: page [%d, %d] done; %d listed, %d stored so far", *window, listed, stored)
 
-            try:
-                res = await col.collect(ini, progress)
-            finally:
-                col.close()
+            res = await asm.collect(Path(args.db or var_dir() / "asm-initiator.db"),
+                                    args.responder or f"{args.host}:{args.port}", progress)
             print(f"window {res.window}: {res.listed} listed, {res.stored} stored, {res.duplicates} already held")
             if res.clock_offset:
                 o = res.clock_offset
@@ -212,16 +188,7 @@ async def _client(args: argparse.Namespace) -> int:
 
 
 def cmd_client(args: argparse.Namespace) -> int:
-    try:
-        return asyncio.run(_client(args))
-    except PeerRejected as exc:
-        raise TesseraError(str(exc)) from None
-    except (RequestRefused, CollectError, ResponseTooLarge) as exc:
-        raise TesseraError(str(exc)) from None
-    except PeerProtocolError as exc:  # the peer answered wrongly: not a network fault
-        raise TesseraError(f"protocol error: {exc}") from None
-    except (LinkFailure, TLSProfileError, OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
-        raise TesseraError(f"cannot talk to {args.host}:{args.port}: {exc or type(exc).__name__}") from None
+    return asyncio.run(_client(args))  # failures are tessera.api.asm.AsmError: TesseraError, exit 2
 
 
 def register(sub: argparse._SubParsersAction) -> None:

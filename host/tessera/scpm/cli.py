@@ -14,15 +14,17 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
+from tessera.api.ksn import AsyncKsn, KsnEndpoint, format_addr, list_devices, parse_addr, serve_ksn
 from tessera.errors import TesseraError
 from tessera.scpm import codec as C
-from tessera.scpm.ksn import Timing
-from tessera.scpm import control
 from tessera.scpm.control import control_path
-from tessera.scpm.server import KsnServer, Operations, dispatch, fmt_addr, open_engine, parse_addr, serve
-from tessera.scpm.store import Store, default_db
+from tessera.scpm.ksn import Timing
+from tessera.scpm.server import _hex_key
+from tessera.scpm.store import default_db
 
 log = logging.getLogger("tessera.scpm")
 
@@ -48,25 +50,15 @@ def _endpoint(s: str) -> tuple[str, int]:
         raise TesseraError(f"bad port in {s!r}") from None
 
 
-def run_op(args: argparse.Namespace, op: str, op_args: dict, create: bool = False):
-    """Run one operation on the serving KSN if there is one, else in this process."""
+def run_op(args: argparse.Namespace, op: Callable[[AsyncKsn], Awaitable[Any]], create: bool = False) -> Any:
+    """Run one operation of the public API (tessera.api.ksn) on the serving KSN if there is
+    one, else in this process; progress lines go to standard output."""
     db = _db(args, create)
-    ctl = control_path(db)
 
     async def main():
-        conn = await control.connect(ctl)  # refuses a socket or listener that is not the user's
-        if conn is not None:
-            wire = {**op_args, "value": op_args["value"].hex()} if "value" in op_args else op_args
-            return await control.request(conn, op, wire, print)
-        engine, lock = open_engine(db, parse_addr(args.address), _timing(args))
-        server = KsnServer(engine, args.host, args.port)
-        try:
-            await server.start()
-            return await dispatch(Operations(server), op, op_args, print)
-        finally:
-            await server.stop()
-            engine.store.close()
-            lock.release()
+        async with await AsyncKsn.open(db, create=create, host=args.host, port=args.port,
+                                       address=parse_addr(args.address), timing=_timing(args)) as ksn:
+            return await op(ksn)
 
     return asyncio.run(main())
 
@@ -156,13 +148,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
 
-        def ready(server: KsnServer) -> None:
-            print(f"KSN {fmt_addr(server.engine.address)} serving on udp {server.host}:{server.port}, "
-                  f"database {server.engine.store.path}" + (f", rotating every {args.every:g} s" if args.every else ""),
-                  flush=True)
+        def ready(ep: KsnEndpoint) -> None:
+            print(f"KSN {format_addr(ep.address)} serving on udp {ep.host}:{ep.port}, "
+                  f"database {ep.db}" + (f", rotating every {args.every:g} s" if args.every else ""), flush=True)
 
-        await serve(_db(args, create=True), args.host, args.port, parse_addr(args.address), args.every, ready, stop,
-                    _timing(args))
+        await serve_ksn(_db(args, create=True), args.host, args.port, address=parse_addr(args.address),
+                        every=args.every, timing=_timing(args), ready=ready, stop=stop)
 
     asyncio.run(main())
     return 0
@@ -170,18 +161,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_enrol(args: argparse.Namespace) -> int:
     host, port = _endpoint(args.device)
-    setup_key = read_secret(args, "setup_key", "the setup key (32 hex digits from the device label)",
-                            default_env=SETUP_KEY_ENV)
-    run_op(args, "enrol", {"addr": parse_addr(args.addr), "setup_key": setup_key, "host": host,
-                           "port": port, "name": args.name or ""}, create=True)
+    addr = parse_addr(args.addr)
+    setup_key = _hex_key(read_secret(args, "setup_key", "the setup key (32 hex digits from the device label)",
+                                       default_env=SETUP_KEY_ENV), "the setup key (from the device label)")
+    run_op(args, lambda ksn: ksn.enrol(addr, setup_key, host, port, args.name or "", progress=print), create=True)
     return 0
 
 
 def cmd_provision(kind: str):
     def run(args: argparse.Namespace) -> int:
-        run_op(args, "provision", {"addrs": _targets(args), "kind": kind, "idx": getattr(args, "index", 0),
-                                   "new": args.new, "key": read_secret(args, "key", f"the {kind} key (32 hex digits)",
-                                                                       required=False)})
+        targets = _targets(args)
+        text = read_secret(args, "key", f"the {kind} key (32 hex digits)", required=False)
+        key = _hex_key(text, f"the {kind} key") if text else None
+        run_op(args, lambda ksn: ksn.install_key(kind, targets, getattr(args, "index", 0), args.new, key,
+                                                 progress=print))
         return 0
 
     return run
@@ -189,6 +182,10 @@ def cmd_provision(kind: str):
 
 def cmd_rotate(args: argparse.Namespace) -> int:
     targets = _targets(args)
+
+    def rotate(ksn: AsyncKsn):
+        return ksn.rotate(targets, args.parallel, progress=print)
+
     if args.every:
         db = _db(args)
         if control_path(db).exists():
@@ -199,50 +196,37 @@ def cmd_rotate(args: argparse.Namespace) -> int:
         import time
 
         while args.count is None or rounds < args.count:
-            run_op(args, "rotate", {"addrs": targets, "parallel": args.parallel})
+            run_op(args, rotate)
             rounds += 1
             if args.count is None or rounds < args.count:
                 time.sleep(args.every)
         return 0
-    run_op(args, "rotate", {"addrs": targets, "parallel": args.parallel})
+    run_op(args, rotate)
     return 0
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    run_op(args, "sync", {"addrs": _targets(args)})
+    targets = _targets(args)
+    run_op(args, lambda ksn: ksn.sync(targets, progress=print))
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    store = Store(_db(args))
-    try:
-        from tessera.scpm.ksn import KsnEngine
-
-        rows = Operations.__new__(Operations)
-        rows.engine = KsnEngine(store)  # read-only use: no socket, nothing sent
-        devs = rows.devices()
-    finally:
-        store.close()
+    devs = list_devices(_db(args))
     if args.json:
-        print(json.dumps(devs, indent=1))
+        print(json.dumps([d.raw for d in devs], indent=1))
         return 0
     if not devs:
         print("no devices (enrol one with `tessera ksn enrol`)")
         return 0
     print(f"{'address':10}  {'name':12} {'endpoint':21} {'state':9} {'master':>6} {'pending':>7}  keys")
     for d in devs:
-        held = ", ".join(f"{_kind_name(k)} g{g}" for k, g in sorted(d["held"].items()))
-        pend = str(d["pending_gen"]) if d["pending_gen"] else "-"
-        flag = "  (needs sync)" if d["needs_sync"] else ""
-        print(f"{fmt_addr(d['addr'])}  {d['name'][:12]:12} {d['endpoint']:21} {d['state']:9} {d['master_gen']:>6} "
+        held = ", ".join(f"{k} g{g}" for k, g in d.keys.items())
+        pend = str(d.pending_gen) if d.pending_gen else "-"
+        flag = "  (needs sync)" if d.needs_sync else ""
+        print(f"{d.address}  {d.name[:12]:12} {f'{d.host}:{d.port}':21} {d.state:9} {d.master_gen:>6} "
               f"{pend:>7}  {held}{flag}")
     return 0
-
-
-def _kind_name(k: str) -> str:
-    kind, idx = (int(x) for x in k.split("/"))
-    name = C.KeyKind(kind).name.lower()
-    return f"{name}[{idx}]" if kind == C.KeyKind.SP else name
 
 
 def _value(args: argparse.Namespace) -> bytes:
@@ -255,11 +239,13 @@ def _value(args: argparse.Namespace) -> bytes:
 
 
 def cmd_app(args: argparse.Namespace) -> int:
-    op_args = {"addr": parse_addr(args.addr), "op": args.app_op, "prop": args.prop, "kind": args.key_kind,
-               "idx": args.index, "service": args.service}
+    addr = parse_addr(args.addr)
+    kw = {"kind": args.key_kind, "index": args.index, "service": args.service, "progress": print}
     if args.app_op == "set":
-        op_args["value"] = _value(args)
-    run_op(args, "app", op_args)
+        value = _value(args)
+        run_op(args, lambda ksn: ksn.set(addr, args.prop, value, **kw))
+    else:
+        run_op(args, lambda ksn: ksn.get(addr, args.prop, **kw))
     return 0
 
 

@@ -14,13 +14,10 @@ import argparse
 import asyncio
 import ipaddress
 import logging
-import sqlite3
 import ssl
-from pathlib import Path
 
 from tessera.cliargs import host_port, port as port_arg
 from tessera.errors import TesseraError
-from tessera.paths import var_dir
 
 log = logging.getLogger("tessera.simulcrypt")
 
@@ -48,13 +45,9 @@ def _signed_ms(s: str) -> int:
 
 
 def _db(args: argparse.Namespace):
-    from tessera.simulcrypt.keystore import KeyStore, KeyStoreError
+    from tessera.api.simulcrypt import open_key_store
 
-    path = Path(args.db) if args.db else var_dir() / "simulcrypt-keys.sqlite"
-    try:
-        return KeyStore(path)
-    except (sqlite3.Error, KeyStoreError, OSError) as exc:
-        raise TesseraError(f"cannot open the key store {path}: {exc}") from None
+    return open_key_store(args.db)
 
 
 def _caps(args: argparse.Namespace):
@@ -167,23 +160,16 @@ def _tls_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
+    from tessera.api.simulcrypt import add_key, list_keys
+
     ks = _db(args)
     try:
         if args.keys_cmd == "add":
-            from tessera.simulcrypt.tables import PROFILE_DRM, PROFILE_SMARTCARD, profile_of
-
-            allowed = (PROFILE_DRM,) if args.kind == "LTK" else (PROFILE_DRM, PROFILE_SMARTCARD)
-            if profile_of(args.owner) not in allowed:
-                raise TesseraError(f"owner 0x{args.owner:08x} is not a {'DRM' if args.kind == 'LTK' else 'DRM or Smartcard'}"
-                                   " profile id (0x0001xxxx" + ("" if args.kind == "LTK" else " / 0x0002xxxx") + ")")
-            try:
-                k = ks.add(args.kind, args.owner, args.scope, size=args.size)
-            except ValueError as exc:
-                raise TesseraError(str(exc)) from None
+            k = add_key(ks, args.kind, args.owner, args.scope, size=args.size)
             print(f"added {k.kind} id {k.key_id} owner 0x{k.owner:08x} scope 0x{k.scope:x}")
         else:
-            for kind, owner, scope, key_id, bits in ks.list():
-                print(f"{kind} owner 0x{owner:08x} scope 0x{scope:04x} id {key_id} ({bits} bits)")
+            for k in list_keys(ks):
+                print(f"{k.kind} owner 0x{k.owner:08x} scope 0x{k.scope:04x} id {k.key_id} ({k.bits} bits)")
     finally:
         ks.close()
     return 0
@@ -206,7 +192,7 @@ def _serve(start, close) -> None:
 
 
 def cmd_stkm_generator(args: argparse.Namespace) -> int:
-    from tessera.simulcrypt.ecmg import StkmGenerator
+    from tessera.api.simulcrypt import StkmGenerator
 
     from tessera.simulcrypt.tables import ErrorInfo
 
@@ -232,25 +218,23 @@ def cmd_stkm_generator(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_generator(text: str, n: int):
-    from tessera.simulcrypt.scs import GeneratorSpec
+def _parse_generator(text: str):
+    from tessera.api.simulcrypt import Generator
 
     parts = text.split(":")
     if len(parts) != 4:
         raise TesseraError(f"--generator wants HOST:PORT:SUPER_CAS_ID:ECM_ID, got {text!r}")
     host, gport = host_port(":".join(parts[:2]), "--generator")
     try:
-        return GeneratorSpec(host, gport, int(parts[2], 0), n, 1, int(parts[3], 0))
+        return Generator(host, gport, int(parts[2], 0), int(parts[3], 0))
     except ValueError:
         raise TesseraError(f"bad --generator {text!r}") from None
 
 
 def cmd_scs(args: argparse.Namespace) -> int:
-    from tessera.simulcrypt import stkm
-    from tessera.simulcrypt.scs import Scs, ScsError
+    from tessera.api.simulcrypt import run_scs
 
-    specs = [_parse_generator(g, args.channel_id + i) for i, g in enumerate(args.generator)]
-    prot = stkm.Protection[args.protection.upper()]
+    generators = [_parse_generator(g) for g in args.generator]
 
     def show(p) -> None:
         kms = ", ".join(f"0x{s:08x}: {len(b)} B STKM in {p.latency[s] * 1000:.1f} ms"
@@ -258,27 +242,14 @@ def cmd_scs(args: argparse.Namespace) -> int:
         miss = "".join(f"; 0x{s:08x} missing ({why})" for s, why in p.missing.items())
         print(f"{args.service} CP {p.cp_number}: TEK ready, {kms}{miss}", flush=True)
 
-    tls = _tls(args, server=False)
-
-    async def main() -> None:
-        try:
-            scs = Scs(args.service, specs, cp_duration=args.cp_duration, protection=prot, sink=show, ssl=tls)
-        except ValueError as exc:
-            raise TesseraError(str(exc)) from None
-        try:
-            await scs.start()
-            await scs.run(args.periods)
-        except (ScsError, OSError) as exc:
-            raise TesseraError(str(exc)) from None
-        finally:
-            await scs.close()
-
-    asyncio.run(main())
+    asyncio.run(run_scs(args.service, generators, args.periods, cp_duration=args.cp_duration,
+                        protection=args.protection, first_channel_id=args.channel_id, on_period=show,
+                        ssl=_tls(args, server=False)))
     return 0
 
 
 def cmd_mux(args: argparse.Namespace) -> int:
-    from tessera.simulcrypt.mux import Multiplexer
+    from tessera.api.simulcrypt import Multiplexer
     from tessera.simulcrypt.tables import ErrorInfo
 
     if args.channels_per_client is not None and args.channels_per_client < 1:
@@ -298,38 +269,21 @@ def cmd_mux(args: argparse.Namespace) -> int:
 
 
 def cmd_ltkm_generator(args: argparse.Namespace) -> int:
-    from tessera.simulcrypt.emmg import EmmgError, LtkmGenerator, make_ltkms
+    from tessera.api.simulcrypt import send_ltkms
 
     host, mux_port = host_port(args.mux, "--mux")
+    if args.udp and not args.udp_port:
+        raise TesseraError("--udp needs --udp-port")
     tls = _tls(args, server=False)
     ks = _db(args)
-
-    async def main() -> None:
-        try:
-            g = LtkmGenerator(args.client_id, args.channel_id, 1, args.data_id, ssl=tls)
-        except ValueError as exc:
-            raise TesseraError(str(exc)) from None
-        try:
-            await g.connect(host, mux_port)
-            kbps = await g.request_bandwidth(args.kbps)
-            ltkms = make_ltkms(ks, args.client_id, args.data_id, args.group, args.key_owner, args.key_scope, args.count)
-            if args.udp:
-                if not args.udp_port:
-                    raise TesseraError("--udp needs --udp-port")
-                await g.open_udp(host, args.udp_port)
-            await g.send(ltkms, via="udp" if args.udp else "tcp")
-            errors = await g.sync()  # the MUX's answers to everything sent are in before counting
-            print(f"sent {len(ltkms)} LTKMs ({g.sent_bytes} bytes) within {kbps} kbit/s; "
-                  f"{errors} errors from the MUX")
-        except (EmmgError, OSError, asyncio.TimeoutError) as exc:
-            raise TesseraError(f"LTKM generator: {exc or type(exc).__name__}") from None
-        finally:
-            await g.close()
-
     try:
-        asyncio.run(main())
+        r = asyncio.run(send_ltkms(host, mux_port, ks, args.client_id, args.key_owner, args.key_scope,
+                                   count=args.count, group=args.group, data_id=args.data_id,
+                                   channel_id=args.channel_id, kbps=args.kbps,
+                                   udp_port=args.udp_port if args.udp else None, ssl=tls))
     finally:
         ks.close()
+    print(f"sent {r.sent} LTKMs ({r.bytes} bytes) within {r.kbps} kbit/s; {r.errors} errors from the MUX")
     return 0
 
 
