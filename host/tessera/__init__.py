@@ -1,6 +1,6 @@
 """Tessera host package: KSN (SCPM), ASM peer, BCAST SP-4 over SimulCrypt, and the board
-tooling that deploys and drives the MicroPython firmware. (The RMCP-2 session manager is
-planned, not built.)
+tooling that deploys and drives the MicroPython firmware; secure RMCP-2 has its session
+manager, agents and the board RMA's control plane (no tree join or content yet).
 
 The public API for scripts is `tessera.api` (docs/scripting.md); its names are importable
 from here too (`from tessera import Ksn, Board`), loaded on first use so that the `tessera`
