@@ -16,8 +16,8 @@ from __future__ import annotations
 from tessera.api.asm import (Asm, AsmClient, AsmError, AsmLinkError, AsmPeerRejected, AsmProtocolError, AsmRefused,
                              AsmResponder, ClockOffset, CollectedRecord, CollectProgress, CollectResult, Credentials,
                              LEKey, SpbStatus, collected_records, pki_credentials, response_name, set_spb_status)
-from tessera.api.boards import (Board, BoardStatus, DeployProgress, DeployResult, SelftestReport, serial_ports,
-                                virtual_boards)
+from tessera.api.boards import (Board, BoardStatus, BridgeStatus, DeployProgress, DeployResult, SelftestReport,
+                                Speed, serial_ports, virtual_boards)
 from tessera.api.errors import (BatchFailed, BoardError, DeviceError, InvalidKey, KsnBusy, KsnError, NoDatabase,
                                 TesseraError, UnknownDevice)
 from tessera.api.ksn import (KSN_ADDRESS, KSN_PORT, AsyncKsn, DeviceInfo, Enrolled, ErrorCode, KeyInstalled, Ksn,
@@ -25,7 +25,8 @@ from tessera.api.ksn import (KSN_ADDRESS, KSN_PORT, AsyncKsn, DeviceInfo, Enroll
 
 __all__ = [
     # boards
-    "Board", "BoardStatus", "DeployProgress", "DeployResult", "SelftestReport", "serial_ports", "virtual_boards",
+    "Board", "BoardStatus", "BridgeStatus", "DeployProgress", "DeployResult", "SelftestReport", "Speed", "serial_ports",
+    "virtual_boards",
     # SCPM key setting node
     "AsyncKsn", "Ksn", "serve_ksn", "list_devices", "DeviceInfo", "Enrolled", "KeyInstalled", "Rotated", "Synced",
     "KsnEndpoint", "Timing", "ErrorCode", "KSN_ADDRESS", "KSN_PORT", "format_addr", "parse_addr",

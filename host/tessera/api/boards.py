@@ -4,6 +4,11 @@ one object: `Board`.
     board = Board.virtual("bench-1", "esp32").start()
     board.deploy(progress=lambda i, n, path, size: print(i, n, path))
     print(board.selftest().summary)
+    board.set_speed("board")          # a virtual board as slow as the real MCU
+    print(board.bridge())             # BridgeStatus(speed='board', slowdown=72.1, ...)
+
+The work is done by tessera.boards.ops (internal), which the `tessera board` command reaches
+through this class too, so a script and the command cannot drift apart.
 
 Everything here is synchronous (a board is driven through mpremote, one command at a
 time); call it from asyncio code with `asyncio.to_thread`.
@@ -13,7 +18,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from tessera.api.errors import BoardError
 from tessera.errors import TesseraError
@@ -22,6 +28,11 @@ log = logging.getLogger("tessera.api.boards")
 
 DeployProgress = Callable[[int, int, str, int], None]
 """Called once per file copied: (index from 1, number of files, remote path, size in bytes)."""
+
+Speed = Literal["fast", "board"]
+"""A virtual board's speed: "fast" runs the MicroPython unix port at this machine's speed;
+"board" throttles it so that the firmware's DH takes as long as on the real board
+(docs/boards.md, "Board speed")."""
 
 
 @dataclass(frozen=True)
@@ -44,15 +55,38 @@ class SelftestReport:
 
 
 @dataclass(frozen=True)
-class BoardStatus:
-    """tessera_fw.selftest.status() as the board reports it."""
+class BridgeStatus:
+    """What the bridge of a running virtual board knows that the board itself does not."""
 
-    firmware: str | None  # None when no firmware is deployed
+    speed: Speed
+    slowdown: float | None  # how many times slower than this machine at "board" speed; None when fast
+    console_dropped: int  # console output dropped (bytes) because nobody read the port
+    boots: int  # interpreter starts: 1 after start, +1 per reset or power cut
+    udp_port: int | None  # the UDP port of its scpm.json at the last boot, None without one
+    pty: str  # the "USB serial port" (the same as Board.port)
+    fs: Path  # its filesystem on the host (the same as Board.files)
+
+    @classmethod
+    def _from_state(cls, st: dict[str, Any]) -> BridgeStatus:
+        from tessera.boards.ops import virtual_status
+
+        v = virtual_status(st)
+        return cls(v["speed"], v.get("slowdown"), int(v["console_dropped"]), int(v["boots"]), v["udp_port"],
+                   str(st["pty"]), Path(st["fs"]))
+
+
+@dataclass(frozen=True)
+class BoardStatus:
+    """tessera_fw.selftest.status() as the board reports it (the firmware must be deployed),
+    and for a virtual board its bridge's status."""
+
+    firmware: str | None  # tessera_fw.VERSION
     micropython: str
     platform: str
     mem_free: int
     mem_alloc: int
-    raw: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)  # all of it, as `tessera board status --json` prints it
+    bridge: BridgeStatus | None = None  # a virtual board's bridge; None for a real board
 
 
 def _board_error(e: TesseraError) -> BoardError:
@@ -114,9 +148,13 @@ class Board:
         return self._port
 
     def _remote(self):
-        from tessera.boards.remote import Remote
+        return self._target().remote
 
-        return Remote(self.port, self.timeout)
+    def _target(self):
+        from tessera.boards.ops import Target
+
+        vb = self._vb() if self.is_virtual else None
+        return Target(self.profile, self.port, self.is_virtual, vb, self.timeout)
 
     def _vb(self):
         from tessera.boards.virtual import VirtualBoard
@@ -126,14 +164,39 @@ class Board:
         return VirtualBoard(self._virtual_name, self.profile.name)
 
     # ------------------------------------------------------------------ virtual boards
-    def start(self, fresh: bool = False, timeout: float = 10.0) -> Board:
+    def start(self, fresh: bool = False, timeout: float = 20.0, speed: Speed | None = None) -> Board:
         """Start the virtual board (nothing happens when it runs already). `fresh` empties
-        its filesystem first. Returns the board, so `Board.virtual(...).start()` chains."""
+        its filesystem first. `speed` ("fast", the default for a new board, or "board")
+        also switches a board that runs already. Returns the board, so
+        `Board.virtual(...).start()` chains. A board whose scpm.json names a UDP port that
+        another board or process holds does not start (BoardError says who holds it)."""
         try:
-            self._vb().start(timeout=timeout, fresh=fresh)
+            self._vb().start(timeout=timeout, fresh=fresh, speed=speed)
         except TesseraError as e:
             raise _board_error(e) from None
         return self
+
+    def set_speed(self, speed: Speed, timeout: float = 30.0) -> BridgeStatus:
+        """Switch a running virtual board between "fast" and "board" speed (switching to
+        "board" calibrates this machine first, a few seconds once per bridge); return its
+        bridge's status. Deploying at board speed is slow (docs/boards.md): deploy fast,
+        then switch."""
+        try:
+            return BridgeStatus._from_state(self._vb().set_speed(speed, timeout))
+        except TesseraError as e:
+            raise _board_error(e) from None
+
+    def bridge(self) -> BridgeStatus | None:
+        """A running virtual board's bridge: speed, slow-down, console bytes dropped, boots,
+        UDP port. It does not talk to the board (no firmware needed, main.py goes on).
+        None for a real board; BoardError when the virtual board is not running."""
+        if not self.is_virtual:
+            return None
+        vb = self._vb()
+        st = vb.state()
+        if st is None:
+            raise BoardError(f"virtual board {self.name!r} is not running")
+        return BridgeStatus._from_state(st)
 
     def stop(self) -> bool:
         """Stop the virtual board; False when it was not running."""
@@ -167,48 +230,41 @@ class Board:
         """Compile the firmware for the board (portable bytecode for a virtual board), check
         the profile's flash budget, and copy it to /lib/tessera_fw, replacing what was there.
         `with_main` also installs boot.py and main.py (the boot application: self-test, then
-        the SCPM device when the board has an scpm.json)."""
-        from tessera.boards import build
-        from tessera.paths import firmware_dir
+        the SCPM device when the board has an scpm.json). Without `progress` each file is
+        logged (INFO, logger tessera.board) as `tessera board deploy` shows it. A virtual
+        board whose scpm.json names a UDP port another board or process holds is refused."""
+        from tessera.boards import ops
 
-        arch = None if self.is_virtual else self.profile.mpy_arch
         try:
-            result = build.compile_firmware(arch)
-            build.check_budget(self.profile, result)
-            files = [(result.out_dir / rel, f"lib/{rel}") for rel, _ in result.files]
-            if with_main:
-                files += [(firmware_dir() / "boot.py", "boot.py"), (firmware_dir() / "main.py", "main.py")]
-            remote = self._remote()
-            # put_tree counts the copies through its callback: always give it one
-            remote.put_tree(files, clean="lib/tessera_fw", progress=progress or (lambda i, n, path, size: None))
-            version = remote.exec("import tessera_fw; print(tessera_fw.VERSION)").strip()
+            d = ops.install(self._target(), with_main, progress)
         except TesseraError as e:
             raise _board_error(e) from None
-        log.info("deployed tessera_fw %s to %s", version, self)
-        return DeployResult(version, len(files), result.total, arch)
+        return DeployResult(d.version, d.files, d.build.total, d.arch)
 
     def selftest(self, on_line: Callable[[str], None] | None = None) -> SelftestReport:
         """Run the firmware self-test on the board; `on_line` sees each line as it comes."""
-        lines: list[str] = []
+        from tessera.boards import ops
 
-        def line(s: str) -> None:
-            lines.append(s)
-            if on_line:
-                on_line(s)
-
-        self.run("import tessera_fw.selftest as _t; _t.run()", on_line=line)
-        summary = next((ln for ln in reversed(lines) if ln.startswith("SELFTEST")), None)
-        if summary is None:
-            raise BoardError(f"{self.name}: the self-test printed no summary: " + " | ".join(lines[-5:]))
-        return SelftestReport(summary.startswith("SELFTEST PASS"), summary, lines)
+        try:
+            res = ops.selftest(self._target(), on_line)
+        except TesseraError as e:
+            raise _board_error(e) from None
+        return SelftestReport(res.passed, res.summary, res.lines)
 
     def status(self) -> BoardStatus:
-        """Firmware version, MicroPython version, platform and heap use."""
-        st = self.eval_json("import tessera_fw.selftest as _t; _t.status()")
-        if not isinstance(st, dict):
-            raise BoardError(f"{self.name}: unexpected status {st!r}")
+        """Firmware version, MicroPython version, platform and heap use (this runs code on
+        the board: it interrupts main.py); for a virtual board also its bridge's status."""
+        from tessera.boards import ops
+
+        t = self._target()
+        try:
+            st = ops.board_status(t)
+        except TesseraError as e:
+            raise _board_error(e) from None
+        bst = t.bridge_state()
         return BoardStatus(st.get("firmware"), str(st.get("micropython", "")), str(st.get("platform", "")),
-                           int(st.get("mem_free", 0)), int(st.get("mem_alloc", 0)), st)
+                           int(st.get("mem_free", 0)), int(st.get("mem_alloc", 0)),
+                           {**st, **ops.virtual_status(bst)}, BridgeStatus._from_state(bst) if bst else None)
 
     def run(self, code: str, on_line: Callable[[str], None] | None = None) -> str:
         """Run MicroPython `code` on the board (interrupting whatever main.py was doing) and
@@ -252,5 +308,5 @@ def serial_ports() -> list[str]:
     return sorted(p.device for p in list_ports.comports() if p.vid is not None)
 
 
-__all__ = ["Board", "BoardStatus", "DeployProgress", "DeployResult", "SelftestReport", "serial_ports",
-           "virtual_boards"]
+__all__ = ["Board", "BoardStatus", "BridgeStatus", "DeployProgress", "DeployResult", "SelftestReport", "Speed",
+           "serial_ports", "virtual_boards"]
