@@ -1,4 +1,8 @@
-"""`tessera board`: build, deploy to, test and inspect boards, real or virtual."""
+"""`tessera board`: build, deploy to, test and inspect boards, real or virtual.
+
+A thin layer over the public API (tessera.api.boards.Board), so that the command and a
+script behave alike; only `build`, the profile list and `repl` are not board operations of
+the API."""
 from __future__ import annotations
 
 import argparse
@@ -6,8 +10,9 @@ import json
 import logging
 import sys
 
-from tessera.boards import build, ops, profile
-from tessera.boards.virtual import VirtualBoard, running_boards
+from tessera.api.boards import Board, BoardError, BridgeStatus, virtual_boards
+from tessera.boards import build, profile
+from tessera.boards.remote import Remote
 from tessera.errors import TesseraError
 
 log = logging.getLogger("tessera.board")
@@ -20,35 +25,44 @@ def _add_target(p: argparse.ArgumentParser, need_board: bool = False) -> None:
     p.add_argument("--board", help="board profile of the real board on --port" + (" (required)" if need_board else ""))
 
 
-def resolve_target(args: argparse.Namespace, need_board: bool = False) -> ops.Target:
+def resolve_board(args: argparse.Namespace, need_board: bool = False) -> Board:
     if args.virtual:
-        prof = profile.load(args.virtual)
-        vb = VirtualBoard(args.virtual, args.virtual)
-        was = vb.is_running()
-        port = vb.start()
+        b = Board.virtual(args.virtual, args.virtual)
+        was = b.is_running()
+        b.start()
         if not was:
-            log.info("started virtual %s on %s (heap %d bytes)", prof.name, port, prof.heap_bytes)
-        return ops.Target(prof, port, virtual=True, vboard=vb)
+            log.info("started virtual %s on %s (heap %d bytes)", b.profile.name, b.port, b.profile.heap_bytes)
+        return b
     if need_board and not args.board:
         raise TesseraError("--board is required with --port (it selects the mpy-cross arch and budgets)")
-    prof = profile.load(args.board or "esp32")
-    return ops.Target(prof, args.port, virtual=False)
+    return Board.serial(args.port, args.board or "esp32")
+
+
+def _running() -> list[tuple[Board, BridgeStatus]]:
+    out = []
+    for b in virtual_boards():
+        try:
+            br = b.bridge()
+        except BoardError:  # stopped since it was listed
+            continue
+        if br is not None:
+            out.append((b, br))
+    return out
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     for p in profile.load_all():
         print(f"{p.name:8} {p.mpy_arch:9} heap {p.heap_bytes:7d} B  flash budget {p.flash_budget_bytes:7d} B  {p.description}")
-    for vb, st in running_boards():
-        print(f"virtual {vb.name}: {_describe(st)}")
+    for b, br in _running():
+        print(f"virtual {b.name}: {_describe(b, br)}")
     return 0
 
 
-def _describe(st: dict) -> str:
-    v = ops.virtual_status(st)
-    speed = f"board speed ({v['slowdown']}x slower than this machine)" if v.get("slowdown") else "fast"
-    udp = f", udp {v['udp_port']}" if v.get("udp_port") else ""
-    return (f"board {st['board']} on {st['pty']}, {speed}, heap {st['heap_bytes']}, boots {v['boots']}{udp}, "
-            f"console dropped {v['console_dropped']} B, fs {st['fs']}")
+def _describe(b: Board, br: BridgeStatus) -> str:
+    speed = f"board speed ({br.slowdown}x slower than this machine)" if br.slowdown else "fast"
+    udp = f", udp {br.udp_port}" if br.udp_port else ""
+    return (f"board {b.profile.name} on {br.pty}, {speed}, heap {b.profile.heap_bytes}, boots {br.boots}{udp}, "
+            f"console dropped {br.console_dropped} B, fs {br.fs}")
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -74,37 +88,38 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_virtual(args: argparse.Namespace) -> int:
     if args.action == "list":
-        for vb, st in running_boards():
-            print(f"{vb.name}: {_describe(st)}")
+        for b, br in _running():
+            print(f"{b.name}: {_describe(b, br)}")
         return 0
     if not args.board:
         raise TesseraError(f"virtual {args.action} needs a BOARD ({', '.join(profile.board_names())})")
-    vb = VirtualBoard(args.name or args.board, args.board)
+    b = Board.virtual(args.name or args.board, args.board)
     if args.action == "start":
-        port = vb.start(fresh=args.fresh, speed=args.speed)
-        print(port)
+        print(b.start(fresh=args.fresh, speed=args.speed).port)
     elif args.action == "stop":
-        print("stopped" if vb.stop() else "not running")
+        print("stopped" if b.stop() else "not running")
+    elif args.action == "power-cut":
+        if args.speed is not None:  # the speed the board boots again at
+            b.set_speed(args.speed)
+        b.power_cut(args.wait_udp, args.timeout)
+        br = b.bridge()
+        print(f"booted again (boot {br.boots}, {br.speed})" if br else "booted again")
     return 0
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    target = resolve_target(args, need_board=True)
-    ops.deploy(target, with_main=args.main)
+    # progress: Board.deploy logs each file (INFO) when given no callback of its own
+    resolve_board(args, need_board=True).deploy(with_main=args.main)
     return 0
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
-    target = resolve_target(args)
-    res = ops.selftest(target)
-    for line in res.lines:
-        print(line)
+    res = resolve_board(args).selftest(on_line=print)  # each line as the board prints it
     return 0 if res.passed else 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    target = resolve_target(args)
-    st = ops.status(target)
+    st = resolve_board(args).status().raw
     if args.json:
         print(json.dumps(st))
     else:
@@ -114,10 +129,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_repl(args: argparse.Namespace) -> int:
-    target = resolve_target(args)
+    board = resolve_board(args)  # the API has no interactive REPL: mpremote's own terminal
     if not sys.stdin.isatty():
         raise TesseraError("repl needs an interactive terminal")
-    return target.remote.repl()
+    return Remote(board.port).repl()
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -135,14 +150,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--sizes", dest="verbose_sizes", action="store_true", help="list every module's size")
     q.set_defaults(func=cmd_build)
 
-    q = s.add_parser("virtual", help="start, stop or list virtual boards (pty + MicroPython unix port)")
-    q.add_argument("action", choices=["start", "stop", "list"], help="start or stop a virtual board, or list the running ones")
+    q = s.add_parser("virtual", help="start, stop, power-cut or list virtual boards (pty + MicroPython unix port)")
+    q.add_argument("action", choices=["start", "stop", "list", "power-cut"],
+                   help="start or stop a virtual board, cut its power (kill its interpreter with no clean-up and "
+                   "wait until it has booted again), or list the running ones")
     q.add_argument("board", nargs="?", help="board profile: heap limit and name")
     q.add_argument("--name", help="instance name (default: the board name); several can run at once")
     q.add_argument("--fresh", action="store_true", help="wipe the board's filesystem first")
     q.add_argument("--speed", choices=["fast", "board"], default=None,
                    help="fast: this machine's speed (default for a new board); board: throttled so that the "
-                   "firmware's DH takes as long as on the real board (also switches a running board)")
+                   "firmware's DH takes as long as on the real board (also switches a running board; with "
+                   "power-cut, the speed it boots again at)")
+    q.add_argument("--wait-udp", type=int, metavar="PORT",
+                   help="power-cut: also wait until the firmware holds this UDP port on 127.0.0.1 again")
+    q.add_argument("--timeout", type=float, default=15.0,
+                   help="power-cut: seconds to wait for the reboot (default 15; more at board speed)")
     q.set_defaults(func=cmd_virtual)
 
     q = s.add_parser("deploy", help="compile and copy the firmware to a board, with progress")
