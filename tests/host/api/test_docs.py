@@ -46,6 +46,16 @@ def test_boards_block_runs(tessera_var, tmp_path):
     assert "deployed" in out and "SELFTEST PASS" in out and "micropython" in out and "{'x': 2}" in out
 
 
+@pytest.mark.slow
+def test_board_speed_block_runs(tessera_var, tmp_path):
+    out = _run(next(b for b in BLOCKS if "set_speed(" in b).replace('"slow-1"', '"docs-slow"'), tmp_path)
+    lines = out.splitlines()
+    assert lines[0].startswith("board ") and float(lines[0].split()[1]) > 1, out
+    ms = int(lines[1].split()[4])  # the board's clock: far slower than this machine (fast: ~30 ms)
+    assert ms > 500, out
+    assert "BridgeStatus(speed='board'" in lines[2] and "BridgeStatus(speed='fast', slowdown=None" in lines[3], out
+
+
 def test_simulcrypt_block_runs(tmp_path):
     out = _run(next(b for b in BLOCKS if "send_ltkms(" in b), tmp_path)
     assert "3 periods;" in out and "errors=0" in out, out
