@@ -15,7 +15,6 @@ time); call it from asyncio code with `asyncio.to_thread`.
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +22,6 @@ from typing import Any, Literal
 
 from tessera.api.errors import BoardError
 from tessera.errors import TesseraError
-
-log = logging.getLogger("tessera.api.boards")
 
 DeployProgress = Callable[[int, int, str, int], None]
 """Called once per file copied: (index from 1, number of files, remote path, size in bytes)."""
