@@ -200,7 +200,7 @@ def test_precomputed_dh_pair_used_once():
     with _CountDH() as c:
         assert d.precompute() and not d.precompute()  # one pair, made once
         assert c.n == 1
-        y = d._next_dh.public
+        y = d._next_dh[1]  # (x, public)
         resp, _ = ksn.open(one(d.receive(ksn.frame(ksn.keys[(4, 0, 1)], u.start()))))
         assert c.n == 1 and resp[20:276] == y  # MKU_START made no key pair: it used this one
         assert d._next_dh is None and not d.precompute()  # PENDING: none made

@@ -12,19 +12,32 @@ except ImportError:  # firmware older than v1.19
 from micropython import const
 
 from tessera_fw.crypto.hmac import HMAC
-from tessera_fw.scpm.const import (
-    ERR_ALGORITHM, ERR_BCC, ERR_HEADER, ERR_LENGTH, ERR_MAC, ERR_NO_KEY, ERR_NOT_FOR_ME,
-    ERR_OVERSIZE, ERR_PADDING, ERR_REPLAY, ERR_SHD, ERR_SNF, ERR_TOO_OLD, ERR_TRUNCATED,
-    HD_PLAIN, HD_SECURE, MAX_ADATA, MAX_PADATA, SCPMError)
+from tessera_fw.scpm.error import SCPMError
 
 _sha256 = hashlib.sha256
 _HDR = const(11)
 _HD_PLAIN = const(0x10)
 _HD_SECURE = const(0x11)
-_MAX_FRAME = const(1111)  # 11 + MAX_ADATA
+_MAX_ADATA = const(1100)
+_MAX_FRAME = const(1111)  # 11 + _MAX_ADATA
 _MAX_PADATA = const(1024)
 _MAC = const(16)
 _MAX_ENC = const(1088)  # largest whole-block encrypted part of a 1100-byte ADATA (service 2)
+# error numbers (const.py, profile section 8)
+_ERR_TRUNCATED = const(1)
+_ERR_LENGTH = const(2)
+_ERR_OVERSIZE = const(3)
+_ERR_HEADER = const(4)
+_ERR_SHD = const(5)
+_ERR_ALGORITHM = const(6)
+_ERR_NOT_FOR_ME = const(7)
+_ERR_NO_KEY = const(8)
+_ERR_SNF = const(9)
+_ERR_REPLAY = const(10)
+_ERR_TOO_OLD = const(11)
+_ERR_MAC = const(12)
+_ERR_PADDING = const(13)
+_ERR_BCC = const(14)
 # service -> SHD byte 1 (cipher id << 4 | MAC id)
 _ALG = (0, 0x01, 0x10, 0x11)
 _ZEROS = tuple(bytes(k) for k in range(16))  # expected padding of k bytes
@@ -94,18 +107,18 @@ def encode(sa, da, key, snf, padata, service=3):
     Otherwise a secure frame with `service` 1, 2 or 3 under `key` with sequence `snf`."""
     n = len(padata)
     if key is None:
-        if n > MAX_ADATA:
-            raise SCPMError(ERR_OVERSIZE)
+        if n > _MAX_ADATA:
+            raise SCPMError(_ERR_OVERSIZE)
         out = bytearray(_HDR + n)
-        out[0] = HD_PLAIN
+        out[0] = _HD_PLAIN
         _put32(out, 1, sa)
         _put32(out, 5, da)
         out[9] = n >> 8
         out[10] = n & 0xFF
         out[_HDR:] = padata
         return out
-    if n > MAX_PADATA:
-        raise SCPMError(ERR_OVERSIZE)
+    if n > _MAX_PADATA:
+        raise SCPMError(_ERR_OVERSIZE)
     if service == 1:
         enc = 0
         adata = 8 + 2 + n + _MAC
@@ -115,7 +128,7 @@ def encode(sa, da, key, snf, padata, service=3):
         adata = 8 + enc + (_MAC if service == 3 else 0)
     out = bytearray(_HDR + adata)
     mv = memoryview(out)
-    out[0] = HD_SECURE
+    out[0] = _HD_SECURE
     _put32(out, 1, sa)
     _put32(out, 5, da)
     out[9] = adata >> 8
@@ -205,19 +218,19 @@ class Codec:
     def decode(self, data, ring):
         n = len(data)
         if n < 11:
-            raise SCPMError(ERR_TRUNCATED)
+            raise SCPMError(_ERR_TRUNCATED)
         if n > _MAX_FRAME:
-            raise SCPMError(ERR_OVERSIZE)
+            raise SCPMError(_ERR_OVERSIZE)
         hd = data[0]
         if hd != _HD_PLAIN and hd != _HD_SECURE:
-            raise SCPMError(ERR_HEADER)
+            raise SCPMError(_ERR_HEADER)
         if (data[9] << 8) | data[10] != n - 11:
-            raise SCPMError(ERR_LENGTH)
+            raise SCPMError(_ERR_LENGTH)
         a = self._a
         mine = data[5] == a[0] and data[6] == a[1] and data[7] == a[2] and data[8] == a[3]
         if hd == _HD_PLAIN:
             if not mine:
-                raise SCPMError(ERR_NOT_FOR_ME)
+                raise SCPMError(_ERR_NOT_FOR_ME)
             self.hd = hd
             self.persist = False
             self.sa = (data[1] << 24) | (data[2] << 16) | (data[3] << 8) | data[4]
@@ -230,52 +243,52 @@ class Codec:
             return self
         # 1. sizes and secure header
         if n < 19:
-            raise SCPMError(ERR_TRUNCATED)
+            raise SCPMError(_ERR_TRUNCATED)
         b0 = data[11]
         svc = b0 & 3
         if b0 & 0xFC != 0x10 or svc == 0:
-            raise SCPMError(ERR_SHD)
+            raise SCPMError(_ERR_SHD)
         b2 = data[13]
         kind = b2 >> 4
         index = b2 & 0x0F
         gen = data[14]
         if kind > 4 or (index and kind != 2) or gen == 0:
-            raise SCPMError(ERR_SHD)
+            raise SCPMError(_ERR_SHD)
         if data[12] != (svc & 1) | ((svc & 2) << 3):  # _ALG[svc], without a global lookup
-            raise SCPMError(ERR_ALGORITHM)
+            raise SCPMError(_ERR_ALGORITHM)
         if svc == 1:
             if n < 37:  # 11 + 8 + PBC + MDAS
-                raise SCPMError(ERR_TRUNCATED)
+                raise SCPMError(_ERR_TRUNCATED)
             enc = 0
         else:
             enc = n - (19 if svc == 2 else 35)
             if enc < 16:
-                raise SCPMError(ERR_TRUNCATED)
+                raise SCPMError(_ERR_TRUNCATED)
             if enc & 15:
-                raise SCPMError(ERR_PADDING)
+                raise SCPMError(_ERR_PADDING)
         if not mine:
-            raise SCPMError(ERR_NOT_FOR_ME)
+            raise SCPMError(_ERR_NOT_FOR_ME)
         sa = (data[1] << 24) | (data[2] << 16) | (data[3] << 8) | data[4]
         # 2. key
         key = ring.lookup(sa, kind, index, gen)
         if key is None:
-            raise SCPMError(ERR_NO_KEY)
+            raise SCPMError(_ERR_NO_KEY)
         # 3. SNF pre-check
         snf = (data[15] << 24) | (data[16] << 16) | (data[17] << 8) | data[18]
         win = key.rx.get(sa)  # a known peer's window; an unknown peer gets one only once
         if win is None:  # its frame has authenticated (step 6): nothing stored before that
             high = 0
             if snf == 0:
-                raise SCPMError(ERR_SNF)
+                raise SCPMError(_ERR_SNF)
         else:
             high = win.high  # RxWindow.check, inlined (hot path)
         if snf <= high:
             if snf == 0:
-                raise SCPMError(ERR_SNF)
+                raise SCPMError(_ERR_SNF)
             if high - snf > 32:
-                raise SCPMError(ERR_TOO_OLD)
+                raise SCPMError(_ERR_TOO_OLD)
             if snf == high or win.seen[snf & 63]:
-                raise SCPMError(ERR_REPLAY)
+                raise SCPMError(_ERR_REPLAY)
         rx, mv, v_shd_snf, v_sa_da, pt, ptmv, tails, ivin, iv, scratch, blind, bx, bx16, by = self._bufs
         rx[:n] = data  # no allocation; the views below are preallocated or one per use
         # 4. MDAS
@@ -292,14 +305,14 @@ class Codec:
             blind.encrypt(o.digest(), bx)  # both halves of the 32-byte tag
             blind.encrypt(mv[end:n], by)
             if bx16 != by:
-                raise self._spoilt(ERR_MAC)
+                raise self._spoilt(_ERR_MAC)
         # 5. decrypt, PBC, PDG, BCC
         if svc == 1:
             pbc = (data[19] << 8) | data[20]
             if pbc > _MAX_PADATA:
-                raise self._spoilt(ERR_OVERSIZE)
+                raise self._spoilt(_ERR_OVERSIZE)
             if pbc != n - 37:
-                raise self._spoilt(ERR_LENGTH)
+                raise self._spoilt(_ERR_LENGTH)
             src = rx
             off = 21
         else:
@@ -313,17 +326,17 @@ class Codec:
             pbc = (pt[base] << 8) | pt[base + 1]
             pad = enc - pbc - (4 if svc == 2 else 2)
             if pbc > _MAX_PADATA:
-                raise self._spoilt(ERR_OVERSIZE)
+                raise self._spoilt(_ERR_OVERSIZE)
             if pad < 0:
-                raise self._spoilt(ERR_LENGTH)
+                raise self._spoilt(_ERR_LENGTH)
             if pad > 15:  # more than 15 padding bytes: bad block count
-                raise self._spoilt(ERR_PADDING)
+                raise self._spoilt(_ERR_PADDING)
             if pad and tails[pad] != _ZEROS[pad]:  # compared in C, no allocation
-                raise self._spoilt(ERR_PADDING)
+                raise self._spoilt(_ERR_PADDING)
             if svc == 2:
                 d = _sha256(ptmv[base:base + 2 + pbc]).digest()
                 if d[0] != pt[base + 2 + pbc] or d[1] != pt[base + 3 + pbc]:
-                    raise self._spoilt(ERR_BCC)
+                    raise self._spoilt(_ERR_BCC)
             src = pt
             off = base + 2
         # 6. commit

@@ -22,11 +22,13 @@ import socket
 import time
 from binascii import unhexlify
 
+from micropython import const
+
 from tessera_fw import config
-from tessera_fw.scpm.const import PORT, name
 
 asyncio = None  # imported on first use (run()): main() serves without it, 4 KB less heap
 CONFIG = "scpm.json"
+_PORT = const(24767)  # const.PORT (profile section 9)
 _IDLE_MS = 5
 _TICK_MS = 100  # MKU_REQUEST retries (5 s) are checked at least this often
 LOG_MS = 10000  # with a log: at most one summary line per 10 s
@@ -112,7 +114,7 @@ async def _sleep_ms(ms):
 
 
 class UDPDevice:
-    def __init__(self, dev, bind="0.0.0.0", port=PORT, ksn=None, log=None):
+    def __init__(self, dev, bind="0.0.0.0", port=_PORT, ksn=None, log=None):
         self.dev = dev
         self.port = port
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -160,6 +162,8 @@ class UDPDevice:
             return None
         if self._log_at is not None and ticks_diff(now_ms, self._log_at) < LOG_MS:
             return None
+        from tessera_fw.scpm.error import name  # loaded anyway (frame.py); names built here only
+
         snap = self._snap
         parts = []
         total = 0
@@ -287,8 +291,8 @@ def start(cfg=None, root=""):
     dev = make_device(cfg, root)
     ksn = None
     if cfg.get("ksn_host"):
-        ksn = socket.getaddrinfo(cfg["ksn_host"], cfg.get("ksn_port", PORT))[0][-1]
-    u = UDPDevice(dev, cfg.get("bind", "0.0.0.0"), cfg.get("port", PORT), ksn,
+        ksn = socket.getaddrinfo(cfg["ksn_host"], cfg.get("ksn_port", _PORT))[0][-1]
+    u = UDPDevice(dev, cfg.get("bind", "0.0.0.0"), cfg.get("port", _PORT), ksn,
                   print if cfg.get("log") else None)
     u.precompute = cfg.get("precompute_dh", True) is not False
     return u
