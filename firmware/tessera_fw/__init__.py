@@ -13,7 +13,8 @@ def acquire(name):
     fresh = name not in sys.modules
     m = __import__(name, None, None, ("_",))
     # a module compiled from source (mip --no-mpy, the tests) stays: compiling it again for
-    # every request would cost a parse-tree peak larger than the module itself
+    # every request would cost a parse-tree peak larger than the module itself; a frozen
+    # one (its __file__ ends in .py too) has its code in flash and stays as well
     return m, fresh and not getattr(m, "__file__", ".py").endswith(".py")
 
 

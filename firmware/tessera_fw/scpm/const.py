@@ -5,7 +5,7 @@
 # test checks that every such copy equals the value here (fwtest_scpm_const.py).
 from micropython import const
 
-from tessera_fw.scpm.error import SCPMError, name  # noqa: F401 - part of this module's API
+from tessera_fw.scpm.frame import SCPMError, name  # noqa: F401 - part of this module's API
 
 HD_PLAIN = const(0x10)
 HD_SECURE = const(0x11)
@@ -87,4 +87,4 @@ ERR_UNKNOWN_OP = const(22)
 # the device's peer table is full (device.MAX_PEERS).
 ERR_PEERS_FULL = const(23)
 
-NAMES = tuple(name(i) for i in range(24))  # "OK", "ERR_TRUNCATED", ... (error.py)
+# the names: name(code) -> "ERR_MAC" (frame.py), built only where printed

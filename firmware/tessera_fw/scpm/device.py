@@ -12,10 +12,14 @@ from micropython import const
 
 from tessera_fw.scpm import persist  # noqa: I001 - first: measured to leave the esp32 test heap least fragmented
 from tessera_fw import acquire, release
-from tessera_fw.scpm.error import SCPMError
-from tessera_fw.scpm.frame import Codec, Key, encode
+from tessera_fw.scpm.frame import Codec, Key, SCPMError, encode
 from tessera_fw.scpm.snf import RxWindow, TxCounter
 from tessera_fw.scpm.store import MemFS, Store
+
+if __file__.endswith(".py"):
+    # compiled from source (mip --no-mpy, the tests) or frozen: key management is loaded now,
+    # while the heap is whole, and stays (acquire() releases only modules loaded from .mpy)
+    from tessera_fw.scpm import km  # noqa: F401
 
 # numbers of const.py (profile sections 1-8), folded by the compiler (issue 9 #9)
 _ERR_OVERSIZE = const(3)
@@ -324,6 +328,7 @@ class Device:
             return
         # key management (km.py, with DH for MKU_START) is loaded for the request and
         # released after it: the device serves application frames without it (issue 9 #9)
+        hm, hfresh = acquire("tessera_fw.crypto.hmac")  # km.py's, and key set-up's
         km, fresh = acquire("tessera_fw.scpm.km")
         try:
             ans, akey = km.handle(self, f, op, txid, p, now_ms)
@@ -331,9 +336,11 @@ class Device:
             self._count(e.code)
             ans, akey = self._km_error(txid, e.code, op), key
         finally:
-            km = None
+            km = hm = None
             if fresh:
                 release("tessera_fw.scpm.km")
+            if hfresh:
+                release("tessera_fw.crypto.hmac")
         if ans is not None:
             out.append(self._frame(sa, akey, ans, _SVC_AUTH_CONF if akey is not None else 0))
 

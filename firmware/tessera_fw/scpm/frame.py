@@ -11,8 +11,7 @@ except ImportError:  # firmware older than v1.19
     import ucryptolib as cryptolib
 from micropython import const
 
-from tessera_fw.crypto.hmac import HMAC
-from tessera_fw.scpm.error import SCPMError
+from tessera_fw import acquire, release
 
 _sha256 = hashlib.sha256
 _HDR = const(11)
@@ -43,9 +42,49 @@ _ALG = (0, 0x01, 0x10, 0x11)
 _ZEROS = tuple(bytes(k) for k in range(16))  # expected padding of k bytes
 
 
+# SCPMError and the error names of profile section 8 live here, not in const.py: the device
+# raises and counts errors by number only and loads neither const.py's public names nor a
+# table of name strings (issue 9 #9: a public name costs a dict entry and a qstr on the
+# board's heap). The names are built only where they are printed (str(e), udp's log).
+_NAMES = ("TRUNCATED LENGTH OVERSIZE HEADER SHD ALGORITHM NOT_FOR_ME NO_KEY SNF REPLAY TOO_OLD "
+          "MAC PADDING BCC AUTHORITY WRONG_KSN STATE MALFORMED DH CONFIRM SNF_EXHAUSTED "
+          "UNKNOWN_OP PEERS_FULL")  # numbers 1-23 in order (const.py ERR_*)
+
+
+def name(code):
+    """"ERR_MAC" for 12, "OK" for 0, "ERR_99" for a number the profile does not define."""
+    if code == 0:
+        return "OK"
+    names = _NAMES.split()
+    return "ERR_" + (names[code - 1] if 0 < code <= len(names) else "%d" % code)
+
+
+class SCPMError(Exception):
+    """A protocol error: `code` is the section 8 number. Messages never carry key material."""
+
+    def __init__(self, code, detail=0):
+        super().__init__(code)
+        self.code = code
+        self.detail = detail
+
+    def __str__(self):
+        return name(self.code)
+
+
+def _hmac():
+    # crypto/hmac.py serves key set-up and key management only (decode() inlines its MAC):
+    # loaded for them and released after (issue 9 #9)
+    return acquire("tessera_fw.crypto.hmac")
+
+
 def hmac_sha256(key, *parts):
     """One-shot HMAC-SHA-256 (RFC 2104) for key set-up and key management (not the hot path)."""
-    return HMAC(key).digest(*parts)
+    m, fresh = _hmac()
+    try:
+        return m.HMAC(key).digest(*parts)
+    finally:
+        if fresh:
+            release("tessera_fw.crypto.hmac")
 
 
 def next_gen(gen):
@@ -64,10 +103,16 @@ class Key:
         self.index = index
         self.gen = gen
         self.key = bytes(key)
-        self.k_enc = hmac_sha256(key, b"SCPM-ENC")[:16]
-        m = HMAC(hmac_sha256(key, b"SCPM-MAC"))
-        self.ipad = m.ipad  # the MAC's padded keys, for decode()'s inlined HMAC
-        self.opad = m.opad
+        hm, fresh = _hmac()
+        try:
+            self.k_enc = hm.HMAC(key).digest(b"SCPM-ENC")[:16]
+            m = hm.HMAC(hm.HMAC(key).digest(b"SCPM-MAC"))
+            self.ipad = m.ipad  # the MAC's padded keys, for decode()'s inlined HMAC
+            self.opad = m.opad
+        finally:
+            hm = m = None
+            if fresh:
+                release("tessera_fw.crypto.hmac")
         self.ecb = cryptolib.aes(self.k_enc, 1)  # IV computation (encrypt only)
         self.rx = {}  # peer address -> RxWindow (owner's bookkeeping)
         self.tx = {}  # peer address -> TxCounter

@@ -5,8 +5,7 @@ from micropython import const
 
 from tessera_fw import acquire, release
 from tessera_fw.crypto.hmac import ct_equal
-from tessera_fw.scpm.error import SCPMError
-from tessera_fw.scpm.frame import Key, hmac_sha256, next_gen
+from tessera_fw.scpm.frame import Key, SCPMError, hmac_sha256, next_gen
 from tessera_fw.scpm.persist import Pending
 
 # numbers of const.py (profile sections 1-8), folded by the compiler (issue 9 #9)

@@ -2,7 +2,7 @@
 # of 64, receiver replay windows of 32 below the highest accepted SNF.
 from micropython import const
 
-from tessera_fw.scpm.error import SCPMError
+from tessera_fw.scpm.frame import SCPMError
 
 _WINDOW = const(32)
 _RESERVE = const(64)
