@@ -32,5 +32,5 @@ def release(name):
     if p is not None:
         try:
             delattr(p, child)
-        except (AttributeError, TypeError):
+        except (AttributeError, KeyError, TypeError):  # MicroPython: KeyError when not there
             pass
