@@ -214,8 +214,13 @@ class Device:
 
     # ------------------------------------------------------------------ sending
     def _frame(self, da, key, padata, service=_SVC_AUTH_CONF):
+        # addresses as bytes (issue 9 #8): this node's, and the sender's of the frame just
+        # decoded when answering it (a 32-bit board then shifts no boxed integer)
+        c = self.codec
+        sa = c.addr4
+        dab = c.sa4 if da == c.sa else da
         if key is None:
-            return encode(self.addr, da, None, 0, padata)
+            return encode(sa, dab, None, 0, padata)
         c = key.tx.get(da)
         if c is None:
             c = key.tx[da] = TxCounter()
@@ -223,7 +228,7 @@ class Device:
         if c.dirty:
             c.dirty = False
             self.save()  # the reservation reaches flash before the SNF is used
-        f = encode(self.addr, da, key, snf, padata, service)
+        f = encode(sa, dab, key, snf, padata, service)
         if key.kind == _KIND_MASTER and snf > _SNF_MASTER_LIMIT and self.mku_state == IDLE:
             self._snf_request = True
         return f

@@ -143,21 +143,31 @@ def _put32(b, o, v):
     b[o + 3] = v & 0xFF
 
 
+def _put_addr(b, o, a):
+    # an address is an int or its 4 bytes (big-endian): the device passes the bytes, so that
+    # a 32-bit board shifts no boxed integer (issue 9 #8)
+    if isinstance(a, int):
+        _put32(b, o, a)
+    else:
+        b[o:o + 4] = a
+
+
 def _get32(b, o):
     return (b[o] << 24) | (b[o + 1] << 16) | (b[o + 2] << 8) | b[o + 3]
 
 
 def encode(sa, da, key, snf, padata, service=3):
     """Build a general frame. key None: plain frame (HD 0x10, ADATA = padata).
-    Otherwise a secure frame with `service` 1, 2 or 3 under `key` with sequence `snf`."""
+    Otherwise a secure frame with `service` 1, 2 or 3 under `key` with sequence `snf`.
+    `sa`, `da`: an int or the address's 4 bytes (Codec.addr4, Codec.sa4)."""
     n = len(padata)
     if key is None:
         if n > _MAX_ADATA:
             raise SCPMError(_ERR_OVERSIZE)
         out = bytearray(_HDR + n)
         out[0] = _HD_PLAIN
-        _put32(out, 1, sa)
-        _put32(out, 5, da)
+        _put_addr(out, 1, sa)
+        _put_addr(out, 5, da)
         out[9] = n >> 8
         out[10] = n & 0xFF
         out[_HDR:] = padata
@@ -174,8 +184,8 @@ def encode(sa, da, key, snf, padata, service=3):
     out = bytearray(_HDR + adata)
     mv = memoryview(out)
     out[0] = _HD_SECURE
-    _put32(out, 1, sa)
-    _put32(out, 5, da)
+    _put_addr(out, 1, sa)
+    _put_addr(out, 5, da)
     out[9] = adata >> 8
     out[10] = adata & 0xFF
     out[11:15] = key.shd(service)
@@ -229,10 +239,15 @@ class Codec:
                       bytearray(16), bytearray(16), bytearray(16),  # IV input, IV, scratch
                       cryptolib.aes(os.urandom(16), 1), bx, memoryview(bx)[:16],  # tag blinding
                       bytearray(16))
-        # Addresses in small ints (issue 9 #8): on a 32-bit board an int >= 2^30 is a heap
-        # object, and building one from four bytes allocates at every shift and or. DA is
-        # compared byte by byte with this node's address (misaddressed frames, the most
-        # common junk, cost nothing); SA is built only once DA matched.
+        # Addresses as bytes on the per-frame path (issue 9 #8): on a 32-bit board an int
+        # >= 2^30 is a heap object, and every shift, or and mask of one allocates another.
+        # DA is compared byte by byte with this node's address (misaddressed frames, the
+        # most common junk, cost nothing). SA is copied into a 4-byte buffer and converted
+        # once DA matched, in one int.from_bytes (one boxed int on a board, none here);
+        # sa4 holds the SA bytes of the last frame decoded, and encode() takes them and
+        # addr4 as they are, so answering shifts no address.
+        self._s4 = bytearray(4)  # the frame being decoded (swapped with sa4 on success)
+        self.sa4 = bytearray(4)
         self.readdress(addr)
         self.hd = self.sa = self.da = self.service = self.snf = self.authority = 0
         self.key = None
@@ -252,7 +267,7 @@ class Codec:
     def readdress(self, addr):
         """Receive for another node address from now on."""
         self.addr = addr
-        self._a = (addr >> 24 & 0xFF, addr >> 16 & 0xFF, addr >> 8 & 0xFF, addr & 0xFF)
+        self.addr4 = bytes((addr >> 24 & 0xFF, addr >> 16 & 0xFF, addr >> 8 & 0xFF, addr & 0xFF))
 
     def _spoilt(self, code):
         # a check after the copy into the receive buffer failed: the previous frame's
@@ -271,14 +286,19 @@ class Codec:
             raise SCPMError(_ERR_HEADER)
         if (data[9] << 8) | data[10] != n - 11:
             raise SCPMError(_ERR_LENGTH)
-        a = self._a
+        a = self.addr4
         mine = data[5] == a[0] and data[6] == a[1] and data[7] == a[2] and data[8] == a[3]
         if hd == _HD_PLAIN:
             if not mine:
                 raise SCPMError(_ERR_NOT_FOR_ME)
             self.hd = hd
             self.persist = False
-            self.sa = (data[1] << 24) | (data[2] << 16) | (data[3] << 8) | data[4]
+            s4 = self.sa4
+            s4[0] = data[1]
+            s4[1] = data[2]
+            s4[2] = data[3]
+            s4[3] = data[4]
+            self.sa = int.from_bytes(s4, "big")
             self.da = self.addr
             self.service = self.snf = self.authority = 0
             self.key = None
@@ -313,7 +333,12 @@ class Codec:
                 raise SCPMError(_ERR_PADDING)
         if not mine:
             raise SCPMError(_ERR_NOT_FOR_ME)
-        sa = (data[1] << 24) | (data[2] << 16) | (data[3] << 8) | data[4]
+        s4 = self._s4
+        s4[0] = data[1]
+        s4[1] = data[2]
+        s4[2] = data[3]
+        s4[3] = data[4]
+        sa = int.from_bytes(s4, "big")
         # 2. key
         key = ring.lookup(sa, kind, index, gen)
         if key is None:
@@ -398,6 +423,7 @@ class Codec:
             self.persist = win.commit(snf)
         self.hd = hd
         self.sa = sa
+        self._s4, self.sa4 = self.sa4, s4  # a swap, no allocation
         self.da = self.addr
         self.service = svc
         self.key = key
