@@ -160,6 +160,28 @@ hi_sa, hi_da = 0x8A000002, 0xC0000001
 frames = [bytes(encode(hi_sa, hi_da, k, s, bytes(256), 3)) for s in range(1, BATCH + 1)]
 res["alloc_high"] = alloc_per_frame(Codec(hi_da), frames, Ring())
 frames = None
+
+
+def alloc_per_encode(sa, da):
+    """Heap allocated per encoded service-3 answer (256-byte PADATA), GC off."""
+    p = bytes(256)
+    encode(sa, da, k, 1, p, 3)
+    gc.collect()
+    gc.disable()
+    a0 = gc.mem_alloc()
+    for s in range(2, BATCH + 1):
+        encode(sa, da, k, s, p, 3)
+    got = (gc.mem_alloc() - a0) / (BATCH - 1)
+    gc.enable()
+    return got
+
+
+# the device answers with addresses as bytes (Codec.addr4, Codec.sa4); as ints for comparison
+c = Codec(hi_da)
+c.sa4[:] = hi_sa.to_bytes(4, "big")
+res["alloc_enc_high"] = alloc_per_encode(c.addr4, c.sa4)
+res["alloc_enc_high_int"] = alloc_per_encode(hi_da, hi_sa)
+c = None
 k.rx.clear()
 gc.collect()
 
@@ -357,9 +379,17 @@ def main() -> int:
                f"(issue 9's figures: 2.6 s for pow(2, x, p), 2.7 s for pow(y, x, p) at 125 MHz).")
     out.append(f"- Heap per decoded service-3 frame (256-byte PADATA) with source and destination addresses "
                f"at or above 0x40000000: {res['alloc_high']:.0f} B on this 64-bit port ({res['sizes'][1]['alloc']:.0f} B "
-               f"below it, table above). The destination is compared byte by byte, so a misaddressed frame builds no integer; "
-               f"the source address is still built as an int, which on a 32-bit board is a heap object when it "
-               f"is >= 2^30 (not measured: no 32-bit MicroPython build here).")
+               f"below it, table above); per encoded answer (the device's, addresses as bytes): "
+               f"{res['alloc_enc_high']:.0f} B ({res['alloc_enc_high_int']:.0f} B with the addresses as ints). "
+               f"On this port ints up to 2^62 are small, so these figures cannot show what a 32-bit board adds: "
+               f"there an int >= 2^30 is a heap object and every shift, or and mask with one makes another "
+               f"(py/objint_mpz.c). Issue 9 measured 774 B per decode on a 32-bit build with such addresses "
+               f"(448 B below). The codec now compares DA byte by byte, builds SA in one int.from_bytes "
+               f"(one boxed int per frame on a board, where the four shifts and ors made four) and keeps the "
+               f"address bytes (Codec.addr4, Codec.sa4), which the device's encode() writes as they are "
+               f"(the ints cost seven boxed results per address: three shifts and four masks). Not measured "
+               f"on a 32-bit build: none is available here (no MicroPython source distribution on PyPI, no "
+               f"cross toolchain).")
     fit = lambda n: "does not fit" if n is None else f"{n // 1024} KB"  # noqa: E731
     out.append(f"- Smallest heap in which the whole device stack runs (import, enrolment, SP key, master key "
                f"update with DH, 20 application frames up to 1000 bytes; the KSN's frames are precomputed and "

@@ -30,17 +30,11 @@ def _ms_since(t):
 def unload(before):
     """Forget every module imported since `before` (a set of sys.modules names), so that
     the heap they hold can be collected; a later import loads them again."""
+    import tessera_fw
+
     for name in list(sys.modules):
-        if name in before:
-            continue
-        del sys.modules[name]
-        parent, _, child = name.rpartition(".")
-        p = sys.modules.get(parent)
-        if p is not None:
-            try:
-                delattr(p, child)
-            except (AttributeError, TypeError):
-                pass
+        if name not in before:
+            tessera_fw.release(name)
     gc.collect()
 
 

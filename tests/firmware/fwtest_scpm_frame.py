@@ -331,3 +331,42 @@ def test_decode_heap_and_nothing_retained():
         c.decode(frames[i], r)
     gc.collect()
     assert gc.mem_alloc() - r1 <= 64, gc.mem_alloc() - r1  # nothing retained per frame
+
+
+def test_addresses_at_or_above_2_30_carried_as_bytes():
+    # issue 9 #8: on a 32-bit board an int >= 2^30 is a heap object; the codec keeps the
+    # address bytes (addr4, sa4) and the device's answers are encoded from them
+    dev, peer, other = 0xC0000001, 0x8A000002, 0x9B000003
+    k = Key(1, 0, 1, bytes(range(16)))
+    r = Ring([k])
+    c = Codec(dev)
+    assert c.addr4 == b"\xc0\x00\x00\x01"
+    f = c.decode(bytes(encode(peer, dev, k, 1, b"abc", 3)), r)
+    assert f.sa == peer and bytes(c.sa4) == b"\x8a\x00\x00\x02" and bytes(f.padata()) == b"abc"
+    # a frame from another source that fails (MAC) leaves the last good frame's SA and bytes
+    bad = bytearray(encode(other, dev, k, 2, b"abc", 3))
+    bad[-1] ^= 1
+    e = raises(SCPMError, c.decode, bytes(bad), r)
+    assert e.code == C.ERR_MAC and c.sa == peer and bytes(c.sa4) == b"\x8a\x00\x00\x02"
+    # so does one not for this node; a plain frame sets both
+    e = raises(SCPMError, c.decode, bytes(encode(other, dev + 1, None, 0, b"\x01\x00\x01")), r)
+    assert e.code == C.ERR_NOT_FOR_ME and c.sa == peer and bytes(c.sa4) == b"\x8a\x00\x00\x02"
+    c.decode(bytes(encode(other, dev, None, 0, b"\x01\x00\x01")), r)
+    assert c.sa == other and bytes(c.sa4) == b"\x9b\x00\x00\x03"
+    # encode() takes the bytes as they are: the same frame as from the ints
+    assert encode(c.addr4, c.sa4, k, 5, b"xyz", 3) == encode(dev, other, k, 5, b"xyz", 3)
+    assert encode(c.addr4, c.sa4, None, 0, b"xyz") == encode(dev, other, None, 0, b"xyz")
+
+
+def test_device_with_high_addresses_answers_from_address_bytes():
+    from fwtest_scpm_util import SETUP, Seq, enrol, one
+    from tessera_fw.scpm.device import Device
+
+    dev, ksn_addr = 0xC0000001, 0x8A000002
+    d = Device(dev, SETUP, rand=Seq())
+    ksn = enrol(d, MiniKSN(addr=ksn_addr, dev=dev))  # every answer decoded by the KSN's codec
+    assert d.ksn == ksn_addr
+    out = one(d.request_update(1, 0))  # device-initiated: to the KSN, not the last sender
+    assert out[1:9] == b"\xc0\x00\x00\x01\x8a\x00\x00\x02"
+    p, f = ksn.open(out)
+    assert p[0] == C.OP_MKU_REQUEST and f.sa == dev

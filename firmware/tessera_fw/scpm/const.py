@@ -1,5 +1,11 @@
-# SCPM constants and error numbers (docs/scpm-profile.md sections 1-8).
+# SCPM constants and error numbers (docs/scpm-profile.md sections 1-8), public for the host,
+# tests and applications. The firmware's own modules do not import this module: each
+# keeps the numbers it needs as module-private `_NAME = const(...)`, which the compiler
+# folds away (a public name costs the board a dict entry and a qstr; issue 9 #9), and a
+# test checks that every such copy equals the value here (fwtest_scpm_const.py).
 from micropython import const
+
+from tessera_fw.scpm.frame import SCPMError, name  # noqa: F401 - part of this module's API
 
 HD_PLAIN = const(0x10)
 HD_SECURE = const(0x11)
@@ -81,21 +87,4 @@ ERR_UNKNOWN_OP = const(22)
 # the device's peer table is full (device.MAX_PEERS).
 ERR_PEERS_FULL = const(23)
 
-NAMES = ("OK", "ERR_TRUNCATED", "ERR_LENGTH", "ERR_OVERSIZE", "ERR_HEADER", "ERR_SHD",
-         "ERR_ALGORITHM", "ERR_NOT_FOR_ME", "ERR_NO_KEY", "ERR_SNF", "ERR_REPLAY", "ERR_TOO_OLD",
-         "ERR_MAC", "ERR_PADDING", "ERR_BCC", "ERR_AUTHORITY", "ERR_WRONG_KSN", "ERR_STATE",
-         "ERR_MALFORMED", "ERR_DH", "ERR_CONFIRM", "ERR_SNF_EXHAUSTED", "ERR_UNKNOWN_OP",
-         "ERR_PEERS_FULL")
-
-
-class SCPMError(Exception):
-    """A protocol error: `code` is the section 8 number. Messages never carry key material."""
-
-    def __init__(self, code, detail=0):
-        super().__init__(NAMES[code] if 0 < code < len(NAMES) else "ERR_%d" % code)
-        self.code = code
-        self.detail = detail
-
-
-def name(code):
-    return NAMES[code] if 0 <= code < len(NAMES) else "ERR_%d" % code
+# the names: name(code) -> "ERR_MAC" (frame.py), built only where printed

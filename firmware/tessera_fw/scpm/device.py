@@ -8,14 +8,39 @@
 # ticks_diff, so the timers work across the tick counter's wrap (2^30 ms on the boards).
 import os
 
+from micropython import const
+
 from tessera_fw.scpm import persist  # noqa: I001 - first: measured to leave the esp32 test heap least fragmented
-from tessera_fw.scpm import const as C
-from tessera_fw.scpm import km
-from tessera_fw.scpm.const import SCPMError
-from tessera_fw.scpm.frame import Codec, Key, encode
-from tessera_fw.scpm.km import check_pdu  # noqa: F401 - part of the API
+from tessera_fw import acquire, release
+from tessera_fw.scpm.frame import Codec, Key, SCPMError, encode
 from tessera_fw.scpm.snf import RxWindow, TxCounter
 from tessera_fw.scpm.store import MemFS, Store
+
+if __file__.endswith(".py"):
+    # compiled from source (mip --no-mpy, the tests) or frozen: key management is loaded now,
+    # while the heap is whole, and stays (acquire() releases only modules loaded from .mpy)
+    from tessera_fw.scpm import km  # noqa: F401
+
+# numbers of const.py (profile sections 1-8), folded by the compiler (issue 9 #9)
+_ERR_OVERSIZE = const(3)
+_ERR_AUTHORITY = const(15)
+_ERR_STATE = const(17)
+_ERR_MALFORMED = const(18)
+_ERR_UNKNOWN_OP = const(22)
+_ERR_PEERS_FULL = const(23)
+_KIND_SETUP = const(0)
+_KIND_MASTER = const(4)
+_OP_MKU_START = const(0x10)
+_OP_MKU_REQUEST = const(0x15)
+_OP_KM_ERROR = const(0x1F)
+_OP_APP_GET = const(0x40)
+_OP_APP_SET = const(0x41)
+_OP_APP_RESULT = const(0x42)
+_REASON_OPERATOR = const(1)
+_REASON_SNF = const(2)
+_MAX_PADATA = const(1024)
+_SNF_MASTER_LIMIT = const(0xFFFF0000)
+_SVC_AUTH_CONF = const(3)
 
 IDLE = "IDLE"
 PENDING = "PENDING"
@@ -44,6 +69,30 @@ DEFAULT_PROPS = (
 )
 
 
+# PDU length after OP | TXID (section 6, 7): fixed, or -minimum for variable-length PDUs
+_PDU_LEN = {
+    0x01: 0, 0x02: 16, 0x03: 50, 0x04: 2, 0x05: 18, 0x06: 2, 0x07: 17, 0x08: 1, 0x09: 17,
+    0x0A: 1, 0x10: 273, 0x11: 289, 0x12: 17, 0x13: 1, 0x14: 1, 0x15: 1, 0x18: 16, 0x19: 20,
+    0x1F: 2, 0x40: 1, 0x41: -1, 0x42: -2,
+}
+# answers and device-to-KSN messages: a device never answers them
+_RESPONSES = (0x02, 0x04, 0x06, 0x08, 0x0A, 0x11, 0x13, 0x15, 0x19, 0x1F, 0x42)
+
+
+def check_pdu(p):
+    """Validate the length of a KM or application PDU: ERR_MALFORMED / ERR_UNKNOWN_OP."""
+    n = len(p)
+    if n < 3:
+        raise SCPMError(_ERR_MALFORMED)
+    want = _PDU_LEN.get(p[0])
+    if want is None:
+        raise SCPMError(_ERR_UNKNOWN_OP)
+    if n - 3 != want if want >= 0 else n - 3 < -want:
+        raise SCPMError(_ERR_MALFORMED)
+    if n > _MAX_PADATA:
+        raise SCPMError(_ERR_OVERSIZE)
+
+
 def _u16(p, o):
     return (p[o] << 8) | p[o + 1]
 
@@ -53,7 +102,7 @@ class Device:
         if not addr:
             raise ValueError("address 0 is invalid")
         self.addr = addr
-        self.setup = Key(C.KIND_SETUP, 0, 1, setup_key)
+        self.setup = Key(_KIND_SETUP, 0, 1, setup_key)
         self.store = store if store is not None else Store(MemFS())
         self.rand = rand if rand is not None else os.urandom
         self.codec = Codec(addr)
@@ -98,7 +147,7 @@ class Device:
 
     @property
     def master(self):
-        return self.keys[C.KIND_MASTER * 16]
+        return self.keys[_KIND_MASTER * 16]
 
     # ------------------------------------------------------------------ persistence
     # (persist.py: binary keys and counters images, docs/scpm-firmware.md "Flash wear")
@@ -132,7 +181,7 @@ class Device:
 
     # ------------------------------------------------------------------ ring for Codec
     def lookup(self, sa, kind, index, gen):
-        if kind == C.KIND_MASTER:
+        if kind == _KIND_MASTER:
             if sa != self.ksn or not sa:
                 return None
             k = self.keys[64]
@@ -150,8 +199,8 @@ class Device:
     def window(self, sa, key):
         """A new replay window for a peer whose frame has just authenticated (frame.py
         calls this after the MAC checked): bounded by MAX_PEERS."""
-        if key.kind != C.KIND_MASTER and (len(key.rx) >= MAX_PEERS_PER_KEY or self.peers() >= MAX_PEERS):
-            raise SCPMError(C.ERR_PEERS_FULL)
+        if key.kind != _KIND_MASTER and (len(key.rx) >= MAX_PEERS_PER_KEY or self.peers() >= MAX_PEERS):
+            raise SCPMError(_ERR_PEERS_FULL)
         w = key.rx[sa] = RxWindow()
         return w
 
@@ -159,14 +208,19 @@ class Device:
         """Replay windows held, the master key's excepted (only the KSN has those)."""
         n = 0
         for k in self.keys:
-            if k is not None and k.kind != C.KIND_MASTER:
+            if k is not None and k.kind != _KIND_MASTER:
                 n += len(k.rx)
         return n
 
     # ------------------------------------------------------------------ sending
-    def _frame(self, da, key, padata, service=C.SVC_AUTH_CONF):
+    def _frame(self, da, key, padata, service=_SVC_AUTH_CONF):
+        # addresses as bytes (issue 9 #8): this node's, and the sender's of the frame just
+        # decoded when answering it (a 32-bit board then shifts no boxed integer)
+        c = self.codec
+        sa = c.addr4
+        dab = c.sa4 if da == c.sa else da
         if key is None:
-            return encode(self.addr, da, None, 0, padata)
+            return encode(sa, dab, None, 0, padata)
         c = key.tx.get(da)
         if c is None:
             c = key.tx[da] = TxCounter()
@@ -174,8 +228,8 @@ class Device:
         if c.dirty:
             c.dirty = False
             self.save()  # the reservation reaches flash before the SNF is used
-        f = encode(self.addr, da, key, snf, padata, service)
-        if key.kind == C.KIND_MASTER and snf > C.SNF_MASTER_LIMIT and self.mku_state == IDLE:
+        f = encode(sa, dab, key, snf, padata, service)
+        if key.kind == _KIND_MASTER and snf > _SNF_MASTER_LIMIT and self.mku_state == IDLE:
             self._snf_request = True
         return f
 
@@ -195,7 +249,7 @@ class Device:
             return []
         # only the master key proves the KSN (its lookup admits the enrolled KSN's SA only;
         # a user key is held by the home's other controllers too); enrolment sets it as well
-        self.from_ksn = f.key is not None and f.key.kind == C.KIND_MASTER
+        self.from_ksn = f.key is not None and f.key.kind == _KIND_MASTER
         out = []
         try:
             if f.persist and not self._mku_start_again(f):
@@ -206,7 +260,7 @@ class Device:
                 self._count(e.code)
             if self._snf_request and self.mku_state == IDLE:
                 try:
-                    out.extend(self.request_update(C.REASON_SNF, now_ms))
+                    out.extend(self.request_update(_REASON_SNF, now_ms))
                 except SCPMError as e:
                     self._count(e.code)
         except OSError:  # the key store could not be written: nothing durable, nothing said
@@ -228,7 +282,7 @@ class Device:
         if pd is None or f.key is not self.master:
             return False
         p = f.padata()
-        return len(p) >= 3 and p[0] == C.OP_MKU_START and _u16(p, 1) == pd.txid
+        return len(p) >= 3 and p[0] == _OP_MKU_START and _u16(p, 1) == pd.txid
 
     def precompute(self):
         """Make the next MKU_START's DH key pair now (one 2048-bit exponentiation: about
@@ -237,9 +291,14 @@ class Device:
         MKU_START and dropped, kept in RAM only (a reboot makes a new one)."""
         if self._next_dh is not None or not self.enrolled or self.mku_state != IDLE:
             return False
-        from tessera_fw.crypto import dh
-
-        self._next_dh = dh.DH(bytes(self.rand(32)))
+        dh, fresh = acquire("tessera_fw.crypto.dh")
+        try:
+            d = dh.DH(bytes(self.rand(32)))
+            self._next_dh = (d._x, d.public)  # plain values: holding a DH would keep dh.py loaded
+        finally:
+            dh = None
+            if fresh:
+                release("tessera_fw.crypto.dh")
         return True
 
     def _rollback(self):
@@ -253,43 +312,53 @@ class Device:
         if key is None and self.enrolled:
             # Issue 11 #12: once enrolled, a plain frame has nothing to ask (only ENROL_HELLO
             # is plain): counted, never answered, so a spoofed source gets nothing reflected.
-            self._count(C.ERR_STATE)
+            self._count(_ERR_STATE)
             return
         txid = _u16(p, 1) if len(p) >= 3 else 0
         op = p[0] if len(p) else 0
         try:
-            km.check_pdu(p)
+            check_pdu(p)
         except SCPMError as e:
             self._count(e.code)
             out.append(self._frame(sa, key, self._km_error(txid, e.code, op), f.service))
             return
-        if op in km.RESPONSES:  # never answer an answer (no ping-pong)
-            if op == C.OP_KM_ERROR:
+        if op in _RESPONSES:  # never answer an answer (no ping-pong)
+            if op == _OP_KM_ERROR:
                 self.events.append(("km_error", p[3]))
             else:
-                self._count(C.ERR_STATE)
+                self._count(_ERR_STATE)
             return
-        if op >= C.OP_APP_GET:
+        if op >= _OP_APP_GET:
             out.append(self._frame(sa, key, self._app(op, txid, p, f.authority), f.service))
             return
+        # key management (km.py, with DH for MKU_START) is loaded for the request and
+        # released after it: the device serves application frames without it (issue 9 #9)
+        hm, hfresh = acquire("tessera_fw.crypto.hmac")  # km.py's, and key set-up's
+        km, fresh = acquire("tessera_fw.scpm.km")
         try:
             ans, akey = km.handle(self, f, op, txid, p, now_ms)
         except SCPMError as e:
             self._count(e.code)
             ans, akey = self._km_error(txid, e.code, op), key
+        finally:
+            km = hm = None
+            if fresh:
+                release("tessera_fw.scpm.km")
+            if hfresh:
+                release("tessera_fw.crypto.hmac")
         if ans is not None:
-            out.append(self._frame(sa, akey, ans, C.SVC_AUTH_CONF if akey is not None else 0))
+            out.append(self._frame(sa, akey, ans, _SVC_AUTH_CONF if akey is not None else 0))
 
     @staticmethod
     def _km_error(txid, code, op):
-        return bytes((C.OP_KM_ERROR, txid >> 8, txid & 0xFF, code, op))
+        return bytes((_OP_KM_ERROR, txid >> 8, txid & 0xFF, code, op))
 
     # ------------------------------------------------------------------ key management
     # ------------------------------------------------------------------ device-requested update
-    def request_update(self, reason=C.REASON_OPERATOR, now_ms=0):
+    def request_update(self, reason=_REASON_OPERATOR, now_ms=0):
         """Send MKU_REQUEST(reason) and enter REQUESTED (section 6.5)."""
         if not self.enrolled or self.mku_state != IDLE:
-            raise SCPMError(C.ERR_STATE)
+            raise SCPMError(_ERR_STATE)
         txid = 0
         while not txid:  # TXID 0 is reserved
             r = self.rand(2)
@@ -300,7 +369,7 @@ class Device:
 
     def _mku_request_frame(self):
         txid, reason = self._req[0], self._req[1]
-        return self._frame(self.ksn, self.master, bytes((C.OP_MKU_REQUEST, txid >> 8, txid & 0xFF, reason)))
+        return self._frame(self.ksn, self.master, bytes((_OP_MKU_REQUEST, txid >> 8, txid & 0xFF, reason)))
 
     def tick(self, now_ms):
         """Timers: resend MKU_REQUEST every 5 s, at most 3 times, then give up (IDLE)."""
@@ -327,10 +396,10 @@ class Device:
         value = b""
         prop = self.props.get(pid)
         if prop is None:
-            status = C.ERR_UNKNOWN_OP
-        elif authority < (prop[1] if op == C.OP_APP_GET else prop[2]):
-            status = C.ERR_AUTHORITY  # refused before the application sees it
-        elif op == C.OP_APP_SET:
+            status = _ERR_UNKNOWN_OP
+        elif authority < (prop[1] if op == _OP_APP_GET else prop[2]):
+            status = _ERR_AUTHORITY  # refused before the application sees it
+        elif op == _OP_APP_SET:
             value = bytes(p[4:])
             if self.on_set is not None:
                 status = self.on_set(prop[0], value, authority) or 0
@@ -346,7 +415,7 @@ class Device:
                     value = bytes(live)
         if status:
             self._count(status)
-        return bytes((C.OP_APP_RESULT, txid >> 8, txid & 0xFF, pid, status)) + value
+        return bytes((_OP_APP_RESULT, txid >> 8, txid & 0xFF, pid, status)) + value
 
     def set_prop(self, name, value):
         for v in self.props.values():

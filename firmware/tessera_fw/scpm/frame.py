@@ -11,28 +11,80 @@ except ImportError:  # firmware older than v1.19
     import ucryptolib as cryptolib
 from micropython import const
 
-from tessera_fw.crypto.hmac import HMAC
-from tessera_fw.scpm.const import (
-    ERR_ALGORITHM, ERR_BCC, ERR_HEADER, ERR_LENGTH, ERR_MAC, ERR_NO_KEY, ERR_NOT_FOR_ME,
-    ERR_OVERSIZE, ERR_PADDING, ERR_REPLAY, ERR_SHD, ERR_SNF, ERR_TOO_OLD, ERR_TRUNCATED,
-    HD_PLAIN, HD_SECURE, MAX_ADATA, MAX_PADATA, SCPMError)
+from tessera_fw import acquire, release
 
 _sha256 = hashlib.sha256
 _HDR = const(11)
 _HD_PLAIN = const(0x10)
 _HD_SECURE = const(0x11)
-_MAX_FRAME = const(1111)  # 11 + MAX_ADATA
+_MAX_ADATA = const(1100)
+_MAX_FRAME = const(1111)  # 11 + _MAX_ADATA
 _MAX_PADATA = const(1024)
 _MAC = const(16)
 _MAX_ENC = const(1088)  # largest whole-block encrypted part of a 1100-byte ADATA (service 2)
+# error numbers (const.py, profile section 8)
+_ERR_TRUNCATED = const(1)
+_ERR_LENGTH = const(2)
+_ERR_OVERSIZE = const(3)
+_ERR_HEADER = const(4)
+_ERR_SHD = const(5)
+_ERR_ALGORITHM = const(6)
+_ERR_NOT_FOR_ME = const(7)
+_ERR_NO_KEY = const(8)
+_ERR_SNF = const(9)
+_ERR_REPLAY = const(10)
+_ERR_TOO_OLD = const(11)
+_ERR_MAC = const(12)
+_ERR_PADDING = const(13)
+_ERR_BCC = const(14)
 # service -> SHD byte 1 (cipher id << 4 | MAC id)
 _ALG = (0, 0x01, 0x10, 0x11)
 _ZEROS = tuple(bytes(k) for k in range(16))  # expected padding of k bytes
 
 
+# SCPMError and the error names of profile section 8 live here, not in const.py: the device
+# raises and counts errors by number only and loads neither const.py's public names nor a
+# table of name strings (issue 9 #9: a public name costs a dict entry and a qstr on the
+# board's heap). The names are built only where they are printed (str(e), udp's log).
+_NAMES = ("TRUNCATED LENGTH OVERSIZE HEADER SHD ALGORITHM NOT_FOR_ME NO_KEY SNF REPLAY TOO_OLD "
+          "MAC PADDING BCC AUTHORITY WRONG_KSN STATE MALFORMED DH CONFIRM SNF_EXHAUSTED "
+          "UNKNOWN_OP PEERS_FULL")  # numbers 1-23 in order (const.py ERR_*)
+
+
+def name(code):
+    """"ERR_MAC" for 12, "OK" for 0, "ERR_99" for a number the profile does not define."""
+    if code == 0:
+        return "OK"
+    names = _NAMES.split()
+    return "ERR_" + (names[code - 1] if 0 < code <= len(names) else "%d" % code)
+
+
+class SCPMError(Exception):
+    """A protocol error: `code` is the section 8 number. Messages never carry key material."""
+
+    def __init__(self, code, detail=0):
+        super().__init__(code)
+        self.code = code
+        self.detail = detail
+
+    def __str__(self):
+        return name(self.code)
+
+
+def _hmac():
+    # crypto/hmac.py serves key set-up and key management only (decode() inlines its MAC):
+    # loaded for them and released after (issue 9 #9)
+    return acquire("tessera_fw.crypto.hmac")
+
+
 def hmac_sha256(key, *parts):
     """One-shot HMAC-SHA-256 (RFC 2104) for key set-up and key management (not the hot path)."""
-    return HMAC(key).digest(*parts)
+    m, fresh = _hmac()
+    try:
+        return m.HMAC(key).digest(*parts)
+    finally:
+        if fresh:
+            release("tessera_fw.crypto.hmac")
 
 
 def next_gen(gen):
@@ -51,10 +103,16 @@ class Key:
         self.index = index
         self.gen = gen
         self.key = bytes(key)
-        self.k_enc = hmac_sha256(key, b"SCPM-ENC")[:16]
-        m = HMAC(hmac_sha256(key, b"SCPM-MAC"))
-        self.ipad = m.ipad  # the MAC's padded keys, for decode()'s inlined HMAC
-        self.opad = m.opad
+        hm, fresh = _hmac()
+        try:
+            self.k_enc = hm.HMAC(key).digest(b"SCPM-ENC")[:16]
+            m = hm.HMAC(hm.HMAC(key).digest(b"SCPM-MAC"))
+            self.ipad = m.ipad  # the MAC's padded keys, for decode()'s inlined HMAC
+            self.opad = m.opad
+        finally:
+            hm = m = None
+            if fresh:
+                release("tessera_fw.crypto.hmac")
         self.ecb = cryptolib.aes(self.k_enc, 1)  # IV computation (encrypt only)
         self.rx = {}  # peer address -> RxWindow (owner's bookkeeping)
         self.tx = {}  # peer address -> TxCounter
@@ -85,27 +143,37 @@ def _put32(b, o, v):
     b[o + 3] = v & 0xFF
 
 
+def _put_addr(b, o, a):
+    # an address is an int or its 4 bytes (big-endian): the device passes the bytes, so that
+    # a 32-bit board shifts no boxed integer (issue 9 #8)
+    if isinstance(a, int):
+        _put32(b, o, a)
+    else:
+        b[o:o + 4] = a
+
+
 def _get32(b, o):
     return (b[o] << 24) | (b[o + 1] << 16) | (b[o + 2] << 8) | b[o + 3]
 
 
 def encode(sa, da, key, snf, padata, service=3):
     """Build a general frame. key None: plain frame (HD 0x10, ADATA = padata).
-    Otherwise a secure frame with `service` 1, 2 or 3 under `key` with sequence `snf`."""
+    Otherwise a secure frame with `service` 1, 2 or 3 under `key` with sequence `snf`.
+    `sa`, `da`: an int or the address's 4 bytes (Codec.addr4, Codec.sa4)."""
     n = len(padata)
     if key is None:
-        if n > MAX_ADATA:
-            raise SCPMError(ERR_OVERSIZE)
+        if n > _MAX_ADATA:
+            raise SCPMError(_ERR_OVERSIZE)
         out = bytearray(_HDR + n)
-        out[0] = HD_PLAIN
-        _put32(out, 1, sa)
-        _put32(out, 5, da)
+        out[0] = _HD_PLAIN
+        _put_addr(out, 1, sa)
+        _put_addr(out, 5, da)
         out[9] = n >> 8
         out[10] = n & 0xFF
         out[_HDR:] = padata
         return out
-    if n > MAX_PADATA:
-        raise SCPMError(ERR_OVERSIZE)
+    if n > _MAX_PADATA:
+        raise SCPMError(_ERR_OVERSIZE)
     if service == 1:
         enc = 0
         adata = 8 + 2 + n + _MAC
@@ -115,9 +183,9 @@ def encode(sa, da, key, snf, padata, service=3):
         adata = 8 + enc + (_MAC if service == 3 else 0)
     out = bytearray(_HDR + adata)
     mv = memoryview(out)
-    out[0] = HD_SECURE
-    _put32(out, 1, sa)
-    _put32(out, 5, da)
+    out[0] = _HD_SECURE
+    _put_addr(out, 1, sa)
+    _put_addr(out, 5, da)
     out[9] = adata >> 8
     out[10] = adata & 0xFF
     out[11:15] = key.shd(service)
@@ -171,10 +239,15 @@ class Codec:
                       bytearray(16), bytearray(16), bytearray(16),  # IV input, IV, scratch
                       cryptolib.aes(os.urandom(16), 1), bx, memoryview(bx)[:16],  # tag blinding
                       bytearray(16))
-        # Addresses in small ints (issue 9 #8): on a 32-bit board an int >= 2^30 is a heap
-        # object, and building one from four bytes allocates at every shift and or. DA is
-        # compared byte by byte with this node's address (misaddressed frames, the most
-        # common junk, cost nothing); SA is built only once DA matched.
+        # Addresses as bytes on the per-frame path (issue 9 #8): on a 32-bit board an int
+        # >= 2^30 is a heap object, and every shift, or and mask of one allocates another.
+        # DA is compared byte by byte with this node's address (misaddressed frames, the
+        # most common junk, cost nothing). SA is copied into a 4-byte buffer and converted
+        # once DA matched, in one int.from_bytes (one boxed int on a board, none here);
+        # sa4 holds the SA bytes of the last frame decoded, and encode() takes them and
+        # addr4 as they are, so answering shifts no address.
+        self._s4 = bytearray(4)  # the frame being decoded (swapped with sa4 on success)
+        self.sa4 = bytearray(4)
         self.readdress(addr)
         self.hd = self.sa = self.da = self.service = self.snf = self.authority = 0
         self.key = None
@@ -194,7 +267,7 @@ class Codec:
     def readdress(self, addr):
         """Receive for another node address from now on."""
         self.addr = addr
-        self._a = (addr >> 24 & 0xFF, addr >> 16 & 0xFF, addr >> 8 & 0xFF, addr & 0xFF)
+        self.addr4 = bytes((addr >> 24 & 0xFF, addr >> 16 & 0xFF, addr >> 8 & 0xFF, addr & 0xFF))
 
     def _spoilt(self, code):
         # a check after the copy into the receive buffer failed: the previous frame's
@@ -205,22 +278,27 @@ class Codec:
     def decode(self, data, ring):
         n = len(data)
         if n < 11:
-            raise SCPMError(ERR_TRUNCATED)
+            raise SCPMError(_ERR_TRUNCATED)
         if n > _MAX_FRAME:
-            raise SCPMError(ERR_OVERSIZE)
+            raise SCPMError(_ERR_OVERSIZE)
         hd = data[0]
         if hd != _HD_PLAIN and hd != _HD_SECURE:
-            raise SCPMError(ERR_HEADER)
+            raise SCPMError(_ERR_HEADER)
         if (data[9] << 8) | data[10] != n - 11:
-            raise SCPMError(ERR_LENGTH)
-        a = self._a
+            raise SCPMError(_ERR_LENGTH)
+        a = self.addr4
         mine = data[5] == a[0] and data[6] == a[1] and data[7] == a[2] and data[8] == a[3]
         if hd == _HD_PLAIN:
             if not mine:
-                raise SCPMError(ERR_NOT_FOR_ME)
+                raise SCPMError(_ERR_NOT_FOR_ME)
             self.hd = hd
             self.persist = False
-            self.sa = (data[1] << 24) | (data[2] << 16) | (data[3] << 8) | data[4]
+            s4 = self.sa4
+            s4[0] = data[1]
+            s4[1] = data[2]
+            s4[2] = data[3]
+            s4[3] = data[4]
+            self.sa = int.from_bytes(s4, "big")
             self.da = self.addr
             self.service = self.snf = self.authority = 0
             self.key = None
@@ -230,52 +308,57 @@ class Codec:
             return self
         # 1. sizes and secure header
         if n < 19:
-            raise SCPMError(ERR_TRUNCATED)
+            raise SCPMError(_ERR_TRUNCATED)
         b0 = data[11]
         svc = b0 & 3
         if b0 & 0xFC != 0x10 or svc == 0:
-            raise SCPMError(ERR_SHD)
+            raise SCPMError(_ERR_SHD)
         b2 = data[13]
         kind = b2 >> 4
         index = b2 & 0x0F
         gen = data[14]
         if kind > 4 or (index and kind != 2) or gen == 0:
-            raise SCPMError(ERR_SHD)
+            raise SCPMError(_ERR_SHD)
         if data[12] != (svc & 1) | ((svc & 2) << 3):  # _ALG[svc], without a global lookup
-            raise SCPMError(ERR_ALGORITHM)
+            raise SCPMError(_ERR_ALGORITHM)
         if svc == 1:
             if n < 37:  # 11 + 8 + PBC + MDAS
-                raise SCPMError(ERR_TRUNCATED)
+                raise SCPMError(_ERR_TRUNCATED)
             enc = 0
         else:
             enc = n - (19 if svc == 2 else 35)
             if enc < 16:
-                raise SCPMError(ERR_TRUNCATED)
+                raise SCPMError(_ERR_TRUNCATED)
             if enc & 15:
-                raise SCPMError(ERR_PADDING)
+                raise SCPMError(_ERR_PADDING)
         if not mine:
-            raise SCPMError(ERR_NOT_FOR_ME)
-        sa = (data[1] << 24) | (data[2] << 16) | (data[3] << 8) | data[4]
+            raise SCPMError(_ERR_NOT_FOR_ME)
+        s4 = self._s4
+        s4[0] = data[1]
+        s4[1] = data[2]
+        s4[2] = data[3]
+        s4[3] = data[4]
+        sa = int.from_bytes(s4, "big")
         # 2. key
         key = ring.lookup(sa, kind, index, gen)
         if key is None:
-            raise SCPMError(ERR_NO_KEY)
+            raise SCPMError(_ERR_NO_KEY)
         # 3. SNF pre-check
         snf = (data[15] << 24) | (data[16] << 16) | (data[17] << 8) | data[18]
         win = key.rx.get(sa)  # a known peer's window; an unknown peer gets one only once
         if win is None:  # its frame has authenticated (step 6): nothing stored before that
             high = 0
             if snf == 0:
-                raise SCPMError(ERR_SNF)
+                raise SCPMError(_ERR_SNF)
         else:
             high = win.high  # RxWindow.check, inlined (hot path)
         if snf <= high:
             if snf == 0:
-                raise SCPMError(ERR_SNF)
+                raise SCPMError(_ERR_SNF)
             if high - snf > 32:
-                raise SCPMError(ERR_TOO_OLD)
+                raise SCPMError(_ERR_TOO_OLD)
             if snf == high or win.seen[snf & 63]:
-                raise SCPMError(ERR_REPLAY)
+                raise SCPMError(_ERR_REPLAY)
         rx, mv, v_shd_snf, v_sa_da, pt, ptmv, tails, ivin, iv, scratch, blind, bx, bx16, by = self._bufs
         rx[:n] = data  # no allocation; the views below are preallocated or one per use
         # 4. MDAS
@@ -292,14 +375,14 @@ class Codec:
             blind.encrypt(o.digest(), bx)  # both halves of the 32-byte tag
             blind.encrypt(mv[end:n], by)
             if bx16 != by:
-                raise self._spoilt(ERR_MAC)
+                raise self._spoilt(_ERR_MAC)
         # 5. decrypt, PBC, PDG, BCC
         if svc == 1:
             pbc = (data[19] << 8) | data[20]
             if pbc > _MAX_PADATA:
-                raise self._spoilt(ERR_OVERSIZE)
+                raise self._spoilt(_ERR_OVERSIZE)
             if pbc != n - 37:
-                raise self._spoilt(ERR_LENGTH)
+                raise self._spoilt(_ERR_LENGTH)
             src = rx
             off = 21
         else:
@@ -313,17 +396,17 @@ class Codec:
             pbc = (pt[base] << 8) | pt[base + 1]
             pad = enc - pbc - (4 if svc == 2 else 2)
             if pbc > _MAX_PADATA:
-                raise self._spoilt(ERR_OVERSIZE)
+                raise self._spoilt(_ERR_OVERSIZE)
             if pad < 0:
-                raise self._spoilt(ERR_LENGTH)
+                raise self._spoilt(_ERR_LENGTH)
             if pad > 15:  # more than 15 padding bytes: bad block count
-                raise self._spoilt(ERR_PADDING)
+                raise self._spoilt(_ERR_PADDING)
             if pad and tails[pad] != _ZEROS[pad]:  # compared in C, no allocation
-                raise self._spoilt(ERR_PADDING)
+                raise self._spoilt(_ERR_PADDING)
             if svc == 2:
                 d = _sha256(ptmv[base:base + 2 + pbc]).digest()
                 if d[0] != pt[base + 2 + pbc] or d[1] != pt[base + 3 + pbc]:
-                    raise self._spoilt(ERR_BCC)
+                    raise self._spoilt(_ERR_BCC)
             src = pt
             off = base + 2
         # 6. commit
@@ -340,6 +423,7 @@ class Codec:
             self.persist = win.commit(snf)
         self.hd = hd
         self.sa = sa
+        self._s4, self.sa4 = self.sa4, s4  # a swap, no allocation
         self.da = self.addr
         self.service = svc
         self.key = key

@@ -17,9 +17,16 @@ _SETUP = const(0)  # key kinds (const.py)
 _MASTER = const(4)
 
 
+class Pending:
+    def __init__(self, txid, key, confirm_k, response):
+        self.txid = txid
+        self.key = key  # Key(KIND_MASTER, 0, new_gen, MK')
+        self.confirm_k = confirm_k
+        self.response = response  # MKU_RESPONSE PADATA, resent for a retransmitted MKU_START
+
+
 def restore(dev, rec):
     # imported here: the slot store alone (self-test, tests) does not pull the engine in
-    from tessera_fw.scpm import km
     from tessera_fw.scpm.frame import Key
 
     if isinstance(rec, dict):  # JSON record of format 1: migrated by the next save
@@ -38,10 +45,10 @@ def restore(dev, rec):
         o += 18
     if kb[o]:
         rl = (kb[o + 36] << 8) | kb[o + 37]
-        dev.pending = km.Pending((kb[o + 1] << 8) | kb[o + 2],
-                                 Key(_MASTER, 0, kb[o + 3], bytes(kb[o + 4:o + 20])),
-                                 bytes(kb[o + 20:o + 36]), bytes(kb[o + 38:o + 38 + rl]))
-        dev.mku_state = km.PENDING
+        dev.pending = Pending((kb[o + 1] << 8) | kb[o + 2],
+                              Key(_MASTER, 0, kb[o + 3], bytes(kb[o + 4:o + 20])),
+                              bytes(kb[o + 20:o + 36]), bytes(kb[o + 38:o + 38 + rl]))
+        dev.mku_state = "PENDING"
         o += 38 + rl
     else:
         o += 1

@@ -2,12 +2,15 @@
 # of 64, receiver replay windows of 32 below the highest accepted SNF.
 from micropython import const
 
-from tessera_fw.scpm.const import (ERR_REPLAY, ERR_SNF, ERR_SNF_EXHAUSTED, ERR_TOO_OLD,
-                                   SCPMError)
+from tessera_fw.scpm.frame import SCPMError
 
 _WINDOW = const(32)
 _RESERVE = const(64)
 _MAX = const(0xFFFFFFFF)
+_ERR_SNF = const(9)  # error numbers (const.py)
+_ERR_REPLAY = const(10)
+_ERR_TOO_OLD = const(11)
+_ERR_SNF_EXHAUSTED = const(21)
 
 
 class TxCounter:
@@ -23,7 +26,7 @@ class TxCounter:
     def take(self):
         n = self.next
         if n >= _MAX:
-            raise SCPMError(ERR_SNF_EXHAUSTED)
+            raise SCPMError(_ERR_SNF_EXHAUSTED)
         if n >= self.reserved:
             r = n + _RESERVE
             self.reserved = r if r < _MAX else _MAX
@@ -47,15 +50,15 @@ class RxWindow:
 
     def check(self, snf):
         if snf == 0:
-            raise SCPMError(ERR_SNF)
+            raise SCPMError(_ERR_SNF)
         h = self.high
         if snf > h:
             return
         d = h - snf
         if d > _WINDOW:
-            raise SCPMError(ERR_TOO_OLD)
+            raise SCPMError(_ERR_TOO_OLD)
         if d == 0 or self.seen[snf & 63]:
-            raise SCPMError(ERR_REPLAY)
+            raise SCPMError(_ERR_REPLAY)
 
     def commit(self, snf):
         """Record an accepted SNF (already check()ed). True when `reserved` moved."""

@@ -1,10 +1,8 @@
 # UDP adapter (docs/scpm-profile.md section 9): one general frame per datagram, default
-# port 24767. MicroPython's asyncio has no datagram endpoints: the socket is non-blocking
-# and the coroutine run() sleeps in asyncio's I/O queue until a datagram arrives (the wait
-# its streams use), waking at least every _TICK_MS for the timers; where that queue is not
-# there (CPython) it polls every _IDLE_MS. main() (a board that runs only the device)
-# serves with serve() instead, waiting in select.poll: asyncio is then never imported. Runs on ESP32/RP2040 (after the network is up)
-# and on the unix port (virtual boards, 127.0.0.1).
+# port 24767. The socket is non-blocking. main() (a board that runs only the device) serves
+# with serve(), waiting in select.poll; run() is the coroutine for an application with its
+# own asyncio tasks (aioudp.py, loaded only then). Runs on ESP32/RP2040 (after the network
+# is up) and on the unix port (virtual boards, 127.0.0.1).
 #
 # Configuration: scpm.json on the board filesystem, e.g.
 #   {"address": "0a000002", "setup_key": "<32 hex digits>", "port": 24767,
@@ -22,15 +20,15 @@ import socket
 import time
 from binascii import unhexlify
 
-from tessera_fw import config
-from tessera_fw.scpm.const import PORT, name
+from micropython import const
 
-asyncio = None  # imported on first use (run()): main() serves without it, 4 KB less heap
+from tessera_fw import config
+
 CONFIG = "scpm.json"
-_IDLE_MS = 5
-_TICK_MS = 100  # MKU_REQUEST retries (5 s) are checked at least this often
+_PORT = const(24767)  # const.PORT (profile section 9)
+_TICK_MS = const(100)  # MKU_REQUEST retries (5 s) are checked at least this often
 LOG_MS = 10000  # with a log: at most one summary line per 10 s
-_PRECOMPUTE_IDLE_MS = 2000  # quiet this long: make the next MKU_START's DH key pair
+_PRECOMPUTE_IDLE_MS = const(2000)  # quiet this long: make the next MKU_START's DH key pair
 _RESTART_MS = (100, 1000, 5000)  # supervisor back-off after the 1st, 2nd, 3rd+ restart
 
 
@@ -72,31 +70,6 @@ def load_config(path=CONFIG):
     return cfg
 
 
-def _readable(s):
-    # a generator, so that MicroPython can await it: park the task in asyncio's I/O queue
-    # until `s` is readable (what asyncio's Stream.read does before reading)
-    yield asyncio.core._io_queue.queue_read(s)
-
-
-def _aio():
-    global asyncio
-    if asyncio is None:
-        try:
-            import asyncio as a
-        except ImportError:
-            import uasyncio as a
-        asyncio = a
-    return asyncio
-
-
-def _can_wait():
-    _aio()
-    try:
-        return callable(asyncio.core._io_queue.queue_read) and callable(asyncio.wait_for_ms)
-    except AttributeError:
-        return False
-
-
 def make_device(cfg, root=""):
     from tessera_fw.scpm.device import Device
     from tessera_fw.scpm.store import FileFS, Store
@@ -104,15 +77,8 @@ def make_device(cfg, root=""):
     return Device(cfg["address"], cfg["setup_key"], store=Store(FileFS(cfg.get("store_dir", root))))
 
 
-async def _sleep_ms(ms):
-    try:
-        await asyncio.sleep_ms(ms)
-    except AttributeError:
-        await asyncio.sleep(ms / 1000)
-
-
 class UDPDevice:
-    def __init__(self, dev, bind="0.0.0.0", port=PORT, ksn=None, log=None):
+    def __init__(self, dev, bind="0.0.0.0", port=_PORT, ksn=None, log=None):
         self.dev = dev
         self.port = port
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -160,6 +126,8 @@ class UDPDevice:
             return None
         if self._log_at is not None and ticks_diff(now_ms, self._log_at) < LOG_MS:
             return None
+        from tessera_fw.scpm.frame import name  # loaded with the device; names built only here
+
         snap = self._snap
         parts = []
         total = 0
@@ -220,25 +188,12 @@ class UDPDevice:
         """Device-requested master key update (profile 6.5), sent to the KSN's address."""
         self._send(self.dev.request_update(reason, ticks_ms()), self.ksn_addr)
 
-    async def run(self):
-        wait = _can_wait()
-        while self.running:
-            self.wakeups += 1
-            if self.poll():
-                self._busy_at = ticks_ms()
-                await _sleep_ms(0)  # a flood must not starve the application's other tasks
-                continue
-            self._idle()
-            if wait:
-                try:
-                    await asyncio.wait_for_ms(_readable(self.sock), _TICK_MS)
-                except asyncio.TimeoutError:
-                    pass
-                except Exception as e:  # noqa: BLE001 - e.g. MemoryError in the scheduler
-                    self._fault(e)
-                    await _sleep_ms(_IDLE_MS)
-            else:
-                await _sleep_ms(_IDLE_MS)
+    def run(self):
+        """The coroutine serving this device in an application's asyncio loop (aioudp.py,
+        imported only here: main() serves without asyncio)."""
+        from tessera_fw.scpm.aioudp import run
+
+        return run(self)
 
     def _idle(self):
         if self.precompute and ticks_diff(ticks_ms(), self._busy_at) >= _PRECOMPUTE_IDLE_MS:
@@ -270,7 +225,10 @@ class UDPDevice:
         # this adapter and its device (kilobytes of buffers): a new device started from
         # the REPL then ran out of heap on the esp32 budget. Unregister before closing.
         try:
-            q = asyncio.core._io_queue  # AttributeError if asyncio was never imported
+            import sys
+
+            a = sys.modules.get("asyncio") or sys.modules.get("uasyncio")
+            q = a.core._io_queue  # AttributeError if asyncio was never imported (None)
             if id(self.sock) in q.map:
                 q._dequeue(self.sock)
         except (AttributeError, KeyError, OSError, ValueError):
@@ -287,8 +245,8 @@ def start(cfg=None, root=""):
     dev = make_device(cfg, root)
     ksn = None
     if cfg.get("ksn_host"):
-        ksn = socket.getaddrinfo(cfg["ksn_host"], cfg.get("ksn_port", PORT))[0][-1]
-    u = UDPDevice(dev, cfg.get("bind", "0.0.0.0"), cfg.get("port", PORT), ksn,
+        ksn = socket.getaddrinfo(cfg["ksn_host"], cfg.get("ksn_port", _PORT))[0][-1]
+    u = UDPDevice(dev, cfg.get("bind", "0.0.0.0"), cfg.get("port", _PORT), ksn,
                   print if cfg.get("log") else None)
     u.precompute = cfg.get("precompute_dh", True) is not False
     return u
