@@ -81,20 +81,13 @@ class SmStore:
         self._db.executescript(SCHEMA)
         check = self._meta("keycheck")
         if check is None:
-            self._set_meta("keycheck", self._seal("keycheck", b"tessera-rmcp2-sm").hex())
+            self._set_meta("keycheck", self._sealer.seal("keycheck", b"tessera-rmcp2-sm").hex())
         else:
-            self._open("keycheck", bytes.fromhex(check))
+            self._sealer.open("keycheck", bytes.fromhex(check))
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
-
-    # ------------------------------------------------------------ encryption at rest
-    def _seal(self, aad: str, secret: bytes) -> bytes:
-        return self._sealer.seal(aad, secret)
-
-    def _open(self, aad: str, blob: bytes) -> bytes:
-        return self._sealer.open(aad, blob)
 
     def _exec(self, *stmts: tuple[str, tuple]) -> None:
         """Statements in one committed transaction."""
@@ -152,12 +145,12 @@ class SmStore:
 
     def put_ks(self, sm) -> None:
         stmts = [("INSERT OR REPLACE INTO ks VALUES ('current', ?, ?, ?, 0, ?)",
-                  (sm.ks.gen, int(sm.ks_mode), sm.ks_since, self._seal(f"ks:{sm.ks.gen}", sm._ks_raw)))]
+                  (sm.ks.gen, int(sm.ks_mode), sm.ks_since, self._sealer.seal(f"ks:{sm.ks.gen}", sm._ks_raw)))]
         if sm.ks_prev is None:
             stmts.append(("DELETE FROM ks WHERE slot='prev'", ()))
         else:
             stmts.append(("INSERT OR REPLACE INTO ks VALUES ('prev', ?, 0, 0, ?, ?)",
-                          (sm.ks_prev.gen, sm.ks_prev_until, self._seal(f"ks:{sm.ks_prev.gen}", sm.ks_prev._raw))))
+                          (sm.ks_prev.gen, sm.ks_prev_until, self._sealer.seal(f"ks:{sm.ks_prev.gen}", sm.ks_prev._raw))))
         keep = (sm.ks.gen, sm.ks_prev.gen if sm.ks_prev else sm.ks.gen)
         stmts.append(("DELETE FROM windows WHERE ref=? AND gen NOT IN (?, ?)", (int(P.KeyRef.KS), *keep)))
         self._exec(*stmts)
@@ -166,7 +159,7 @@ class SmStore:
         maid = bytes(m.maid)
         stmts = [("INSERT OR REPLACE INTO members VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                   (maid, int(m.nt), m.cert_sha256, m.hashed_maid, m.hashed_ktls,
-                   self._seal(f"ktls:{maid.hex()}", m.ktls._raw), m.secagreq.encode() if m.secagreq else None,
+                   self._sealer.seal(f"ktls:{maid.hex()}", m.ktls._raw), m.secagreq.encode() if m.secagreq else None,
                    m.policy, m.policy_deadline, int(m.suite.enc), int(m.suite.auth), m.tx_reserved,
                    int(m.ks_pending)))]
         if m.nt == C.NodeType.RMA and m.policy == "ok":
@@ -207,15 +200,15 @@ class SmStore:
                                      C.EnDecId(p[4]), C.AuthId(p[5]))
         if "current" in ks_rows:
             gen, mode, since, _, blob = ks_rows["current"]
-            sm._ks_raw = self._open(f"ks:{gen}", blob)
+            sm._ks_raw = self._sealer.open(f"ks:{gen}", blob)
             sm.ks, sm.ks_mode, sm.ks_since = P.ProtKey(P.KeyRef.KS, sm._ks_raw, gen), C.KeyMode(mode), since
         if "prev" in ks_rows:
             gen, _, _, until, blob = ks_rows["prev"]
-            sm.ks_prev, sm.ks_prev_until = P.ProtKey(P.KeyRef.KS, self._open(f"ks:{gen}", blob), gen), until
+            sm.ks_prev, sm.ks_prev_until = P.ProtKey(P.KeyRef.KS, self._sealer.open(f"ks:{gen}", blob), gen), until
         sm.members.clear()
         for (maid, nt, cert, hm, hk, kt, sag, pol, dl, enc, auth, txr, pend) in members:
             maid = bytes(maid)
-            m = S.Member(maid, C.NodeType(nt), P.ProtKey(P.KeyRef.KTLS, self._open(f"ktls:{maid.hex()}", kt)),
+            m = S.Member(maid, C.NodeType(nt), P.ProtKey(P.KeyRef.KTLS, self._sealer.open(f"ktls:{maid.hex()}", kt)),
                          bytes(cert), bytes(hm), bytes(hk), secagreq=C.decode(bytes(sag)) if sag else None,
                          policy=pol, policy_deadline=dl, suite=P.Suite(C.EnDecId(enc), C.AuthId(auth)),
                          tx_seq=txr, tx_reserved=txr, ks_pending=bool(pend))

@@ -114,18 +114,12 @@ class Store:
             self._db.close()
 
     # ------------------------------------------------------------ encryption at rest
-    def _seal(self, aad: str, secret: bytes) -> bytes:
-        return self._sealer.seal(aad, secret)
-
-    def _open(self, aad: str, blob: bytes) -> bytes:
-        return self._sealer.open(aad, blob)
-
     def _check_key(self) -> None:
         row = self._db.execute("SELECT v FROM meta WHERE k='keycheck'").fetchone()
         if row is None:
-            self._db.execute("INSERT INTO meta VALUES ('keycheck', ?)", (self._seal("keycheck", b"tessera-ksn").hex(),))
+            self._db.execute("INSERT INTO meta VALUES ('keycheck', ?)", (self._sealer.seal("keycheck", b"tessera-ksn").hex(),))
         else:
-            self._open("keycheck", bytes.fromhex(row[0]))
+            self._sealer.open("keycheck", bytes.fromhex(row[0]))
 
     # ------------------------------------------------------------ transactions
     @contextmanager
@@ -188,7 +182,7 @@ class Store:
 
     # ------------------------------------------------------------ device keys
     def put_device_key(self, addr: int, kind: int, idx: int, gen: int, status: str, secret: bytes, txid: int = 0) -> None:
-        blob = self._seal(f"dev|{addr}|{kind}|{idx}|{gen}", secret)
+        blob = self._sealer.seal(f"dev|{addr}|{kind}|{idx}|{gen}", secret)
         with self.tx() as db:
             db.execute("INSERT OR REPLACE INTO device_keys VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                        (addr, kind, idx, gen, status, txid, blob, time.time()))
@@ -197,7 +191,7 @@ class Store:
         with self._lock:
             rows = self._db.execute("SELECT addr, kind, idx, gen, status, txid, blob FROM device_keys WHERE addr=? "
                                     "ORDER BY kind, idx, gen", (addr,)).fetchall()
-        return [KeyRecord(*r[:6], secret=self._open(f"dev|{r[0]}|{r[1]}|{r[2]}|{r[3]}", r[6])) for r in rows]
+        return [KeyRecord(*r[:6], secret=self._sealer.open(f"dev|{r[0]}|{r[1]}|{r[2]}|{r[3]}", r[6])) for r in rows]
 
     def set_key_status(self, addr: int, kind: int, idx: int, gen: int, status: str) -> None:
         with self.tx() as db:
@@ -217,14 +211,14 @@ class Store:
 
     # ------------------------------------------------------------ home keys (user, SP, maker)
     def put_home_key(self, kind: int, idx: int, gen: int, secret: bytes) -> None:
-        blob = self._seal(f"home|{kind}|{idx}|{gen}", secret)
+        blob = self._sealer.seal(f"home|{kind}|{idx}|{gen}", secret)
         with self.tx() as db:
             db.execute("INSERT OR REPLACE INTO home_keys VALUES (?, ?, ?, ?, ?)", (kind, idx, gen, blob, time.time()))
 
     def home_keys(self) -> dict[tuple[int, int, int], bytes]:
         with self._lock:
             rows = self._db.execute("SELECT kind, idx, gen, blob FROM home_keys").fetchall()
-        return {(k, i, g): self._open(f"home|{k}|{i}|{g}", b) for k, i, g, b in rows}
+        return {(k, i, g): self._sealer.open(f"home|{k}|{i}|{g}", b) for k, i, g, b in rows}
 
     def home_key_gens(self) -> dict[tuple[int, int], int]:
         """(kind, idx) -> newest generation (by creation order, since gens wrap)."""
