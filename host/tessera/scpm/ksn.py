@@ -714,7 +714,13 @@ class KsnEngine:
         elif t.attempts >= sch.attempts:
             if t.kind == "mku" and t.phase == "commit":
                 p.needs_sync = True  # the device may or may not have committed: SYNC decides
-            return self._finish(t, error=ScpmError(ErrorCode.STATE, f"no answer in phase {t.phase or 'request'}"))
+            msg = f"no answer in phase {t.phase or 'request'}"
+            if t.kind == "enrol" and t.phase == "hello":
+                # An enrolled device ignores plain (unkeyed) frames, so a second enrolment of the
+                # same device looks exactly like a device that is not there.
+                msg += (" (the device is off-line, at another address, or already enrolled: an enrolled"
+                        " device does not answer an enrolment hello; factory-reset it to enrol it again)")
+            return self._finish(t, error=ScpmError(ErrorCode.STATE, msg))
         t.attempts += 1
         t.deadline = self.clock() + sch.wait(1 + (t.attempts - 1) // rounds)
         log.debug("%s %#010x: retransmission %d", t.kind, p.addr, t.attempts)

@@ -36,6 +36,7 @@ def test_enrolled_device_refuses_a_second_enrolment(world):
     world.enrolled(DEV)
     t = world.run(world.engine.enrol(DEV, setup_key(DEV)))
     assert t.status == "failed" and t.error.code == ErrorCode.STATE
+    assert "already enrolled" in str(t.error)  # says why the hello got no answer
 
 
 def _frames_of_rotate(tmp_path):
