@@ -351,3 +351,38 @@ def test_mutated_deliveries_never_crash_or_install(sample, flips, cut, junk):
         assert got == 0 and b.kg_gen() == kg and b.ring.keys == kc
     r = _TREE.relay
     assert r.receive(data, _TREE.ksl, _TREE.now) == [] or data == sample
+
+
+@pytest.mark.parametrize("who", ["dma", "sma"])
+def test_sm_refuses_a_gk_name_other_than_kdc_at_policy_time(who):
+    """B.16: GK_NAME other than KDC (here GKMP and LKH only) is refused when the SECAGREQ
+    arrives: LEAVREQ RESULT POLICY_REFUSED under the MA's K_TLS, the MA leaves, Ks is replaced."""
+    from .test_sm import MA, admit_server, closes, new_sm, sends, sma_propose
+
+    sm = new_sm()
+    sma, dma = MA(C.NodeType.SMA, 1), MA(C.NodeType.DMA, 2)
+    admit_server(sm, sma, "sma")
+    admit_server(sm, dma, "dma0")
+    ks_gen = sm.ks.gen
+    only = [C.GkMechCapab(C.GkName.GKMP, 1), C.GkMechCapab(C.GkName.LKH, 2)]
+    if who == "dma":
+        ma, conn, ctls = dma, ("ks", "dma0"), only
+    else:
+        ma, conn, ctls = sma, ("ks", "sma"), [sma_propose()[0], *only]
+    out = sm.receive(conn, ma.seal(ma.msg(C.MsgType.SECAGREQ, *ctls), ma.ks), 2.0)
+    bye = [s for s in sends(out) if s.conn == conn]
+    assert len(bye) == 1 and closes(out)
+    leav = ma.open(bye[0].data)  # under its own K_TLS
+    assert leav.type == C.MsgType.LEAVREQ and leav.get(C.ResultCtl).value == C.Result.POLICY_REFUSED
+    assert ma.maid not in sm.members and sm.ks.gen == ks_gen + 1
+    assert any("GK_NAME GKMP (0x02), LKH (0x05)" in k for k in sm.errors)
+    # an MA that lists KDC among others is kept and the policy names KDC
+    sm = new_sm()
+    sma, ok = MA(C.NodeType.SMA, 1), MA(C.NodeType.DMA, 3)
+    admit_server(sm, sma, "sma")
+    admit_server(sm, ok, "dma1")
+    caps = [C.GkMechCapab(C.GkName.LKH, 1), C.GkMechCapab(C.GkName.KDC, 2)]
+    assert sm.receive(("ks", "dma1"), ok.seal(ok.msg(C.MsgType.SECAGREQ, *caps), ok.ks), 2.5) == []
+    sm.receive(("ks", "sma"), sma.seal(sma.msg(C.MsgType.SECAGREQ, *sma_propose()), sma.ks), 2.5)
+    sm.tick(10.0)
+    assert ok.maid in sm.members and sm.policy.gk_name == C.GkName.KDC
