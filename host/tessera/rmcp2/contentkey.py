@@ -132,24 +132,26 @@ class KcSchedule:
 
     def receive_kcreq(self, data: bytes, ks: Callable[[int], P.ProtKey | None], now: float) -> list:
         """A sealed KCREQ from a DMA, under Ks (`ks(gen)` gives that generation or None)."""
+        fresh: dict[tuple[bytes, int], P.ReplayWindow] = {}  # kept only once the Tag verified (B.7)
+
+        def keys(maid: bytes, sec: P.SecHeader) -> P.ProtKey | None:
+            return ks(sec.gen) if sec.ref == P.KeyRef.KS else None
+
+        def windows(maid: bytes, key: P.ProtKey) -> P.ReplayWindow:
+            k = (bytes(maid), key.gen)
+            return self._windows.get(k) or fresh.setdefault(k, P.ReplayWindow())
+
         try:
-            def keys(maid: bytes, sec: P.SecHeader) -> P.ProtKey | None:
-                return ks(sec.gen) if sec.ref == P.KeyRef.KS else None
-
-            def windows(maid: bytes, key: P.ProtKey) -> P.ReplayWindow:
-                k = (bytes(maid), key.gen)
-                if k not in self._windows:
-                    if len(self._windows) >= MAX_DMAS:  # oldest entry out: bounded
-                        self._windows.pop(next(iter(self._windows)))
-                    self._windows[k] = P.ReplayWindow()
-                return self._windows[k]
-
             msg = P.unseal_decode(data, self.ks_suite, keys, windows)
             if msg.type != C.MsgType.KCREQ or msg.session_id != self.session_id:
                 raise Rmcp2Error(ErrorCode.UNKNOWN_MESSAGE, "expected KCREQ of this session")
         except Rmcp2Error as e:
             self.errors[e.code.name] = self.errors.get(e.code.name, 0) + 1
             return []
+        for k, w in fresh.items():
+            while len(self._windows) >= MAX_DMAS:  # bounded: the oldest entry goes
+                self._windows.pop(next(iter(self._windows)))
+            self._windows[k] = w
         return self.request_rotation(now)
 
     def keydeliver(self, dma_maid: bytes, gen: int, ks: P.ProtKey) -> bytes:
