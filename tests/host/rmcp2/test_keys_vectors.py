@@ -12,6 +12,8 @@ from tessera import mpshim
 from tessera.rmcp2 import codec as C
 from tessera.rmcp2 import protect as P
 
+from .test_groupkey import Ring
+
 mpshim.install()
 from tessera_fw.rmcp2 import keys as K  # noqa: E402
 
@@ -19,14 +21,6 @@ ROOT = Path(__file__).resolve().parents[3]
 VEC = json.loads((ROOT / "tests" / "vectors" / "rmcp2" / "keys_deliver.json").read_text())
 SIDB = bytes.fromhex(VEC["session_id"])
 DMA = bytes.fromhex(VEC["dma_maid"])
-
-
-class Ring:
-    def __init__(self) -> None:
-        self.keys: dict[int, bytes] = {}
-
-    def install(self, gen: int, key: bytes) -> None:
-        self.keys[gen] = key
 
 
 def test_generator_is_deterministic():
