@@ -115,11 +115,22 @@ def test_corpus_same_error_numbers():
 
 
 def test_heap_of_the_engine():
+    """Heap of one Keys engine, on its own and sharing the RMA's envelope and decoder."""
+    from tessera_fw.rmcp2.msg import Decoder
+
+    maid = unhex("0a0000010001" + "0001")
     gc.collect()
     before = gc.mem_alloc()
-    b = K.Keys(SIDB, unhex("0a0000010001" + "0001"), Ring())
+    b = K.Keys(SIDB, maid, Ring())
     gc.collect()
-    used = gc.mem_alloc() - before
-    print("keys.Keys() heap:", used)
-    assert used < 6144, used  # two envelope buffers (2 x 1080) dominate; pass the RMA's env/dec to share them
-    del b
+    alone = gc.mem_alloc() - before
+    env, dec = S.Envelope(), Decoder()
+    gc.collect()
+    before = gc.mem_alloc()
+    c = K.Keys(SIDB, maid, Ring(), env=env, dec=dec)
+    gc.collect()
+    shared = gc.mem_alloc() - before
+    print("keys.Keys() heap alone / sharing env+dec:", alone, shared)
+    assert alone < 6144, alone  # the envelope's two 1080-byte buffers dominate
+    assert shared < 1536, shared
+    del b, c
