@@ -185,6 +185,7 @@ def valid_messages() -> list[tuple[str, C.Message, list | None]]:
         ("ktlsreq-rma", msg(M.KTLSREQ, N.RMA, MAID_RMA, C.KtlsNonce(nonce)), ["ktlsreq", H(nonce)]),
         ("ktlsreq-dma", msg(M.KTLSREQ, N.DMA, MAID_DMA, C.KtlsNonce(nonce)), None),
         ("ktlsans", msg(M.KTLSANS, N.SM, MAID_RMA, C.KtlsSeed(fixed("seed", 32))), None),
+        ("kcreq", msg(M.KCREQ, N.DMA, MAID_DMA, C.ResultCtl(R.LEAVE_NORMAL)), None),
     ]
     assert {m.type for _, m, _ in cases} == set(C.MsgType)
     assert {c.CODE for _, m, _ in cases for c in m.controls} == set(C.CtlType)

@@ -96,6 +96,7 @@ _RULES = {
     0xB0: (_nt(1), 0, _DELIVERS | _b(_I_DELIVER_RESULT)),  # SECALGANS
     0xB1: (_MAS, _b(21), _b(21)),  # KTLSREQ
     0xB2: (_nt(1), _b(22), _b(22)),  # KTLSANS
+    0xB6: (_nt(5), _b(_I_RESULT), _b(_I_RESULT)),  # KCREQ (B.16)
 }
 
 

@@ -98,6 +98,7 @@ class MsgType(IntEnum):
     SECALGANS = 0xB0
     KTLSREQ = 0xB1
     KTLSANS = 0xB2
+    KCREQ = 0xB6  # B.16: a DMA asks the SMA for a fresh Kc
 
 
 class CtlType(IntEnum):
@@ -716,6 +717,7 @@ RULES: dict[MsgType, Rule] = {
                           repeat={C.DELIVER_RESULT: len(DELIVER_CONTROLS)}),
     MsgType.KTLSREQ: _r(_MAS, [C.KTLS_NONCE]),
     MsgType.KTLSANS: _r([N.SM], [C.KTLS_SEED]),
+    MsgType.KCREQ: _r([N.DMA], [C.RESULT]),
 }
 # encoder order (B.2): the order of the control types in the tables
 _ORDER = {c: i for i, c in enumerate(CtlType)}

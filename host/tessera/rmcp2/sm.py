@@ -473,6 +473,9 @@ class SessionManager:
         if m.nt == N.RMA and not link.tls:
             raise C.Rmcp2Error(C.ErrorCode.UNEXPECTED_CONTROL, "RMA security agreement is under K_TLS")
         has_capab = any(isinstance(c, (C.GkMechCapab, C.EnDecCapab, C.AuthAlgCapab)) for c in msg.controls)
+        names = [c.value for c in msg.all(C.GkMechCapab)]
+        if names and not set(names) & set(USABLE_GK_NAME):
+            return self._refuse_gk_name(m, link, names)
         if self.policy is not None and has_capab:
             self._count("capabilities after the policy is set (11.2.5.1 g)")
         m.secagreq = msg
@@ -546,6 +549,15 @@ class SessionManager:
 
     def _hb(self, m: Member, link: Link, msg: C.Message, now: float) -> list:
         return []  # liveness only; the authenticated message already bound the link
+
+    def _refuse_gk_name(self, m: Member, link: Link, names: list) -> list:
+        """B.16: an SMA/DMA that can run only group-key mechanisms other than KDC cannot be
+        in a Tessera session: LEAVREQ RESULT POLICY_REFUSED under its K_TLS, then it leaves."""
+        listed = ", ".join(f"{C.GkName(n).name} ({int(n):#04x})" for n in names)
+        log.warning("rmcp2 sm: %s %s refused: GK_NAME %s; Tessera runs KDC (0x01) only",
+                    m.nt.name, m.maid.hex(), listed)
+        bye = self._seal(m, link, self._msg(M.LEAVREQ, m.maid, C.ResultCtl(C.Result.POLICY_REFUSED)), m.ktls)
+        return [bye] + self._refuse_policy(m, f"GK_NAME {listed} (KDC only)")
 
     def _refuse_policy(self, m: Member, why: str) -> list:
         """An MA that cannot run the policy leaves the session (10.1.4); an SMA/DMA leaving
