@@ -22,6 +22,7 @@ import ssl
 import time
 from dataclasses import dataclass
 
+from tessera.rmcp2 import opreq
 from tessera.rmcp2 import sm as S
 from tessera.rmcp2.agent import Agent
 from tessera.rmcp2.store import SmStore
@@ -114,6 +115,7 @@ class SmServer:
             await asyncio.sleep(self.limits.tick)
             if self.store is not None:  # the CP's CLI adds/removes identifiers in the store
                 self.sm.service_user_ids = self.store.service_user_ids()
+                self._act(opreq.handle(self.sm, self.store, self._now()))  # rekey/truncate requests
             self._act(self.sm.tick(self._now()))
 
     def _act(self, actions: list) -> None:
