@@ -230,16 +230,19 @@ class _SmBase:
         self.path: Path = store.path
 
     @classmethod
-    def open(cls, db: str | Path | None = None, create: SmSettings | None = None, *, key: bytes | None = None):
+    def open(cls, db: str | Path | None = None, create: SmSettings | None = None, *, key: bytes | None = None,
+             session_required: bool = True):
         """Open the SM store at `db` (default $TESSERA_VAR/rmcp2-sm.sqlite). `create` makes
         the session when the store holds none (its bootstrap Ks journalled at once); a store
-        that holds another session is refused. `key`: the 32-byte storage key, else
-        TESSERA_SM_KEY or `<db>.key` (made 0600)."""
+        that holds another session is refused. `session_required=False` opens (or makes) a
+        store without a session, for the content provider's identifiers registered before
+        the session is created. `key`: the 32-byte storage key, else TESSERA_SM_KEY or
+        `<db>.key` (made 0600)."""
         from tessera.rmcp2 import sm as S
         from tessera.rmcp2.store import SmStore, default_db, open_engine
 
         path = Path(db) if db else default_db()
-        if create is None and not path.exists():
+        if create is None and session_required and not path.exists():
             raise NoSession(f"no SM database at {path} (create=SmSettings(...) / `tessera sm serve --session-id` "
                             "makes one)")
         try:
@@ -248,9 +251,10 @@ class _SmBase:
             raise SmError(str(e)) from None
         try:
             held = store.session()
-            if held is None:
-                if create is None:
+            if held is None and create is None:
+                if session_required:
                     raise NoSession(f"{path} holds no session")
+            elif held is None:
                 try:
                     maid = _C.make_maid(create.host, create.port, 1)
                 except ValueError as e:
@@ -267,7 +271,10 @@ class _SmBase:
 
     @property
     def session_id(self) -> int:
-        return int(self._store.session()["session_id"])
+        held = self._store.session()
+        if held is None:
+            raise NoSession(f"{self.path} holds no session yet")
+        return int(held["session_id"])
 
     def status(self) -> SmStatus:
         """The session as the store holds it (a serving SM journals every change at once)."""
