@@ -640,12 +640,17 @@ class AsyncMaAgent:
             raise AgentError(f"{self.role} {self.name}: cannot reach the SM at {self.sm_address}: "
                              f"{e or type(e).__name__}") from None
 
+    async def begin(self) -> None:
+        """Start the control plane in a task of this loop without waiting (`start()` waits):
+        an SMA and its DMAs begun together all take part in the policy agreement."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._runner.run())
+
     async def start(self, timeout: float = 30.0) -> Admission:
         """Run the control plane (in a task of this loop) until admitted and agreed on the
         policy; it goes on in the background (Ks link, ACL refresh) until `close()`.
         Raises SubscriptionRefused / PolicyRefused / AgentError."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._runner.run())
+        await self.begin()
         st = await self.wait_for(self._settled, timeout, "admission")
         self._raise_for(st)
         if st.state != "ready":
@@ -671,8 +676,7 @@ class AsyncMaAgent:
     async def run(self, on_change: Callable[[AgentStatus], None] | None = None) -> None:
         """Run until `stop()` or the end of its links (the `tessera sma/dma/rma` commands);
         `on_change` sees the status whenever it changes. Raises as `start()` does."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._runner.run())
+        await self.begin()
         seen = None
         while True:
             st = self.status()
@@ -710,6 +714,10 @@ class MaAgent:
         self._a = AsyncMaAgent(role, sm, session_id, pki_dir, name, **kw)
         self._loop = _ThreadLoop(f"tessera-{role}")
         self.role, self.name, self.maid = self._a.role, self._a.name, self._a.maid
+
+    def begin(self) -> None:
+        """Start without waiting (see AsyncMaAgent.begin); `start()` then waits."""
+        self._loop.call(self._a.begin())
 
     def start(self, timeout: float = 30.0) -> Admission:
         return self._loop.call(self._a.start(timeout))
