@@ -173,7 +173,10 @@ class SmServer:
         await self._serve(reader, writer, der, counted=True)
 
     async def _on_plain(self, reader, writer) -> None:
-        await self._serve(reader, writer, None)
+        try:
+            await self._serve(reader, writer, None)
+        except asyncio.CancelledError:
+            pass  # close(): Python 3.11's start_server logs a handler task that ends cancelled as an error
 
     async def _serve(self, reader, writer, der: bytes | None, counted: bool = False) -> None:
         tls = der is not None
