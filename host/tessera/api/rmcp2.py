@@ -243,8 +243,8 @@ class _SmBase:
 
         path = Path(db) if db else default_db()
         if create is None and session_required and not path.exists():
-            raise NoSession(f"no SM database at {path} (create=SmSettings(...) / `tessera sm serve --session-id` "
-                            "makes one)")
+            raise NoSession(f"no SM database at {path} (`tessera sm serve --session-id ...` or, in a script, "
+                            "SessionManager.open(path, create=SmSettings(...)) makes one)")
         try:
             store = SmStore(path, key=key)
         except TesseraError as e:

@@ -153,8 +153,6 @@ def test_cli_rekey_and_truncate_act_on_a_running_sm(pki, tmp_path):
         if check:
             assert p.returncode == 0, p.stdout + p.stderr
         return p
-    p = cli("rekey", "--timeout", "0.5", check=False)  # no store yet: a clear error, exit 2
-    assert p.returncode == 2 and "no SM database" in p.stderr
     tp, pp = _free_port(), _free_port()
     proc = subprocess.Popen([*tessera, "serve", "--db", str(db), "--session-id", f"{SID:x}", "--pki-dir", str(pki),
                              "--tls-port", str(tp), "--plain-port", str(pp), "--agree-time", "0.3"], env=env,
@@ -191,5 +189,3 @@ def test_cli_rekey_and_truncate_act_on_a_running_sm(pki, tmp_path):
         finally:
             if proc.poll() is None:
                 proc.kill()
-    p = cli("rekey", "--timeout", "0.5", check=False)  # the SM has stopped: nobody takes the request up
-    assert p.returncode == 2 and "took up the rekey request" in p.stderr
