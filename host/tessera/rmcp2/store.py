@@ -146,13 +146,19 @@ class SmStore:
     # writes the result back (no key material in either). docs/rmcp2.md "Operator requests".
     def add_request(self, op: str, arg: dict, now: float) -> int:
         with self._lock:
-            n = self._db.execute("SELECT COUNT(*) FROM requests WHERE state='pending'").fetchone()[0]
-            if n >= MAX_REQUESTS:
-                raise StoreError(f"{n} operator requests are already waiting for the SM (is it serving?)")
-            self._exec(("DELETE FROM requests WHERE state!='pending' AND created<?", (now - 3600,)),
-                       ("INSERT INTO requests (op, arg, state, created) VALUES (?, ?, 'pending', ?)",
-                        (op, json.dumps(arg, sort_keys=True), now)))
-            return self._db.execute("SELECT MAX(id) FROM requests").fetchone()[0]
+            self._db.execute("BEGIN IMMEDIATE")  # the bound and the new id hold across processes
+            try:
+                n = self._db.execute("SELECT COUNT(*) FROM requests WHERE state='pending'").fetchone()[0]
+                if n >= MAX_REQUESTS:
+                    raise StoreError(f"{n} operator requests are already waiting for the SM (is it serving?)")
+                self._db.execute("DELETE FROM requests WHERE state!='pending' AND created<?", (now - 3600,))
+                rid = self._db.execute("INSERT INTO requests (op, arg, state, created) VALUES (?, ?, 'pending', ?)",
+                                       (op, json.dumps(arg, sort_keys=True), now)).lastrowid
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        return rid
 
     def pending_requests(self) -> list[tuple[int, str, dict]]:
         with self._lock:
