@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -319,10 +319,26 @@ class _SmBase:
             raise RequestRefused((res or {}).get("error", "refused"))
         return res or {}
 
-    def _give_up(self, rid: int, op: str, timeout: float) -> None:
+    def _polls(self, rid: int, op: str, timeout: float) -> Generator[float, None, dict]:
+        """Look for the answer to request `rid`: yields the pause before the next look (the
+        sync and async waits sleep it their way) and returns the answer. After `timeout` a
+        request still pending is withdrawn (SmNotServing); one the SM took up meanwhile is
+        answered within its tick."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            r = self._answer(rid)
+            if r is not None:
+                return r
+            yield 0.05
         if self._store.withdraw_request(rid):
             raise SmNotServing(f"no SM serving {self.path} took up the {op} request within {timeout:g} s "
                                "(is `tessera sm serve` running on this store?)")
+        for _ in range(100):
+            r = self._answer(rid)
+            if r is not None:
+                return r
+            yield 0.05
+        raise SmNotServing(f"the SM took up the {op} request but did not answer")
 
     @staticmethod
     def _truncate_arg(maid: bytes | None, certificate: str | Path | None) -> dict:
@@ -427,19 +443,12 @@ class AsyncSessionManager(_SmBase):
         return self._truncated(await self._wait(rid, "truncate", timeout))
 
     async def _wait(self, rid: int, op: str, timeout: float) -> dict:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            r = self._answer(rid)
-            if r is not None:
-                return r
-            await asyncio.sleep(0.05)
-        self._give_up(rid, op, timeout)
-        for _ in range(100):  # the SM took it up just now: its answer follows within a tick
-            r = self._answer(rid)
-            if r is not None:
-                return r
-            await asyncio.sleep(0.05)
-        raise SmNotServing(f"the SM took up the {op} request but did not answer")
+        polls = self._polls(rid, op, timeout)
+        try:
+            while True:
+                await asyncio.sleep(next(polls))
+        except StopIteration as answer:
+            return answer.value
 
     async def close(self) -> None:
         await self.stop()
@@ -508,19 +517,12 @@ class SessionManager(_SmBase):
         return self._truncated(self._wait(rid, "truncate", timeout))
 
     def _wait(self, rid: int, op: str, timeout: float) -> dict:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            r = self._answer(rid)
-            if r is not None:
-                return r
-            time.sleep(0.05)
-        self._give_up(rid, op, timeout)
-        for _ in range(100):
-            r = self._answer(rid)
-            if r is not None:
-                return r
-            time.sleep(0.05)
-        raise SmNotServing(f"the SM took up the {op} request but did not answer")
+        polls = self._polls(rid, op, timeout)
+        try:
+            while True:
+                time.sleep(next(polls))
+        except StopIteration as answer:
+            return answer.value
 
     def close(self) -> None:
         if self._serving is not None:
