@@ -56,7 +56,7 @@ def handle(sm: S.SessionManager, store, now: float) -> list:
                        "delivered": _sent([a for a in acts if a.conn != gone])}
             else:
                 raise ValueError(f"unknown operator request {op!r}")
-        except ValueError as e:
+        except (ValueError, TypeError, KeyError) as e:  # e.g. no such member, a MAID that is not hex
             log.warning("rmcp2 sm: operator request %d (%s) refused: %s", rid, op, e)
             store.finish_request(rid, False, {"error": str(e)})
             continue

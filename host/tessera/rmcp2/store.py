@@ -161,9 +161,21 @@ class SmStore:
         return rid
 
     def pending_requests(self) -> list[tuple[int, str, dict]]:
+        """Pending requests in order; a row whose argument is not a JSON object is answered
+        "failed" here (whoever wrote it, the serving SM does not stop over it)."""
         with self._lock:
             rows = self._db.execute("SELECT id, op, arg FROM requests WHERE state='pending' ORDER BY id").fetchall()
-        return [(i, op, json.loads(arg)) for i, op, arg in rows]
+        out = []
+        for i, op, arg in rows:
+            try:
+                a = json.loads(arg)
+            except (ValueError, TypeError):
+                a = None
+            if isinstance(a, dict) and isinstance(op, str):
+                out.append((i, op, a))
+            else:
+                self.finish_request(i, False, {"error": "malformed request"})
+        return out
 
     def finish_request(self, rid: int, ok: bool, result: dict) -> None:
         self._exec(("UPDATE requests SET state=?, result=? WHERE id=? AND state='pending'",

@@ -189,3 +189,22 @@ def test_cli_rekey_and_truncate_act_on_a_running_sm(pki, tmp_path):
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_malformed_request_rows_do_not_stop_the_sm(pki, tmp_path):
+    """Rows the API would never write (another writer of the store): each is answered
+    "failed" and the SM goes on serving; a well-formed request after them is carried out."""
+    with SessionManager.open(tmp_path / "sm.sqlite", SmSettings(SID, agree_time=0.3), key=KEY) as sm:
+        st = sm._store
+        with st._lock:
+            st._db.execute("INSERT INTO requests (op, arg, state, created) VALUES ('rekey', 'not json', 'pending', 0)")
+        bad = [st.add_request("truncate", {"maid": "zz"}, time.time()), st.add_request("truncate", {}, time.time()),
+               st.add_request("explode", {}, time.time())]
+        with st._lock:
+            st._db.execute("INSERT INTO requests (op, arg, state, created) VALUES ('rekey', '[1]', 'pending', 0)")
+        with sm.serve(pki, tick=0.05):
+            assert sm.rekey(timeout=10).ks_gen == 2  # answered after every bad row before it
+            for rid in bad:
+                state, res = st.request(rid)
+                assert state == "failed" and res["error"], (rid, state, res)
+            assert st.pending_requests() == []
