@@ -109,9 +109,9 @@ def cmd_status(args) -> int:
     print(f"session {st.session_id:#018x}: {len(st.members)} members, {len(st.acl)} ACL entries, "
           f"{st.service_user_ids} service user identifiers")
     p = st.policy
-    print(f"policy: {'not set' if p is None else f'{p.group} group, {p.gk_mecha}/{p.gk_name}, content {p.content_alg}, '}"
-          f"{'' if p is None else f'messages {p.gk_alg} + {p.auth}'}; "
-          f"{'open' if st.open_to_rmas else 'closed'} to RMAs")
+    pol = "not set" if p is None else (f"{p.group} group, {p.gk_mecha}/{p.gk_name}, content {p.content_alg}, "
+                                       f"messages {p.gk_alg} + {p.auth}")
+    print(f"policy: {pol}; {'open' if st.open_to_rmas else 'closed'} to RMAs")
     print(f"Ks generation {st.ks_gen} ({st.ks_mode}); members: {counts['SMA']} SMA, {counts['DMA']} DMA, "
           f"{counts['RMA']} RMA")
     if args.members:
@@ -130,8 +130,11 @@ def cmd_rekey(args) -> int:
 def cmd_truncate(args) -> int:
     cert = None
     if args.name:
-        from tessera.rmcp2.certs import pki_paths
-        cert = pki_paths(args.pki_dir, args.name)[0]
+        if not args.pki_dir:
+            raise TesseraError("--name needs --pki-dir (the directory holding NAME.pem)")
+        cert = Path(args.pki_dir) / f"{args.name}.pem"
+        if not cert.exists():
+            raise TesseraError(f"no certificate {cert}")
     maid = None
     if args.maid:
         try:
