@@ -7,6 +7,8 @@ name starting with an underscore, are internal and may change without notice.
 - boards, real or virtual: `Board` (tessera.api.boards)
 - the SCPM key setting node: `AsyncKsn`, `Ksn`, `serve_ksn` (tessera.api.ksn)
 - the ASM initiator and log collector: `AsmClient`, `collect_log` (tessera.api.asm)
+- secure RMCP-2: `SessionManager`, `AsyncSessionManager`, `MaAgent`, `AsyncMaAgent`
+  (tessera.api.rmcp2; every name of its `__all__` is re-exported here)
 - the SimulCrypt roles: the submodule `tessera.api.simulcrypt`, with its own `__all__`
   (not re-exported by `tessera`, whose `tessera.simulcrypt` is the protocol package)
 - errors: `TesseraError` and its subclasses (tessera.api.errors)
@@ -22,6 +24,10 @@ from tessera.api.errors import (BatchFailed, BoardError, DeviceError, InvalidKey
                                 TesseraError, UnknownDevice)
 from tessera.api.ksn import (KSN_ADDRESS, KSN_PORT, AsyncKsn, DeviceInfo, Enrolled, ErrorCode, KeyInstalled, Ksn,
                              KsnEndpoint, Rotated, Synced, Timing, format_addr, list_devices, parse_addr, serve_ksn)
+from tessera.api.rmcp2 import (AclEntry, Admission, AgentError, AgentStatus, AsyncMaAgent, AsyncSessionManager,
+                               MaAgent, MemberInfo, NoSession, PolicyInfo, PolicyRefused, Rekeyed, RequestRefused,
+                               SecReturn, Serving, SessionManager, SmEndpoint, SmError, SmNotServing, SmSettings,
+                               SmStatus, SubscriptionRefused, SubsResult, Truncated, make_sm_pki)
 
 __all__ = [
     # boards
@@ -34,6 +40,11 @@ __all__ = [
     "Asm", "AsmClient", "AsmResponder", "Credentials", "LEKey", "SpbStatus", "ClockOffset", "CollectProgress",
     "CollectResult", "CollectedRecord", "collected_records", "pki_credentials", "response_name", "set_spb_status",
     "AsmError", "AsmLinkError", "AsmPeerRejected", "AsmProtocolError", "AsmRefused",
+    # secure RMCP-2 (tessera.api.rmcp2)
+    "SessionManager", "AsyncSessionManager", "Serving", "SmSettings", "SmEndpoint", "SmStatus", "MemberInfo",
+    "PolicyInfo", "AclEntry", "Rekeyed", "Truncated", "MaAgent", "AsyncMaAgent", "Admission", "AgentStatus",
+    "SubsResult", "SecReturn", "make_sm_pki", "SmError", "NoSession", "SmNotServing", "RequestRefused", "AgentError",
+    "SubscriptionRefused", "PolicyRefused",
     # errors
     "TesseraError", "BoardError", "KsnError", "NoDatabase", "KsnBusy", "InvalidKey", "UnknownDevice", "DeviceError",
     "BatchFailed",

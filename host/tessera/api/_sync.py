@@ -23,3 +23,28 @@ class _LoopOwner:
     def _close_loop(self) -> None:
         if not self._loop.is_closed():
             self._loop.close()
+
+
+class _ThreadLoop:
+    """An event loop running in a daemon thread, for synchronous wrappers of services that
+    must keep running between calls (a served SM, an agent's Ks link)."""
+
+    def __init__(self, name: str) -> None:
+        import threading
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        if self._loop.is_closed() or not self._loop.is_running():
+            coro.close()
+            raise RuntimeError("this object is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        if not self._loop.is_running() and not self._loop.is_closed():
+            self._loop.close()

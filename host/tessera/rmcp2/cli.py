@@ -5,24 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
-import time
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
 from tessera import cliargs
+from tessera.api import rmcp2 as api
 from tessera.errors import TesseraError
 from tessera.rmcp2 import codec as C
-from tessera.rmcp2 import sm as S
-from tessera.rmcp2.agent import Agent, AgentConfig
-from tessera.rmcp2.certs import client_context, make_pki, pki_paths, server_context
-from tessera.rmcp2.server import AgentRunner, Limits, SmServer, serve
-from tessera.rmcp2.store import SmStore, default_db, open_engine
+from tessera.rmcp2.store import default_db
 
 log = logging.getLogger("tessera.rmcp2")
-TLS_PORT, PLAIN_PORT, TREE_PORT = 26030, 26031, 26032  # profile B.10
+TLS_PORT, PLAIN_PORT, TREE_PORT = api.TLS_PORT, api.PLAIN_PORT, api.TREE_PORT  # profile B.10
 
 
 def _hex_int(s: str) -> int:
@@ -35,11 +27,8 @@ def _hex_int(s: str) -> int:
     return v
 
 
-def _db(args, create: bool = False) -> Path:
-    db = Path(args.db) if args.db else default_db()
-    if not create and not db.exists():
-        raise TesseraError(f"no SM database at {db} (`tessera sm serve --session-id ...` creates one; --db chooses)")
-    return db
+def _open(args, session_required: bool = True) -> api.SessionManager:
+    return api.SessionManager.open(Path(args.db) if args.db else None, session_required=session_required)
 
 
 def _ident(args) -> bytes:
@@ -54,112 +43,138 @@ def _ident(args) -> bytes:
 
 # ---------------------------------------------------------------------------- sm
 def cmd_pki(args) -> int:
-    paths = make_pki(args.dir, args.names, days=args.days)
+    paths = api.make_sm_pki(args.dir, args.names, days=args.days)
     for n, p in paths.items():
         print(f"{n}: {p}" + ("" if n == "ca" else f" (key {p.with_suffix('.key')}, mode 0600)"))
     return 0
 
 
 def cmd_serve(args) -> int:
-    cert, key, ca = pki_paths(args.pki_dir, args.name)
-    store = SmStore(_db(args, create=True))
-    cfg = None
-    if store.session() is None:
-        if args.session_id is None:
-            raise TesseraError("a new session needs --session-id (64-bit hex)")
-        cfg = S.SmConfig(args.session_id, C.make_maid(args.host, args.tls_port or TLS_PORT, 1),
-                         agree_time=args.agree_time, ks_period=args.ks_period, max_rmas=args.max_rmas)
-    elif args.session_id is not None and args.session_id != store.session()["session_id"]:
-        raise TesseraError(f"{store.path} holds session {store.session()['session_id']:#x}, not {args.session_id:#x}")
-    engine = open_engine(store, cfg, now=time.time())
-    server = SmServer(engine, store, server_context(cert, key, ca), args.host, args.tls_port, args.plain_port,
-                      Limits(max_conns=args.max_conns), auto_open=not args.hold)
-    asyncio.run(serve(server))
+    create = None
+    if args.session_id is not None:
+        create = api.SmSettings(args.session_id, args.host, args.tls_port or TLS_PORT, agree_time=args.agree_time,
+                                ks_period=args.ks_period, max_rmas=args.max_rmas)
+    db = Path(args.db) if args.db else default_db()
+    if create is None and not db.exists():
+        raise TesseraError("a new session needs --session-id (64-bit hex)")
+
+    async def main() -> None:
+        try:
+            sm = api.AsyncSessionManager.open(db, create)
+        except api.NoSession:
+            raise TesseraError("a new session needs --session-id (64-bit hex)") from None
+        async with sm:
+            await sm.serve(args.pki_dir, args.name, args.host, args.tls_port, args.plain_port,
+                           max_conns=args.max_conns, hold=args.hold)
+            await sm.serve_forever()
+    asyncio.run(main())
     return 0
 
 
 def cmd_su_add(args) -> int:
-    store = SmStore(_db(args, create=True))
-    store.add_service_user_id(_ident(args))
-    log.info("service user identifier registered (%d in total)", len(store.service_user_ids()))
+    with api.SessionManager.open(Path(args.db) if args.db else None, session_required=False) as sm:
+        sm.add_service_user(_ident(args))
+        log.info("service user identifier registered (%d in total)", len(sm.service_users()))
     return 0
 
 
 def cmd_su_list(args) -> int:
-    for i in sorted(SmStore(_db(args)).service_user_ids()):
-        try:
-            text = i.decode()
-        except UnicodeDecodeError:
-            text = ""
-        print(i.hex() if args.hex else text if text.isprintable() and text else f"hex:{i.hex()}")
+    db = Path(args.db) if args.db else default_db()
+    if not db.exists():
+        raise TesseraError(f"no SM database at {db}")
+    with _open(args, session_required=False) as sm:
+        for i in sm.service_users():
+            try:
+                text = i.decode()
+            except UnicodeDecodeError:
+                text = ""
+            print(i.hex() if args.hex else text if text.isprintable() and text else f"hex:{i.hex()}")
     return 0
 
 
 def cmd_su_remove(args) -> int:
-    if not SmStore(_db(args)).remove_service_user_id(_ident(args)):
-        raise TesseraError("no such service user identifier")
+    db = Path(args.db) if args.db else default_db()
+    if not db.exists():
+        raise TesseraError(f"no SM database at {db}")
+    with _open(args, session_required=False) as sm:
+        if not sm.remove_service_user(_ident(args)):
+            raise TesseraError("no such service user identifier")
     return 0
 
 
 def cmd_status(args) -> int:
-    store = SmStore(_db(args))
-    s = store.session()
-    if s is None:
-        raise TesseraError(f"{store.path} holds no session")
-    c = store.counts()
-    print(f"session {s['session_id']:#018x}: {c['members']} members, {c['acl']} ACL entries, "
-          f"{c['service_user_ids']} service user identifiers")
+    with _open(args) as sm:
+        st = sm.status()
+    counts = {r: sum(m.role == r for m in st.members) for r in ("SMA", "DMA", "RMA")}
+    print(f"session {st.session_id:#018x}: {len(st.members)} members, {len(st.acl)} ACL entries, "
+          f"{st.service_user_ids} service user identifiers")
+    p = st.policy
+    pol = "not set" if p is None else (f"{p.group} group, {p.gk_mecha}/{p.gk_name}, content {p.content_alg}, "
+                                       f"messages {p.gk_alg} + {p.auth}")
+    print(f"policy: {pol}; {'open' if st.open_to_rmas else 'closed'} to RMAs")
+    print(f"Ks generation {st.ks_gen} ({st.ks_mode}); members: {counts['SMA']} SMA, {counts['DMA']} DMA, "
+          f"{counts['RMA']} RMA")
+    if args.members:
+        for m in st.members:
+            print(f"  {m.role} {m.address} maid {m.maid.hex()} policy {m.policy}")
+    return 0
+
+
+def cmd_rekey(args) -> int:
+    with _open(args) as sm:
+        r = sm.rekey(timeout=args.timeout)
+    print(f"fresh Ks: generation {r.ks_gen}, sent to {r.delivered} connected SMA/DMA(s)")
+    return 0
+
+
+def cmd_truncate(args) -> int:
+    cert = None
+    if args.name:
+        if not args.pki_dir:
+            raise TesseraError("--name needs --pki-dir (the directory holding NAME.pem)")
+        cert = Path(args.pki_dir) / f"{args.name}.pem"
+        if not cert.exists():
+            raise TesseraError(f"no certificate {cert}")
+    maid = None
+    if args.maid:
+        try:
+            maid = bytes.fromhex(args.maid)
+        except ValueError:
+            raise TesseraError(f"--maid wants 16 hexadecimal digits, got {args.maid!r}") from None
+    with _open(args) as sm:
+        r = sm.truncate(maid, certificate=cert, timeout=args.timeout)
+    print(f"truncated {r.role} {r.maid.hex()}; fresh Ks generation {r.ks_gen}, "
+          f"sent to {r.delivered} connected SMA/DMA(s)")
     return 0
 
 
 # ---------------------------------------------------------------------------- agents
-def make_agent(args, nt: C.NodeType) -> AgentRunner:
-    cert, key, ca = pki_paths(args.pki_dir, args.name)
-    der = x509.load_pem_x509_certificate(cert.read_bytes()).public_bytes(serialization.Encoding.DER)
-    propose = None
-    if nt == C.NodeType.SMA:
-        propose = C.SmaPropose(C.GpAttribute.CLOSED if args.group == "closed" else C.GpAttribute.OPEN,
-                               C.GkMecha(args.gk_mecha), C.EnDecId(args.content_alg))
-    caps: tuple = ()
-    if nt != C.NodeType.RMA:
-        caps = (C.GkMechCapab(C.GkName.KDC, 1), C.EnDecCapab(C.EnDecId.AES_CBC_128, 1),
-                C.EnDecCapab(C.EnDecId.AES_CTR_128, 2), C.AuthAlgCapab(C.AuthId.HMAC_SHA1, 1),
-                C.AuthAlgCapab(C.AuthId.HMAC_MD5, 2))
+def make_agent(args, role: str) -> api.AsyncMaAgent:
     sui = getattr(args, "service_user_id", None)
-    cfg = AgentConfig(nt, args.session_id, C.make_maid(args.address, args.port, args.instance), der,
-                      service_user_id=sui.encode() if sui else None, propose=propose, capabilities=caps)
-    host, tls_port = cliargs.host_port(args.sm, "--sm")
-    return AgentRunner(Agent(cfg), client_context(cert, key, ca), host, tls_port, args.plain_port)
+    kw = {}
+    if role == "sma":
+        kw = {"group": args.group, "gk_mecha": args.gk_mecha, "content_alg": args.content_alg}
+    return api.AsyncMaAgent(role, args.sm, args.session_id, args.pki_dir, args.name, plain_port=args.plain_port,
+                            address=args.address, port=args.port, instance=args.instance, service_user_id=sui, **kw)
 
 
-def cmd_agent(nt: C.NodeType):
+def cmd_agent(role: str):
     def run(args) -> int:
-        runner = make_agent(args, nt)
-        a = runner.agent
+        cliargs.host_port(args.sm, "--sm")
+        agent = make_agent(args, role)
 
-        async def main():
+        def show(st: api.AgentStatus) -> None:
+            log.info("rmcp2 %s: state %s, SUBSANS %s, policy %s, Ks generation %d, ACL %d entries", role.upper(),
+                     st.state, st.result.name if st.result else "-",
+                     st.policy_result.name if st.policy_result else "-", st.ks_gen, len(st.acl))
+
+        async def main() -> None:
+            import signal
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, runner.stop)
-            task = asyncio.create_task(runner.run())
-            seen = None
-            while not task.done():
-                await asyncio.sleep(0.5)
-                now = (a.state, a.result, a.policy_result, a.ks_gen, len(a.acl))
-                if now != seen:
-                    seen = now
-                    log.info("rmcp2 %s: state %s, SUBSANS %s, policy %s, Ks generation %d, ACL %d entries",
-                             nt.name, a.state, a.result.name if a.result else "-",
-                             a.policy_result.name if a.policy_result else "-", a.ks_gen, len(a.acl))
-            await task
-        try:
-            asyncio.run(main())
-        except OSError as e:
-            raise TesseraError(f"cannot reach the SM at {args.sm}: {e}") from None
-        if a.state == "refused":
-            raise TesseraError(f"the SM refused the subscription: {a.result.name} ({int(a.result):#04x})")
-        if a.state == "failed":
-            raise TesseraError("this MA cannot run the agreed security policy (SECAGANS FAILED CONFIGURATION)")
+                loop.add_signal_handler(sig, agent.stop)
+            await agent.run(show)
+        asyncio.run(main())
         return 0
     return run
 
@@ -202,9 +217,28 @@ def register(sub) -> None:
     p.add_argument("--hold", action="store_true", help="do not open the session to RMAs when the policy is set")
     p.set_defaults(func=cmd_serve)
 
-    p = ss.add_parser("status", help="what the store holds")
+    p = ss.add_parser("status", help="what the store holds: policy, Ks generation, members, ACL")
     p.add_argument("--db", help=f"SQLite store (default {default_db()})")
+    p.add_argument("--members", action="store_true", help="list every member")
     p.set_defaults(func=cmd_status)
+
+    p = ss.add_parser("rekey", help="a fresh Ks from the running SM, sent to the SMA and every DMA",
+                      description="Asks the SM serving --db for a fresh random Ks (figure 93) and waits for its "
+                                  "answer (docs/rmcp2.md, Operator requests). No key is shown.")
+    p.add_argument("--db", help=f"SQLite store (default {default_db()})")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the SM (default 10)")
+    p.set_defaults(func=cmd_rekey)
+
+    p = ss.add_parser("truncate", help="expel an SMA/DMA from the running SM and replace Ks",
+                      description="Asks the SM serving --db to expel an SMA/DMA (LEAVREQ EXPELLED) and replace Ks "
+                                  "with a fresh one, so the key it holds stops working (10.1.2.1).")
+    p.add_argument("--db", help=f"SQLite store (default {default_db()})")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--maid", help="the MAID (16 hex digits, as `tessera sm status --members` shows)")
+    who.add_argument("--name", help="the certificate name in --pki-dir it was admitted with, e.g. dma1")
+    p.add_argument("--pki-dir", help="directory with NAME.pem (with --name)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the SM (default 10)")
+    p.set_defaults(func=cmd_truncate)
 
     su = ss.add_parser("service-user", help="service user identifiers of the content provider (10.1.1.5)")
     sus = su.add_subparsers(dest="su_command", metavar="ACTION", required=True)
@@ -232,4 +266,4 @@ def register(sub) -> None:
                            help="CON_EN_DEC_ID to propose (Table 16)")
         if nt == C.NodeType.RMA:
             p.add_argument("--service-user-id", help="identifier from the content provider (closed groups)")
-        p.set_defaults(func=cmd_agent(nt))
+        p.set_defaults(func=cmd_agent(name))

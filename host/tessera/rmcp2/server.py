@@ -22,6 +22,7 @@ import ssl
 import time
 from dataclasses import dataclass
 
+from tessera.rmcp2 import opreq
 from tessera.rmcp2 import sm as S
 from tessera.rmcp2.agent import Agent
 from tessera.rmcp2.store import SmStore
@@ -114,6 +115,7 @@ class SmServer:
             await asyncio.sleep(self.limits.tick)
             if self.store is not None:  # the CP's CLI adds/removes identifiers in the store
                 self.sm.service_user_ids = self.store.service_user_ids()
+                self._act(opreq.handle(self.sm, self.store, self._now()))  # rekey/truncate requests
             self._act(self.sm.tick(self._now()))
 
     def _act(self, actions: list) -> None:
@@ -171,7 +173,10 @@ class SmServer:
         await self._serve(reader, writer, der, counted=True)
 
     async def _on_plain(self, reader, writer) -> None:
-        await self._serve(reader, writer, None)
+        try:
+            await self._serve(reader, writer, None)
+        except asyncio.CancelledError:
+            pass  # close(): Python 3.11's start_server logs a handler task that ends cancelled as an error
 
     async def _serve(self, reader, writer, der: bytes | None, counted: bool = False) -> None:
         tls = der is not None

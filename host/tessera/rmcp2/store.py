@@ -47,7 +47,11 @@ CREATE TABLE IF NOT EXISTS windows (
     maid BLOB NOT NULL, ref INTEGER NOT NULL, gen INTEGER NOT NULL, high INTEGER NOT NULL,
     bits INTEGER NOT NULL, PRIMARY KEY (maid, ref, gen));
 CREATE TABLE IF NOT EXISTS acl (hashed_maid BLOB PRIMARY KEY, hashed_ktls BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS requests (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL, arg TEXT NOT NULL, state TEXT NOT NULL,
+    result TEXT, created REAL NOT NULL);
 """
+MAX_REQUESTS = 16  # operator requests waiting for the serving SM (a bound, not a queue to fill)
 
 
 class StoreError(TesseraError):
@@ -135,6 +139,71 @@ class SmStore:
             n = self._db.execute("SELECT COUNT(*) FROM service_user_ids WHERE ident=?", (bytes(ident),)).fetchone()[0]
             self._exec(("DELETE FROM service_user_ids WHERE ident=?", (bytes(ident),)))
         return bool(n)
+
+    # ------------------------------------------------------------ operator requests (opreq.py)
+    # A command in another process (`tessera sm rekey`, `tessera sm truncate`) cannot reach the
+    # serving SM's engine; it writes a request row, the SM acts on it at its next tick and
+    # writes the result back (no key material in either). docs/rmcp2.md "Operator requests".
+    def add_request(self, op: str, arg: dict, now: float) -> int:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")  # the bound and the new id hold across processes
+            try:
+                n = self._db.execute("SELECT COUNT(*) FROM requests WHERE state='pending'").fetchone()[0]
+                if n >= MAX_REQUESTS:
+                    raise StoreError(f"{n} operator requests are already waiting for the SM (is it serving?)")
+                self._db.execute("DELETE FROM requests WHERE state!='pending' AND created<?", (now - 3600,))
+                rid = self._db.execute("INSERT INTO requests (op, arg, state, created) VALUES (?, ?, 'pending', ?)",
+                                       (op, json.dumps(arg, sort_keys=True), now)).lastrowid
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        return rid
+
+    def pending_requests(self) -> list[tuple[int, str, dict]]:
+        """Pending requests in order; a row whose argument is not a JSON object is answered
+        "failed" here (whoever wrote it, the serving SM does not stop over it)."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, op, arg FROM requests WHERE state='pending' ORDER BY id").fetchall()
+        out = []
+        for i, op, arg in rows:
+            try:
+                a = json.loads(arg)
+            except (ValueError, TypeError):
+                a = None
+            if isinstance(a, dict) and isinstance(op, str):
+                out.append((i, op, a))
+            else:
+                self.finish_request(i, False, {"error": "malformed request"})
+        return out
+
+    def finish_request(self, rid: int, ok: bool, result: dict) -> None:
+        self._exec(("UPDATE requests SET state=?, result=? WHERE id=? AND state='pending'",
+                    ("done" if ok else "failed", json.dumps(result, sort_keys=True), rid)))
+
+    def request(self, rid: int) -> tuple[str, dict | None] | None:
+        """(state, result) of a request: "pending", "done" or "failed"; None if withdrawn."""
+        with self._lock:
+            row = self._db.execute("SELECT state, result FROM requests WHERE id=?", (rid,)).fetchone()
+        return None if row is None else (row[0], json.loads(row[1]) if row[1] else None)
+
+    def withdraw_request(self, rid: int, answered: bool = False) -> bool:
+        """Delete a request still pending (answered=False: False when the SM took it up
+        meanwhile) or one answered and read (answered=True)."""
+        with self._lock:
+            cur = self._db.execute(f"DELETE FROM requests WHERE id=? AND state{'!=' if answered else '='}'pending'",
+                                   (rid,))
+        return cur.rowcount > 0
+
+    def overview(self) -> dict:
+        """What `status` shows, without key material: members, ACL, the Ks generation."""
+        with self._lock:
+            ks = self._db.execute("SELECT gen, mode, since FROM ks WHERE slot='current'").fetchone()
+            members = self._db.execute("SELECT maid, nt, policy, hashed_maid FROM members ORDER BY maid").fetchall()
+            acl = self._db.execute("SELECT hashed_maid, hashed_ktls FROM acl ORDER BY hashed_maid").fetchall()
+        return {"ks": ks, "state": json.loads(self._meta("state") or "null"),
+                "members": [(bytes(m), nt, pol, bytes(hm)) for m, nt, pol, hm in members],
+                "acl": [(bytes(a), bytes(b)) for a, b in acl]}
 
     # ------------------------------------------------------------ journal (called by sm.py)
     def put_session(self, sm) -> None:

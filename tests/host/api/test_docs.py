@@ -59,3 +59,14 @@ def test_board_speed_block_runs(tessera_var, tmp_path):
 def test_simulcrypt_block_runs(tmp_path):
     out = _run(next(b for b in BLOCKS if "send_ltkms(" in b), tmp_path)
     assert "3 periods;" in out and "errors=0" in out, out
+
+
+def test_rmcp2_block_runs(tessera_var, tmp_path):
+    """The secure RMCP-2 block as written: an SM serving in a thread, SMA, DMA, RMAs, a fresh
+    Ks and a truncation, on loopback in a temporary directory."""
+    out = _run(next(b for b in BLOCKS if "SessionManager.open(" in b), tmp_path)
+    assert out.count("result=<Result.ACCEPTED: 1>") == 2, out
+    assert "1 ACL entry; the DMA admits rma1: True" in out, out
+    assert "rma2 refused: SERV_USER_ID_MISSING 0x41" in out, out
+    assert "group='closed'" in out and "Ks generation 1 ['SMA', 'DMA', 'RMA']" in out, out
+    assert "Rekeyed(ks_gen=2, delivered=2)" in out and "role='DMA', ks_gen=3, delivered=1)" in out, out

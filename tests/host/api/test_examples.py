@@ -173,3 +173,18 @@ def test_asm_log(asm_responder):
     new = int(re.search(r"\d+ listed, (\d+) new", out).group(1))
     second = re.findall(r"event +(\d+) ", out)
     assert new >= 1 and len(second) == n + new == len(set(second)) and set(first) < set(second), out
+
+
+def test_rmcp2_session(tmp_path):
+    """An SM with a closed group on loopback: SMA, DMA and a host RMA admitted, a stranger
+    refused with 0x41, the RMA's entry in the DMA's ACL (no boards needed)."""
+    out = run_example("rmcp2_session.py", "--dir", str(tmp_path / "rm"), "--ident", "viewer-7")
+    assert "identifier 'viewer-7' registered" in out, out
+    assert "SMA admitted: ACCEPTED, policy OK, Ks generation 1" in out, out
+    assert "DMA admitted: ACCEPTED, policy OK, Ks generation 1" in out, out
+    assert "policy: closed group" in out and "RMA rma1 admitted: ACCEPTED, policy OK" in out, out
+    assert "RMA rma2 refused: SERV_USER_ID_MISSING (0x41)" in out, out
+    acl = re.findall(r"hashed MAID ([0-9a-f]{32})  hashed K_TLS ([0-9a-f]{32})(  <- rma1)?", out)
+    assert len(acl) == 1 and acl[0][2], out
+    assert "the DMA admits rma1: True" in out and "3 members (DMA, RMA, SMA), 1 ACL entries" in out, out
+    assert "capabilities after the policy" not in out, out  # SMA and DMA agreed together

@@ -9,6 +9,7 @@ from pathlib import Path
 import tessera
 import tessera.api
 
+import tessera.api.rmcp2
 import tessera.api.simulcrypt
 
 LINES = [ln.strip() for ln in (Path(__file__).with_name("public_names.txt")).read_text().splitlines()
@@ -28,6 +29,12 @@ def test_simulcrypt_submodule_names():
     assert sorted(SIMULCRYPT) == sorted(tessera.api.simulcrypt.__all__)
     for name in SIMULCRYPT:
         getattr(tessera.api.simulcrypt, name)
+
+
+def test_rmcp2_submodule_names_are_all_re_exported():
+    assert set(tessera.api.rmcp2.__all__) <= set(LISTED)
+    for name in tessera.api.rmcp2.__all__:
+        assert getattr(tessera.api.rmcp2, name) is getattr(tessera, name), name
 
 
 def test_new_names_are_listed_deliberately():
