@@ -98,9 +98,9 @@ class Join:
         except Rmcp2Error as e:
             self._count(e.code)
         except A.JoinError as e:
-            self._count(100 + e.reason)
             if e.reason == A.F_VERIFY or e.reason == A.F_PUBLIC:
                 return self._refuse(e.reason)  # pass 2 from someone without our W: stop
+            self._count(100 + e.reason)
         return None
 
     def _receive(self, buf):

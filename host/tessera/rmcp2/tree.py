@@ -183,8 +183,8 @@ class JoinEngine:
             return self._pass1(conn, msg.maid, N.RMA, w, ma.data, now, 0)
         if ma.pass_no == 3:
             kmas = self._pass3(conn, msg.maid, ma.data)
-            if kmas is None:
-                return self._fail(Fail.VERIFY, msg.maid)
+            if isinstance(kmas, Fail):
+                return self._fail(kmas, msg.maid)
             if msg.maid not in self._members and len(self._members) >= self.max_members:
                 return self._fail(Fail.BUSY, msg.maid)
             gen, kg = self.kg_source()
@@ -233,17 +233,16 @@ class JoinEngine:
         self._pending[maid] = _Pending(srv, nt, conn, now + self.t_annexe, ks_gen)
         return [self._reply(M.RELANS, maid, C.AuthAns(C.SecReturn.RETRANSMISSION_REQ, ma_auth=C.MaAuth(2, p2)))]
 
-    def _pass3(self, conn, maid: bytes, data: bytes) -> bytes | None:
+    def _pass3(self, conn, maid: bytes, data: bytes) -> bytes | Fail:
+        """K_MAS, or why pass 3 failed (the run is over either way)."""
         p = self._pending.get(maid)
         if p is None or p.conn != conn:
-            raise E.AnnexeError(Fail.NO_PENDING, maid.hex())
+            return Fail.NO_PENDING  # replayed, after T_ANNEXE, or from another link
         del self._pending[maid]
         try:
             return p.server.pass3(data)
         except E.AnnexeError as e:
-            if e.reason != Fail.VERIFY:
-                raise
-            return None
+            return e.reason
 
     # ---------------------------------------------------------------- DMA (CMA) side
     def _ks_window(self, maid: bytes, key: P.ProtKey) -> P.ReplayWindow:
@@ -291,8 +290,8 @@ class JoinEngine:
             return [self._ks_seal(r) for r in self._pass1(conn, msg.maid, N.DMA, w, ma.data, now, key.gen)]
         if ma.pass_no == 3:
             kmas = self._pass3(conn, msg.maid, ma.data)
-            if kmas is None:
-                return [self._ks_seal(r) for r in self._fail(Fail.VERIFY, msg.maid)]
+            if isinstance(kmas, Fail):
+                return [self._ks_seal(r) for r in self._fail(kmas, msg.maid)]
             if msg.maid not in self._children and len(self._children) >= MAX_CHILDREN:
                 return [self._ks_seal(r) for r in self._fail(Fail.BUSY, msg.maid)]
             self._children[msg.maid] = Member(msg.maid, P.hashed_maid(self.sid, msg.maid), kmas, now, conn)
@@ -366,8 +365,8 @@ class JoinClient:
 
     def receive(self, data: bytes) -> list[bytes]:
         msg = self._open(data)
-        if msg.session_id != self.sid or msg.maid != self.maid:
-            raise C.Rmcp2Error(C.ErrorCode.MAID, "not for this MA")
+        if msg.session_id != self.sid or msg.maid != self.maid or msg.nt != N.DMA:
+            raise E.AnnexeError(Fail.LAYOUT, "not from a DMA to this MA")
         if self.state == "probe" and msg.type == M.PPROBANS:
             if msg.get(C.ResultCtl).value != C.Result.ACCEPTED:
                 return self._refuse(Fail.NOT_IN_ACL if msg.get(C.ResultCtl).value == C.Result.NOT_IN_ACL else Fail.REFUSED)
@@ -384,7 +383,10 @@ class JoinClient:
         if self.state == "pass1":
             if ans.auth_result != C.SecReturn.RETRANSMISSION_REQ or ans.ma_auth is None or ans.ma_auth.pass_no != 2:
                 raise E.AnnexeError(Fail.LAYOUT, "pass 2 expected")
-            vc = self._cli.pass2(ans.ma_auth.data)  # type: ignore[union-attr]
+            try:
+                vc = self._cli.pass2(ans.ma_auth.data)  # type: ignore[union-attr]
+            except E.AnnexeError as e:  # a server without our W (or a tampered pass 2): stop
+                return self._refuse(e.reason)
             self.parent = self._cli.id_s  # type: ignore[union-attr]
             self.state = "pass3"
             return [self._out(M.RELREQ, C.Auth(ma_auth=C.MaAuth(3, vc)))]
