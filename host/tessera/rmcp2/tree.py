@@ -400,3 +400,60 @@ class JoinClient:
         self.kmas = self._cli.kmas  # type: ignore[union-attr]
         self.state = "joined"
         return []
+
+
+# ------------------------------------------------------------------------ asyncio adapter
+class JoinServer:
+    """The DMA's tree-control listener (B.10 port 26032; 0 picks one): a thin asyncio
+    adapter around one JoinEngine. Messages are framed by their header Length (A.4, as the
+    SM's links); at most `max_conns` links (one more is closed at once), each closed after
+    `idle` seconds without a complete message; the engine's clock is the loop's."""
+
+    def __init__(self, engine: JoinEngine, host: str = "127.0.0.1", port: int = 0,
+                 max_conns: int = 256, idle: float = 60.0) -> None:
+        self.engine, self.host, self.port = engine, host, port
+        self.max_conns, self.idle = max_conns, idle
+        self.conns = 0
+        self.refused_conns = 0
+        self._server = None
+        self._ids = 0
+
+    async def start(self) -> None:
+        import asyncio
+
+        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("DMA tree control listening on %s:%d", self.host, self.port)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader, writer) -> None:
+        import asyncio
+
+        from tessera.rmcp2.server import read_message
+
+        if self.conns >= self.max_conns:
+            self.refused_conns += 1
+            writer.close()
+            return
+        self.conns += 1
+        self._ids += 1
+        conn = ("tree", self._ids)
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                data = await read_message(reader, self.idle, MAX_MESSAGE)
+                if data is None:
+                    break
+                for out in self.engine.receive(conn, data, loop.time()):
+                    writer.write(out)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self.conns -= 1
+            self.engine.drop(conn)
+            writer.close()

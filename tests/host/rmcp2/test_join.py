@@ -207,8 +207,11 @@ def test_attacker_without_the_auth_info_gets_no_kmas_and_no_kg():
     assert eng.errors["PROBE"] == 1
     # straight to pass 1 with a wrong W: the DMA's decryption of g^A is outside the subgroup
     # (refused PUBLIC) or gives a pass 2 whose Vs fails at the attacker; any Vc it makes up fails
-    answered = 0
-    for i in range(40):
+    answered = tries = 0
+    for i in range(40):  # until two pass 2s were answered (each try: 1/2)
+        if answered == 2:
+            break
+        tries += 1
         mallory = host_rma(1, w=b"\x99" * 16)
         mallory.state = "probe"
         out = mallory.receive(C.Message(M.PPROBANS, N.DMA, SID, rma_maid(1), (C.ResultCtl(C.Result.ACCEPTED),)).encode())
@@ -222,7 +225,7 @@ def test_attacker_without_the_auth_info_gets_no_kmas_and_no_kg():
         p3 = C.Message(M.RELREQ, N.RMA, SID, rma_maid(1), (C.Auth(ma_auth=C.MaAuth(3, os.urandom(16))),)).encode()
         assert C.decode(eng.receive(i, p3, 1.0)[0]).get(C.AuthAns).auth_result == C.SecReturn.ERROR
     assert answered >= 1 and eng.errors["VERIFY"] == answered
-    assert eng.errors["PUBLIC"] == 40 - answered
+    assert eng.errors["PUBLIC"] == tries - answered
     assert not eng.members() and eng.pending == 0
 
 
@@ -361,7 +364,7 @@ def test_fuzz_engine_never_crashes_and_never_admits(which, flips, cut, junk):
     assert not eng.members() and eng.pending <= 1
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(st.sampled_from(["pass1", "pass3"]), st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)),
                                                      min_size=1, max_size=4))
 def test_fuzz_clients_reject_mutated_dma_messages(state, flips):
