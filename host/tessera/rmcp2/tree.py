@@ -31,7 +31,7 @@ N, M = C.NodeType, C.MsgType
 Fail = E.Fail
 
 T_ANNEXE = 20.0  # B.10: two ~2.6 s exponentiations on a Pico W, plus AES and the network
-MAX_PENDING = 64
+MAX_PENDING = 128  # one run holds ~1 KB (its DH pair and transcript hash)
 MAX_MEMBERS = 2000  # as the ACL (B.8)
 MAX_CHILDREN = 64
 PROBE_CACHE = 4096
@@ -219,10 +219,13 @@ class JoinEngine:
         return [self._reply(M.PPROBANS, msg.maid, C.ResultCtl(res), self._status_ctl())]
 
     def _pass1(self, conn, maid: bytes, nt: C.NodeType, w: bytes, data: bytes, now: float, ks_gen: int) -> list[bytes]:
-        old = self._pending.get(maid)
-        if old is not None and old.conn != conn:
-            return self._fail(Fail.BUSY, maid)  # a run for this MAID is live on another link
-        if old is None and len(self._pending) >= self.max_pending:
+        # one live run per MAID and per link: a new pass 1 replaces the older run (an attacker
+        # replaying a victim's pass 1 must then race every retry, rather than hold the slot
+        # for T_ANNEXE with one message); beyond max_pending runs a new one is refused
+        self._pending.pop(maid, None)
+        for m in [m for m, p in self._pending.items() if p.conn == conn]:
+            del self._pending[m]
+        if len(self._pending) >= self.max_pending:
             self._count(Fail.BUSY)
             return [self._reply(M.RELANS, maid, C.AuthAns(C.SecReturn.ERROR))]
         srv = E.Server(self.sid, self.hashed, w, self.suite.enc, self.rand(16), DH(self.rand(32)))

@@ -388,3 +388,27 @@ def test_fuzz_clients_reject_mutated_dma_messages(state, flips):
         j.receive(hx(t["wire"][1 + 2 * k]["bytes"]))
     assert j.receive(bytes(m)) is None
     assert j.kg is None and J.STATE_NAMES[j.state] in (state, "refused")
+
+
+def test_one_run_per_maid_and_per_link():
+    eng = engine(4)
+    victim = host_rma(1)
+    relreq1 = victim.receive(eng.receive("v", victim.start(), 1.0)[0])[0]
+    p2 = eng.receive("v", relreq1, 1.0)[0]
+    # an attacker replays the victim's pass 1 on its own link: it replaces the victim's run
+    assert C.decode(eng.receive("a", relreq1, 1.1)[0]).get(C.AuthAns).auth_result == C.SecReturn.RETRANSMISSION_REQ
+    assert eng.pending == 1
+    p3 = victim.receive(p2)[0]
+    assert C.decode(eng.receive("v", p3, 1.2)[0]).get(C.AuthAns).auth_result == C.SecReturn.ERROR
+    assert eng.errors["NO_PENDING"] == 1 and eng.pending == 0
+    # the victim simply joins again; the attacker gets nothing
+    again = host_rma(1)
+    run(again, eng, conn="v2", now=2.0)
+    assert again.state == "joined" and list(eng.members()) == [rma_maid(1)]
+    # a link holds one run: a second pass 1 on it (another MAID) replaces the first
+    a, b = host_rma(2), host_rma(3)
+    a.receive(eng.receive("x", a.start(), 3.0)[0])
+    b.receive(eng.receive("x", b.start(), 3.0)[0])
+    eng.receive("x", _relreq1(a), 3.0)
+    eng.receive("x", _relreq1(b), 3.0)
+    assert eng.pending == 1
