@@ -412,3 +412,13 @@ def test_one_run_per_maid_and_per_link():
     eng.receive("x", _relreq1(a), 3.0)
     eng.receive("x", _relreq1(b), 3.0)
     assert eng.pending == 1
+
+
+def test_acl_index_from_the_agents_acl_entries():
+    entries = frozenset(P.hashed_maid(SID, rma_maid(i)) + hk(i) for i in (1, 2))  # as Agent.acl (B.8)
+    eng = T.JoinEngine(SID, DMA, acl_lookup=T.acl_index(entries).get, kg_source=lambda: (1, b"k" * 16),
+                       suite=SUITE, rand=os.urandom)
+    ok, stranger = host_rma(2), host_rma(3)
+    run(ok, eng)
+    run(stranger, eng, conn="s")
+    assert ok.state == "joined" and stranger.fail == Fail.NOT_IN_ACL
