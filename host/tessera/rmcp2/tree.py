@@ -168,8 +168,14 @@ class JoinEngine:
             raise C.Rmcp2Error(C.ErrorCode.VALUE, "another session")
         if msg.type == M.PPROBREQ:
             return self._probe(msg)
+        return self._relreq(conn, msg, now, None)
+
+    def _relreq(self, conn: Hashable, msg: C.Message, now: float, ks: P.ProtKey | None) -> list[bytes]:
+        """Passes 1 and 3 of an RMA (ks None: W from the ACL, the result with Kg under K_MAS)
+        or of a child DMA (W from the Ks that carried the message; the caller seals under Ks)."""
+        who = "an RMA" if ks is None else "a DMA"
         if msg.type != M.RELREQ:
-            raise E.AnnexeError(Fail.LAYOUT, f"{msg.type.name} from an RMA before it joined")
+            raise E.AnnexeError(Fail.LAYOUT, f"{msg.type.name} from {who} on a join link")
         ma = msg.get(C.Auth).ma_auth
         if ma is None:
             raise E.AnnexeError(Fail.LAYOUT, "RELREQ without MA_AUTH")
@@ -177,23 +183,29 @@ class JoinEngine:
             id_c, _, _ = E.parse_pass1(ma.data)
             if not ct_equal(id_c, P.hashed_maid(self.sid, msg.maid)):
                 return self._fail(Fail.IDENTITY, msg.maid)
+            if ks is not None:
+                return self._pass1(conn, msg.maid, N.DMA, E.rm_secret(ks._raw, self.sid), ma.data, now, ks.gen)
             w = self.acl_lookup(id_c)
             if w is None:  # 10.1.5: a DMA shall reject an RMA not in its ACL
                 return self._fail(Fail.NOT_IN_ACL, msg.maid)
             return self._pass1(conn, msg.maid, N.RMA, w, ma.data, now, 0)
-        if ma.pass_no == 3:
-            kmas = self._pass3(conn, msg.maid, ma.data)
-            if isinstance(kmas, Fail):
-                return self._fail(kmas, msg.maid)
-            if msg.maid not in self._members and len(self._members) >= self.max_members:
-                return self._fail(Fail.BUSY, msg.maid)
-            gen, kg = self.kg_source()
-            self._members[msg.maid] = Member(msg.maid, P.hashed_maid(self.sid, msg.maid), kmas, now, conn)
-            km = C.KeyMaterial(C.KeyType.KG, C.KeyData(gen, C.KeyMode.FRESH, 0, kg).encode())
-            plain = self._reply(M.RELANS, msg.maid, C.AuthAns(C.SecReturn.OK, km))
-            log.info("RMA %s joined (Kg gen %d)", msg.maid.hex(), gen)
-            return [P.seal(plain, P.ProtKey(P.KeyRef.KMAS, kmas), self.suite, 1, self.rand(16))]
-        raise E.AnnexeError(Fail.LAYOUT, f"MA_AUTH pass {ma.pass_no} in RELREQ")
+        if ma.pass_no != 3:
+            raise E.AnnexeError(Fail.LAYOUT, f"MA_AUTH pass {ma.pass_no} in RELREQ")
+        kmas = self._pass3(conn, msg.maid, ma.data)
+        if isinstance(kmas, Fail):
+            return self._fail(kmas, msg.maid)
+        table, bound = (self._members, self.max_members) if ks is None else (self._children, MAX_CHILDREN)
+        if msg.maid not in table and len(table) >= bound:
+            return self._fail(Fail.BUSY, msg.maid)
+        table[msg.maid] = Member(msg.maid, P.hashed_maid(self.sid, msg.maid), kmas, now, conn)
+        if ks is not None:
+            log.info("child DMA %s joined", msg.maid.hex())
+            return [self._reply(M.RELANS, msg.maid, C.AuthAns(C.SecReturn.OK))]
+        gen, kg = self.kg_source()
+        km = C.KeyMaterial(C.KeyType.KG, C.KeyData(gen, C.KeyMode.FRESH, 0, kg).encode())
+        plain = self._reply(M.RELANS, msg.maid, C.AuthAns(C.SecReturn.OK, km))
+        log.info("RMA %s joined (Kg gen %d)", msg.maid.hex(), gen)
+        return [P.seal(plain, P.ProtKey(P.KeyRef.KMAS, kmas), self.suite, 1, self.rand(16))]
 
     def _probe(self, msg: C.Message) -> list[bytes]:
         pa = msg.get(C.ProbeAuth)
@@ -248,15 +260,6 @@ class JoinEngine:
             return e.reason
 
     # ---------------------------------------------------------------- DMA (CMA) side
-    def _ks_window(self, maid: bytes, key: P.ProtKey) -> P.ReplayWindow:
-        k = (bytes(maid), key.gen)
-        w = self._ks_windows.get(k)
-        if w is None:
-            w = self._ks_windows[k] = P.ReplayWindow()
-            if len(self._ks_windows) > 4 * MAX_CHILDREN:
-                self._ks_windows.popitem(last=False)
-        return w
-
     def _from_dma(self, conn, data: bytes, now: float) -> list[bytes]:
         if self.ks_lookup is None or self.ks_current is None:
             raise C.Rmcp2Error(C.ErrorCode.KEY, "no Ks: this engine serves RMAs only")
@@ -280,27 +283,7 @@ class JoinEngine:
             raise C.Rmcp2Error(C.ErrorCode.VALUE, "another session")
         if msg.type == M.PPROBREQ:
             return [self._ks_seal(self._reply(M.PPROBANS, msg.maid, C.ResultCtl(C.Result.ACCEPTED), self._status_ctl()))]
-        if msg.type != M.RELREQ:
-            raise E.AnnexeError(Fail.LAYOUT, f"{msg.type.name} from a DMA on a join link")
-        ma = msg.get(C.Auth).ma_auth
-        if ma is None:
-            raise E.AnnexeError(Fail.LAYOUT, "RELREQ without MA_AUTH")
-        if ma.pass_no == 1:
-            id_c, _, _ = E.parse_pass1(ma.data)
-            if not ct_equal(id_c, P.hashed_maid(self.sid, msg.maid)):
-                return [self._ks_seal(r) for r in self._fail(Fail.IDENTITY, msg.maid)]
-            w = E.rm_secret(key._raw, self.sid)
-            return [self._ks_seal(r) for r in self._pass1(conn, msg.maid, N.DMA, w, ma.data, now, key.gen)]
-        if ma.pass_no == 3:
-            kmas = self._pass3(conn, msg.maid, ma.data)
-            if isinstance(kmas, Fail):
-                return [self._ks_seal(r) for r in self._fail(kmas, msg.maid)]
-            if msg.maid not in self._children and len(self._children) >= MAX_CHILDREN:
-                return [self._ks_seal(r) for r in self._fail(Fail.BUSY, msg.maid)]
-            self._children[msg.maid] = Member(msg.maid, P.hashed_maid(self.sid, msg.maid), kmas, now, conn)
-            log.info("child DMA %s joined", msg.maid.hex())
-            return [self._ks_seal(self._reply(M.RELANS, msg.maid, C.AuthAns(C.SecReturn.OK)))]
-        raise E.AnnexeError(Fail.LAYOUT, f"MA_AUTH pass {ma.pass_no} in RELREQ")
+        return [self._ks_seal(r) for r in self._relreq(conn, msg, now, key)]
 
     def _ks_seal(self, plain: bytes) -> bytes:
         ks = self.ks_current()
