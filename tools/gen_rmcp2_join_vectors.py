@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 from tessera.crypto import aes
+from tessera.crypto.dh import P as DH_P
 from tessera.rmcp2 import annexe as E
 from tessera.rmcp2 import codec as C
 from tessera.rmcp2 import protect as P
@@ -32,7 +33,7 @@ SID = 0x0123456789ABCDEF
 MAID_RMA = C.make_maid("127.0.0.1", 40001, 0x0A01)
 MAID_DMA = C.make_maid("127.0.0.1", 26032, 0x0D01)
 MAID_CMA = C.make_maid("127.0.0.1", 26032, 0x0D02)
-P_GROUP = E.decode_public.__globals__["P"]
+P_GROUP = DH_P
 N, M = C.NodeType, C.MsgType
 
 
