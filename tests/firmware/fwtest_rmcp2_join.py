@@ -4,7 +4,10 @@
 # refused with the same numbers as the host.
 import gc
 
-from tessera_fw.rmcp2 import join as J  # first: compiling it needs the most heap
+from tessera_fw.rmcp2 import seal  # noqa: F401 first: compiling it needs the most heap
+
+gc.collect()
+from tessera_fw.rmcp2 import join as J  # noqa: E402
 
 gc.collect()
 from mpytest import unhex  # noqa: E402

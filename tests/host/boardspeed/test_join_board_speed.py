@@ -21,6 +21,7 @@ DMA = C.make_maid("127.0.0.1", 26032, 0x0D01)
 JOIN = """
 import os, socket, time
 from tessera_fw.rmcp2 import join as J
+from tessera_fw.rmcp2.join_net import run
 for pre in (1, 0):
     j = J.Join(bytes.fromhex('%(sid)s'), bytes.fromhex('%(maid)s'), bytes.fromhex('%(w)s'), 2, 1, os.urandom)
     t0 = time.ticks_ms()
@@ -30,7 +31,7 @@ for pre in (1, 0):
     s = socket.socket()
     s.settimeout(20)
     s.connect(socket.getaddrinfo('127.0.0.1', %(port)d)[0][-1])
-    J.run(j, s)
+    run(j, s)
     t2 = time.ticks_ms()
     s.close()
     print(pre, J.STATE_NAMES[j.state], time.ticks_diff(t1, t0), time.ticks_diff(t2, t1), j.kmas.hex())

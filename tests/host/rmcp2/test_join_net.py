@@ -26,6 +26,7 @@ MP_SCRIPT = textwrap.dedent('''
     gc.collect()
     h0 = gc.mem_alloc()
     from tessera_fw.rmcp2 import join as J
+    from tessera_fw.rmcp2.join_net import run
     gc.collect()
     h1 = gc.mem_alloc()
     port, sid, maid, w, enc, auth = int(sys.argv[1]), bytes.fromhex(sys.argv[2]), bytes.fromhex(sys.argv[3]), \\
@@ -38,7 +39,7 @@ MP_SCRIPT = textwrap.dedent('''
     s.settimeout(20)  # T_ANNEXE on the board's side (B.10)
     s.connect(socket.getaddrinfo("127.0.0.1", port)[0][-1])
     t2 = time.ticks_ms()
-    J.run(j, s)
+    run(j, s)
     t3 = time.ticks_ms()
     s.close()
     gc.collect()
