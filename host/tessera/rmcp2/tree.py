@@ -63,6 +63,20 @@ def acl_index(entries) -> dict[bytes, bytes]:
     return {bytes(e[:16]): bytes(e[16:32]) for e in entries}
 
 
+def agent_acl_lookup(agent) -> Callable[[bytes], bytes | None]:
+    """`acl_lookup` over a DMA agent's live ACL (agent.Agent: `acl`, `acl_updates`), indexed
+    again whenever an HRSANS replaced it (B.14: every HRS_REFRESH)."""
+    seen, index = -1, {}
+
+    def lookup(hashed_maid: bytes) -> bytes | None:
+        nonlocal seen, index
+        if seen != agent.acl_updates:
+            seen, index = agent.acl_updates, acl_index(agent.acl)
+        return index.get(bytes(hashed_maid))
+
+    return lookup
+
+
 class _Seq:
     def __init__(self) -> None:
         self.n = 0

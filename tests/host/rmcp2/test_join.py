@@ -423,3 +423,18 @@ def test_acl_index_from_the_agents_acl_entries():
     run(ok, eng)
     run(stranger, eng, conn="s")
     assert ok.state == "joined" and stranger.fail == Fail.NOT_IN_ACL
+
+
+def test_agent_acl_lookup_follows_hrsans_updates():
+    class FakeAgent:  # the two fields of agent.Agent the lookup reads
+        acl: frozenset = frozenset()
+        acl_updates = 0
+
+    ag = FakeAgent()
+    look = T.agent_acl_lookup(ag)
+    h1 = P.hashed_maid(SID, rma_maid(1))
+    assert look(h1) is None
+    ag.acl, ag.acl_updates = frozenset({h1 + hk(1)}), 1  # an HRSANS arrived
+    assert look(h1) == hk(1)
+    ag.acl, ag.acl_updates = frozenset(), 2  # the RMA left the session
+    assert look(h1) is None
