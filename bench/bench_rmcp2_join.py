@@ -26,7 +26,7 @@ import os, socket, time
 from tessera_fw.rmcp2 import join as J
 from tessera_fw.rmcp2.join_net import run
 from tessera_fw.crypto import dh
-for _ in range(%(runs)d):
+for _ in range(%(dh_runs)d):
     t0 = time.ticks_ms()
     a = dh.DH()
     z = a.shared(a.public)
@@ -59,7 +59,8 @@ def _engine(maid: bytes, w: bytes):
                         rand=os.urandom)
 
 
-def board_figures(board: str) -> dict:
+def board_figures(board: str, runs: int = RUNS, dh_reference: bool = True) -> dict:
+    """Medians (ms) for one board; also used by tests/host/boardspeed/test_join_board_speed.py."""
     from tessera.boards import ops, profile
     from tessera.boards.virtual import VirtualBoard
     from tessera.rmcp2 import codec as C
@@ -81,7 +82,7 @@ def board_figures(board: str) -> dict:
                 st = vb.state()
                 print(f"{board}: board speed, slow-down {st['slowdown']}x; joining", file=sys.stderr, flush=True)
                 out = await asyncio.to_thread(t.remote.exec, BOARD_SCRIPT % {
-                    "runs": RUNS, "sid": f"{SID:016x}", "maid": maid.hex(), "w": w.hex(), "port": srv.port})
+                    "runs": runs, "dh_runs": runs if dh_reference else 0, "sid": f"{SID:016x}", "maid": maid.hex(), "w": w.hex(), "port": srv.port})
                 return st, out
             finally:
                 await srv.close()
@@ -94,9 +95,10 @@ def board_figures(board: str) -> dict:
     pre = [int(r[2]) for r in rows if r[0] == "join" and r[1] == "1"]
     with_pre = [int(r[3]) for r in rows if r[0] == "join" and r[1] == "1"]
     without = [int(r[3]) for r in rows if r[0] == "join" and r[1] == "0"]
-    assert len(dh) == len(pre) == len(without) == RUNS, out
-    return {"slowdown": st["slowdown"], "dh": statistics.median(dh), "pre": statistics.median(pre),
-            "with_pre": statistics.median(with_pre), "without": statistics.median(without)}
+    assert len(pre) == len(without) == runs and len(dh) == (runs if dh_reference else 0), out
+    return {"slowdown": st["slowdown"], "dh": statistics.median(dh) if dh else None, "pre": statistics.median(pre),
+            "with_pre": statistics.median(with_pre), "without": statistics.median(without),
+            "members": len(eng.members()), "errors": sum(eng.errors.values())}
 
 
 def host_cost(n: int = 40) -> float:
