@@ -453,7 +453,8 @@ class SessionManager:
         if old is not None and old.nt != msg.nt:
             return C.Result.MAID_IN_USE
         if msg.nt == N.SMA:
-            return C.Result.NOT_ALLOWED if self.sma else C.Result.ACCEPTED
+            sma = self.sma  # one SMA per session (10.1.1.2); the same SMA may subscribe again (B.13)
+            return C.Result.NOT_ALLOWED if sma is not None and sma.maid != msg.maid else C.Result.ACCEPTED
         if msg.nt == N.DMA:
             return C.Result.ACCEPTED  # invitation is out of scope (10.1.1.3): TLS identity suffices
         if not self.open_to_rmas:

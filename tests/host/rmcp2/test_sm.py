@@ -140,6 +140,19 @@ def test_sma_and_dma_get_ks_under_ktls_and_the_tls_session_closes():
     assert closes(out) and sm.errors["SUBSREQ refused: NOT_ALLOWED"] == 1
 
 
+def test_the_sma_subscribing_again_with_its_own_certificate_is_admitted():
+    """An SMA whose TLS link ended before it read KEYDELIVER subscribes again (B.13); the rule
+    'one SMA per session' must not refuse the SMA itself (seen as a flaky NOT_ALLOWED under load)."""
+    sm = new_sm()
+    sma = MA(N.SMA, 1)
+    admit_server(sm, sma, "sma")
+    sm.disconnect(("ks", "sma"))  # its plain link too: no live link is left
+    sma.win_tls = P.ReplayWindow()  # a new K_TLS: a new window on the MA side
+    again = admit_server(sm, sma, "sma-again", now=2.0)
+    assert again.gen == 1 and "SUBSREQ refused: NOT_ALLOWED" not in sm.errors
+    assert [m.nt for m in sm.members.values()] == [N.SMA]
+
+
 def test_policy_agreement_selects_after_the_agree_time():
     sm = new_sm()
     sma, dmas = MA(N.SMA, 1), [MA(N.DMA, 2), MA(N.DMA, 3)]
