@@ -203,9 +203,13 @@ class Drain(threading.Thread):
             self.lines = (self.lines + [line])[-20:]
 
 
+PROFILE_SM: str | None = None  # --profile-sm FILE: run the SM under cProfile, stats written to FILE
+
+
 def start_sm(pki: Path, db: Path, max_rmas: int) -> tuple[subprocess.Popen, int, int, Drain]:
     env = dict(os.environ, TESSERA_SM_KEY=STORE_KEY.hex(), PYTHONPATH=str(ROOT / "host"))
-    proc = subprocess.Popen([sys.executable, "-m", "tessera", "sm", "serve", "--db", str(db), "--session-id",
+    prof = ["-m", "cProfile", "-o", PROFILE_SM] if PROFILE_SM else []
+    proc = subprocess.Popen([sys.executable, *prof, "-m", "tessera", "sm", "serve", "--db", str(db), "--session-id",
                              f"{SID:x}", "--pki-dir", str(pki), "--tls-port", "0", "--plain-port", "0",
                              "--agree-time", "0.5", "--max-rmas", str(max_rmas)],
                             env=env, stderr=subprocess.PIPE, text=True)
@@ -407,7 +411,7 @@ async def fanout(pki: Path, work: Path, n_dmas: int = N_DMAS, rekeys: int = REKE
 
 
 # ---------------------------------------------------------------------------- report
-def report(adm: AdmissionResult, fan: FanoutResult, quick: bool) -> str:
+def report(adm: AdmissionResult, fan: FanoutResult | None, quick: bool) -> str:
     med = statistics.median
     out = ["## Secure RMCP-2 control plane\n"]
     if quick:
@@ -436,6 +440,8 @@ def report(adm: AdmissionResult, fan: FanoutResult, quick: bool) -> str:
                f"{adm.not_ready} / {adm.acl_rows} / {adm.rma_members} (of {adm.n * adm.rounds}); bare handshakes "
                f"failed {adm.bare_failed}; RMA error counters {adm.sm_errors} |")
     out.append("")
+    if fan is None:
+        return "\n".join(out)
     out.append(
         f"**Ks fan-out to {fan.n_dmas} DMAs.** The SM (`SmServer`, SQLite synchronous=FULL) in this process; the "
         f"SMA and {fan.n_dmas} DMAs (host `agent.py`, `AgentRunner` on their plain links) in a child process that "
@@ -455,7 +461,8 @@ def report(adm: AdmissionResult, fan: FanoutResult, quick: bool) -> str:
     return "\n".join(out)
 
 
-async def run_all(quick: bool) -> tuple[AdmissionResult, FanoutResult]:
+async def run_all(quick: bool, agents: int = N_AGENTS, rounds: int = ROUNDS,
+                  skip_fanout: bool = False) -> tuple[AdmissionResult, FanoutResult | None]:
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
         pki = work / "pki"
@@ -464,7 +471,9 @@ async def run_all(quick: bool) -> tuple[AdmissionResult, FanoutResult]:
             adm = await admissions(pki, work, n=20, rounds=1, conc=4)
             fan = await fanout(pki, work, n_dmas=5, rekeys=2, truncations=1, hash_steps=1)
         else:
-            adm = await admissions(pki, work)
+            adm = await admissions(pki, work, n=agents, rounds=rounds)
+            if skip_fanout:
+                return adm, None
             progress(f"  Ks fan-out to {N_DMAS} DMAs ...")
             fan = await fanout(pki, work)
     return adm, fan
@@ -473,10 +482,16 @@ async def run_all(quick: bool) -> tuple[AdmissionResult, FanoutResult]:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a few agents only: a smoke run")
+    p.add_argument("--agents", type=int, default=N_AGENTS, help=f"RMAs per admission round (default {N_AGENTS})")
+    p.add_argument("--rounds", type=int, default=ROUNDS, help=f"admission rounds (default {ROUNDS})")
+    p.add_argument("--skip-fanout", action="store_true", help="admissions only (for profiling)")
+    p.add_argument("--profile-sm", metavar="FILE", help="run tessera sm serve under cProfile, stats to FILE")
     p.add_argument("--bare-server", metavar="PKI", help=argparse.SUPPRESS)
     p.add_argument("--dma-fleet", nargs=4, metavar=("PKI", "TLS", "PLAIN", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
+    global PROFILE_SM
+    PROFILE_SM = args.profile_sm
     if args.bare_server:
         asyncio.run(bare_server(Path(args.bare_server)))
         return 0
@@ -484,7 +499,7 @@ def main(argv: list[str]) -> int:
         pki, tp, pp, n = args.dma_fleet
         asyncio.run(dma_fleet(Path(pki), int(tp), int(pp), int(n)))
         return 0
-    adm, fan = asyncio.run(run_all(args.quick))
+    adm, fan = asyncio.run(run_all(args.quick, args.agents, args.rounds, args.skip_fanout))
     print(report(adm, fan, args.quick))
     return 0
 
