@@ -16,6 +16,7 @@ nor accepts a replay under a key that is still in force.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -75,6 +76,8 @@ class SmStore:
         self._sealer = keyfile.Sealer(key if key is not None else storage_key(self.path), StoreError,
                                       "wrong SM storage key?")
         self._lock = threading.RLock()
+        self._defer = False
+        self.commits = 0  # durable transactions since opening (the group commit's effect, bench_rmcp2)
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'OFF'}")
@@ -87,19 +90,53 @@ class SmStore:
 
     def close(self) -> None:
         with self._lock:
+            self.commit()
             self._db.close()
 
-    def _exec(self, *stmts: tuple[str, tuple]) -> None:
-        """Statements in one committed transaction."""
+    @contextlib.contextmanager
+    def deferred(self):
+        """Group commit: writes made inside stay in one open transaction until `commit()`.
+        The server wraps each received message's engine call in this and commits once per
+        event-loop turn, before it sends any answer from that turn (server.py `_flush`), so
+        nothing is acknowledged before it is on disk. Holds the lock: another thread's
+        write waits, then commits (its own and whatever was pending) at once."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            self._defer = True
+            try:
+                yield
+            finally:
+                self._defer = False
+
+    @property
+    def pending(self) -> bool:
+        """Deferred writes not committed yet."""
+        return self._db.in_transaction
+
+    def commit(self) -> None:
+        with self._lock:
+            if self._db.in_transaction:
+                self._db.execute("COMMIT")
+                self.commits += 1
+
+    def _exec(self, *stmts: tuple[str, tuple]) -> None:
+        """Statements in one transaction: committed at once, or under `deferred()` at the
+        next `commit()`. Either way a failing statement undoes only its own group."""
+        with self._lock:
+            batch = self._db.in_transaction
+            self._db.execute("SAVEPOINT w" if batch else "BEGIN IMMEDIATE")
             try:
                 for sql, args in stmts:
                     self._db.execute(sql, args)
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.execute("ROLLBACK TO w" if batch else "ROLLBACK")
+                if batch:
+                    self._db.execute("RELEASE w")
                 raise
-            self._db.execute("COMMIT")
+            if batch:
+                self._db.execute("RELEASE w")
+            if not self._defer:
+                self._db.execute("COMMIT")
+                self.commits += 1
 
     def _meta(self, k: str) -> str | None:
         with self._lock:
