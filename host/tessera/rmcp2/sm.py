@@ -459,7 +459,9 @@ class SessionManager:
             return C.Result.ACCEPTED  # invitation is out of scope (10.1.1.3): TLS identity suffices
         if not self.open_to_rmas:
             return C.Result.NOT_ALLOWED
-        if sum(m.nt == N.RMA for m in self.members.values()) >= self.cfg.max_rmas:
+        # RMAs <= members: count them (O(members)) only when the session could be full
+        if len(self.members) >= self.cfg.max_rmas and \
+                sum(m.nt == N.RMA for m in self.members.values()) >= self.cfg.max_rmas:
             return C.Result.SESSION_FULL
         if self.policy and self.policy.gp_attribute == C.GpAttribute.CLOSED:
             sui = msg.get(C.ServUserIdent)
