@@ -60,7 +60,7 @@ SID = 0x5E55_B000_0000_0001
 N = C.NodeType
 NAMES = ["sm", "sma", "dma", "rma"]
 STORE_KEY = bytes(range(32))
-N_AGENTS, ROUNDS, CONC = 1000, 2, 32
+N_AGENTS, ROUNDS, CONC = 250, 8, 32
 N_DMAS, REKEYS, TRUNCATIONS, HASH_STEPS = 100, 10, 3, 5
 
 
@@ -173,6 +173,9 @@ class AdmissionResult:
     adm_rates: list[float] = field(default_factory=list)  # per round, admissions/s
     bare_cpu: list[float] = field(default_factory=list)  # server CPU s per handshake, per round
     adm_cpu: list[float] = field(default_factory=list)  # SM CPU s per admission, per round
+    bare_client_cpu: list[float] = field(default_factory=list)  # this process's CPU s per handshake
+    adm_client_cpu: list[float] = field(default_factory=list)  # this process's CPU s per admission
+    commits: int = -1  # the SM store's durable transactions over the whole run (its exit log line)
     bare_ok: int = 0
     bare_failed: int = 0
     ready: int = 0  # firmware RMAs that reached READY
@@ -298,19 +301,21 @@ async def admissions(pki: Path, work: Path, n: int = N_AGENTS, rounds: int = ROU
             return admit
 
         for r in range(rounds):
-            c0, t0 = cpu_seconds(bare.pid), time.perf_counter()
+            c0, t0, p0 = cpu_seconds(bare.pid), time.perf_counter(), time.process_time()
             await _workers(n, conc, handshake)
             res.bare_rates.append(n / (time.perf_counter() - t0))
             res.bare_cpu.append((cpu_seconds(bare.pid) - c0) / n)
+            res.bare_client_cpu.append((time.process_time() - p0) / n)
             progress(f"  round {r + 1}: {res.bare_rates[-1]:.0f} bare TLS handshakes/s")
             base, want = r * n, acl_count(db) + n
-            c0, t0 = cpu_seconds(sm.pid), time.perf_counter()
+            c0, t0, p0 = cpu_seconds(sm.pid), time.perf_counter(), time.process_time()
             await _workers(n, conc, admit_job(base))
             ready_by = time.monotonic() + 60
             while acl_count(db) < want and time.monotonic() < ready_by:  # the last SECAGANS committed
                 await asyncio.sleep(0.005)
             res.adm_rates.append(n / (time.perf_counter() - t0))
             res.adm_cpu.append((cpu_seconds(sm.pid) - c0) / n)
+            res.adm_client_cpu.append((time.process_time() - p0) / n)
             progress(f"  round {r + 1}: {res.adm_rates[-1]:.0f} admissions/s (firmware RMA engine)")
     finally:
         for r in (sma, dma):
@@ -324,8 +329,11 @@ async def admissions(pki: Path, work: Path, n: int = N_AGENTS, rounds: int = ROU
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+    sm_log.join(10)
     if sm.returncode != 0:
         raise RuntimeError(f"tessera sm serve exited {sm.returncode}: {''.join(sm_log.lines)}")
+    m = re.search(r"(\d+) commits\)", "".join(sm_log.lines))
+    res.commits = int(m[1]) if m else -1
     store = SmStore(db, key=STORE_KEY)
     res.acl_rows = store.counts()["acl"]
     res.rma_members = store._db.execute("SELECT COUNT(*) FROM members WHERE nt=?", (int(N.RMA),)).fetchone()[0]
@@ -434,6 +442,10 @@ def report(adm: AdmissionResult, fan: FanoutResult | None, quick: bool) -> str:
                f"**{ratio:.2f}** [{min(adm.ratios):.2f}-{max(adm.ratios):.2f}] |")
     out.append(f"| server CPU per bare handshake / per admission | {med(adm.bare_cpu) * 1e3:.2f} ms / "
                f"{med(adm.adm_cpu) * 1e3:.2f} ms (ratio {med(adm.cpu_ratios):.2f}) |")
+    out.append(f"| client process CPU per bare handshake / per admission | {med(adm.bare_client_cpu) * 1e3:.2f} ms / "
+               f"{med(adm.adm_client_cpu) * 1e3:.2f} ms |")
+    out.append(f"| SM store commits (fsync'd transactions) per admission, whole run incl. setup | "
+               f"{adm.commits / (adm.n * adm.rounds):.2f} ({adm.commits} for {adm.n * adm.rounds}) |")
     out.append(f"| admission time, connect to SECAGANS sent, p50 / p99 ({adm.conc} in flight) | "
                f"{pct(adm.adm_ms, 0.5):.1f} / {pct(adm.adm_ms, 0.99):.1f} ms |")
     out.append(f"| accounting: RMAs READY / not / ACL rows / RMA members in the store | {adm.ready} / "
