@@ -41,15 +41,20 @@ class Limits:
     tick: float = 0.5
 
 
+async def _read_frame(reader: asyncio.StreamReader, max_message: int) -> bytes | None:
+    head = await reader.readexactly(HEADER)
+    n = int.from_bytes(head[2:4], "big")
+    if not MIN_MESSAGE <= n <= max_message:
+        log.info("rmcp2: frame length %d refused", n)
+        return None
+    return head + await reader.readexactly(n - HEADER)
+
+
 async def read_message(reader: asyncio.StreamReader, idle: float, max_message: int) -> bytes | None:
-    """One whole RMCP-2 message, or None on EOF / timeout / bad length."""
+    """One whole RMCP-2 message within `idle` seconds (T_IDLE), or None on EOF / timeout /
+    bad length. One wait_for for the whole message: each wait_for costs a task."""
     try:
-        head = await asyncio.wait_for(reader.readexactly(HEADER), idle)
-        n = int.from_bytes(head[2:4], "big")
-        if not MIN_MESSAGE <= n <= max_message:
-            log.info("rmcp2: frame length %d refused", n)
-            return None
-        return head + await asyncio.wait_for(reader.readexactly(n - HEADER), idle)
+        return await asyncio.wait_for(_read_frame(reader, max_message), idle)
     except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, ssl.SSLError, OSError):
         return None
 
