@@ -8,9 +8,10 @@ in a 0600 file next to the database (`<db>.key`) or comes from TESSERA_SM_KEY (6
 digits); the database file is created 0600 too.
 
 The engine (sm.py) calls the journal methods below *before* it returns the messages that
-acknowledge a change (SUBSANS, KEYDELIVER, HRSANS ...), each in its own committed
-transaction with synchronous=FULL, so a restart after a clean stop or kill -9 brings back
-everything an MA was told. Outgoing Seq values are reserved in blocks (`tx_reserved`) and
+acknowledge a change (SUBSANS, KEYDELIVER, HRSANS ...), with synchronous=FULL: each in
+its own committed transaction, or under `deferred()` in the server's group commit, which
+commits before it sends the answers (server.py `_flush`); so a restart after a clean stop
+or kill -9 brings back everything an MA was told. Outgoing Seq values are reserved in blocks (`tx_reserved`) and
 every accepted message's replay window is written, so a restarted SM neither repeats a Seq
 nor accepts a replay under a key that is still in force.
 """
