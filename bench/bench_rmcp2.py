@@ -8,7 +8,8 @@ progress on stderr. `--quick` runs a few agents only (a smoke run, figures meani
    certificate; each agent has its own MAID). An admission is TLS + KTLSREQ/KTLSANS +
    SUBSREQ/SUBSANS + SECAGREQ/SECLIST + SECAGANS driven by the FIRMWARE RMA engine
    (firmware/tessera_fw/rmcp2/rma.py under tessera.mpshim); it counts once the SM has
-   committed the RMA's ACL row (polled read-only in the SM's database). A bare handshake is
+   committed the RMA's ACL row (polled read-only in the SM's database); it then keeps its TLS
+   link to the end of the run, as an RMA does (10.1.1.1). A bare handshake is
    TLS + one byte echoed (so the server has verified the client certificate, which TLS 1.3
    does after the client's Finished). Rounds alternate bare and admission with fresh MAIDs.
    Besides wall-clock rates the server process's CPU time (/proc) per operation is given:
@@ -60,7 +61,8 @@ SID = 0x5E55_B000_0000_0001
 N = C.NodeType
 NAMES = ["sm", "sma", "dma", "rma"]
 STORE_KEY = bytes(range(32))
-N_AGENTS, ROUNDS, CONC = 250, 8, 32
+N_AGENTS, ROUNDS, CONC = 125, 8, 32
+HB_EVERY = 20.0  # < the SM's T_IDLE (60 s): held RMA links stay up (B.10 T_HB is 30 s)
 N_DMAS, REKEYS, TRUNCATIONS, HASH_STEPS = 100, 10, 3, 5
 
 
@@ -176,6 +178,8 @@ class AdmissionResult:
     bare_client_cpu: list[float] = field(default_factory=list)  # this process's CPU s per handshake
     adm_client_cpu: list[float] = field(default_factory=list)  # this process's CPU s per admission
     commits: int = -1  # the SM store's durable transactions over the whole run (its exit log line)
+    load: tuple[float, float] = (0.0, 0.0)  # 1-min load average at the start and the end
+    sm_counted: int = -1  # lines the SM logged for counted errors (first, 10th, 100th... of each reason)
     bare_ok: int = 0
     bare_failed: int = 0
     ready: int = 0  # firmware RMAs that reached READY
@@ -183,6 +187,8 @@ class AdmissionResult:
     acl_rows: int = 0  # ACL rows in the SM's store after the run
     rma_members: int = 0  # RMA members in the store after the run
     sm_errors: int = 0  # firmware RMA error counters, summed
+    held_open: int = 0  # admitted RMAs whose TLS link was still up at the end (10.1.1.1: it stays)
+    hbs: int = 0  # HBs the held RMAs sent to stay inside the SM's T_IDLE
     adm_ms: list[float] = field(default_factory=list)  # per admission, connect to SECAGANS sent
 
     @property
@@ -199,22 +205,24 @@ class Drain(threading.Thread):
 
     def __init__(self, stream) -> None:
         super().__init__(daemon=True)
-        self.stream, self.lines = stream, []
+        self.stream, self.lines, self.counted = stream, [], 0
 
     def run(self) -> None:
         for line in self.stream:
             self.lines = (self.lines + [line])[-20:]
+            self.counted += " so far)" in line  # the SM's counted-error log line (sm.py _count)
 
 
 PROFILE_SM: str | None = None  # --profile-sm FILE: run the SM under cProfile, stats written to FILE
 
 
-def start_sm(pki: Path, db: Path, max_rmas: int) -> tuple[subprocess.Popen, int, int, Drain]:
+def start_sm(pki: Path, db: Path, max_rmas: int, max_conns: int) -> tuple[subprocess.Popen, int, int, Drain]:
     env = dict(os.environ, TESSERA_SM_KEY=STORE_KEY.hex(), PYTHONPATH=str(ROOT / "host"))
     prof = ["-m", "cProfile", "-o", PROFILE_SM] if PROFILE_SM else []
     proc = subprocess.Popen([sys.executable, *prof, "-m", "tessera", "sm", "serve", "--db", str(db), "--session-id",
                              f"{SID:x}", "--pki-dir", str(pki), "--tls-port", "0", "--plain-port", "0",
-                             "--agree-time", "0.5", "--max-rmas", str(max_rmas)],
+                             "--agree-time", "0.5", "--max-rmas", str(max_rmas),
+                             "--max-conns", str(max_conns)],
                             env=env, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
         m = re.search(r"TLS admission on [^:]+:(\d+), Ks control on [^:]+:(\d+)", line)
@@ -247,18 +255,31 @@ async def _workers(n: int, conc: int, job) -> None:
     await asyncio.gather(*(worker() for _ in range(conc)))
 
 
-async def admissions(pki: Path, work: Path, n: int = N_AGENTS, rounds: int = ROUNDS, conc: int = CONC) -> AdmissionResult:
+async def admissions(pki: Path, work: Path, n: int = N_AGENTS, rounds: int = ROUNDS, conc: int = CONC,
+                     hb_every: float = HB_EVERY) -> AdmissionResult:
     res = AdmissionResult(n, rounds, conc)
+    load0 = os.getloadavg()[0]
     ctx = client_context(*pki_paths(pki, "rma"))
     rma_der = der(pki, "rma")
     sid = SID.to_bytes(8, "big")
     db = work / "bench-sm.sqlite"
-    sm, tls_port, plain_port, sm_log = start_sm(pki, db, max_rmas=n * rounds + 10)
+    # every admitted RMA keeps its TLS link (10.1.1.1): n * rounds links at the end, plus the
+    # SMA/DMA and those in flight (the default max_conns, 1024, would do for 1000 RMAs)
+    sm, tls_port, plain_port, sm_log = start_sm(pki, db, max_rmas=n * rounds + 10, max_conns=n * rounds + conc + 16)
+    held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, R.Rma]] = []
     bare = start_child("--bare-server", str(pki))
     bare_port = int(bare.stdout.readline())
     sma = agent_runner(pki, "sma", N.SMA, sma_maid(), tls_port, plain_port)
     dma = agent_runner(pki, "dma", N.DMA, dma_maid(0), tls_port, plain_port)
     tasks = [asyncio.create_task(r.run()) for r in (sma, dma)]
+
+    async def keep_alive():
+        while True:
+            await asyncio.sleep(hb_every)
+            for _, w, rma in list(held):
+                w.write(bytes(rma.hb()))
+                res.hbs += 1
+    tasks.append(asyncio.create_task(keep_alive()))
     try:
         await until(lambda: sma.agent.state == dma.agent.state == "ready", 60, "SMA and DMA ready")
         await asyncio.sleep(0.6)  # the SM opens the session on its next tick after the policy
@@ -290,8 +311,10 @@ async def admissions(pki: Path, work: Path, n: int = N_AGENTS, rounds: int = ROU
                         if out is not None:
                             writer.write(bytes(out))
                     await writer.drain()
-                    writer.close()
-                    await writer.wait_closed()
+                    if rma.state == R.ST_READY:
+                        held.append((reader, writer, rma))  # the RMA stays on its TLS link
+                    else:
+                        writer.close()
                 except (ConnectionError, OSError, ssl.SSLError):
                     pass
                 res.adm_ms.append((time.perf_counter() - t0) * 1e3)
@@ -317,9 +340,15 @@ async def admissions(pki: Path, work: Path, n: int = N_AGENTS, rounds: int = ROU
             res.adm_cpu.append((cpu_seconds(sm.pid) - c0) / n)
             res.adm_client_cpu.append((time.process_time() - p0) / n)
             progress(f"  round {r + 1}: {res.adm_rates[-1]:.0f} admissions/s (firmware RMA engine)")
+        await asyncio.sleep(0.1)
+        res.held_open = sum(not r.at_eof() and not w.is_closing() for r, w, _ in held)
+        res.load = (load0, os.getloadavg()[0])
     finally:
+        tasks[-1].cancel()
         for r in (sma, dma):
             r.stop()
+        for _, w, _ in held:
+            w.close()
         await asyncio.gather(*tasks, return_exceptions=True)
         for p in (sm, bare):
             p.send_signal(signal.SIGTERM)
@@ -334,6 +363,7 @@ async def admissions(pki: Path, work: Path, n: int = N_AGENTS, rounds: int = ROU
         raise RuntimeError(f"tessera sm serve exited {sm.returncode}: {''.join(sm_log.lines)}")
     m = re.search(r"(\d+) commits\)", "".join(sm_log.lines))
     res.commits = int(m[1]) if m else -1
+    res.sm_counted = sm_log.counted
     store = SmStore(db, key=STORE_KEY)
     res.acl_rows = store.counts()["acl"]
     res.rma_members = store._db.execute("SELECT COUNT(*) FROM members WHERE nt=?", (int(N.RMA),)).fetchone()[0]
@@ -434,9 +464,12 @@ def report(adm: AdmissionResult, fan: FanoutResult | None, quick: bool) -> str:
         f"synchronous=FULL) in its own process; {adm.rounds} rounds alternating with the same number of bare TLS "
         "handshakes (TLS + one byte echoed) against a TLS server in its own process with the same server and "
         "client `ssl` contexts (ECDSA P-256, mutual TLS). An admission = TLS, KTLSREQ/KTLSANS, SUBSREQ/SUBSANS, "
-        "SECAGREQ/SECLIST, SECAGANS, counted once the SM has committed the RMA's ACL row. Server CPU = the server "
-        "process's user+system time per operation (/proc), which other load on the machine disturbs less than "
-        "the wall clock.\n")
+        "SECAGREQ/SECLIST, SECAGANS, counted once the SM has committed the RMA's ACL row. Each admitted RMA keeps "
+        f"its TLS link to the end of the run (10.1.1.1; {adm.n * adm.rounds} links at the end, HB every "
+        f"{HB_EVERY:.0f} s to stay inside T_IDLE); a bare connection closes after its echo. Server CPU = the "
+        "server process's user+system time per operation (/proc), which other load on the machine disturbs less "
+        f"than the wall clock. Load average (1 min) at the start / end: {adm.load[0]:.1f} / {adm.load[1]:.1f} "
+        f"on {os.cpu_count()} CPUs.\n")
     out.append("| measure | result |")
     out.append("| --- | --- |")
     out.append(f"| bare TLS handshakes/s (per round) | {', '.join(f'{x:.0f}' for x in adm.bare_rates)} |")
@@ -453,7 +486,8 @@ def report(adm: AdmissionResult, fan: FanoutResult | None, quick: bool) -> str:
                f"{pct(adm.adm_ms, 0.5):.1f} / {pct(adm.adm_ms, 0.99):.1f} ms |")
     out.append(f"| accounting: RMAs READY / not / ACL rows / RMA members in the store | {adm.ready} / "
                f"{adm.not_ready} / {adm.acl_rows} / {adm.rma_members} (of {adm.n * adm.rounds}); bare handshakes "
-               f"failed {adm.bare_failed}; RMA error counters {adm.sm_errors} |")
+               f"failed {adm.bare_failed}; RMA error counters {adm.sm_errors}; RMA links still open at the end "
+               f"{adm.held_open} ({adm.hbs} HBs sent to keep them); error lines logged by the SM {adm.sm_counted} |")
     out.append("")
     if fan is None:
         return "\n".join(out)

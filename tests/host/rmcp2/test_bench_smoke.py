@@ -22,11 +22,13 @@ def bench():
     return mod
 
 
+@pytest.mark.slow
 def test_bench_accounting_with_a_few_agents(bench, tmp_path):
     pki = tmp_path / "pki"
     bench.make_pki(pki, bench.NAMES)
-    adm = asyncio.run(bench.admissions(pki, tmp_path, n=4, rounds=2, conc=2))
-    assert (adm.ready, adm.not_ready, adm.sm_errors) == (8, 0, 0)
+    adm = asyncio.run(bench.admissions(pki, tmp_path, n=4, rounds=2, conc=2, hb_every=0.2))
+    assert (adm.ready, adm.not_ready, adm.sm_errors, adm.sm_counted) == (8, 0, 0, 0)
+    assert adm.held_open == 8 and adm.hbs > 0  # admitted RMAs stay on TLS; their HBs raise no SM error
     assert adm.acl_rows == adm.rma_members == 8  # the SM's store agrees with what the agents saw
     assert (adm.bare_ok, adm.bare_failed) == (8, 0)
     assert len(adm.bare_rates) == len(adm.adm_rates) == len(adm.ratios) == 2 and len(adm.adm_ms) == 8
