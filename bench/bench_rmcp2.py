@@ -151,9 +151,11 @@ class ReportingAgent(Agent):
 async def dma_fleet(pki: Path, tls_port: int, plain_port: int, n: int) -> None:
     runners = [agent_runner(pki, "sma", N.SMA, sma_maid(), tls_port, plain_port, ReportingAgent)]
     runners += [agent_runner(pki, "dma", N.DMA, dma_maid(i), tls_port, plain_port, ReportingAgent) for i in range(n)]
-    tasks = [asyncio.create_task(r.run()) for r in runners]
-    await until(lambda: all(r.agent.state == "ready" for r in runners), 120,
-                "SMA/DMAs ready")
+    tasks = []
+    for k in range(0, len(runners), 10):  # ten admissions at a time: a loaded machine stays inside T_TLS
+        group = runners[k:k + 10]
+        tasks += [asyncio.create_task(r.run()) for r in group]
+        await until(lambda: all(r.agent.state == "ready" for r in group), 120, "SMA/DMAs ready")
     print("ready", flush=True)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
