@@ -11,9 +11,9 @@ The engine (sm.py) calls the journal methods below *before* it returns the messa
 acknowledge a change (SUBSANS, KEYDELIVER, HRSANS ...), with synchronous=FULL: each in
 its own committed transaction, or under `deferred()` in the server's group commit, which
 commits before it sends the answers (server.py `_flush`); so a restart after a clean stop
-or kill -9 brings back everything an MA was told. Outgoing Seq values are reserved in blocks (`tx_reserved`) and
-every accepted message's replay window is written, so a restarted SM neither repeats a Seq
-nor accepts a replay under a key that is still in force.
+or kill -9 brings back everything an MA was told. Outgoing Seq values are reserved in
+blocks (`tx_reserved`) and every accepted message's replay window is written, so a
+restarted SM neither repeats a Seq nor accepts a replay under a key that is still in force.
 """
 from __future__ import annotations
 
@@ -78,6 +78,7 @@ class SmStore:
                                       "wrong SM storage key?")
         self._lock = threading.RLock()
         self._defer = False
+        self._closed = False
         self.commits = 0  # durable transactions since opening (the group commit's effect, bench_rmcp2)
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -91,8 +92,10 @@ class SmStore:
 
     def close(self) -> None:
         with self._lock:
-            self.commit()
-            self._db.close()
+            if not self._closed:
+                self.commit()
+                self._db.close()
+                self._closed = True
 
     @contextlib.contextmanager
     def deferred(self):
