@@ -14,6 +14,7 @@ certificate, and the engine itself keeps no member state before an authenticated
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import signal
@@ -41,15 +42,20 @@ class Limits:
     tick: float = 0.5
 
 
+async def _read_frame(reader: asyncio.StreamReader, max_message: int) -> bytes | None:
+    head = await reader.readexactly(HEADER)
+    n = int.from_bytes(head[2:4], "big")
+    if not MIN_MESSAGE <= n <= max_message:
+        log.info("rmcp2: frame length %d refused", n)
+        return None
+    return head + await reader.readexactly(n - HEADER)
+
+
 async def read_message(reader: asyncio.StreamReader, idle: float, max_message: int) -> bytes | None:
-    """One whole RMCP-2 message, or None on EOF / timeout / bad length."""
+    """One whole RMCP-2 message within `idle` seconds (T_IDLE), or None on EOF / timeout /
+    bad length. One wait_for for the whole message: each wait_for costs a task."""
     try:
-        head = await asyncio.wait_for(reader.readexactly(HEADER), idle)
-        n = int.from_bytes(head[2:4], "big")
-        if not MIN_MESSAGE <= n <= max_message:
-            log.info("rmcp2: frame length %d refused", n)
-            return None
-        return head + await asyncio.wait_for(reader.readexactly(n - HEADER), idle)
+        return await asyncio.wait_for(_read_frame(reader, max_message), idle)
     except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, ssl.SSLError, OSError):
         return None
 
@@ -71,6 +77,8 @@ class SmServer:
         self._servers: list[asyncio.base_events.Server] = []
         self._tasks: set[asyncio.Task] = set()
         self._stop = asyncio.Event()
+        self._queue: list = []  # actions waiting for the next group commit (_flush)
+        self._flush_due = False
 
     async def start(self) -> None:
         # TLS: our own accept loop, so the connection bound applies before any handshake work
@@ -103,9 +111,11 @@ class SmServer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for s in self._servers:
             await s.wait_closed()
+        commits = 0
         if self.store is not None:
-            self.store.close()
-        log.info("rmcp2 sm: stopped (%d members kept in the store)", len(self.sm.members))
+            self.store.close()  # commits what a last turn left pending
+            commits = self.store.commits
+        log.info("rmcp2 sm: stopped (%d members kept in the store, %d commits)", len(self.sm.members), commits)
 
     def _now(self) -> float:
         return time.time()  # wall clock: stored deadlines keep their meaning across restarts
@@ -122,6 +132,19 @@ class SmServer:
         if self.auto_open and self.sm.policy is not None and not self.sm.open_to_rmas:
             self.sm.open_session()  # as soon as the policy is set (10.1.4.2 follows 10.1.4.1)
             log.info("rmcp2 sm: policy set, the session is open to RMAs")
+        self._queue += actions
+        if not self._flush_due and (self._queue or (self.store is not None and self.store.pending)):
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Group commit, then the answers: the engine's journal writes for every message of
+        the last loop turn are committed (fsync) in one transaction before any message that
+        acknowledges them is written to a socket, in the order the engine produced them."""
+        self._flush_due = False
+        if self.store is not None:
+            self.store.commit()
+        actions, self._queue = self._queue, []
         for a in actions:
             w = self.writers.get(a.conn)
             if w is None:
@@ -196,7 +219,9 @@ class SmServer:
                 data = await read_message(reader, self.limits.idle_timeout, self.limits.max_message)
                 if data is None or conn not in self.writers:
                     break
-                self._act(self.sm.receive(conn, data, self._now()))
+                with self.store.deferred() if self.store is not None else contextlib.nullcontext():
+                    actions = self.sm.receive(conn, data, self._now())
+                self._act(actions)
                 await writer.drain()
         except (ConnectionError, OSError):
             pass

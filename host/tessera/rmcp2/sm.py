@@ -439,6 +439,7 @@ class SessionManager:
                 m.windows[(P.KeyRef.KS, self.ks_prev.gen)] = P.ReplayWindow()
         self.members[msg.maid] = m
         link.member = m
+        m.tx_reserved = 256  # its first Seq block, journalled with the row: _seal need not write again
         self._j("put_member", m)  # before SUBSANS ACCEPTED leaves
         out = [self._seal(m, link, self._msg(M.SUBSANS, msg.maid, C.ResultCtl(C.Result.ACCEPTED)))]
         if msg.nt != N.RMA:  # Ks under K_TLS to the SMA and DMAs only (10.1.1.1, 10.1.2.1)
@@ -459,7 +460,9 @@ class SessionManager:
             return C.Result.ACCEPTED  # invitation is out of scope (10.1.1.3): TLS identity suffices
         if not self.open_to_rmas:
             return C.Result.NOT_ALLOWED
-        if sum(m.nt == N.RMA for m in self.members.values()) >= self.cfg.max_rmas:
+        # RMAs <= members: count them (O(members)) only when the session could be full
+        if len(self.members) >= self.cfg.max_rmas and \
+                sum(m.nt == N.RMA for m in self.members.values()) >= self.cfg.max_rmas:
             return C.Result.SESSION_FULL
         if self.policy and self.policy.gp_attribute == C.GpAttribute.CLOSED:
             sui = msg.get(C.ServUserIdent)
@@ -480,12 +483,12 @@ class SessionManager:
         if self.policy is not None and has_capab:
             self._count("capabilities after the policy is set (11.2.5.1 g)")
         m.secagreq = msg
-        self._j("put_member", m)
         if self.policy is None:
+            self._j("put_member", m)
             if now - self.created >= self.cfg.agree_time:
                 return self._select_policy(now)  # the time has passed already: select now
             return []  # answered when the Security Agree.time has passed
-        return [self._seclist(m, now)]
+        return [self._seclist(m, now)]  # journals the member, SECAGREQ included, before SECLIST leaves
 
     def _seclist(self, m: Member, now: float) -> Send:
         assert self.policy is not None

@@ -8,14 +8,16 @@ in a 0600 file next to the database (`<db>.key`) or comes from TESSERA_SM_KEY (6
 digits); the database file is created 0600 too.
 
 The engine (sm.py) calls the journal methods below *before* it returns the messages that
-acknowledge a change (SUBSANS, KEYDELIVER, HRSANS ...), each in its own committed
-transaction with synchronous=FULL, so a restart after a clean stop or kill -9 brings back
-everything an MA was told. Outgoing Seq values are reserved in blocks (`tx_reserved`) and
-every accepted message's replay window is written, so a restarted SM neither repeats a Seq
-nor accepts a replay under a key that is still in force.
+acknowledge a change (SUBSANS, KEYDELIVER, HRSANS ...), with synchronous=FULL: each in
+its own committed transaction, or under `deferred()` in the server's group commit, which
+commits before it sends the answers (server.py `_flush`); so a restart after a clean stop
+or kill -9 brings back everything an MA was told. Outgoing Seq values are reserved in
+blocks (`tx_reserved`) and every accepted message's replay window is written, so a
+restarted SM neither repeats a Seq nor accepts a replay under a key that is still in force.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -79,6 +81,9 @@ class SmStore:
         self._sealer = keyfile.Sealer(key if key is not None else storage_key(self.path), StoreError,
                                       "wrong SM storage key?")
         self._lock = threading.RLock()
+        self._defer = False
+        self._closed = False
+        self.commits = 0  # durable transactions since opening (the group commit's effect, bench_rmcp2)
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'OFF'}")
@@ -91,19 +96,55 @@ class SmStore:
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            if not self._closed:
+                self.commit()
+                self._db.close()
+                self._closed = True
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """Group commit: writes made inside stay in one open transaction until `commit()`.
+        The server wraps each received message's engine call in this and commits once per
+        event-loop turn, before it sends any answer from that turn (server.py `_flush`), so
+        nothing is acknowledged before it is on disk. Holds the lock: another thread's
+        write waits, then commits (its own and whatever was pending) at once."""
+        with self._lock:
+            self._defer = True
+            try:
+                yield
+            finally:
+                self._defer = False
+
+    @property
+    def pending(self) -> bool:
+        """Deferred writes not committed yet."""
+        return self._db.in_transaction
+
+    def commit(self) -> None:
+        with self._lock:
+            if self._db.in_transaction:
+                self._db.execute("COMMIT")
+                self.commits += 1
 
     def _exec(self, *stmts: tuple[str, tuple]) -> None:
-        """Statements in one committed transaction."""
+        """Statements in one transaction: committed at once, or under `deferred()` at the
+        next `commit()`. Either way a failing statement undoes only its own group."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            batch = self._db.in_transaction
+            self._db.execute("SAVEPOINT w" if batch else "BEGIN IMMEDIATE")
             try:
                 for sql, args in stmts:
                     self._db.execute(sql, args)
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.execute("ROLLBACK TO w" if batch else "ROLLBACK")
+                if batch:
+                    self._db.execute("RELEASE w")
                 raise
-            self._db.execute("COMMIT")
+            if batch:
+                self._db.execute("RELEASE w")
+            if not self._defer:
+                self._db.execute("COMMIT")
+                self.commits += 1
 
     def _meta(self, k: str) -> str | None:
         with self._lock:
