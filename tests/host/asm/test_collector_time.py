@@ -12,11 +12,18 @@ SKEW = 42.0
 
 
 class FakeClock:
+    """Frozen at `t` until `run_ahead(skew)`; from then on it runs with the real clock, `skew` ahead
+    (a frozen clock made the measured offset shrink by however long the TLS handshake took under load)."""
+
     def __init__(self, t: float) -> None:
         self.t = t
+        self.skew: float | None = None
+
+    def run_ahead(self, skew: float) -> None:
+        self.skew = skew
 
     def __call__(self) -> float:
-        return self.t
+        return self.t if self.skew is None else time.time() + self.skew
 
 
 def test_collector_stores_raw_and_corrected_times(pki, start_responder, tmp_path):
@@ -25,7 +32,7 @@ def test_collector_stores_raw_and_corrected_times(pki, start_responder, tmp_path
     r = start_responder(clock=clk)
     eid = r.call(r.responder.log.record, "ASM", "KeyTransfer")
     event_true_time = t0 - 5
-    clk.t = time.time() + SKEW  # the responder's "now"
+    clk.run_ahead(SKEW)  # the responder's "now" from here on
     db = tmp_path / "ini.db"
     # a database from before corrected times existed is upgraded in place
     old = sqlite3.connect(db)
