@@ -7,10 +7,22 @@ from array import array
 
 from micropython import const
 
-from tessera_fw.rmcp2.const import (
-    ERR_CONTROL_LENGTH, ERR_DUPLICATE_CONTROL, ERR_LENGTH, ERR_MAID, ERR_MISSING_CONTROL, ERR_NODE_TYPE,
-    ERR_OVERSIZE, ERR_SUBCONTROL, ERR_TRUNCATED, ERR_UNEXPECTED_CONTROL, ERR_UNKNOWN_MESSAGE, ERR_VALUE,
-    ERR_VERSION, Rmcp2Error)
+from tessera_fw.rmcp2.err import Rmcp2Error
+
+# error numbers of profile B.12 (const.py), inlined at compile time
+_ERR_TRUNCATED = const(1)
+_ERR_LENGTH = const(2)
+_ERR_OVERSIZE = const(3)
+_ERR_VERSION = const(4)
+_ERR_NODE_TYPE = const(5)
+_ERR_UNKNOWN_MESSAGE = const(6)
+_ERR_CONTROL_LENGTH = const(7)
+_ERR_MISSING_CONTROL = const(8)
+_ERR_UNEXPECTED_CONTROL = const(9)
+_ERR_DUPLICATE_CONTROL = const(10)
+_ERR_VALUE = const(11)
+_ERR_SUBCONTROL = const(12)
+_ERR_MAID = const(13)
 
 _HDR = const(20)
 _MAX = const(1024)
@@ -113,20 +125,20 @@ def header(buf, minimum, maximum):
     MAID. Returns the message's rule."""
     n = len(buf)
     if n < minimum:
-        raise Rmcp2Error(ERR_TRUNCATED)
+        raise Rmcp2Error(_ERR_TRUNCATED)
     if n > maximum:
-        raise Rmcp2Error(ERR_OVERSIZE)
+        raise Rmcp2Error(_ERR_OVERSIZE)
     if (buf[2] << 8) | buf[3] != n:
-        raise Rmcp2Error(ERR_LENGTH)
+        raise Rmcp2Error(_ERR_LENGTH)
     if buf[0] >> 4 != 4:
-        raise Rmcp2Error(ERR_VERSION)
+        raise Rmcp2Error(_ERR_VERSION)
     rule = _RULES.get(buf[1])
     if rule is None:
-        raise Rmcp2Error(ERR_UNKNOWN_MESSAGE)
+        raise Rmcp2Error(_ERR_UNKNOWN_MESSAGE)
     if not (rule[0] >> (buf[0] & 15)) & 1:
-        raise Rmcp2Error(ERR_NODE_TYPE)
+        raise Rmcp2Error(_ERR_NODE_TYPE)
     if not _nonzero(buf, 12):
-        raise Rmcp2Error(ERR_MAID)
+        raise Rmcp2Error(_ERR_MAID)
     return rule
 
 
@@ -159,7 +171,7 @@ class Decoder:
         mtype = buf[1]
         nt = buf[0] & 15
         if mtype == 0x25 and n != _HDR:  # HRSREQ: Length 0x14 (11.2.10 d)
-            raise Rmcp2Error(ERR_LENGTH)
+            raise Rmcp2Error(_ERR_LENGTH)
         allowed = rule[2]
         pos = self.pos
         cnt = self.cnt
@@ -175,13 +187,13 @@ class Decoder:
         o = _HDR
         while o < n:
             if o + 2 > n:
-                raise Rmcp2Error(ERR_CONTROL_LENGTH)
+                raise Rmcp2Error(_ERR_CONTROL_LENGTH)
             t = buf[o]
             ln = buf[o + 1]
             if t == 0x01 or t == 0x02 or t == 0x81:
-                raise Rmcp2Error(ERR_SUBCONTROL)
+                raise Rmcp2Error(_ERR_SUBCONTROL)
             if ln < 2 or o + ln > n:
-                raise Rmcp2Error(ERR_CONTROL_LENGTH)
+                raise Rmcp2Error(_ERR_CONTROL_LENGTH)
             i = index(t)
             if i < 0:
                 skipped += 1
@@ -189,12 +201,12 @@ class Decoder:
                 continue
             want = _LEN[i]
             if want and ln != want:
-                raise Rmcp2Error(ERR_CONTROL_LENGTH)
+                raise Rmcp2Error(_ERR_CONTROL_LENGTH)
             if not (allowed >> i) & 1:
-                raise Rmcp2Error(ERR_UNEXPECTED_CONTROL)
+                raise Rmcp2Error(_ERR_UNEXPECTED_CONTROL)
             c = cnt[i] + 1
             if c > _MAXN[i]:
-                raise Rmcp2Error(ERR_DUPLICATE_CONTROL)
+                raise Rmcp2Error(_ERR_DUPLICATE_CONTROL)
             cnt[i] = c
             if c == 1:
                 pos[i] = o
@@ -204,22 +216,22 @@ class Decoder:
             if _HI[i]:  # one code byte, then reserved zero / PREFER / Key_Flag
                 if i == _I_AUTH_ANS:
                     if a < 1 or a > 3 or b > 1:
-                        raise Rmcp2Error(ERR_VALUE)
+                        raise Rmcp2Error(_ERR_VALUE)
                 elif i == _I_KEY_INFO or i == _I_AUTH:
                     if b or a < _LO[i] or a > _HI[i]:
-                        raise Rmcp2Error(ERR_VALUE)
+                        raise Rmcp2Error(_ERR_VALUE)
                 elif i <= _I_AUTH_CAPAB:
                     if a < 1 or a > _HI[i] or b < 1 or b > _PREFER[i]:
-                        raise Rmcp2Error(ERR_VALUE)
+                        raise Rmcp2Error(_ERR_VALUE)
                     bit = 1 << (i * 8 + a)
                     if seen & bit:
                         capab_dup = True
                     seen |= bit
                 elif i == 5:  # AUTH_MECH: MEMBERSHIP, MEM_AUTH
                     if a != 1 or b != 1:
-                        raise Rmcp2Error(ERR_VALUE)
+                        raise Rmcp2Error(_ERR_VALUE)
                 elif b or a < _LO[i] or a > _HI[i]:
-                    raise Rmcp2Error(ERR_VALUE)
+                    raise Rmcp2Error(_ERR_VALUE)
             else:
                 _other(buf, o, i, ln)
             if i == _I_KEY_INFO:
@@ -247,34 +259,34 @@ class Decoder:
             o = end
         # after the walk (B.12): mandatory controls, then the cross-field conditions
         if rule[1] & ~_present(cnt):
-            raise Rmcp2Error(ERR_MISSING_CONTROL)
+            raise Rmcp2Error(_ERR_MISSING_CONTROL)
         if mtype == 0x02:  # SUBSREQ: SERV_USER_IDENT from an RMA only (11.2.1)
             if cnt[_I_SUI] and nt != 3:
-                raise Rmcp2Error(ERR_UNEXPECTED_CONTROL)
+                raise Rmcp2Error(_ERR_UNEXPECTED_CONTROL)
         elif mtype == 0x21:  # SECAGREQ (11.2.5.1 g)
             if nt == 2 and not cnt[_I_SMA_PROPOSE]:
-                raise Rmcp2Error(ERR_MISSING_CONTROL)
+                raise Rmcp2Error(_ERR_MISSING_CONTROL)
             if nt != 2 and cnt[_I_SMA_PROPOSE]:
-                raise Rmcp2Error(ERR_UNEXPECTED_CONTROL)
+                raise Rmcp2Error(_ERR_UNEXPECTED_CONTROL)
             if nt == 3 and (cnt[1] or cnt[2] or cnt[3]):
-                raise Rmcp2Error(ERR_UNEXPECTED_CONTROL)
+                raise Rmcp2Error(_ERR_UNEXPECTED_CONTROL)
             if capab_dup:
-                raise Rmcp2Error(ERR_DUPLICATE_CONTROL)
+                raise Rmcp2Error(_ERR_DUPLICATE_CONTROL)
         elif mtype == 0x27:  # SECALGREQ: at least one *_DELIVER
             if not k:
-                raise Rmcp2Error(ERR_MISSING_CONTROL)
+                raise Rmcp2Error(_ERR_MISSING_CONTROL)
         elif mtype == 0xB0:  # SECALGANS: (*_DELIVER, DELIVER_RESULT) pairs
             if not k or k & 1 or pairs_bad:
-                raise Rmcp2Error(ERR_MISSING_CONTROL)
+                raise Rmcp2Error(_ERR_MISSING_CONTROL)
         elif mtype == 0xA2:  # PPROBREQ: PROBE_AUTH exactly from an RMA (B.3)
             if nt == 3 and not cnt[_I_PROBE_AUTH]:
-                raise Rmcp2Error(ERR_MISSING_CONTROL)
+                raise Rmcp2Error(_ERR_MISSING_CONTROL)
             if nt != 3 and cnt[_I_PROBE_AUTH]:
-                raise Rmcp2Error(ERR_UNEXPECTED_CONTROL)
+                raise Rmcp2Error(_ERR_UNEXPECTED_CONTROL)
         elif mtype == 0x24:  # KEYDELIVER: Ks by the SM, Kg by a DMA, Kc by the SMA (11.2.9.1 b)
             kt = buf[pos[_I_KEY_INFO] + 2]
             if nt != (1 if kt == 1 else 5 if kt == 2 else 2):
-                raise Rmcp2Error(ERR_NODE_TYPE)
+                raise Rmcp2Error(_ERR_NODE_TYPE)
         self.buf = buf
         self.mtype = mtype
         self.nt = nt
@@ -331,35 +343,35 @@ def _other(buf, o, i, ln):
     """Value checks of the controls without a single code byte (A.6, B.4)."""
     if i == 0 or i == 4:  # SMA_PROPOSE, GK_MECH: GP 1-2, GK_MECHA 0-7, then 1-4 / 1-5, 3 zero bytes
         if buf[o + 5] or buf[o + 6] or buf[o + 7]:
-            raise Rmcp2Error(ERR_VALUE)
+            raise Rmcp2Error(_ERR_VALUE)
         if buf[o + 2] < 1 or buf[o + 2] > 2 or buf[o + 3] > 7:
-            raise Rmcp2Error(ERR_VALUE)
+            raise Rmcp2Error(_ERR_VALUE)
         if buf[o + 4] < 1 or buf[o + 4] > (4 if i == 0 else 5):
-            raise Rmcp2Error(ERR_VALUE)
+            raise Rmcp2Error(_ERR_VALUE)
     elif i == _I_RESULT:
         if buf[o + 3] or buf[o + 2] not in _RESULTS:
-            raise Rmcp2Error(ERR_VALUE)
+            raise Rmcp2Error(_ERR_VALUE)
     elif i == _I_SUI:
         if ln < 3:
-            raise Rmcp2Error(ERR_CONTROL_LENGTH)
+            raise Rmcp2Error(_ERR_CONTROL_LENGTH)
     elif i == 21 or i == 22 or i == _I_PROBE_AUTH:  # KTLS_NONCE, KTLS_SEED, PROBE_AUTH
         if buf[o + 2] or buf[o + 3]:
-            raise Rmcp2Error(ERR_VALUE)
+            raise Rmcp2Error(_ERR_VALUE)
     elif i == _I_STATUS:
         if buf[o + 7]:
-            raise Rmcp2Error(ERR_VALUE)
+            raise Rmcp2Error(_ERR_VALUE)
     elif i == _I_CANDIDATE:
         if not _nonzero(buf, o + 2):
-            raise Rmcp2Error(ERR_MAID)
+            raise Rmcp2Error(_ERR_MAID)
 
 
 def _sub(buf, s, n, want, minimum):
     """The sub-control `want` at s: return its end (B.2)."""
     if s + 3 > n or buf[s] != want:
-        raise Rmcp2Error(ERR_SUBCONTROL)
+        raise Rmcp2Error(_ERR_SUBCONTROL)
     ln = (buf[s + 1] << 8) | buf[s + 2]
     if ln < minimum or s + ln > n:
-        raise Rmcp2Error(ERR_SUBCONTROL)
+        raise Rmcp2Error(_ERR_SUBCONTROL)
     return s + ln
 
 
@@ -367,29 +379,29 @@ def _key_material(buf, s, n, kt):
     """KEY_MATERIAL (11.2.4.3, 11.2.9.3); kt = KEY_INFO's Key_Type, 0 after AUTH_ANS."""
     end = _sub(buf, s, n, 0x01, 4)
     if end - s > _MAX_KM:
-        raise Rmcp2Error(ERR_SUBCONTROL)
+        raise Rmcp2Error(_ERR_SUBCONTROL)
     t = buf[s + 3]
     if t < 1 or t > 3:
-        raise Rmcp2Error(ERR_VALUE)
+        raise Rmcp2Error(_ERR_VALUE)
     if kt and t != kt:
-        raise Rmcp2Error(ERR_SUBCONTROL)
+        raise Rmcp2Error(_ERR_SUBCONTROL)
     return end
 
 
 def _ma_auth(buf, s, n):
     end = _sub(buf, s, n, 0x81, 4)
     if buf[s + 3] < 1 or buf[s + 3] > 3:
-        raise Rmcp2Error(ERR_VALUE)
+        raise Rmcp2Error(_ERR_VALUE)
     return end
 
 
 def _acl_data(buf, s, n):
     end = _sub(buf, s, n, 0x02, 6)
     if buf[s + 3]:
-        raise Rmcp2Error(ERR_VALUE)
+        raise Rmcp2Error(_ERR_VALUE)
     cnt = (buf[s + 4] << 8) | buf[s + 5]
     if cnt > _MAX_ACL or end - s - 6 != cnt * 32:
-        raise Rmcp2Error(ERR_SUBCONTROL)
+        raise Rmcp2Error(_ERR_SUBCONTROL)
     return end
 
 
