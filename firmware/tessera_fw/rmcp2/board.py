@@ -17,8 +17,12 @@ import time
 
 from micropython import const
 
-from tessera_fw.rmcp2 import rma_net
-from tessera_fw.rmcp2.rma import ST_FAILED, ST_READY, ST_REFUSED, ST_TERMINATED, STATE_NAMES, Rma
+# rma.py's states, inlined: board.py loads rma.py only after rmcp2.json is read, so that
+# the config's garbage is gone before the RMA's modules take their place in the heap
+_ST_READY = const(4)
+_ST_REFUSED = const(5)
+_ST_FAILED = const(6)
+_ST_TERMINATED = const(7)
 
 CONFIG = "rmcp2.json"
 # counters (Runner.counts), by index
@@ -44,11 +48,15 @@ class Runner:
     """One RMA with its link. run() keeps it admitted; `counts` (COUNT_NAMES) and the
     engine's `rma.errors` (per B.12 error number) say what happened."""
 
-    def __init__(self, cfg, log=print, rand=os.urandom, sleep_ms=None):
+    def __init__(self, cfg, log=None, rand=os.urandom, sleep_ms=None):
         self.cfg = cfg
-        self.log = log
+        self.log = log or self._log
         self.rand = rand
         self.sleep_ms = sleep_ms or time.sleep_ms
+        from tessera_fw.rmcp2 import rma_net
+        from tessera_fw.rmcp2.rma import Rma
+
+        self.net = rma_net
         self.cert = _read(cfg["cert"])
         self.rma = Rma(cfg["session_id"], cfg["maid"], self.cert, rand, sui=cfg["sui"])
         self.buf = bytearray(1080)  # rma_net's receive buffer, kept across reconnects
@@ -62,11 +70,11 @@ class Runner:
         lo, hi = self.cfg["backoff_ms"]
         while not links or self.counts[_LINKS] < links:
             state = self.once()
-            if state == ST_READY:
+            if state == _ST_READY:
                 self.serve()
                 self.backoff = lo  # it was admitted: the next drop starts short again
                 wait = lo
-            elif state in (ST_REFUSED, ST_FAILED, ST_TERMINATED):
+            elif state in (_ST_REFUSED, _ST_FAILED, _ST_TERMINATED):
                 wait = hi  # a configuration matter (identifier, policy) or the session ended
             else:
                 wait = self.backoff
@@ -78,24 +86,26 @@ class Runner:
             self.sleep_ms(wait // 2 + ((r[0] << 8) | r[1]) % (wait // 2 + 1))
 
     def once(self):
-        """One connection: TLS and admission. Returns the engine's state (ST_READY: the
+        """One connection: TLS and admission. Returns the engine's state (_ST_READY: the
         link is open in self.link), or -1 when the link or the admission failed."""
         cfg = self.cfg
         rma = self.rma
         rma.reset()
         self.counts[_LINKS] += 1
         try:
-            link = rma_net.admit(rma, cfg["sm_host"], cfg["sm_port"], self.cert, _read(cfg["key"]),
+            link = self.net.admit(rma, cfg["sm_host"], cfg["sm_port"], self.cert, _read(cfg["key"]),
                                  _read(cfg["ca"]), cfg["timeout_s"], cfg["sm_name"], self.buf)
         except Exception as e:  # OSError, the TLS stack's errors, MemoryError: counted, retried
             self.counts[_CONNECT_ERRORS] += 1
             self.log("rmcp2: no link to %s:%d (%s)" % (cfg["sm_host"], cfg["sm_port"], type(e).__name__))
             return -1
+        from tessera_fw.rmcp2.rma import STATE_NAMES
+
         st = rma.state
-        self.counts[_ADMITTED if st == ST_READY else _REFUSED if st == ST_REFUSED else _POLICY_FAILED] += 1
+        self.counts[_ADMITTED if st == _ST_READY else _REFUSED if st == _ST_REFUSED else _POLICY_FAILED] += 1
         self.log("rmcp2: %s (result 0x%02x, SEC_RETURN 0x%02x) handshake %d ms, admission %d ms" % (
             STATE_NAMES[st], rma.result, rma.sec_return, link.handshake_ms, link.admit_ms))
-        if st == ST_READY:
+        if st == _ST_READY:
             self.link = link
         else:
             link.close()
@@ -125,7 +135,7 @@ class Runner:
                 c[_MSGS_IN] += 1
                 if out is not None:
                     link.send(out)
-                if rma.state != ST_READY:  # TERMREQ answered
+                if rma.state != _ST_READY:  # TERMREQ answered
                     c[_TERMINATED] += 1
                     self.log("rmcp2: session terminated by the SM (0x%02x)" % rma.result)
                     break
@@ -135,10 +145,17 @@ class Runner:
         link.close()
         self.link = None
 
+    def _log(self, s):
+        print(s, "|", self.status())
+
     def status(self):
-        """One line: the counters and the engine's errors (for logs and tests)."""
-        return " ".join("%s=%d" % (n, v) for n, v in zip(COUNT_NAMES, self.counts)) + " errors=%d" % sum(
-            self.rma.errors)
+        """One line: the counters, the engine's errors and the heap in use after a
+        collection (for the log and `tessera board` sessions)."""
+        import gc
+
+        gc.collect()
+        return " ".join("%s=%d" % (n, v) for n, v in zip(COUNT_NAMES, self.counts)) + " errors=%d heap=%d" % (
+            sum(self.rma.errors), gc.mem_alloc())
 
 
 def load(path=CONFIG):
@@ -153,12 +170,14 @@ def load(path=CONFIG):
         m = None
         if fresh:
             tessera_fw.release("tessera_fw.rmcp2.rma_cfg")
+            tessera_fw.release("tessera_fw.config")
 
 
-def main(path=CONFIG):
-    """Board entry (main.py): run the RMA configured in rmcp2.json forever."""
+def main(path=CONFIG, links=0):
+    """Board entry (main.py): run the RMA configured in rmcp2.json (forever, or for
+    `links` connection attempts). False when there is no rmcp2.json."""
     cfg = load(path)
     if cfg is None:
         return False
-    Runner(cfg).run()
+    Runner(cfg).run(links)
     return True
