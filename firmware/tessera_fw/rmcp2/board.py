@@ -25,6 +25,11 @@ _ST_FAILED = const(6)
 _ST_TERMINATED = const(7)
 
 CONFIG = "rmcp2.json"
+_RMA_POOL = const(2480)  # rma.POOL: the envelope's and the Writer's buffers
+_POOL = const(3560)  # and rma_net's 1080-byte receive buffer
+# contiguous heap the TLS handshake needs (mbedTLS allocates on the GC heap on the unix
+# port and the RP2040): measured 7-8 KB on the unix port, docs/benchmarks.md
+_TLS_ROOM = const(8192)
 # counters (Runner.counts), by index
 _LINKS = const(0)  # TLS connections attempted
 _ADMITTED = const(1)  # admissions that reached READY
@@ -48,7 +53,7 @@ class Runner:
     """One RMA with its link. run() keeps it admitted; `counts` (COUNT_NAMES) and the
     engine's `rma.errors` (per B.12 error number) say what happened."""
 
-    def __init__(self, cfg, log=None, rand=os.urandom, sleep_ms=None):
+    def __init__(self, cfg, log=None, rand=os.urandom, sleep_ms=None, pool=None):
         self.cfg = cfg
         self.log = log or self._log
         self.rand = rand
@@ -58,8 +63,11 @@ class Runner:
 
         self.net = rma_net
         self.cert = _read(cfg["cert"])
-        self.rma = Rma(cfg["session_id"], cfg["maid"], self.cert, rand, sui=cfg["sui"])
-        self.buf = bytearray(1080)  # rma_net's receive buffer, kept across reconnects
+        if pool is None:
+            pool = new_pool()
+        mv = memoryview(pool)
+        self.rma = Rma(cfg["session_id"], cfg["maid"], self.cert, rand, sui=cfg["sui"], pool=mv[:_RMA_POOL])
+        self.buf = mv[_RMA_POOL:_POOL]  # rma_net's receive buffer, kept across reconnects
         self.counts = [0] * len(COUNT_NAMES)
         self.backoff = cfg["backoff_ms"][0]
         self.link = None
@@ -92,6 +100,9 @@ class Runner:
         rma = self.rma
         rma.reset()
         self.counts[_LINKS] += 1
+        import gc
+
+        gc.collect()  # the last link's garbage goes, so the handshake finds room in one piece
         try:
             link = self.net.admit(rma, cfg["sm_host"], cfg["sm_port"], self.cert, _read(cfg["key"]),
                                  _read(cfg["ca"]), cfg["timeout_s"], cfg["sm_name"], self.buf)
@@ -173,11 +184,25 @@ def load(path=CONFIG):
             tessera_fw.release("tessera_fw.config")
 
 
+def new_pool():
+    """The RMA's large buffers in one piece (3560 B)."""
+    return bytearray(_POOL)
+
+
 def main(path=CONFIG, links=0):
     """Board entry (main.py): run the RMA configured in rmcp2.json (forever, or for
-    `links` connection attempts). False when there is no rmcp2.json."""
+    `links` connection attempts). False when there is no rmcp2.json. The buffers are
+    allocated first, while the heap is still in one piece: loading the modules leaves it
+    in small fragments (docs/benchmarks.md)."""
+    import gc
+
+    pool = new_pool()
+    room = bytearray(_TLS_ROOM)
     cfg = load(path)
     if cfg is None:
         return False
-    Runner(cfg).run(links)
+    r = Runner(cfg, pool=pool)
+    room = None  # freed in one piece, for the TLS handshake
+    gc.collect()
+    r.run(links)
     return True

@@ -78,7 +78,9 @@ _MAS = _nt(2, 3, 5)
 _ALLNT = _nt(1, 2, 3, 5)
 _DELIVERS = _b(9, 10, 11, 12, 13)
 _CAPABS = _b(1, 2, 3)
-# message type -> (node types allowed, mandatory controls, allowed controls), A.5 and B.3
+# message type -> (node types allowed, mandatory controls, allowed controls), A.5 and B.3;
+# kept at run time as two bytes objects (_compact below): the dict of tuples would hold
+# 2.3 KB of heap on the unix port, these 430 B
 _RULES = {
     0x02: (_MAS, 0, _b(_I_SUI)),  # SUBSREQ
     0x09: (_nt(3, 5), _b(_I_AUTH), _b(_I_AUTH)),  # RELREQ
@@ -111,6 +113,32 @@ _RULES = {
 }
 
 
+def _compact(rules):
+    """(type -> row number + 1, rows of 9 bytes: NT mask, mandatory(4), allowed(4))."""
+    idx = bytearray(0xB3)
+    tab = bytearray(9 * len(rules))
+    o = 0
+    for t in rules:
+        nts, mand, allow = rules[t]
+        idx[t] = o // 9 + 1
+        tab[o] = nts
+        for k in range(4):
+            tab[o + 1 + k] = (mand >> (24 - 8 * k)) & 0xFF
+            tab[o + 5 + k] = (allow >> (24 - 8 * k)) & 0xFF
+        o += 9
+    return bytes(idx), bytes(tab)
+
+
+_IDX, _TAB = _compact(_RULES)
+_RULES = None
+
+
+def _mask(o):
+    """The 4-byte control mask at offset o of _TAB."""
+    t = _TAB
+    return (t[o] << 24) | (t[o + 1] << 16) | (t[o + 2] << 8) | t[o + 3]
+
+
 def index(t):
     """Control index of a control type, or -1 for an unknown one."""
     if 0x11 <= t <= 0x24:
@@ -122,7 +150,7 @@ def index(t):
 
 def header(buf, minimum, maximum):
     """Step 1 of profile B.12 (shared with the envelope): sizes, Length, Ver, type, NT,
-    MAID. Returns the message's rule."""
+    MAID. Returns the offset of the message's row in _TAB."""
     n = len(buf)
     if n < minimum:
         raise Rmcp2Error(_ERR_TRUNCATED)
@@ -132,10 +160,12 @@ def header(buf, minimum, maximum):
         raise Rmcp2Error(_ERR_LENGTH)
     if buf[0] >> 4 != 4:
         raise Rmcp2Error(_ERR_VERSION)
-    rule = _RULES.get(buf[1])
-    if rule is None:
+    t = buf[1]
+    r = _IDX[t] if t < 0xB3 else 0
+    if not r:
         raise Rmcp2Error(_ERR_UNKNOWN_MESSAGE)
-    if not (rule[0] >> (buf[0] & 15)) & 1:
+    rule = (r - 1) * 9
+    if not (_TAB[rule] >> (buf[0] & 15)) & 1:
         raise Rmcp2Error(_ERR_NODE_TYPE)
     if not _nonzero(buf, 12):
         raise Rmcp2Error(_ERR_MAID)
@@ -172,7 +202,7 @@ class Decoder:
         nt = buf[0] & 15
         if mtype == 0x25 and n != _HDR:  # HRSREQ: Length 0x14 (11.2.10 d)
             raise Rmcp2Error(_ERR_LENGTH)
-        allowed = rule[2]
+        allowed = _mask(rule + 5)
         pos = self.pos
         cnt = self.cnt
         for i in range(_NCTL):
@@ -258,7 +288,7 @@ class Decoder:
             k += 1
             o = end
         # after the walk (B.12): mandatory controls, then the cross-field conditions
-        if rule[1] & ~_present(cnt):
+        if _mask(rule + 1) & ~_present(cnt):
             raise Rmcp2Error(_ERR_MISSING_CONTROL)
         if mtype == 0x02:  # SUBSREQ: SERV_USER_IDENT from an RMA only (11.2.1)
             if cnt[_I_SUI] and nt != 3:
@@ -411,8 +441,8 @@ class Writer:
     and the result view: 32-42 bytes per message on the unix port); decoding allocates
     nothing (fwtest_rmcp2_codec.py runs it under heap_lock)."""
 
-    def __init__(self, size=512):
-        self.buf = bytearray(size)
+    def __init__(self, size=512, buf=None):
+        self.buf = buf if buf is not None else bytearray(size)
         self.mv = memoryview(self.buf)
         self.n = 0
 
@@ -506,46 +536,9 @@ def ktlsreq(w, sid, maid, nonce):
     return w.begin(0xB1, 3, sid, maid).cdata(0xC2, _Z2, nonce).end()
 
 
-def relreq(w, sid, maid, ma_pass=0, ma_data=b""):
-    """RELREQ with AUTH MEM_AUTH (11.2.3), and MA_AUTH when ma_pass (B.11)."""
-    w.begin(0x09, 3, sid, maid).c2(0x23, 1, 0)
-    if ma_pass:
-        w.sub(0x81, ma_pass, ma_data)
-    return w.end()
-
-
-def pprobreq(w, sid, maid, hmaid, nonce, proof):
-    """PPROBREQ of an RMA with PROBE_AUTH (B.3, B.4)."""
-    w.begin(0xA2, 3, sid, maid)
-    o = w.n
-    w.cdata(0xC6, _Z2, hmaid)
-    w.buf[o + 1] = 36
-    w.buf[o + 20:o + 28] = nonce
-    w.buf[o + 28:o + 36] = proof
-    w.n = o + 36
-    return w.end()
-
-
 def empty(w, mtype, sid, maid):
     """HSOLICIT, HB: header only."""
     return w.begin(mtype, 3, sid, maid).end()
-
-
-def status(w, mtype, sid, maid, children, members, gen):
-    """STANS / STCOLANS with STATUS (B.4)."""
-    w.begin(mtype, 3, sid, maid)
-    o = w.n
-    b = w.buf
-    b[o] = 0xC5
-    b[o + 1] = 8
-    b[o + 2] = children >> 8
-    b[o + 3] = children & 0xFF
-    b[o + 4] = members >> 8
-    b[o + 5] = members & 0xFF
-    b[o + 6] = gen
-    b[o + 7] = 0
-    w.n = o + 8
-    return w.end()
 
 
 def result(w, mtype, sid, maid, code):

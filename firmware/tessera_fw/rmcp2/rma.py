@@ -21,6 +21,7 @@ ST_READY = const(4)  # SECAGANS OK sent: the agreed suite is in force
 ST_REFUSED = const(5)  # SUBSANS other than ACCEPTED (self.result says why: 0x41, 0x42, ...)
 ST_FAILED = const(6)  # the policy cannot be run here: SECAGANS FAILED CONFIGURATION sent
 ST_TERMINATED = const(7)  # the SM ended the session (TERMREQ): TERMANS sent
+POOL = const(2480)  # the envelope's two 1080-byte buffers and the Writer's 320 bytes
 STATE_NAMES = ("new", "ktls", "subscribing", "policy", "ready", "refused", "failed", "terminated")
 
 _KTLSANS = const(0xB2)
@@ -40,7 +41,9 @@ _ERR_OTHER = const(0)  # errors[0]: well-formed but unexpected messages
 
 
 class Rma:
-    def __init__(self, sid, maid, cert_der, rand, sui=None, en_dec=(1, 2), auth=(1, 2), gk_names=(1,)):
+    def __init__(self, sid, maid, cert_der, rand, sui=None, en_dec=(1, 2), auth=(1, 2), gk_names=(1,), pool=None):
+        """pool: optional POOL bytes (a memoryview is fine) for the envelope's and the
+        Writer's buffers, allocated by the caller before the heap fragments."""
         if len(sid) != 8 or len(maid) != 8:
             raise ValueError("Session ID and MAID are 8 bytes")
         self.sid = bytes(sid)
@@ -51,9 +54,11 @@ class Rma:
         self.en_dec = en_dec
         self.auth_algs = auth
         self.gk_names = gk_names
-        self.w = M.Writer(320)
+        if pool is None:
+            pool = memoryview(bytearray(POOL))
+        self.w = M.Writer(0, pool[2160:POOL])
         self.dec = M.Decoder()
-        self.env = S.Envelope()
+        self.env = S.Envelope(pool[0:1080], pool[1080:2160])
         self.win = S.Window()
         self.policy = bytearray(5)  # GP_ATTRIBUTE, GK_NAME, CON_EN_DEC, GK_EN_DEC, AUTH_ID of SECLIST
         self.errors = [0] * 19  # per error number of profile B.12 (0: unexpected message)

@@ -114,9 +114,11 @@ class Envelope:
     until the next call. The suite (EncAlg, AuthAlg) in force for the link is passed in:
     the bytes on the wire are checked against it, never negotiated (B.7)."""
 
-    def __init__(self):
-        self.out = bytearray(_MAX_SEALED)
-        self.pt = bytearray(_MAX_SEALED)
+    def __init__(self, out=None, pt=None):
+        # out, pt: 1080-byte buffers the caller allocated before its modules (board.py),
+        # so that they do not have to be found in a heap fragmented by the imports
+        self.out = out if out is not None else bytearray(_MAX_SEALED)
+        self.pt = pt if pt is not None else bytearray(_MAX_SEALED)
         self._omv = memoryview(self.out)
         self._pmv = memoryview(self.pt)
 
@@ -221,14 +223,3 @@ def ktls(seed, sid, maid, nonce_c, cert_der):
 
 def hashed_ktls(k_tls, sid):
     return hmac256(k_tls, b"RMCP2-HASHED-KTLS", sid)[:16]
-
-
-def hashed_maid(sid, maid):
-    h = hashlib.sha256(b"RMCP2-HASHED-MAID")
-    h.update(sid)
-    h.update(maid)
-    return h.digest()[:16]
-
-
-def probe_proof(h_ktls, sid, nonce):
-    return hmac256(h_ktls, b"RMCP2-PROBE", sid, nonce)[:8]

@@ -1,5 +1,5 @@
 """The board RMA's main loop (firmware/tessera_fw/rmcp2/board.py) in the real unix-port
-micropython with a 72 KB heap (the ESP32's initial 56 KB area is not reached yet), from the portable .mpy files a
+micropython under the ESP32's initial 56 KB heap area, from the portable .mpy files a
 virtual board is deployed with (`tessera board build`'s compiler, tessera.boards.build):
 admitted over mutual TLS by the SM server on loopback, kept alive by HB past the SM's
 T_IDLE, re-subscribed after the SM restarts; rmcp2.json validation; the engine's
@@ -34,7 +34,7 @@ mpshim.install()
 from tessera_fw.rmcp2 import board as B  # noqa: E402
 from tessera_fw.rmcp2 import rma as R  # noqa: E402
 
-HEAP = 72 * 1024  # fits; the ESP32's initial 56 KB area does not yet (docs/benchmarks.md)
+HEAP = 56 * 1024  # the ESP32's initial heap area (docs/benchmarks.md)
 
 # The board's side, as main.py starts it: rmcp2.json in its current directory (its
 # filesystem); each link event is one console line with the counters and the heap in use.
@@ -104,7 +104,7 @@ def heap_at(con: Lines, word: str) -> int:
 
 
 @pytest.mark.slow
-def test_board_rma_in_72k_keeps_its_link_and_resubscribes_after_an_sm_restart(pki, tmp_path, mpy_dir, capsys):
+def test_board_rma_in_56k_keeps_its_link_and_resubscribes_after_an_sm_restart(pki, tmp_path, mpy_dir, capsys):
     pki_dir = pki[0]
     idle = 1.5  # the SM's T_IDLE, short: the board's HB (0.4 s) must keep the link past it
 
@@ -144,7 +144,7 @@ def test_board_rma_in_72k_keeps_its_link_and_resubscribes_after_an_sm_restart(pk
                 err = await con.stop()
             assert "Traceback" not in err, err
             with capsys.disabled():
-                print(f"\nboard RMA at -X heapsize=72K (.mpy): admitted and linked {heap_admitted} B in use; "
+                print(f"\nboard RMA at -X heapsize=56K (.mpy): admitted and linked {heap_admitted} B in use; "
                       + " / ".join(con.lines[:3]))
 
     asyncio.run(asyncio.wait_for(main(), 120))
