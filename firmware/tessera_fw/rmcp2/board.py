@@ -9,7 +9,7 @@
 # there and scpm.json is not), e.g.
 #   {"sm_host": "10.0.0.2", "sm_port": 26030, "session_id": "0123456789abcdef",
 #    "maid": "0a0000020ab20001", "cert": "rma.der", "key": "rma.key.der", "ca": "ca.der",
-#    "sm_name": "sm", "service_user_id": "viewer-1", "hb_s": 30, "timeout_s": 30,
+#    "sm_name": "sm", "service_user_id": "viewer-1", "hb_s": 30, "timeout_s": 15,
 #    "backoff_s": [1, 60]}
 # The key file stays on the board's filesystem; it never appears in a log line or error.
 import os

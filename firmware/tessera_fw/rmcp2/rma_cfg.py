@@ -38,7 +38,7 @@ def load(path=CONFIG):
     out = {"sm_host": host, "sm_port": int(_num(cfg, "sm_port", 26030, 1, 65535)),
            "session_id": _hex8(cfg, "session_id"), "maid": _hex8(cfg, "maid"),
            "hb_ms": int(1000 * _num(cfg, "hb_s", 30, 0.05, _MAX_S)),
-           "timeout_s": _num(cfg, "timeout_s", 30, 1, 600)}
+           "timeout_s": _num(cfg, "timeout_s", 15, 1, 600)}
     for k, d in (("cert", "rma.der"), ("key", "rma.key.der"), ("ca", "ca.der"), ("sm_name", "sm")):
         v = cfg.get(k, d)
         if not isinstance(v, str) or not v:

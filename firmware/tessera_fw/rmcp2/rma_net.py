@@ -19,7 +19,7 @@ _ADMIT_MSGS = const(16)  # messages the SM may send during an admission (it need
 
 
 class TlsLink:
-    def __init__(self, host, port, cert_der, key_der, ca_der, timeout=30, sm_name="sm", buf=None):
+    def __init__(self, host, port, cert_der, key_der, ca_der, timeout=15, sm_name="sm", buf=None):
         ctx = tls.SSLContext(tls.PROTOCOL_TLS_CLIENT)
         ctx.load_cert_chain(cert_der, key_der)
         ctx.load_verify_locations(ca_der)
@@ -75,7 +75,7 @@ class TlsLink:
         self.s.close()
 
 
-def admit(rma, host, port, cert_der, key_der, ca_der, timeout=30, sm_name="sm", buf=None):
+def admit(rma, host, port, cert_der, key_der, ca_der, timeout=15, sm_name="sm", buf=None):
     """TLS, subscription and policy agreement. Returns the open link (the TLS session stays
     up after admission: 10.1.1.1) with rma.state READY, REFUSED or FAILED. `timeout` bounds
     the handshake and each message wait (the board's T_TLS / T_ADMIT side, B.10)."""
