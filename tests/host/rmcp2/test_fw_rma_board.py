@@ -180,6 +180,53 @@ def test_board_rma_backs_off_while_the_sm_is_away_and_counts_refusals(pki, tmp_p
     asyncio.run(asyncio.wait_for(main(), 90))
 
 
+# the SCPM device built from scpm.json (its UDP socket bound) and the RMA admitted, in one
+# interpreter with the ESP32 profile's heap: what is in use, what is left
+BOTH = """
+import gc
+from tessera_fw.rmcp2 import board
+pool = board.new_pool()
+room = bytearray(8192)
+cfg = board.load()
+from tessera_fw.scpm import udp
+u = udp.start()
+r = board.Runner(cfg, pool=pool)
+room = None
+st = r.once()
+gc.collect()
+print("BOTH", st, u.dev is not None, gc.mem_alloc(), gc.mem_free())
+u.close()
+"""
+
+
+@pytest.mark.slow
+def test_scpm_device_and_admitted_rma_fit_the_esp32_heap_together(pki, tmp_path, mpy_dir, capsys):
+    from tessera.boards import profile
+    from tessera.boards.virtual import free_udp_port
+
+    heap = profile.load("esp32").heap_bytes
+    pki_dir = pki[0]
+
+    async def main():
+        async with Session(pki_dir, tmp_path, n_dmas=1) as s:
+            fs = board_fs(tmp_path, pki_dir, s.server.tls_port, name="rma0")
+            (fs / "scpm.json").write_text(json.dumps({"address": "0a000201", "setup_key": os.urandom(16).hex(),
+                                                      "port": free_udp_port(), "bind": "127.0.0.1"}))
+            mp = shutil.which("micropython", path=str(Path(sys.executable).parent))
+            p = await asyncio.create_subprocess_exec(mp, "-X", f"heapsize={heap}", "-c", BOTH, cwd=fs,
+                                                     env=dict(os.environ, MICROPYPATH=str(mpy_dir)),
+                                                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            out, _ = await asyncio.wait_for(p.communicate(), 60)
+            return out.decode()
+
+    out = asyncio.run(asyncio.wait_for(main(), 90))
+    line = next((ln for ln in out.splitlines() if ln.startswith("BOTH")), out)
+    _, st, dev, used, free = line.split()
+    assert (st, dev) == ("4", "True"), out  # READY, and the SCPM device built
+    with capsys.disabled():
+        print(f"\nSCPM device + admitted RMA in {heap} B: {used} B in use, {free} B free")
+
+
 def _closed_port() -> int:
     import socket
     with socket.socket() as s:
