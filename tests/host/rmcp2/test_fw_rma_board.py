@@ -275,3 +275,25 @@ def test_board_rma_answers_termreq_ignores_hb_and_resets_for_a_new_link():
     assert (rma.state, rma.ktls, rma.seq, rma.win.high, rma.enc, rma.mac) == (R.ST_NEW, None, 0, 0, 1, 1)
     drive(sm, rma, "t7b", now=40.0)  # the SM lets the same certificate subscribe again (B.13)
     assert R.STATE_NAMES[rma.state] == "ready" and sum(rma.errors) == 0
+
+
+@pytest.mark.slow
+def test_a_deployed_virtual_board_runs_the_rma_from_main_py(pki, tmp_path, virtual_board):
+    """`tessera board deploy --main` + rmcp2.json + the DER files on the board's filesystem:
+    at boot main.py runs the self-test, then the RMA, which the SM admits into its ACL."""
+    pki_dir = pki[0]
+    t = virtual_board("rma-main", "esp32", main=True)
+    maid = bytes([127, 0, 0, 1, 0xB3, 1, 0, 3])
+
+    async def main():
+        async with Session(pki_dir, tmp_path, n_dmas=1) as s:
+            src = board_fs(tmp_path, pki_dir, s.server.tls_port, name="rma3", maid=maid.hex(), hb_s=30)
+            for f in src.iterdir():
+                shutil.copy(f, t.vboard.fs / f.name)
+            await asyncio.to_thread(t.vboard.power_cut, None, 30)  # boots main.py with rmcp2.json
+            await until(lambda: P.hashed_maid(SID, maid) in s.server.sm.acl, timeout=60,
+                        what="the board booted from main.py in the SM's ACL")
+            dma = s.dmas()[0]
+            await until(lambda: any(e[:16] == P.hashed_maid(SID, maid) for e in dma.acl), what="in the DMA's ACL")
+
+    asyncio.run(asyncio.wait_for(main(), 120))
