@@ -81,8 +81,8 @@ class Runner:
             if state == _ST_READY:
                 self.serve()
                 self.backoff = lo  # it was admitted: the next drop starts short again
-                wait = lo
-            elif state in (_ST_REFUSED, _ST_FAILED, _ST_TERMINATED):
+                wait = hi if self.rma.state == _ST_TERMINATED else lo
+            elif state in (_ST_REFUSED, _ST_FAILED):
                 wait = hi  # a configuration matter (identifier, policy) or the session ended
             else:
                 wait = self.backoff
