@@ -1,6 +1,7 @@
 # Boot application template: copied to the board as main.py by `tessera board deploy --main`.
 # It runs the firmware self-test and prints the result, then starts the SCPM device when
-# the board has an scpm.json (docs/scpm-firmware.md); protocol applications replace the
+# the board has an scpm.json (docs/scpm-firmware.md), else the RMCP-2 RMA when it has an
+# rmcp2.json (docs/rmcp2.md); protocol applications replace the
 # body with their own start-up (see docs/ARCHITECTURE.md).
 import gc
 import sys
@@ -15,7 +16,10 @@ gc.collect()
 try:
     open("scpm.json").close()
 except OSError:
-    pass
+    # no SCPM device here: the secure RMCP-2 RMA when rmcp2.json is there (docs/rmcp2.md)
+    from tessera_fw.rmcp2 import board
+
+    board.main()
 else:
     from tessera_fw.scpm import udp
 

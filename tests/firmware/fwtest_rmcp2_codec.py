@@ -12,6 +12,7 @@ from fwtest_scpm_util import iter_array  # noqa: E402
 from mpytest import unhex  # noqa: E402
 from tessera_fw.rmcp2.const import Rmcp2Error  # noqa: E402
 from tessera_fw.rmcp2.msg import Decoder, Writer  # noqa: E402
+from tessera_fw.rmcp2 import tree as T  # noqa: E402 (the part-2 builders)
 
 
 def test_messages_decode_with_the_same_controls():
@@ -72,7 +73,7 @@ def test_rma_messages_built_byte_for_byte():
             continue
         desc = c["desc"]
         sid, maid = unhex(desc["session_id"]), unhex(desc["maid"])
-        fn = getattr(W, r[0])
+        fn = getattr(W, r[0], None) or getattr(T, r[0])
         args = [_arg(a) for a in r[1:]]
         out = fn(w, sid, maid, *args) if r[0] not in ("empty", "status", "result") else fn(w, args[0], sid, maid, *args[1:])
         assert bytes(out) == unhex(c["msg"]), c["name"]

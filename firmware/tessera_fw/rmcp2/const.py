@@ -122,9 +122,4 @@ ERR_REPLAY = const(17)
 ERR_PADDING = const(18)
 
 
-class Rmcp2Error(Exception):
-    """One error number of profile B.12 in `code`; no key material in it."""
-
-    def __init__(self, code):
-        super().__init__(code)
-        self.code = code
+from tessera_fw.rmcp2.err import Rmcp2Error  # noqa: E402,F401 (kept importable from here)

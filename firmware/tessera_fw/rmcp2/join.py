@@ -12,6 +12,7 @@ from tessera_fw import acquire, release
 from tessera_fw.rmcp2 import annexe as A
 from tessera_fw.rmcp2 import msg as M
 from tessera_fw.rmcp2 import seal as S
+from tessera_fw.rmcp2 import tree as T
 from tessera_fw.rmcp2.const import Rmcp2Error
 
 ST_NEW = const(0)
@@ -42,7 +43,7 @@ class Join:
             raise ValueError("sid 8, MAID 8, HASHED_KTLS 16 bytes")
         self.sid = bytes(sid)
         self.maid = bytes(maid)
-        self.hmaid = S.hashed_maid(self.sid, self.maid)
+        self.hmaid = T.hashed_maid(self.sid, self.maid)
         self.w = bytes(hashed_ktls)
         self.enc = enc
         self.auth = auth
@@ -79,7 +80,7 @@ class Join:
     def start(self):
         nonce = bytes(self.rand(8))
         self.state = ST_PROBE
-        return M.pprobreq(self._w, self.sid, self.maid, self.hmaid, nonce, S.probe_proof(self.w, self.sid, nonce))
+        return T.pprobreq(self._w, self.sid, self.maid, self.hmaid, nonce, T.probe_proof(self.w, self.sid, nonce))
 
     def _count(self, k):
         self.errors[k] = self.errors.get(k, 0) + 1
@@ -133,7 +134,7 @@ class Join:
             self._cli = A.Client(self.sid, self.hmaid, self.w, self.enc, bytes(self.rand(16)), self._pair)
             self._pair = None  # one run per key pair
             self.state = ST_PASS1
-            return M.relreq(self._w, self.sid, self.maid, 1, self._cli.pass1())
+            return T.relreq(self._w, self.sid, self.maid, 1, self._cli.pass1())
         if mt != _RELANS or (st != ST_PASS1 and st != ST_PASS3):
             raise A.JoinError(A.F_LAYOUT)
         res = d.byte(_AUTH_ANS, 2)
@@ -153,7 +154,7 @@ class Join:
                     release(_DH)
             self.parent = self._cli.ids
             self.state = ST_PASS3
-            return M.relreq(self._w, self.sid, self.maid, 3, vc)
+            return T.relreq(self._w, self.sid, self.maid, 3, vc)
         # ST_PASS3: only the RELANS under K_MAS with AUTH_ANS OK and Kg is the result
         kd = d.key_data(d.akm)
         if not sealed or res != 1 or ma or d.key_type(d.akm) != 2 or kd is None or len(kd) != 20 or kd[0] == 0 or not 1 <= kd[1] <= 2:

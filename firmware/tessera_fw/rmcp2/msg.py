@@ -7,10 +7,22 @@ from array import array
 
 from micropython import const
 
-from tessera_fw.rmcp2.const import (
-    ERR_CONTROL_LENGTH, ERR_DUPLICATE_CONTROL, ERR_LENGTH, ERR_MAID, ERR_MISSING_CONTROL, ERR_NODE_TYPE,
-    ERR_OVERSIZE, ERR_SUBCONTROL, ERR_TRUNCATED, ERR_UNEXPECTED_CONTROL, ERR_UNKNOWN_MESSAGE, ERR_VALUE,
-    ERR_VERSION, Rmcp2Error)
+from tessera_fw.rmcp2.err import Rmcp2Error
+
+# error numbers of profile B.12 (const.py), inlined at compile time
+_ERR_TRUNCATED = const(1)
+_ERR_LENGTH = const(2)
+_ERR_OVERSIZE = const(3)
+_ERR_VERSION = const(4)
+_ERR_NODE_TYPE = const(5)
+_ERR_UNKNOWN_MESSAGE = const(6)
+_ERR_CONTROL_LENGTH = const(7)
+_ERR_MISSING_CONTROL = const(8)
+_ERR_UNEXPECTED_CONTROL = const(9)
+_ERR_DUPLICATE_CONTROL = const(10)
+_ERR_VALUE = const(11)
+_ERR_SUBCONTROL = const(12)
+_ERR_MAID = const(13)
 
 _HDR = const(20)
 _MAX = const(1024)
@@ -66,7 +78,9 @@ _MAS = _nt(2, 3, 5)
 _ALLNT = _nt(1, 2, 3, 5)
 _DELIVERS = _b(9, 10, 11, 12, 13)
 _CAPABS = _b(1, 2, 3)
-# message type -> (node types allowed, mandatory controls, allowed controls), A.5 and B.3
+# message type -> (node types allowed, mandatory controls, allowed controls), A.5 and B.3;
+# kept at run time as two bytes objects (_compact below): the dict of tuples would hold
+# 2.3 KB of heap on the unix port, these 430 B
 _RULES = {
     0x02: (_MAS, 0, _b(_I_SUI)),  # SUBSREQ
     0x09: (_nt(3, 5), _b(_I_AUTH), _b(_I_AUTH)),  # RELREQ
@@ -100,6 +114,32 @@ _RULES = {
 }
 
 
+def _compact(rules):
+    """(type -> row number + 1, rows of 9 bytes: NT mask, mandatory(4), allowed(4))."""
+    idx = bytearray(max(rules) + 1)
+    tab = bytearray(9 * len(rules))
+    o = 0
+    for t in rules:
+        nts, mand, allow = rules[t]
+        idx[t] = o // 9 + 1
+        tab[o] = nts
+        for k in range(4):
+            tab[o + 1 + k] = (mand >> (24 - 8 * k)) & 0xFF
+            tab[o + 5 + k] = (allow >> (24 - 8 * k)) & 0xFF
+        o += 9
+    return bytes(idx), bytes(tab)
+
+
+_IDX, _TAB = _compact(_RULES)
+_RULES = None
+
+
+def _mask(o):
+    """The 4-byte control mask at offset o of _TAB."""
+    t = _TAB
+    return (t[o] << 24) | (t[o + 1] << 16) | (t[o + 2] << 8) | t[o + 3]
+
+
 def index(t):
     """Control index of a control type, or -1 for an unknown one."""
     if 0x11 <= t <= 0x24:
@@ -111,23 +151,25 @@ def index(t):
 
 def header(buf, minimum, maximum):
     """Step 1 of profile B.12 (shared with the envelope): sizes, Length, Ver, type, NT,
-    MAID. Returns the message's rule."""
+    MAID. Returns the offset of the message's row in _TAB."""
     n = len(buf)
     if n < minimum:
-        raise Rmcp2Error(ERR_TRUNCATED)
+        raise Rmcp2Error(_ERR_TRUNCATED)
     if n > maximum:
-        raise Rmcp2Error(ERR_OVERSIZE)
+        raise Rmcp2Error(_ERR_OVERSIZE)
     if (buf[2] << 8) | buf[3] != n:
-        raise Rmcp2Error(ERR_LENGTH)
+        raise Rmcp2Error(_ERR_LENGTH)
     if buf[0] >> 4 != 4:
-        raise Rmcp2Error(ERR_VERSION)
-    rule = _RULES.get(buf[1])
-    if rule is None:
-        raise Rmcp2Error(ERR_UNKNOWN_MESSAGE)
-    if not (rule[0] >> (buf[0] & 15)) & 1:
-        raise Rmcp2Error(ERR_NODE_TYPE)
+        raise Rmcp2Error(_ERR_VERSION)
+    t = buf[1]
+    r = _IDX[t] if t < len(_IDX) else 0
+    if not r:
+        raise Rmcp2Error(_ERR_UNKNOWN_MESSAGE)
+    rule = (r - 1) * 9
+    if not (_TAB[rule] >> (buf[0] & 15)) & 1:
+        raise Rmcp2Error(_ERR_NODE_TYPE)
     if not _nonzero(buf, 12):
-        raise Rmcp2Error(ERR_MAID)
+        raise Rmcp2Error(_ERR_MAID)
     return rule
 
 
@@ -160,8 +202,8 @@ class Decoder:
         mtype = buf[1]
         nt = buf[0] & 15
         if mtype == 0x25 and n != _HDR:  # HRSREQ: Length 0x14 (11.2.10 d)
-            raise Rmcp2Error(ERR_LENGTH)
-        allowed = rule[2]
+            raise Rmcp2Error(_ERR_LENGTH)
+        allowed = _mask(rule + 5)
         pos = self.pos
         cnt = self.cnt
         for i in range(_NCTL):
@@ -176,13 +218,13 @@ class Decoder:
         o = _HDR
         while o < n:
             if o + 2 > n:
-                raise Rmcp2Error(ERR_CONTROL_LENGTH)
+                raise Rmcp2Error(_ERR_CONTROL_LENGTH)
             t = buf[o]
             ln = buf[o + 1]
             if t == 0x01 or t == 0x02 or t == 0x81:
-                raise Rmcp2Error(ERR_SUBCONTROL)
+                raise Rmcp2Error(_ERR_SUBCONTROL)
             if ln < 2 or o + ln > n:
-                raise Rmcp2Error(ERR_CONTROL_LENGTH)
+                raise Rmcp2Error(_ERR_CONTROL_LENGTH)
             i = index(t)
             if i < 0:
                 skipped += 1
@@ -190,12 +232,12 @@ class Decoder:
                 continue
             want = _LEN[i]
             if want and ln != want:
-                raise Rmcp2Error(ERR_CONTROL_LENGTH)
+                raise Rmcp2Error(_ERR_CONTROL_LENGTH)
             if not (allowed >> i) & 1:
-                raise Rmcp2Error(ERR_UNEXPECTED_CONTROL)
+                raise Rmcp2Error(_ERR_UNEXPECTED_CONTROL)
             c = cnt[i] + 1
             if c > _MAXN[i]:
-                raise Rmcp2Error(ERR_DUPLICATE_CONTROL)
+                raise Rmcp2Error(_ERR_DUPLICATE_CONTROL)
             cnt[i] = c
             if c == 1:
                 pos[i] = o
@@ -205,22 +247,22 @@ class Decoder:
             if _HI[i]:  # one code byte, then reserved zero / PREFER / Key_Flag
                 if i == _I_AUTH_ANS:
                     if a < 1 or a > 3 or b > 1:
-                        raise Rmcp2Error(ERR_VALUE)
+                        raise Rmcp2Error(_ERR_VALUE)
                 elif i == _I_KEY_INFO or i == _I_AUTH:
                     if b or a < _LO[i] or a > _HI[i]:
-                        raise Rmcp2Error(ERR_VALUE)
+                        raise Rmcp2Error(_ERR_VALUE)
                 elif i <= _I_AUTH_CAPAB:
                     if a < 1 or a > _HI[i] or b < 1 or b > _PREFER[i]:
-                        raise Rmcp2Error(ERR_VALUE)
+                        raise Rmcp2Error(_ERR_VALUE)
                     bit = 1 << (i * 8 + a)
                     if seen & bit:
                         capab_dup = True
                     seen |= bit
                 elif i == 5:  # AUTH_MECH: MEMBERSHIP, MEM_AUTH
                     if a != 1 or b != 1:
-                        raise Rmcp2Error(ERR_VALUE)
+                        raise Rmcp2Error(_ERR_VALUE)
                 elif b or a < _LO[i] or a > _HI[i]:
-                    raise Rmcp2Error(ERR_VALUE)
+                    raise Rmcp2Error(_ERR_VALUE)
             else:
                 _other(buf, o, i, ln)
             if i == _I_KEY_INFO:
@@ -247,35 +289,35 @@ class Decoder:
             k += 1
             o = end
         # after the walk (B.12): mandatory controls, then the cross-field conditions
-        if rule[1] & ~_present(cnt):
-            raise Rmcp2Error(ERR_MISSING_CONTROL)
+        if _mask(rule + 1) & ~_present(cnt):
+            raise Rmcp2Error(_ERR_MISSING_CONTROL)
         if mtype == 0x02:  # SUBSREQ: SERV_USER_IDENT from an RMA only (11.2.1)
             if cnt[_I_SUI] and nt != 3:
-                raise Rmcp2Error(ERR_UNEXPECTED_CONTROL)
+                raise Rmcp2Error(_ERR_UNEXPECTED_CONTROL)
         elif mtype == 0x21:  # SECAGREQ (11.2.5.1 g)
             if nt == 2 and not cnt[_I_SMA_PROPOSE]:
-                raise Rmcp2Error(ERR_MISSING_CONTROL)
+                raise Rmcp2Error(_ERR_MISSING_CONTROL)
             if nt != 2 and cnt[_I_SMA_PROPOSE]:
-                raise Rmcp2Error(ERR_UNEXPECTED_CONTROL)
+                raise Rmcp2Error(_ERR_UNEXPECTED_CONTROL)
             if nt == 3 and (cnt[1] or cnt[2] or cnt[3]):
-                raise Rmcp2Error(ERR_UNEXPECTED_CONTROL)
+                raise Rmcp2Error(_ERR_UNEXPECTED_CONTROL)
             if capab_dup:
-                raise Rmcp2Error(ERR_DUPLICATE_CONTROL)
+                raise Rmcp2Error(_ERR_DUPLICATE_CONTROL)
         elif mtype == 0x27:  # SECALGREQ: at least one *_DELIVER
             if not k:
-                raise Rmcp2Error(ERR_MISSING_CONTROL)
+                raise Rmcp2Error(_ERR_MISSING_CONTROL)
         elif mtype == 0xB0:  # SECALGANS: (*_DELIVER, DELIVER_RESULT) pairs
             if not k or k & 1 or pairs_bad:
-                raise Rmcp2Error(ERR_MISSING_CONTROL)
+                raise Rmcp2Error(_ERR_MISSING_CONTROL)
         elif mtype == 0xA2:  # PPROBREQ: PROBE_AUTH exactly from an RMA (B.3)
             if nt == 3 and not cnt[_I_PROBE_AUTH]:
-                raise Rmcp2Error(ERR_MISSING_CONTROL)
+                raise Rmcp2Error(_ERR_MISSING_CONTROL)
             if nt != 3 and cnt[_I_PROBE_AUTH]:
-                raise Rmcp2Error(ERR_UNEXPECTED_CONTROL)
+                raise Rmcp2Error(_ERR_UNEXPECTED_CONTROL)
         elif mtype == 0x24:  # KEYDELIVER: Ks by the SM, Kg by a DMA, Kc by the SMA (11.2.9.1 b)
             kt = buf[pos[_I_KEY_INFO] + 2]
             if nt != (1 if kt == 1 else 5 if kt == 2 else 2):
-                raise Rmcp2Error(ERR_NODE_TYPE)
+                raise Rmcp2Error(_ERR_NODE_TYPE)
         self.buf = buf
         self.mtype = mtype
         self.nt = nt
@@ -332,35 +374,35 @@ def _other(buf, o, i, ln):
     """Value checks of the controls without a single code byte (A.6, B.4)."""
     if i == 0 or i == 4:  # SMA_PROPOSE, GK_MECH: GP 1-2, GK_MECHA 0-7, then 1-4 / 1-5, 3 zero bytes
         if buf[o + 5] or buf[o + 6] or buf[o + 7]:
-            raise Rmcp2Error(ERR_VALUE)
+            raise Rmcp2Error(_ERR_VALUE)
         if buf[o + 2] < 1 or buf[o + 2] > 2 or buf[o + 3] > 7:
-            raise Rmcp2Error(ERR_VALUE)
+            raise Rmcp2Error(_ERR_VALUE)
         if buf[o + 4] < 1 or buf[o + 4] > (4 if i == 0 else 5):
-            raise Rmcp2Error(ERR_VALUE)
+            raise Rmcp2Error(_ERR_VALUE)
     elif i == _I_RESULT:
         if buf[o + 3] or buf[o + 2] not in _RESULTS:
-            raise Rmcp2Error(ERR_VALUE)
+            raise Rmcp2Error(_ERR_VALUE)
     elif i == _I_SUI:
         if ln < 3:
-            raise Rmcp2Error(ERR_CONTROL_LENGTH)
+            raise Rmcp2Error(_ERR_CONTROL_LENGTH)
     elif i == 21 or i == 22 or i == _I_PROBE_AUTH:  # KTLS_NONCE, KTLS_SEED, PROBE_AUTH
         if buf[o + 2] or buf[o + 3]:
-            raise Rmcp2Error(ERR_VALUE)
+            raise Rmcp2Error(_ERR_VALUE)
     elif i == _I_STATUS:
         if buf[o + 7]:
-            raise Rmcp2Error(ERR_VALUE)
+            raise Rmcp2Error(_ERR_VALUE)
     elif i == _I_CANDIDATE:
         if not _nonzero(buf, o + 2):
-            raise Rmcp2Error(ERR_MAID)
+            raise Rmcp2Error(_ERR_MAID)
 
 
 def _sub(buf, s, n, want, minimum):
     """The sub-control `want` at s: return its end (B.2)."""
     if s + 3 > n or buf[s] != want:
-        raise Rmcp2Error(ERR_SUBCONTROL)
+        raise Rmcp2Error(_ERR_SUBCONTROL)
     ln = (buf[s + 1] << 8) | buf[s + 2]
     if ln < minimum or s + ln > n:
-        raise Rmcp2Error(ERR_SUBCONTROL)
+        raise Rmcp2Error(_ERR_SUBCONTROL)
     return s + ln
 
 
@@ -368,29 +410,29 @@ def _key_material(buf, s, n, kt):
     """KEY_MATERIAL (11.2.4.3, 11.2.9.3); kt = KEY_INFO's Key_Type, 0 after AUTH_ANS."""
     end = _sub(buf, s, n, 0x01, 4)
     if end - s > _MAX_KM:
-        raise Rmcp2Error(ERR_SUBCONTROL)
+        raise Rmcp2Error(_ERR_SUBCONTROL)
     t = buf[s + 3]
     if t < 1 or t > 3:
-        raise Rmcp2Error(ERR_VALUE)
+        raise Rmcp2Error(_ERR_VALUE)
     if kt and t != kt:
-        raise Rmcp2Error(ERR_SUBCONTROL)
+        raise Rmcp2Error(_ERR_SUBCONTROL)
     return end
 
 
 def _ma_auth(buf, s, n):
     end = _sub(buf, s, n, 0x81, 4)
     if buf[s + 3] < 1 or buf[s + 3] > 3:
-        raise Rmcp2Error(ERR_VALUE)
+        raise Rmcp2Error(_ERR_VALUE)
     return end
 
 
 def _acl_data(buf, s, n):
     end = _sub(buf, s, n, 0x02, 6)
     if buf[s + 3]:
-        raise Rmcp2Error(ERR_VALUE)
+        raise Rmcp2Error(_ERR_VALUE)
     cnt = (buf[s + 4] << 8) | buf[s + 5]
     if cnt > _MAX_ACL or end - s - 6 != cnt * 32:
-        raise Rmcp2Error(ERR_SUBCONTROL)
+        raise Rmcp2Error(_ERR_SUBCONTROL)
     return end
 
 
@@ -400,8 +442,8 @@ class Writer:
     and the result view: 32-42 bytes per message on the unix port); decoding allocates
     nothing (fwtest_rmcp2_codec.py runs it under heap_lock)."""
 
-    def __init__(self, size=512):
-        self.buf = bytearray(size)
+    def __init__(self, size=512, buf=None):
+        self.buf = buf if buf is not None else bytearray(size)
         self.mv = memoryview(self.buf)
         self.n = 0
 
@@ -495,46 +537,9 @@ def ktlsreq(w, sid, maid, nonce):
     return w.begin(0xB1, 3, sid, maid).cdata(0xC2, _Z2, nonce).end()
 
 
-def relreq(w, sid, maid, ma_pass=0, ma_data=b""):
-    """RELREQ with AUTH MEM_AUTH (11.2.3), and MA_AUTH when ma_pass (B.11)."""
-    w.begin(0x09, 3, sid, maid).c2(0x23, 1, 0)
-    if ma_pass:
-        w.sub(0x81, ma_pass, ma_data)
-    return w.end()
-
-
-def pprobreq(w, sid, maid, hmaid, nonce, proof):
-    """PPROBREQ of an RMA with PROBE_AUTH (B.3, B.4)."""
-    w.begin(0xA2, 3, sid, maid)
-    o = w.n
-    w.cdata(0xC6, _Z2, hmaid)
-    w.buf[o + 1] = 36
-    w.buf[o + 20:o + 28] = nonce
-    w.buf[o + 28:o + 36] = proof
-    w.n = o + 36
-    return w.end()
-
-
 def empty(w, mtype, sid, maid):
     """HSOLICIT, HB: header only."""
     return w.begin(mtype, 3, sid, maid).end()
-
-
-def status(w, mtype, sid, maid, children, members, gen):
-    """STANS / STCOLANS with STATUS (B.4)."""
-    w.begin(mtype, 3, sid, maid)
-    o = w.n
-    b = w.buf
-    b[o] = 0xC5
-    b[o + 1] = 8
-    b[o + 2] = children >> 8
-    b[o + 3] = children & 0xFF
-    b[o + 4] = members >> 8
-    b[o + 5] = members & 0xFF
-    b[o + 6] = gen
-    b[o + 7] = 0
-    w.n = o + 8
-    return w.end()
 
 
 def result(w, mtype, sid, maid, code):

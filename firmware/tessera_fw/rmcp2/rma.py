@@ -11,7 +11,7 @@ from micropython import const
 
 from tessera_fw.rmcp2 import msg as M
 from tessera_fw.rmcp2 import seal as S
-from tessera_fw.rmcp2.const import Rmcp2Error
+from tessera_fw.rmcp2.err import Rmcp2Error
 
 ST_NEW = const(0)
 ST_KTLS = const(1)  # KTLSREQ sent
@@ -20,12 +20,17 @@ ST_POLICY = const(3)  # SECAGREQ sent, waiting for SECLIST (or SECALGANS)
 ST_READY = const(4)  # SECAGANS OK sent: the agreed suite is in force
 ST_REFUSED = const(5)  # SUBSANS other than ACCEPTED (self.result says why: 0x41, 0x42, ...)
 ST_FAILED = const(6)  # the policy cannot be run here: SECAGANS FAILED CONFIGURATION sent
-STATE_NAMES = ("new", "ktls", "subscribing", "policy", "ready", "refused", "failed")
+ST_TERMINATED = const(7)  # the SM ended the session (TERMREQ): TERMANS sent
+POOL = const(2480)  # the envelope's two 1080-byte buffers and the Writer's 320 bytes
+STATE_NAMES = ("new", "ktls", "subscribing", "policy", "ready", "refused", "failed", "terminated")
 
 _KTLSANS = const(0xB2)
 _SUBSANS = const(0xA1)
 _SECLIST = const(0x22)
 _SECALGANS = const(0xB0)
+_HB = const(0xAD)
+_TERMREQ = const(0xAE)
+_TERMANS = const(0xAF)
 _KTLS_SEED = const(0xC3)
 _RESULT = const(0xC1)
 _GK_MECH = const(0x15)
@@ -36,7 +41,9 @@ _ERR_OTHER = const(0)  # errors[0]: well-formed but unexpected messages
 
 
 class Rma:
-    def __init__(self, sid, maid, cert_der, rand, sui=None, en_dec=(1, 2), auth=(1, 2), gk_names=(1,)):
+    def __init__(self, sid, maid, cert_der, rand, sui=None, en_dec=(1, 2), auth=(1, 2), gk_names=(1,), pool=None):
+        """pool: optional POOL bytes (a memoryview is fine) for the envelope's and the
+        Writer's buffers, allocated by the caller before the heap fragments."""
         if len(sid) != 8 or len(maid) != 8:
             raise ValueError("Session ID and MAID are 8 bytes")
         self.sid = bytes(sid)
@@ -47,23 +54,38 @@ class Rma:
         self.en_dec = en_dec
         self.auth_algs = auth
         self.gk_names = gk_names
-        self.w = M.Writer(320)
+        if pool is None:
+            pool = memoryview(bytearray(POOL))
+        self.w = M.Writer(0, pool[2160:POOL])
         self.dec = M.Decoder()
-        self.env = S.Envelope()
+        self.env = S.Envelope(pool[0:1080], pool[1080:2160])
         self.win = S.Window()
+        self.policy = bytearray(5)  # GP_ATTRIBUTE, GK_NAME, CON_EN_DEC, GK_EN_DEC, AUTH_ID of SECLIST
+        self.errors = [0] * 19  # per error number of profile B.12 (0: unexpected message)
+        self.hbs_in = 0  # HBs the SM sent on the admitted link
+        self._lk = self._lookup
+        self._wn = self._window
+        self.ktls = None
+        self.reset()
+
+    def reset(self):
+        """Forget the link (K_TLS, Seq, window, policy) for a new TLS connection; the
+        buffers and the error counts stay (a board subscribes again after a drop, B.13)."""
+        if self.ktls is not None:
+            self.ktls.forget()
+        self.ktls = None
         self.state = ST_NEW
         self.result = 0  # SUBSANS RESULT
         self.sec_return = 0  # what this RMA answered in SECAGANS
-        self.policy = bytearray(5)  # GP_ATTRIBUTE, GK_NAME, CON_EN_DEC, GK_EN_DEC, AUTH_ID of SECLIST
         self.missing = 0  # how many algorithms it asked for with SECALGREQ
-        self.errors = [0] * 19  # per error number of profile B.12 (0: unexpected message)
         self.enc = 1  # bootstrap suite AES-CBC-128 + HMAC-SHA1 (B.7)
         self.mac = 1
         self.seq = 0
-        self.ktls = None
         self._nonce = b""
-        self._lk = self._lookup
-        self._wn = self._window
+        w = self.win
+        w.high = 0
+        for i in range(len(w.seen)):
+            w.seen[i] = 0
 
     def start(self):
         """TLS is up: KTLSREQ in clear inside TLS (B.5)."""
@@ -138,6 +160,14 @@ class Rma:
         if t == _SECALGANS and self.state == ST_POLICY and self.missing:
             # Tessera never transfers code (B.13): even AVAILABLE cannot be configured here
             return self._secagans(4)
+        if self.state == ST_READY:  # the admitted link, in the agreed suite (B.7)
+            if t == _HB:
+                self.hbs_in += 1
+                return None
+            if t == _TERMREQ:  # the session ends (B.3): answer, then the link closes
+                self.result = d.byte(_RESULT, 2)
+                self.state = ST_TERMINATED
+                return self._seal(M.result(self.w, _TERMANS, self.sid, self.maid, 0x01))
         self.errors[_ERR_OTHER] += 1
         return None
 

@@ -9,10 +9,17 @@ except ImportError:  # firmware older than v1.19
     import ucryptolib as cryptolib
 from micropython import const
 
-from tessera_fw.crypto.aes import CTR
 from tessera_fw.crypto.hmac import HMAC, ct_equal
-from tessera_fw.rmcp2.const import ERR_ALGORITHM, ERR_KEY, ERR_MAC, ERR_OVERSIZE, ERR_PADDING, ERR_REPLAY, Rmcp2Error
+from tessera_fw.rmcp2.err import Rmcp2Error
 from tessera_fw.rmcp2.msg import header
+
+# error numbers of profile B.12 (const.py), inlined at compile time
+_ERR_OVERSIZE = const(3)
+_ERR_KEY = const(14)
+_ERR_ALGORITHM = const(15)
+_ERR_MAC = const(16)
+_ERR_REPLAY = const(17)
+_ERR_PADDING = const(18)
 
 _HDR = const(20)
 _SEC = const(8)  # KeyRef EncAlg AuthAlg KeyGen Seq(4)
@@ -23,6 +30,18 @@ _MAX_SEALED = const(1080)  # 1024 plain + 40 + at most 16 padding
 SEQ_MAX = const(0x3FFFFFFF)  # B.7: a small int on every board
 _WINDOW = const(32)
 _HASH = ("", "sha1", "md5")  # AuthAlg 1, 2 (Table 17)
+_ctr = None  # tessera_fw.crypto.aes.CTR, imported when a link first uses AES-CTR (B.7)
+
+
+def _CTR(key, iv):
+    """CTR from ECB (crypto/aes.py): loaded only when the agreed suite is AES-CTR, so that
+    an admission (bootstrap suite AES-CBC) does not hold its 3 KB (docs/benchmarks.md)."""
+    global _ctr
+    if _ctr is None:
+        from tessera_fw.crypto.aes import CTR
+
+        _ctr = CTR
+    return _ctr(key, iv)
 
 
 def hmac256(key, *parts):
@@ -71,10 +90,10 @@ class Window:
 
     def check(self, seq):
         if seq < 1 or seq > SEQ_MAX:
-            raise Rmcp2Error(ERR_REPLAY)
+            raise Rmcp2Error(_ERR_REPLAY)
         h = self.high
         if seq <= h and (h - seq >= _WINDOW or self.seen[seq & 31]):
-            raise Rmcp2Error(ERR_REPLAY)
+            raise Rmcp2Error(_ERR_REPLAY)
 
     def commit(self, seq):
         h = self.high
@@ -95,9 +114,11 @@ class Envelope:
     until the next call. The suite (EncAlg, AuthAlg) in force for the link is passed in:
     the bytes on the wire are checked against it, never negotiated (B.7)."""
 
-    def __init__(self):
-        self.out = bytearray(_MAX_SEALED)
-        self.pt = bytearray(_MAX_SEALED)
+    def __init__(self, out=None, pt=None):
+        # out, pt: 1080-byte buffers the caller allocated before its modules (board.py),
+        # so that they do not have to be found in a heap fragmented by the imports
+        self.out = out if out is not None else bytearray(_MAX_SEALED)
+        self.pt = pt if pt is not None else bytearray(_MAX_SEALED)
         self._omv = memoryview(self.out)
         self._pmv = memoryview(self.pt)
 
@@ -105,9 +126,9 @@ class Envelope:
         """Protect one plain message (header + controls) under `key` with Seq and IV."""
         n = len(plain)
         if n < _HDR or n > _MAX_PLAIN:
-            raise Rmcp2Error(ERR_OVERSIZE)
+            raise Rmcp2Error(_ERR_OVERSIZE)
         if enc not in (1, 2) or auth not in (1, 2):
-            raise Rmcp2Error(ERR_ALGORITHM)
+            raise Rmcp2Error(_ERR_ALGORITHM)
         if seq < 1 or seq > SEQ_MAX or len(iv) != 16:
             raise ValueError("Seq 1..0x3FFFFFFF, 16-byte IV")
         body = n - _HDR
@@ -136,7 +157,7 @@ class Envelope:
                 p[i] = pad
             cryptolib.aes(key.k_enc(1), 2, iv).encrypt(self._pmv[:clen], c)
         else:
-            CTR(key.k_enc(2), iv).crypt(memoryview(plain)[_HDR:n], c)
+            _CTR(key.k_enc(2), iv).crypt(memoryview(plain)[_HDR:n], c)
         end = 44 + clen
         o[end:end + _TAG] = key.mac(auth).digest(mv[:end])[:_TAG]
         return mv[:total]
@@ -150,42 +171,42 @@ class Envelope:
         ref = data[20]
         gen = data[23]
         if not (1 <= ref <= 3 or 0x81 <= ref <= 0x83):
-            raise Rmcp2Error(ERR_KEY)
+            raise Rmcp2Error(_ERR_KEY)
         if (ref <= 3) != (gen != 0):
-            raise Rmcp2Error(ERR_KEY)
+            raise Rmcp2Error(_ERR_KEY)
         e = data[21]
         a = data[22]
         if e < 1 or e > 2 or a < 1 or a > 2:
-            raise Rmcp2Error(ERR_ALGORITHM)
+            raise Rmcp2Error(_ERR_ALGORITHM)
         clen = n - _HDR - _OVER
         if e == 1 and (clen == 0 or clen & 15):
-            raise Rmcp2Error(ERR_PADDING)
+            raise Rmcp2Error(_ERR_PADDING)
         if e != enc or a != auth:
-            raise Rmcp2Error(ERR_ALGORITHM)
+            raise Rmcp2Error(_ERR_ALGORITHM)
         mv = memoryview(data)
         maid = mv[12:20]
         key = lookup(maid, ref, gen)
         if key is None:
-            raise Rmcp2Error(ERR_KEY)
+            raise Rmcp2Error(_ERR_KEY)
         seq = (data[24] << 24) | (data[25] << 16) | (data[26] << 8) | data[27]
         win = window(maid, key)
         win.check(seq)
         end = n - _TAG
         if not ct_equal(key.mac(a).digest(mv[:end])[:_TAG], mv[end:n]):
-            raise Rmcp2Error(ERR_MAC)
+            raise Rmcp2Error(_ERR_MAC)
         p = self.pt
         iv = bytes(mv[28:44])
         if e == 1:
             cryptolib.aes(key.k_enc(1), 2, iv).decrypt(mv[44:end], self._pmv[_HDR:_HDR + clen])
             pad = p[_HDR + clen - 1]
             if pad < 1 or pad > 16:
-                raise Rmcp2Error(ERR_PADDING)
+                raise Rmcp2Error(_ERR_PADDING)
             for i in range(_HDR + clen - pad, _HDR + clen):
                 if p[i] != pad:
-                    raise Rmcp2Error(ERR_PADDING)
+                    raise Rmcp2Error(_ERR_PADDING)
             body = clen - pad
         else:
-            CTR(key.k_enc(2), iv).crypt(mv[44:end], self._pmv[_HDR:_HDR + clen])
+            _CTR(key.k_enc(2), iv).crypt(mv[44:end], self._pmv[_HDR:_HDR + clen])
             body = clen
         win.commit(seq)
         p[0:_HDR] = mv[0:_HDR]
@@ -202,14 +223,3 @@ def ktls(seed, sid, maid, nonce_c, cert_der):
 
 def hashed_ktls(k_tls, sid):
     return hmac256(k_tls, b"RMCP2-HASHED-KTLS", sid)[:16]
-
-
-def hashed_maid(sid, maid):
-    h = hashlib.sha256(b"RMCP2-HASHED-MAID")
-    h.update(sid)
-    h.update(maid)
-    return h.digest()[:16]
-
-
-def probe_proof(h_ktls, sid, nonce):
-    return hmac256(h_ktls, b"RMCP2-PROBE", sid, nonce)[:8]
