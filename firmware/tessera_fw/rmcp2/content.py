@@ -170,7 +170,7 @@ class Receiver:
         self.ring = ring
         self.on_data = on_data
         self.max_object = max_object
-        self.buf = bytearray(MAX_PACKET)  # for the adapters' readinto
+        self.buf = bytearray(MAX_PACKET)  # for tcp_loop's readinto
         self.bmv = memoryview(self.buf)
         self._pt = bytearray(MAX_PACKET)
         self._pmv = memoryview(self._pt)
@@ -317,24 +317,25 @@ class Receiver:
 
 
 def udp_loop(sock, rx, count=-1):
-    """Receive datagrams into rx.buf and hand each to rx; a rejected one is counted in
-    rx.errors and dropped. Stops after `count` datagrams (-1: never) or on a socket error
-    (timeouts included); returns the number of datagrams read."""
-    buf = rx.buf
-    mv = rx.bmv
+    """Receive datagrams and hand each to rx; a rejected one is counted in rx.errors and
+    dropped. MicroPython sockets have no recv_into and their readinto merges datagrams, so
+    recv() allocates each datagram (the only per-packet allocation the board is forced to;
+    a MemoryError there drops that datagram). Stops after `count` datagrams (-1: never) or on
+    a socket error (timeouts included); returns the number read."""
     got = 0
     while got != count:
         try:
-            n = sock.readinto(buf)
+            data = sock.recv(MAX_PACKET + 1)  # one more: an oversized datagram is seen as such
+        except MemoryError:
+            continue
         except OSError:
             break
-        if not n:
-            continue
         got += 1
         try:
-            rx.receive(mv[:n])
+            rx.receive(data)
         except Rmcp2Error:
             pass
+        data = None
     return got
 
 

@@ -1,0 +1,232 @@
+"""DMA content relay (docs/rmcp2-profile.md B.17, figure 104): content packets from the SMA,
+over UDP (stream) and TCP (reliable delivery), relayed unchanged to the DMA's RMAs by
+unicast (multicast-disabled groups).
+
+The relay holds no key and decrypts nothing: it can check only what is in the clear (size,
+Length, Ver/NT, type, session; `content.check_relayable`). The subscriber list is injected
+(`set_subscribers`, fed by the join layer). Every queue is bounded per RMA: over UDP a full
+socket buffer drops that RMA's datagram, over TCP a full queue closes that RMA's link (a
+reliable object cannot skip a packet) until the next object begins; both are counted, and
+the SMA and the other RMAs never wait for a slow one.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from tessera.rmcp2.codec import Rmcp2Error
+from tessera.rmcp2.content import MAX_PACKET, Kind, check_relayable, frame_length
+
+log = logging.getLogger("tessera.rmcp2.relay")
+
+T_IDLE = 60.0  # B.10: an upstream TCP link idle this long inside a frame is closed
+T_CONNECT = 10.0
+
+
+@dataclass(frozen=True)
+class Subscriber:
+    """One RMA of this DMA: its MAID and where it takes content (None: not over that)."""
+
+    maid: bytes
+    udp: tuple[str, int] | None = None
+    tcp: tuple[str, int] | None = None
+
+
+class _TcpLink:
+    """The relay's TCP link to one RMA: a bounded queue and one writer task."""
+
+    def __init__(self, relay: Relay, sub: Subscriber) -> None:
+        self.relay, self.sub = relay, sub
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue(relay.queue_packets)
+        self.closed = False
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    def offer(self, frame: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            self.queue.put_nowait(frame)
+        except asyncio.QueueFull:
+            self.relay.count("tcp_slow_closed", self.sub)
+            self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        self.task.cancel()
+
+    async def _run(self) -> None:
+        assert self.sub.tcp is not None
+        writer = None
+        try:
+            _r, writer = await asyncio.wait_for(asyncio.open_connection(*self.sub.tcp), T_CONNECT)
+            sock = writer.get_extra_info("socket")
+            if sock is not None and self.relay.link_sndbuf:  # bound the kernel's share per RMA too
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.relay.link_sndbuf)
+            while True:
+                frame = await self.queue.get()
+                writer.write(frame)
+                await writer.drain()
+                self.relay.stats["tcp_relayed"] += 1
+        except asyncio.CancelledError:
+            pass
+        except (OSError, asyncio.TimeoutError) as e:
+            self.relay.count("tcp_link_failed", self.sub, e)
+        finally:
+            self.closed = True
+            if writer is not None:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+
+class _Upstream(asyncio.DatagramProtocol):
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self.relay.from_udp(data, addr)
+
+
+class Relay:
+    """One DMA's content relay for one session. `start()` binds the upstream UDP and TCP
+    ports (0 = a free port) and one downstream UDP socket; `close()` stops everything."""
+
+    def __init__(self, session_id: bytes, *, queue_packets: int = 256, udp_buffer_limit: int = 256 * 1024,
+                 max_upstream: int = 4, upstream_hosts: Iterable[str] | None = None,
+                 link_sndbuf: int = 64 * 1024) -> None:
+        if len(session_id) != 8:
+            raise ValueError("session id is 8 bytes")
+        self.session_id = session_id
+        self.queue_packets = queue_packets
+        self.udp_buffer_limit = udp_buffer_limit
+        self.max_upstream = max_upstream
+        self.link_sndbuf = link_sndbuf
+        # a source address proves nothing (the RMAs' MAC check does); this only sheds load
+        self.upstream_hosts = set(upstream_hosts) if upstream_hosts is not None else None
+        self.stats: Counter[str] = Counter()
+        self.per_rma: Counter[tuple[str, bytes]] = Counter()
+        self._subs: dict[bytes, Subscriber] = {}
+        self._links: dict[bytes, _TcpLink] = {}
+        self._up_udp: asyncio.DatagramTransport | None = None
+        self._down_udp: asyncio.DatagramTransport | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._conns: set[asyncio.Task] = set()
+        self.udp_port = self.tcp_port = 0
+
+    # -- subscribers (the join layer's view of this DMA's MM group) --
+    def set_subscribers(self, subs: Iterable[Subscriber]) -> None:
+        new = {s.maid: s for s in subs}
+        for maid, link in list(self._links.items()):
+            if maid not in new or new[maid].tcp != link.sub.tcp:
+                link.close()
+                del self._links[maid]
+        self._subs = new
+
+    @property
+    def subscribers(self) -> list[Subscriber]:
+        return list(self._subs.values())
+
+    def count(self, what: str, sub: Subscriber | None = None, detail: object = "") -> None:
+        self.stats[what] += 1
+        if sub is not None:
+            self.per_rma[(what, sub.maid)] += 1
+        n = self.stats[what]
+        if n in (1, 10, 100, 1000) or n % 10000 == 0:  # rate-limited, as B.13
+            log.warning("relay: %s (%d so far)%s%s", what, n, f" RMA {sub.maid.hex()}" if sub else "",
+                        f": {detail}" if detail else "")
+
+    # -- lifecycle --
+    async def start(self, host: str = "127.0.0.1", udp_port: int = 0, tcp_port: int = 0) -> None:
+        loop = asyncio.get_running_loop()
+        self._up_udp, _ = await loop.create_datagram_endpoint(lambda: _Upstream(self), local_addr=(host, udp_port))
+        self._down_udp, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol,
+                                                                local_addr=(host, 0))
+        self._server = await asyncio.start_server(self._upstream_tcp, host, tcp_port)
+        self.udp_port = self._up_udp.get_extra_info("sockname")[1]
+        self.tcp_port = self._server.sockets[0].getsockname()[1]
+        log.info("relay listening: content UDP %d, TCP %d", self.udp_port, self.tcp_port)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for t in list(self._conns):
+            t.cancel()
+        for link in self._links.values():
+            link.close()
+        tasks = [link.task for link in self._links.values()] + list(self._conns)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._links.clear()
+        for tr in (self._up_udp, self._down_udp):
+            if tr is not None:
+                tr.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    # -- stream: UDP in, UDP out --
+    def from_udp(self, data: bytes, addr) -> None:
+        if self.upstream_hosts is not None and addr[0] not in self.upstream_hosts:
+            self.count("udp_foreign_source")
+            return
+        try:
+            check_relayable(data, self.session_id)
+        except Rmcp2Error as e:
+            self.count(f"rejected_{e.code.name}")
+            return
+        self.stats["udp_in"] += 1
+        down = self._down_udp
+        assert down is not None
+        for sub in self._subs.values():
+            if sub.udp is None:
+                continue
+            if down.get_write_buffer_size() > self.udp_buffer_limit:
+                self.count("udp_dropped", sub)
+                continue
+            down.sendto(data, sub.udp)  # the bytes as received: never re-encoded
+            self.stats["udp_relayed"] += 1
+
+    # -- reliable: TCP in, TCP out --
+    async def _upstream_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if len(self._conns) >= self.max_upstream:
+            self.count("tcp_upstream_refused")
+            writer.close()
+            return
+        assert task is not None
+        self._conns.add(task)
+        try:
+            while True:
+                try:
+                    head = await reader.readexactly(4)
+                except asyncio.IncompleteReadError:
+                    break
+                n = frame_length(head)
+                frame = head + await asyncio.wait_for(reader.readexactly(n - 4), T_IDLE)
+                check_relayable(frame, self.session_id)
+                self.stats["tcp_in"] += 1
+                self._fan_out(frame)
+        except Rmcp2Error as e:
+            self.count(f"rejected_{e.code.name}")
+        except (asyncio.IncompleteReadError, asyncio.TimeoutError, OSError) as e:
+            self.count("tcp_upstream_broken", None, type(e).__name__)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._conns.discard(task)
+            writer.close()
+
+    def _fan_out(self, frame: bytes) -> None:
+        begins = len(frame) <= MAX_PACKET and frame[20] == Kind.OBJ_BEGIN  # Kind is in the clear
+        for maid, sub in self._subs.items():
+            if sub.tcp is None:
+                continue
+            link = self._links.get(maid)
+            if link is None or (link.closed and begins):
+                if link is not None:
+                    self.count("tcp_reopened", sub)
+                link = self._links[maid] = _TcpLink(self, sub)
+            link.offer(frame)
