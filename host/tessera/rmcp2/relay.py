@@ -24,8 +24,9 @@ from tessera.rmcp2.content import MAX_PACKET, Kind, check_relayable, frame_lengt
 
 log = logging.getLogger("tessera.rmcp2.relay")
 
-T_IDLE = 60.0  # B.10: an upstream TCP link idle this long inside a frame is closed
+T_IDLE = 60.0  # B.10: an upstream TCP link without a complete frame this long is closed
 T_CONNECT = 10.0
+UDP_BATCH = 64  # datagrams read per readiness event
 
 
 @dataclass(frozen=True)
@@ -84,36 +85,37 @@ class _TcpLink:
                     await asyncio.wait_for(writer.wait_closed(), 1.0)
 
 
-class _Upstream(asyncio.DatagramProtocol):
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
-
-    def datagram_received(self, data: bytes, addr) -> None:
-        self.relay.from_udp(data, addr)
+def _udp_socket(host: str, port: int, rcvbuf: int) -> socket.socket:
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    s.setblocking(False)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.bind((host, port))
+    return s
 
 
 class Relay:
     """One DMA's content relay for one session. `start()` binds the upstream UDP and TCP
     ports (0 = a free port) and one downstream UDP socket; `close()` stops everything."""
 
-    def __init__(self, session_id: bytes, *, queue_packets: int = 256, udp_buffer_limit: int = 256 * 1024,
+    def __init__(self, session_id: bytes, *, queue_packets: int = 256,
                  max_upstream: int = 4, upstream_hosts: Iterable[str] | None = None,
-                 link_sndbuf: int = 64 * 1024) -> None:
+                 link_sndbuf: int = 64 * 1024, idle: float = T_IDLE) -> None:
         if len(session_id) != 8:
             raise ValueError("session id is 8 bytes")
         self.session_id = session_id
         self.queue_packets = queue_packets
-        self.udp_buffer_limit = udp_buffer_limit
         self.max_upstream = max_upstream
         self.link_sndbuf = link_sndbuf
+        self.idle = idle
         # a source address proves nothing (the RMAs' MAC check does); this only sheds load
         self.upstream_hosts = set(upstream_hosts) if upstream_hosts is not None else None
         self.stats: Counter[str] = Counter()
         self.per_rma: Counter[tuple[str, bytes]] = Counter()
         self._subs: dict[bytes, Subscriber] = {}
         self._links: dict[bytes, _TcpLink] = {}
-        self._up_udp: asyncio.DatagramTransport | None = None
-        self._down_udp: asyncio.DatagramTransport | None = None
+        self._up_udp: socket.socket | None = None
+        self._down_udp: socket.socket | None = None
         self._server: asyncio.AbstractServer | None = None
         self._conns: set[asyncio.Task] = set()
         self.udp_port = self.tcp_port = 0
@@ -142,12 +144,14 @@ class Relay:
 
     # -- lifecycle --
     async def start(self, host: str = "127.0.0.1", udp_port: int = 0, tcp_port: int = 0) -> None:
-        loop = asyncio.get_running_loop()
-        self._up_udp, _ = await loop.create_datagram_endpoint(lambda: _Upstream(self), local_addr=(host, udp_port))
-        self._down_udp, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol,
-                                                                local_addr=(host, 0))
+        # plain non-blocking sockets: a readiness event drains up to UDP_BATCH datagrams (an
+        # asyncio datagram transport reads one per loop turn), and a send the kernel cannot
+        # take at once is dropped and counted instead of being buffered
+        self._up_udp = _udp_socket(host, udp_port, 1 << 20)
+        self._down_udp = _udp_socket(host, 0, 1 << 16)
+        asyncio.get_running_loop().add_reader(self._up_udp.fileno(), self._drain_udp)
         self._server = await asyncio.start_server(self._upstream_tcp, host, tcp_port)
-        self.udp_port = self._up_udp.get_extra_info("sockname")[1]
+        self.udp_port = self._up_udp.getsockname()[1]
         self.tcp_port = self._server.sockets[0].getsockname()[1]
         log.info("relay listening: content UDP %d, TCP %d", self.udp_port, self.tcp_port)
 
@@ -161,13 +165,28 @@ class Relay:
         tasks = [link.task for link in self._links.values()] + list(self._conns)
         await asyncio.gather(*tasks, return_exceptions=True)
         self._links.clear()
-        for tr in (self._up_udp, self._down_udp):
-            if tr is not None:
-                tr.close()
+        if self._up_udp is not None:
+            asyncio.get_running_loop().remove_reader(self._up_udp.fileno())
+        for sk in (self._up_udp, self._down_udp):
+            if sk is not None:
+                sk.close()
         if self._server is not None:
             await self._server.wait_closed()
 
     # -- stream: UDP in, UDP out --
+    def _drain_udp(self) -> None:
+        sk = self._up_udp
+        assert sk is not None
+        for _ in range(UDP_BATCH):
+            try:
+                data, addr = sk.recvfrom(MAX_PACKET + 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # e.g. ICMP errors surfacing on the socket
+                self.count("udp_recv_error", None, e.errno)
+                return
+            self.from_udp(data, addr)
+
     def from_udp(self, data: bytes, addr) -> None:
         if self.upstream_hosts is not None and addr[0] not in self.upstream_hosts:
             self.count("udp_foreign_source")
@@ -183,10 +202,14 @@ class Relay:
         for sub in self._subs.values():
             if sub.udp is None:
                 continue
-            if down.get_write_buffer_size() > self.udp_buffer_limit:
-                self.count("udp_dropped", sub)
+            try:
+                down.sendto(data, sub.udp)  # the bytes as received: never re-encoded
+            except (BlockingIOError, InterruptedError):
+                self.count("udp_dropped", sub)  # the kernel's send buffer is full: drop, never queue
                 continue
-            down.sendto(data, sub.udp)  # the bytes as received: never re-encoded
+            except OSError as e:
+                self.count("udp_send_error", sub, e.errno)
+                continue
             self.stats["udp_relayed"] += 1
 
     # -- reliable: TCP in, TCP out --
@@ -200,12 +223,14 @@ class Relay:
         self._conns.add(task)
         try:
             while True:
-                try:
-                    head = await reader.readexactly(4)
-                except asyncio.IncompleteReadError:
+                try:  # T_IDLE also between frames: a silent peer cannot hold a slot
+                    head = await asyncio.wait_for(reader.readexactly(4), self.idle)
+                except asyncio.IncompleteReadError as e:
+                    if e.partial:
+                        raise
                     break
                 n = frame_length(head)
-                frame = head + await asyncio.wait_for(reader.readexactly(n - 4), T_IDLE)
+                frame = head + await asyncio.wait_for(reader.readexactly(n - 4), self.idle)
                 check_relayable(frame, self.session_id)
                 self.stats["tcp_in"] += 1
                 self._fan_out(frame)
