@@ -121,3 +121,13 @@ def test_heap_per_packet_below_packet_size_nothing_retained():
         assert used <= len(pkt), (c["name"], used, len(pkt))
         assert kept <= 0, (c["name"], kept)
         print("heap per packet", c["name"], used, "of", len(pkt), "kept", kept)
+
+
+def test_ctr_counter_blocks_carry_and_wrap():
+    dst = bytearray(64)
+    ctr = bytearray(b"\xff" * 16)
+    D._ctr_blocks(dst, ctr, 3)
+    assert bytes(dst[:48]) == b"\xff" * 16 + bytes(16) + bytes(15) + b"\x01"  # wraps modulo 2^128
+    ctr = bytearray(bytes(12) + b"\x00\x00\xff\xfe")
+    D._ctr_blocks(dst, ctr, 4)
+    assert bytes(dst[48:64]) == bytes(13) + b"\x01\x00\x01"  # carries through two bytes

@@ -1,7 +1,7 @@
 # Secure RMCP-2 content packets on the board (docs/rmcp2-profile.md B.17, defined by this
 # project): the content key ring KcRing and the receiver that checks and decrypts content
-# packets into preallocated buffers. CBC and CTR are both built on one ECB object per key,
-# so a packet allocates no cipher object; XOR and counter blocks are viper loops.
+# packets into preallocated buffers. CBC is cryptolib mode 2; CTR is built on one ECB object
+# per key (boards have no cryptolib CTR); XOR, counter blocks and compares are viper loops.
 # Written independently of the host's content.py; both reproduce the same vectors.
 import hashlib
 
@@ -12,7 +12,7 @@ except ImportError:  # firmware older than v1.19
 import micropython
 from micropython import const
 
-from tessera_fw.crypto.hmac import HMAC, ct_equal
+from tessera_fw.crypto.hmac import HMAC
 from tessera_fw.rmcp2.const import (ERR_ALGORITHM, ERR_KEY, ERR_LENGTH, ERR_MAC, ERR_MAID, ERR_NODE_TYPE,
                                     ERR_OVERSIZE, ERR_PADDING, ERR_REPLAY, ERR_TRUNCATED, ERR_UNKNOWN_MESSAGE,
                                     ERR_VALUE, ERR_VERSION, Rmcp2Error)
@@ -41,6 +41,7 @@ MAX_PACKET = const(1100)  # 60 + 1024 + at most 16 CBC padding
 _HASH = ("", "sha1", "md5")
 SEQ_MAX = const(0x3FFFFFFF)  # as B.7: a small int on every board
 _WIN = const(32)
+_ZERO8 = bytes(8)
 
 
 class Window:
@@ -65,37 +66,76 @@ class Window:
 
 
 @micropython.viper
-def _xor(dst: ptr8, src: ptr8, n: int):
-    for i in range(n):
-        dst[i] ^= src[i]
+def _xor(dst, src, n: int):
+    # dst ^= src over n bytes; by 32-bit words when both are word-aligned (always on the
+    # receive path: packets start aligned and C/IV sit at offsets 44/28), else by bytes,
+    # since the RP2040's Cortex-M0+ faults on unaligned word access
+    d = ptr8(dst)
+    s = ptr8(src)
+    if ((int(d) | int(s) | n) & 3) == 0:
+        d4 = ptr32(dst)
+        s4 = ptr32(src)
+        for i in range(n >> 2):
+            d4[i] ^= s4[i]
+    else:
+        for i in range(n):
+            d[i] ^= s[i]
 
 
 @micropython.viper
-def _ctr_blocks(dst: ptr8, ctr: ptr8, nblocks: int):
-    # dst <- ctr, ctr+1, ... (16-byte big-endian counter, wraps modulo 2^128); ctr advances.
+def _diff(a: ptr8, b: ptr8, n: int) -> int:
+    # OR of a[i] ^ b[i]: zero when equal; time depends only on n (tags are compared with it)
+    r = 0
+    for i in range(n):
+        r |= a[i] ^ b[i]
+    return r
+
+
+@micropython.viper
+def _pad_bad(p: ptr8, start: int, end: int, pad: int) -> int:
+    r = 0
+    for i in range(start, end):
+        r |= p[i] ^ pad
+    return r
+
+
+@micropython.viper
+def _ctr_blocks(dst, ctr, nblocks: int):
+    # dst <- ctr, ctr+1, ... (16-byte big-endian counter, wraps modulo 2^128). Both are the
+    # receiver's own aligned bytearrays: each block is the previous one copied by words,
+    # then incremented from its last byte.
+    d = ptr8(dst)
+    c = ptr8(ctr)
+    w = ptr32(dst)
+    for i in range(16):
+        d[i] = c[i]
     o = 0
-    for _b in range(nblocks):
-        for i in range(16):
-            dst[o + i] = ctr[i]
-        o += 16
-        i = 15
-        while i >= 0:
-            v = ctr[i] + 1
-            ctr[i] = v & 0xFF
+    for _b in range(1, nblocks):
+        w[o + 4] = w[o]
+        w[o + 5] = w[o + 1]
+        w[o + 6] = w[o + 2]
+        w[o + 7] = w[o + 3]
+        o += 4
+        i = (o << 2) + 15
+        end = o << 2
+        while i >= end:
+            v = d[i] + 1
+            d[i] = v & 0xFF
             if v < 256:
                 break
             i -= 1
 
 
 class _Slot:
-    """One Kc generation: its cipher (one ECB object: encrypt for CTR, decrypt for CBC),
+    """One Kc generation: its K_enc (and for CTR one ECB object making the keystream),
     its HMAC pads and its stream replay window; obj_high is the object channel's last Seq."""
 
     def __init__(self, gen, key, enc, auth):
         self.gen = gen
         self.key = bytes(key)
         kdf = HMAC(key)
-        self.ecb = cryptolib.aes(kdf.digest(b"RMCP2-DATA-ENC", bytes((enc,)))[:16], 1)
+        self.k_enc = kdf.digest(b"RMCP2-DATA-ENC", bytes((enc,)))[:16]
+        self.ecb = cryptolib.aes(self.k_enc, 1) if enc == 2 else None  # CTR's keystream
         m = HMAC(kdf.digest(b"RMCP2-DATA-MAC", bytes((auth,))), _HASH[auth])
         self.ipad = m.ipad
         self.opad = m.opad
@@ -206,13 +246,9 @@ class Receiver:
         if data[0] != _VERNT:
             raise Rmcp2Error(ERR_NODE_TYPE)
         mv = memoryview(data)
-        sid = self.sid
-        z = 0
-        for i in range(8):
-            if data[4 + i] != sid[i]:
-                raise Rmcp2Error(ERR_VALUE)
-            z |= data[12 + i]
-        if not z:
+        if _diff(mv[4:12], self.sid, 8):
+            raise Rmcp2Error(ERR_VALUE)
+        if not _diff(mv[12:20], _ZERO8, 8):
             raise Rmcp2Error(ERR_MAID)
         kind = data[20]
         if kind < KIND_STREAM or kind > KIND_END:
@@ -244,20 +280,16 @@ class Receiver:
         inner = h.digest()
         h = self._h(slot.opad)
         h.update(inner)
-        if not ct_equal(h.digest()[:_TAG], mv[end:n]):
+        if _diff(h.digest(), mv[end:n], _TAG):
             raise Rmcp2Error(ERR_MAC)
         pt = self._pt
-        if e == 1:  # CBC from ECB: P_i = D(C_i) xor C_(i-1), C_0 = IV
-            slot.ecb.decrypt(mv[_C:end], self._pmv[:clen])
-            _xor(pt, mv[_IV:_C], 16)
-            if clen > 16:
-                _xor(self._pmv[16:clen], mv[_C:end - 16], clen - 16)
+        if e == 1:  # CBC: cryptolib mode 2, one cipher object per packet (it holds the IV)
+            cryptolib.aes(slot.k_enc, 2, mv[_IV:_C]).decrypt(mv[_C:end], self._pmv[:clen])
             pad = pt[clen - 1]
             if pad < 1 or pad > 16:
                 raise Rmcp2Error(ERR_PADDING)
-            for i in range(clen - pad, clen - 1):
-                if pt[i] != pad:
-                    raise Rmcp2Error(ERR_PADDING)
+            if _pad_bad(pt, clen - pad, clen, pad):
+                raise Rmcp2Error(ERR_PADDING)
             plen = clen - pad
         else:  # CTR from ECB: keystream = E(IV), E(IV+1), ...
             self._ctr[:] = mv[_IV:_C]
@@ -311,7 +343,7 @@ class Receiver:
         self._obj = None
         if plen != 32 or self._left:
             raise Rmcp2Error(ERR_OBJECT)
-        if not ct_equal(d, out):
+        if _diff(d, out, 32):
             raise Rmcp2Error(ERR_DIGEST)
         self.on_data(KIND_END, out)
 

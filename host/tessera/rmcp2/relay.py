@@ -7,7 +7,8 @@ Length, Ver/NT, type, session; `content.check_relayable`). The subscriber list i
 (`set_subscribers`, fed by the join layer). Every queue is bounded per RMA: over UDP a full
 socket buffer drops that RMA's datagram, over TCP a full queue closes that RMA's link (a
 reliable object cannot skip a packet) until the next object begins; both are counted, and
-the SMA and the other RMAs never wait for a slow one.
+the SMA and the other RMAs never wait for one slow RMA. The SMA's TCP link is read as fast
+as the fastest RMA link drains (backpressure only when every link is behind).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -27,6 +28,8 @@ log = logging.getLogger("tessera.rmcp2.relay")
 T_IDLE = 60.0  # B.10: an upstream TCP link without a complete frame this long is closed
 T_CONNECT = 10.0
 UDP_BATCH = 64  # datagrams read per readiness event
+READ_CHUNK = 1 << 16
+WRITE_BATCH = 64  # frames joined into one write per RMA link
 
 
 @dataclass(frozen=True)
@@ -39,25 +42,31 @@ class Subscriber:
 
 
 class _TcpLink:
-    """The relay's TCP link to one RMA: a bounded queue and one writer task."""
+    """The relay's TCP link to one RMA: a queue bounded in bytes and one writer task."""
 
     def __init__(self, relay: Relay, sub: Subscriber) -> None:
         self.relay, self.sub = relay, sub
-        self.queue: asyncio.Queue[bytes] = asyncio.Queue(relay.queue_packets)
+        self.queue: deque[tuple[bytes, int]] = deque()  # (run of whole frames, how many)
+        self.queued = 0  # bytes in the queue
+        self.ready = asyncio.Event()
         self.closed = False
         self.task = asyncio.get_running_loop().create_task(self._run())
 
-    def offer(self, frame: bytes) -> None:
+    def offer(self, block: bytes, frames: int) -> None:
         if self.closed:
             return
-        try:
-            self.queue.put_nowait(frame)
-        except asyncio.QueueFull:
+        if self.queued + len(block) > self.relay.queue_bytes:
             self.relay.count("tcp_slow_closed", self.sub)
             self.close()
+            return
+        self.queue.append((block, frames))
+        self.queued += len(block)
+        self.ready.set()
 
     def close(self) -> None:
         self.closed = True
+        self.queue.clear()
+        self.queued = 0
         self.task.cancel()
 
     async def _run(self) -> None:
@@ -68,11 +77,20 @@ class _TcpLink:
             sock = writer.get_extra_info("socket")
             if sock is not None and self.relay.link_sndbuf:  # bound the kernel's share per RMA too
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.relay.link_sndbuf)
+            q = self.queue
             while True:
-                frame = await self.queue.get()
-                writer.write(frame)
+                if not q:
+                    self.ready.clear()
+                    await self.ready.wait()
+                    continue
+                batch = [q.popleft() for _ in range(min(len(q), WRITE_BATCH))]
+                data = batch[0][0] if len(batch) == 1 else b"".join(b for b, _n in batch)
+                self.queued -= len(data)
+                if self.queued < self.relay.queue_bytes // 2:
+                    self.relay.room.set()
+                writer.write(data)
                 await writer.drain()
-                self.relay.stats["tcp_relayed"] += 1
+                self.relay.stats["tcp_relayed"] += sum(n for _b, n in batch)
         except asyncio.CancelledError:
             pass
         except (OSError, asyncio.TimeoutError) as e:
@@ -98,13 +116,13 @@ class Relay:
     """One DMA's content relay for one session. `start()` binds the upstream UDP and TCP
     ports (0 = a free port) and one downstream UDP socket; `close()` stops everything."""
 
-    def __init__(self, session_id: bytes, *, queue_packets: int = 256,
+    def __init__(self, session_id: bytes, *, queue_bytes: int = 1 << 20,
                  max_upstream: int = 4, upstream_hosts: Iterable[str] | None = None,
                  link_sndbuf: int = 64 * 1024, idle: float = T_IDLE) -> None:
         if len(session_id) != 8:
             raise ValueError("session id is 8 bytes")
         self.session_id = session_id
-        self.queue_packets = queue_packets
+        self.queue_bytes = queue_bytes
         self.max_upstream = max_upstream
         self.link_sndbuf = link_sndbuf
         self.idle = idle
@@ -118,6 +136,7 @@ class Relay:
         self._down_udp: socket.socket | None = None
         self._server: asyncio.AbstractServer | None = None
         self._conns: set[asyncio.Task] = set()
+        self.room = asyncio.Event()  # set by a link writer whose queue fell below half
         self.udp_port = self.tcp_port = 0
 
     # -- subscribers (the join layer's view of this DMA's MM group) --
@@ -221,19 +240,45 @@ class Relay:
             return
         assert task is not None
         self._conns.add(task)
+        loop = asyncio.get_running_loop()
+        buf = bytearray()
         try:
+            deadline = loop.time() + self.idle
             while True:
-                try:  # T_IDLE also between frames: a silent peer cannot hold a slot
-                    head = await asyncio.wait_for(reader.readexactly(4), self.idle)
-                except asyncio.IncompleteReadError as e:
-                    if e.partial:
-                        raise
+                # T_IDLE (B.10) bounds the time to each complete frame, so neither a silent
+                # peer nor one trickling bytes holds a slot
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise asyncio.TimeoutError
+                chunk = await asyncio.wait_for(reader.read(READ_CHUNK), left)
+                if not chunk:
+                    if buf:
+                        raise asyncio.IncompleteReadError(bytes(buf), None)
                     break
-                n = frame_length(head)
-                frame = head + await asyncio.wait_for(reader.readexactly(n - 4), self.idle)
-                check_relayable(frame, self.session_id)
-                self.stats["tcp_in"] += 1
-                self._fan_out(frame)
+                buf += chunk
+                frames, used, begins, bad = 0, 0, False, None
+                view = memoryview(buf)
+                try:
+                    while len(buf) - used >= 4:
+                        n = frame_length(view[used:used + 4])  # checked before the body is awaited
+                        if len(buf) - used < n:
+                            break
+                        check_relayable(view[used:used + n], self.session_id)
+                        begins = begins or buf[used + 20] == Kind.OBJ_BEGIN  # Kind is in the clear
+                        frames += 1
+                        used += n
+                except Rmcp2Error as e:
+                    bad = e  # the good frames before it still go out; then the link closes
+                view.release()
+                if frames:
+                    self.stats["tcp_in"] += frames
+                    self._fan_out(bytes(buf[:used]), frames, begins)  # one copy, shared by every link
+                if bad is not None:
+                    raise bad
+                if used:
+                    del buf[:used]
+                    deadline = loop.time() + self.idle
+                    await self._backpressure()
         except Rmcp2Error as e:
             self.count(f"rejected_{e.code.name}")
         except (asyncio.IncompleteReadError, asyncio.TimeoutError, OSError) as e:
@@ -244,8 +289,22 @@ class Relay:
             self._conns.discard(task)
             writer.close()
 
-    def _fan_out(self, frame: bytes) -> None:
-        begins = len(frame) <= MAX_PACKET and frame[20] == Kind.OBJ_BEGIN  # Kind is in the clear
+    async def _backpressure(self) -> None:
+        """Read the SMA only as fast as the fastest RMA takes it: when every open link is at
+        least half full the relay itself (or the network) is the bottleneck, and waiting is
+        right; a link full while another has room is a slow RMA, closed in offer()."""
+        half = self.queue_bytes // 2
+        while True:
+            open_ = [link for link in self._links.values() if not link.closed]
+            if not open_ or min(link.queued for link in open_) < half:
+                return
+            self.room.clear()
+            try:
+                await asyncio.wait_for(self.room.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+
+    def _fan_out(self, block: bytes, frames: int, begins: bool) -> None:
         for maid, sub in self._subs.items():
             if sub.tcp is None:
                 continue
@@ -254,4 +313,4 @@ class Relay:
                 if link is not None:
                     self.count("tcp_reopened", sub)
                 link = self._links[maid] = _TcpLink(self, sub)
-            link.offer(frame)
+            link.offer(block, frames)
