@@ -1,9 +1,11 @@
 # Secure RMCP-2 content packets on the board (docs/rmcp2-profile.md B.17, defined by this
 # project): the content key ring KcRing and the receiver that checks and decrypts content
-# packets into preallocated buffers. CBC is cryptolib mode 2; CTR is built on one ECB object
-# per key (boards have no cryptolib CTR); XOR, counter blocks and compares are viper loops.
+# packets into preallocated buffers. CBC and CTR are both built on one ECB object per key
+# (boards have no cryptolib CTR), so a packet allocates no cipher object; XOR, counter
+# blocks and compares are viper loops.
 # Written independently of the host's content.py; both reproduce the same vectors.
 import hashlib
+import sys
 
 try:
     import cryptolib
@@ -17,10 +19,8 @@ from tessera_fw.rmcp2.const import (ERR_ALGORITHM, ERR_KEY, ERR_LENGTH, ERR_MAC,
                                     ERR_OVERSIZE, ERR_PADDING, ERR_REPLAY, ERR_TRUNCATED, ERR_UNKNOWN_MESSAGE,
                                     ERR_VALUE, ERR_VERSION, Rmcp2Error)
 
-try:
-    ptr8
-except NameError:  # CPython through mpshim: the viper annotations are only names there
-    ptr8 = bytearray
+# CPython through mpshim: viper is a no-op there, so plain versions replace the helpers
+_CPY = sys.implementation.name != "micropython"
 
 ERR_OBJECT = const(40)  # B.17: object framing (no BEGIN, a gap, size or length wrong)
 ERR_DIGEST = const(41)  # B.17: the object's SHA-256 differs from OBJ_END's
@@ -65,77 +65,114 @@ class Window:
             self.high = seq
 
 
+# The viper helpers take no annotations (the portability rule of the firmware): arguments
+# arrive as objects and are cast inside; results go out through a one-byte flag buffer,
+# since an unannotated viper function cannot return a native value.
 @micropython.viper
-def _xor(dst, src, n: int):
+def _xor(dst, src, n):
     # dst ^= src over n bytes; by 32-bit words when both are word-aligned (always on the
     # receive path: packets start aligned and C/IV sit at offsets 44/28), else by bytes,
     # since the RP2040's Cortex-M0+ faults on unaligned word access
     d = ptr8(dst)
     s = ptr8(src)
-    if ((int(d) | int(s) | n) & 3) == 0:
+    m = int(n)
+    if ((int(d) | int(s) | m) & 3) == 0:
         d4 = ptr32(dst)
         s4 = ptr32(src)
-        for i in range(n >> 2):
+        for i in range(m >> 2):
             d4[i] ^= s4[i]
     else:
-        for i in range(n):
+        for i in range(m):
             d[i] ^= s[i]
 
 
 @micropython.viper
-def _diff(a: ptr8, b: ptr8, n: int) -> int:
-    # OR of a[i] ^ b[i]: zero when equal; time depends only on n (tags are compared with it)
+def _diff(a, b, n, flag):
+    # flag[0] = 1 when a[:n] != b[:n]; time depends only on n (tags are compared with it)
+    x = ptr8(a)
+    y = ptr8(b)
     r = 0
-    for i in range(n):
-        r |= a[i] ^ b[i]
-    return r
+    for i in range(int(n)):
+        r |= x[i] ^ y[i]
+    f = ptr8(flag)
+    f[0] = 1 if r else 0
 
 
 @micropython.viper
-def _pad_bad(p: ptr8, start: int, end: int, pad: int) -> int:
+def _pad_bad(p, start, end, pad, flag):
+    # flag[0] = 1 unless p[start:end] are all `pad`
+    x = ptr8(p)
+    v = int(pad)
+    i = int(start)
+    e = int(end)
     r = 0
-    for i in range(start, end):
-        r |= p[i] ^ pad
-    return r
+    while i < e:
+        r |= x[i] ^ v
+        i += 1
+    f = ptr8(flag)
+    f[0] = 1 if r else 0
 
 
 @micropython.viper
-def _ctr_blocks(dst, ctr, nblocks: int):
+def _ctr_blocks(dst, ctr, nblocks):
     # dst <- ctr, ctr+1, ... (16-byte big-endian counter, wraps modulo 2^128). Both are the
     # receiver's own aligned bytearrays: each block is the previous one copied by words,
     # then incremented from its last byte.
     d = ptr8(dst)
     c = ptr8(ctr)
     w = ptr32(dst)
-    for i in range(16):
-        d[i] = c[i]
+    k = 0
+    while k < 16:
+        d[k] = c[k]
+        k += 1
     o = 0
-    for _b in range(1, nblocks):
-        w[o + 4] = w[o]
-        w[o + 5] = w[o + 1]
-        w[o + 6] = w[o + 2]
-        w[o + 7] = w[o + 3]
+    last = (int(nblocks) - 1) << 2
+    while o < last:
+        w[o + 4] = int(w[o])
+        w[o + 5] = int(w[o + 1])
+        w[o + 6] = int(w[o + 2])
+        w[o + 7] = int(w[o + 3])
         o += 4
-        i = (o << 2) + 15
+        j = (o << 2) + 15
         end = o << 2
-        while i >= end:
-            v = d[i] + 1
-            d[i] = v & 0xFF
+        while j >= end:
+            v = d[j] + 1
+            d[j] = v & 0xFF
             if v < 256:
                 break
-            i -= 1
+            j -= 1
+
+
+if _CPY:  # plain-Python equivalents for CPython (tests through tessera.mpshim)
+
+    def _xor(dst, src, n):  # noqa: F811
+        for i in range(n):
+            dst[i] ^= src[i]
+
+    def _diff(a, b, n, flag):  # noqa: F811
+        r = 0
+        for i in range(n):
+            r |= a[i] ^ b[i]
+        flag[0] = 1 if r else 0
+
+    def _pad_bad(p, start, end, pad, flag):  # noqa: F811
+        _diff(memoryview(p)[start:end], bytes((pad,)) * (end - start), end - start, flag)
+
+    def _ctr_blocks(dst, ctr, nblocks):  # noqa: F811
+        c = int.from_bytes(bytes(ctr[:16]), "big")
+        for b in range(nblocks):
+            dst[b * 16:b * 16 + 16] = ((c + b) & ((1 << 128) - 1)).to_bytes(16, "big")
 
 
 class _Slot:
-    """One Kc generation: its K_enc (and for CTR one ECB object making the keystream),
+    """One Kc generation: its cipher (one ECB object: encrypt for CTR, decrypt for CBC),
     its HMAC pads and its stream replay window; obj_high is the object channel's last Seq."""
 
     def __init__(self, gen, key, enc, auth):
         self.gen = gen
         self.key = bytes(key)
         kdf = HMAC(key)
-        self.k_enc = kdf.digest(b"RMCP2-DATA-ENC", bytes((enc,)))[:16]
-        self.ecb = cryptolib.aes(self.k_enc, 1) if enc == 2 else None  # CTR's keystream
+        self.ecb = cryptolib.aes(kdf.digest(b"RMCP2-DATA-ENC", bytes((enc,)))[:16], 1)
         m = HMAC(kdf.digest(b"RMCP2-DATA-MAC", bytes((auth,))), _HASH[auth])
         self.ipad = m.ipad
         self.opad = m.opad
@@ -217,6 +254,7 @@ class Receiver:
         self._ks = bytearray(MAX_PACKET)
         self._kmv = memoryview(self._ks)
         self._ctr = bytearray(16)
+        self._flag = bytearray(1)
         self._h = hashlib.sha1 if ring.auth == 1 else hashlib.md5
         self.errors = [0] * 48
         self.packets = 0
@@ -246,9 +284,12 @@ class Receiver:
         if data[0] != _VERNT:
             raise Rmcp2Error(ERR_NODE_TYPE)
         mv = memoryview(data)
-        if _diff(mv[4:12], self.sid, 8):
+        flag = self._flag
+        _diff(mv[4:12], self.sid, 8, flag)
+        if flag[0]:
             raise Rmcp2Error(ERR_VALUE)
-        if not _diff(mv[12:20], _ZERO8, 8):
+        _diff(mv[12:20], _ZERO8, 8, flag)
+        if not flag[0]:
             raise Rmcp2Error(ERR_MAID)
         kind = data[20]
         if kind < KIND_STREAM or kind > KIND_END:
@@ -280,15 +321,21 @@ class Receiver:
         inner = h.digest()
         h = self._h(slot.opad)
         h.update(inner)
-        if _diff(h.digest(), mv[end:n], _TAG):
+        _diff(h.digest(), mv[end:n], _TAG, flag)
+        if flag[0]:
             raise Rmcp2Error(ERR_MAC)
         pt = self._pt
-        if e == 1:  # CBC: cryptolib mode 2, one cipher object per packet (it holds the IV)
-            cryptolib.aes(slot.k_enc, 2, mv[_IV:_C]).decrypt(mv[_C:end], self._pmv[:clen])
+        if e == 1:  # CBC from ECB: P_i = D(C_i) xor C_(i-1), C_0 = IV. cryptolib mode 2
+            # would need a cipher object per packet (it holds the IV): ~250 B more heap each
+            slot.ecb.decrypt(mv[_C:end], self._pmv[:clen])
+            _xor(pt, mv[_IV:_C], 16)
+            if clen > 16:
+                _xor(self._pmv[16:clen], mv[_C:end - 16], clen - 16)
             pad = pt[clen - 1]
             if pad < 1 or pad > 16:
                 raise Rmcp2Error(ERR_PADDING)
-            if _pad_bad(pt, clen - pad, clen, pad):
+            _pad_bad(pt, clen - pad, clen, pad, flag)
+            if flag[0]:
                 raise Rmcp2Error(ERR_PADDING)
             plen = clen - pad
         else:  # CTR from ECB: keystream = E(IV), E(IV+1), ...
@@ -343,7 +390,9 @@ class Receiver:
         self._obj = None
         if plen != 32 or self._left:
             raise Rmcp2Error(ERR_OBJECT)
-        if _diff(d, out, 32):
+        flag = self._flag
+        _diff(d, out, 32, flag)
+        if flag[0]:
             raise Rmcp2Error(ERR_DIGEST)
         self.on_data(KIND_END, out)
 
