@@ -209,20 +209,7 @@ class Decoder:
 
     def _receive(self, data: bytes) -> Event:
         n = len(data)
-        if n < MIN_PACKET:
-            raise Rmcp2Error(ErrorCode.TRUNCATED)
-        if n > MAX_PACKET:
-            raise Rmcp2Error(ErrorCode.OVERSIZE)
-        if int.from_bytes(data[2:4], "big") != n:
-            raise Rmcp2Error(ErrorCode.LENGTH)
-        if data[0] >> 4 != 4:
-            raise Rmcp2Error(ErrorCode.VERSION)
-        if data[1] != TYPE_DATA:
-            raise Rmcp2Error(ErrorCode.UNKNOWN_MESSAGE)
-        if data[0] != VER_NT:
-            raise Rmcp2Error(ErrorCode.NODE_TYPE, "content comes from the SMA")
-        if data[4:12] != self.session_id:
-            raise Rmcp2Error(ErrorCode.VALUE, "another session")
+        check_relayable(data, self.session_id)
         if not any(data[12:20]):
             raise Rmcp2Error(ErrorCode.MAID)
         kind, enc, auth, gen, seq = struct.unpack_from(">BBBBI", data, 20)
@@ -304,7 +291,8 @@ def frame_length(head: bytes) -> int:
 
 
 def check_relayable(data: bytes, session_id: bytes) -> None:
-    """What a DMA can check without Kc (B.17): size, Length, Ver/NT, type, session."""
+    """The clear part of a packet, the first checks of B.17 in their order: size, Length,
+    Ver, type, NT, session. All a DMA can check without Kc; receivers go on from here."""
     n = len(data)
     if n < MIN_PACKET:
         raise Rmcp2Error(ErrorCode.TRUNCATED)
@@ -312,7 +300,11 @@ def check_relayable(data: bytes, session_id: bytes) -> None:
         raise Rmcp2Error(ErrorCode.OVERSIZE)
     if int.from_bytes(data[2:4], "big") != n:
         raise Rmcp2Error(ErrorCode.LENGTH)
-    if data[0] != VER_NT or data[1] != TYPE_DATA:
-        raise Rmcp2Error(ErrorCode.UNKNOWN_MESSAGE, "not a content packet")
+    if data[0] >> 4 != 4:
+        raise Rmcp2Error(ErrorCode.VERSION)
+    if data[1] != TYPE_DATA:
+        raise Rmcp2Error(ErrorCode.UNKNOWN_MESSAGE)
+    if data[0] != VER_NT:
+        raise Rmcp2Error(ErrorCode.NODE_TYPE, "content comes from the SMA")
     if data[4:12] != session_id:
         raise Rmcp2Error(ErrorCode.VALUE, "another session")
