@@ -420,6 +420,15 @@ def udp_loop(sock, rx, count=-1):
     return got
 
 
+def mcast_join(sock, group4, iface4):
+    """Join IPv4 multicast group `group4` (4 bytes) on the interface with address `iface4`
+    (4 bytes) for a multicast-enabled MM group (B.17). IPPROTO_IP is 0: not every port
+    exports the constant."""
+    import socket
+
+    sock.setsockopt(0, socket.IP_ADD_MEMBERSHIP, bytes(group4) + bytes(iface4))
+
+
 def tcp_loop(sock, rx):
     """Reliable delivery (B.17): content packets back to back on a TCP stream, each framed
     by its header's Length. Returns at end of stream; a packet rejected by rx, a Length

@@ -118,7 +118,9 @@ class Relay:
 
     def __init__(self, session_id: bytes, *, queue_bytes: int = 1 << 20,
                  max_upstream: int = 4, upstream_hosts: Iterable[str] | None = None,
-                 link_sndbuf: int = 64 * 1024, idle: float = T_IDLE) -> None:
+                 link_sndbuf: int = 64 * 1024, idle: float = T_IDLE,
+                 multicast: tuple[str, int] | None = None, multicast_if: str | None = None,
+                 multicast_ttl: int = 1) -> None:
         if len(session_id) != 8:
             raise ValueError("session id is 8 bytes")
         self.session_id = session_id
@@ -126,6 +128,10 @@ class Relay:
         self.max_upstream = max_upstream
         self.link_sndbuf = link_sndbuf
         self.idle = idle
+        # multicast-enabled MM group (B.17): each stream packet is sent once to the group
+        # address on the interface towards the RMAs, in addition to any unicast subscribers
+        self.multicast, self.multicast_if, self.multicast_ttl = multicast, multicast_if, multicast_ttl
+        self._mcast: socket.socket | None = None
         # a source address proves nothing (the RMAs' MAC check does); this only sheds load
         self.upstream_hosts = set(upstream_hosts) if upstream_hosts is not None else None
         self.stats: Counter[str] = Counter()
@@ -168,6 +174,13 @@ class Relay:
         # take at once is dropped and counted instead of being buffered
         self._up_udp = _udp_socket(host, udp_port, 1 << 20)
         self._down_udp = _udp_socket(host, 0, 1 << 16)
+        if self.multicast is not None:
+            m = self._mcast = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            m.setblocking(False)
+            m.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, self.multicast_ttl)
+            if self.multicast_if:
+                m.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(self.multicast_if))
+                m.bind((self.multicast_if, 0))
         asyncio.get_running_loop().add_reader(self._up_udp.fileno(), self._drain_udp)
         self._server = await asyncio.start_server(self._upstream_tcp, host, tcp_port)
         self.udp_port = self._up_udp.getsockname()[1]
@@ -186,7 +199,7 @@ class Relay:
         self._links.clear()
         if self._up_udp is not None:
             asyncio.get_running_loop().remove_reader(self._up_udp.fileno())
-        for sk in (self._up_udp, self._down_udp):
+        for sk in (self._up_udp, self._down_udp, self._mcast):
             if sk is not None:
                 sk.close()
         if self._server is not None:
@@ -216,6 +229,14 @@ class Relay:
             self.count(f"rejected_{e.code.name}")
             return
         self.stats["udp_in"] += 1
+        if self._mcast is not None:
+            try:
+                self._mcast.sendto(data, self.multicast)  # unchanged, once for the whole group
+                self.stats["mcast_relayed"] += 1
+            except (BlockingIOError, InterruptedError):
+                self.count("mcast_dropped")
+            except OSError as e:
+                self.count("mcast_send_error", None, e.errno)
         down = self._down_udp
         assert down is not None
         for sub in self._subs.values():
