@@ -251,8 +251,9 @@ class Receiver:
         self.bmv = memoryview(self.buf)
         self._pt = bytearray(MAX_PACKET)
         self._pmv = memoryview(self._pt)
-        self._ks = bytearray(MAX_PACKET)
-        self._kmv = memoryview(self._ks)
+        if ring.enc == 2:  # CTR's counter blocks / keystream; CBC needs none
+            self._ks = bytearray(MAX_PACKET)
+            self._kmv = memoryview(self._ks)
         self._ctr = bytearray(16)
         self._flag = bytearray(1)
         self._h = hashlib.sha1 if ring.auth == 1 else hashlib.md5
