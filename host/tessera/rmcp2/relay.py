@@ -335,3 +335,76 @@ class Relay:
                     self.count("tcp_reopened", sub)
                 link = self._links[maid] = _TcpLink(self, sub)
             link.offer(block, frames)
+
+
+class SmaSender:
+    """The SMA's side of the content transport (B.17): stream packets by UDP to each DMA's
+    content port, objects over one TCP link per DMA, the bytes from a content.Encoder.
+    Stream sends never wait (a datagram the kernel refuses is counted as dropped); an
+    object waits for every DMA link to take it (TCP backpressure from the relays)."""
+
+    def __init__(self, dmas: Iterable[tuple[str, int, int]]) -> None:
+        self.dmas = [(h, u, t) for h, u, t in dmas]  # (host, content UDP port, content TCP port)
+        self.stats: Counter[str] = Counter()
+        self._udp: socket.socket | None = None
+        self._links: dict[tuple[str, int], asyncio.StreamWriter] = {}
+
+    def stream(self, packet: bytes) -> None:
+        if self._udp is None:
+            self._udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # IPv4 MAs only (B.1)
+            self._udp.setblocking(False)
+        for host, port, _t in self.dmas:
+            try:
+                self._udp.sendto(packet, (host, port))
+                self.stats["udp_sent"] += 1
+            except (BlockingIOError, InterruptedError):
+                self.stats["udp_dropped"] += 1
+            except OSError:
+                self.stats["udp_send_error"] += 1
+
+    async def object(self, packets: Iterable[bytes]) -> None:
+        """Send one object's packets (content.Encoder.object) to every DMA. A DMA whose link
+        fails is counted and skipped for the rest of this object; the link is reopened for
+        the next one."""
+        writers = []
+        for host, _u, port in self.dmas:
+            w = self._links.get((host, port))
+            if w is None or w.is_closing():
+                try:
+                    _r, w = await asyncio.wait_for(asyncio.open_connection(host, port), T_CONNECT)
+                except (OSError, asyncio.TimeoutError):
+                    self.stats["tcp_connect_failed"] += 1
+                    continue
+                self._links[(host, port)] = w
+            writers.append(w)
+        batch: list[bytes] = []
+        for p in packets:
+            batch.append(p)
+            if len(batch) == WRITE_BATCH:
+                writers = await self._write(writers, b"".join(batch))
+                batch = []
+        if batch:
+            await self._write(writers, b"".join(batch))
+
+    async def _write(self, writers: list[asyncio.StreamWriter], data: bytes) -> list[asyncio.StreamWriter]:
+        alive = []
+        for w in writers:
+            try:
+                w.write(data)
+                await w.drain()
+                alive.append(w)
+            except OSError:
+                self.stats["tcp_link_failed"] += 1
+                w.close()
+        self.stats["tcp_bytes"] += len(data) * len(alive)
+        return alive
+
+    async def close(self) -> None:
+        for w in self._links.values():
+            w.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(w.wait_closed(), 1.0)
+        self._links.clear()
+        if self._udp is not None:
+            self._udp.close()
+            self._udp = None

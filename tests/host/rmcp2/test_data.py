@@ -272,6 +272,51 @@ def test_relay_udp_and_tcp_unchanged_to_every_rma():
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
+def test_sma_sender_through_two_relays_to_rmas():
+    """The SMA's sender to two DMA relays, each with its own RMAs (figure 104): stream and
+    object arrive decrypted and byte-exact at every RMA; the relays see only ciphertext."""
+    kc = os.urandom(16)
+
+    async def main():
+        relays, rmas = [], []
+        for _d in range(2):
+            relay = R.Relay(SID)
+            await relay.start()
+            subs = []
+            for i in range(2):
+                tr, up, ua = await udp_sink()
+                ts = TcpSink()
+                subs.append(R.Subscriber(bytes([len(rmas) + 1]) * 8, udp=ua, tcp=await ts.start()))
+                rmas.append((tr, up, ts))
+            relay.set_subscribers(subs)
+            relays.append(relay)
+        sender = R.SmaSender([("127.0.0.1", r.udp_port, r.tcp_port) for r in relays])
+        enc = D.Encoder(SID, MAID, 1, 2, rand_source())
+        enc.set_key(200, kc)
+        payloads = [os.urandom(n) for n in (10, 1024, 333)]
+        for p in payloads:
+            sender.stream(enc.stream(p))
+            await asyncio.sleep(0.01)
+        obj = os.urandom(70_000)
+        pkts = list(enc.object(obj))
+        await sender.object(pkts)
+        await until(lambda: all(len(up.got) == 3 and len(ts.frames) == len(pkts) for _t, up, ts in rmas),
+                    what="every RMA behind both DMAs")
+        for tr, up, ts in rmas:
+            dec = D.Decoder(SID, ring_with(1, 2, (200, kc)))
+            assert [dec.receive(x).data for x in up.got] == payloads
+            evs = [dec.receive(x) for x in ts.frames]
+            assert b"".join(e.data for e in evs if e.kind == D.Kind.OBJ_DATA) == obj
+            assert evs[-1].kind == D.Kind.OBJ_END
+            tr.close()
+            ts.server.close()
+        assert sender.stats["udp_sent"] == 6 and sender.stats["tcp_connect_failed"] == 0
+        await sender.close()
+        for r in relays:
+            await r.close()
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
 def test_relay_slow_rma_closed_others_served():
     async def main():
         relay = R.Relay(SID, queue_bytes=128 * 1024)
