@@ -19,8 +19,7 @@ from tessera_fw.rmcp2.const import (ERR_ALGORITHM, ERR_KEY, ERR_LENGTH, ERR_MAC,
                                     ERR_OVERSIZE, ERR_PADDING, ERR_REPLAY, ERR_TRUNCATED, ERR_UNKNOWN_MESSAGE,
                                     ERR_VALUE, ERR_VERSION, Rmcp2Error)
 
-# CPython through mpshim: viper is a no-op there, so plain versions replace the helpers
-_CPY = sys.implementation.name != "micropython"
+_CPY = sys.implementation.name != "micropython"  # CPython through tessera.mpshim
 
 ERR_OBJECT = const(40)  # B.17: object framing (no BEGIN, a gap, size or length wrong)
 ERR_DIGEST = const(41)  # B.17: the object's SHA-256 differs from OBJ_END's
@@ -65,14 +64,63 @@ class Window:
             self.high = seq
 
 
-# The viper helpers take no annotations (the portability rule of the firmware): arguments
-# arrive as objects and are cast inside; results go out through a one-byte flag buffer,
-# since an unannotated viper function cannot return a native value.
+# XOR, counter blocks and compares as viper functions, compiled on the device when this
+# module is imported: the firmware ships as portable bytecode (virtual boards load the same
+# .mpy as any port) and mpy-cross cannot put native code in it, so the viper source is a
+# string handed to the board's own compiler (ESP32 and RP2040 builds have the native
+# emitter). Where that fails (CPython through mpshim, a port without the emitter) the plain
+# versions below stay: the same results, no allocation, much slower.
+# No annotations (the firmware portability rule): arguments arrive as objects and are cast
+# inside; results go out through a one-byte flag buffer, since an unannotated viper
+# function cannot return a native value.
+# _xor: dst ^= src over n bytes, by 32-bit words when both are word-aligned (always on the
+#   receive path: packets start aligned, IV/C sit at offsets 28/44), else by bytes (the
+#   RP2040's Cortex-M0+ faults on unaligned word access).
+# _diff: flag[0] = 1 when a[:n] != b[:n]; time depends only on n (tags are compared so).
+# _pad_bad: flag[0] = 1 unless p[start:end] are all `pad`.
+# _ctr_blocks: dst <- ctr, ctr+1, ... (16-byte big-endian counter, modulo 2^128); each
+#   block is the previous one copied, then incremented from its last byte.
+
+
+def _xor(dst, src, n):
+    for i in range(n):
+        dst[i] ^= src[i]
+
+
+def _diff(a, b, n, flag):
+    r = 0
+    for i in range(n):
+        r |= a[i] ^ b[i]
+    flag[0] = 1 if r else 0
+
+
+def _pad_bad(p, start, end, pad, flag):
+    r = 0
+    for i in range(start, end):
+        r |= p[i] ^ pad
+    flag[0] = 1 if r else 0
+
+
+def _ctr_blocks(dst, ctr, nblocks):
+    for k in range(16):
+        dst[k] = ctr[k]
+    o = 0
+    for _b in range(1, nblocks):
+        for k in range(16):
+            dst[o + 16 + k] = dst[o + k]
+        o += 16
+        j = o + 15
+        while j >= o:
+            v = dst[j] + 1
+            dst[j] = v & 0xFF
+            if v < 256:
+                break
+            j -= 1
+
+
+_VIPER = """
 @micropython.viper
 def _xor(dst, src, n):
-    # dst ^= src over n bytes; by 32-bit words when both are word-aligned (always on the
-    # receive path: packets start aligned and C/IV sit at offsets 44/28), else by bytes,
-    # since the RP2040's Cortex-M0+ faults on unaligned word access
     d = ptr8(dst)
     s = ptr8(src)
     m = int(n)
@@ -84,11 +132,8 @@ def _xor(dst, src, n):
     else:
         for i in range(m):
             d[i] ^= s[i]
-
-
 @micropython.viper
 def _diff(a, b, n, flag):
-    # flag[0] = 1 when a[:n] != b[:n]; time depends only on n (tags are compared with it)
     x = ptr8(a)
     y = ptr8(b)
     r = 0
@@ -96,11 +141,8 @@ def _diff(a, b, n, flag):
         r |= x[i] ^ y[i]
     f = ptr8(flag)
     f[0] = 1 if r else 0
-
-
 @micropython.viper
 def _pad_bad(p, start, end, pad, flag):
-    # flag[0] = 1 unless p[start:end] are all `pad`
     x = ptr8(p)
     v = int(pad)
     i = int(start)
@@ -111,13 +153,8 @@ def _pad_bad(p, start, end, pad, flag):
         i += 1
     f = ptr8(flag)
     f[0] = 1 if r else 0
-
-
 @micropython.viper
 def _ctr_blocks(dst, ctr, nblocks):
-    # dst <- ctr, ctr+1, ... (16-byte big-endian counter, wraps modulo 2^128). Both are the
-    # receiver's own aligned bytearrays: each block is the previous one copied by words,
-    # then incremented from its last byte.
     d = ptr8(dst)
     c = ptr8(ctr)
     w = ptr32(dst)
@@ -141,27 +178,16 @@ def _ctr_blocks(dst, ctr, nblocks):
             if v < 256:
                 break
             j -= 1
+"""
 
-
-if _CPY:  # plain-Python equivalents for CPython (tests through tessera.mpshim)
-
-    def _xor(dst, src, n):  # noqa: F811
-        for i in range(n):
-            dst[i] ^= src[i]
-
-    def _diff(a, b, n, flag):  # noqa: F811
-        r = 0
-        for i in range(n):
-            r |= a[i] ^ b[i]
-        flag[0] = 1 if r else 0
-
-    def _pad_bad(p, start, end, pad, flag):  # noqa: F811
-        _diff(memoryview(p)[start:end], bytes((pad,)) * (end - start), end - start, flag)
-
-    def _ctr_blocks(dst, ctr, nblocks):  # noqa: F811
-        c = int.from_bytes(bytes(ctr[:16]), "big")
-        for b in range(nblocks):
-            dst[b * 16:b * 16 + 16] = ((c + b) & ((1 << 128) - 1)).to_bytes(16, "big")
+VIPER = False
+if not _CPY:
+    try:
+        exec(_VIPER, globals())
+        VIPER = True
+    except Exception:  # noqa: BLE001 - no native emitter: keep the plain versions
+        pass
+_VIPER = None
 
 
 class _Slot:
