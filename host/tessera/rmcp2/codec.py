@@ -48,6 +48,9 @@ class ErrorCode(IntEnum):
     MAC = 16
     REPLAY = 17
     PADDING = 18
+    # B.17 content packets (p2-data): numbered apart from the message codecs' range
+    OBJECT = 40
+    DIGEST = 41
 
 
 class Rmcp2Error(TesseraError):
