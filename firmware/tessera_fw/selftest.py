@@ -79,6 +79,36 @@ def run(suites=SUITES, out=print):
     return failed == 0
 
 
+VERDICT = "selftest.txt"
+
+
+def boot(path=VERDICT):
+    """The first life of a board's boot (main.py, issue 9 #9): run the self-test, write its
+    summary line to `path` and soft-reset, so that the application starts in a fresh heap
+    that never held the self-test (machine.soft_reset() restarts the VM; every object and
+    every name interned since power-on is gone). Returns False without a reset when `path`
+    cannot be written (a soft reset would then run the self-test again, forever)."""
+    last = ["SELFTEST FAIL (no summary)"]
+
+    def out(s):
+        print(s)
+        last[0] = s
+
+    try:
+        run(out=out)
+    except Exception as e:  # noqa: BLE001 - a self-test that cannot run is a failed one
+        out("SELFTEST FAIL %s: %s" % (type(e).__name__, e))
+    try:
+        with open(path, "w") as f:
+            f.write(last[0])
+    except OSError:
+        return False
+    import machine
+
+    machine.soft_reset()  # raises SystemExit: the board's firmware restarts the VM
+    return True
+
+
 def status():
     """One JSON line describing the board (used by `tessera board status`)."""
     import json

@@ -39,7 +39,6 @@ _ERR_PADDING = const(13)
 _ERR_BCC = const(14)
 # service -> SHD byte 1 (cipher id << 4 | MAC id)
 _ALG = (0, 0x01, 0x10, 0x11)
-_ZEROS = tuple(bytes(k) for k in range(16))  # expected padding of k bytes
 
 
 # SCPMError and the error names of profile section 8 live here, not in const.py: the device
@@ -228,14 +227,15 @@ class Codec:
         rx = bytearray(_MAX_FRAME)
         rxmv = memoryview(rx)
         # plaintext, decrypted so that it ENDS at _MAX_ENC: the padding is then always the
-        # last k bytes, checked through one of 16 preallocated views
+        # last k bytes (checked byte by byte: 16 preallocated views and 16 expected-padding
+        # strings cost 1.7 KB of a board's heap, issue 9 #9)
         pt = bytearray(_MAX_ENC)
         ptmv = memoryview(pt)
         bx = bytearray(32)
         # decode()'s preallocated objects, in one tuple that it unpacks into locals in one
         # step instead of a dozen instance-attribute loads
         self._bufs = (rx, rxmv, rxmv[11:19], rxmv[1:9],  # frame, SHD|SNF and SA|DA views
-                      pt, ptmv, [ptmv[_MAX_ENC - k:] for k in range(16)],  # padding tails
+                      pt, ptmv,
                       bytearray(16), bytearray(16), bytearray(16),  # IV input, IV, scratch
                       cryptolib.aes(os.urandom(16), 1), bx, memoryview(bx)[:16],  # tag blinding
                       bytearray(16))
@@ -359,7 +359,7 @@ class Codec:
                 raise SCPMError(_ERR_TOO_OLD)
             if snf == high or win.seen[snf & 63]:
                 raise SCPMError(_ERR_REPLAY)
-        rx, mv, v_shd_snf, v_sa_da, pt, ptmv, tails, ivin, iv, scratch, blind, bx, bx16, by = self._bufs
+        rx, mv, v_shd_snf, v_sa_da, pt, ptmv, ivin, iv, scratch, blind, bx, bx16, by = self._bufs
         rx[:n] = data  # no allocation; the views below are preallocated or one per use
         # 4. MDAS
         if svc != 2:
@@ -401,8 +401,11 @@ class Codec:
                 raise self._spoilt(_ERR_LENGTH)
             if pad > 15:  # more than 15 padding bytes: bad block count
                 raise self._spoilt(_ERR_PADDING)
-            if pad and tails[pad] != _ZEROS[pad]:  # compared in C, no allocation
-                raise self._spoilt(_ERR_PADDING)
+            i = _MAX_ENC - pad  # the padding must be zeros (no allocation)
+            while i < _MAX_ENC:
+                if pt[i]:
+                    raise self._spoilt(_ERR_PADDING)
+                i += 1
             if svc == 2:
                 d = _sha256(ptmv[base:base + 2 + pbc]).digest()
                 if d[0] != pt[base + 2 + pbc] or d[1] != pt[base + 3 + pbc]:
