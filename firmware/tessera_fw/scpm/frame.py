@@ -1,7 +1,7 @@
 # SCPM general and secure frames (docs/scpm-profile.md sections 2, 3, 5): encode, decode,
 # key derivation. Decoding works in preallocated buffers: the decoded PADATA is a
-# memoryview into the received frame (service 1, plain) or into the codec's plaintext
-# buffer (services 2, 3), valid until the next decode.
+# memoryview into the codec's copy of the received frame (services 2 and 3 decrypt it in
+# place) or into the frame itself (plain), valid until the next decode.
 import hashlib
 import os
 
@@ -19,7 +19,6 @@ _MAX_ADATA = const(1100)
 _MAX_FRAME = const(1111)  # 11 + _MAX_ADATA
 _MAX_PADATA = const(1024)
 _MAC = const(16)
-_MAX_ENC = const(1088)  # largest whole-block encrypted part of a 1100-byte ADATA (service 2)
 # error numbers (const.py, profile section 8)
 _ERR_TRUNCATED = const(1)
 _ERR_LENGTH = const(2)
@@ -229,16 +228,10 @@ class Codec:
         # received secure frame, copied to a fixed place so that the views below are fixed
         rx = bytearray(_MAX_FRAME)
         rxmv = memoryview(rx)
-        # plaintext, decrypted so that it ENDS at _MAX_ENC: the padding is then always the
-        # last k bytes (checked byte by byte: 16 preallocated views and 16 expected-padding
-        # strings cost 1.7 KB of a board's heap, issue 9 #9)
-        pt = bytearray(_MAX_ENC)
-        ptmv = memoryview(pt)
         bx = bytearray(32)
         # decode()'s preallocated objects, in one tuple that it unpacks into locals in one
         # step instead of a dozen instance-attribute loads
         self._bufs = (rx, rxmv, rxmv[11:19], rxmv[1:9],  # frame, SHD|SNF and SA|DA views
-                      pt, ptmv,
                       bytearray(16), bytearray(16), bytearray(16),  # IV input, IV, scratch
                       cryptolib.aes(os.urandom(16), 1), bx, memoryview(bx)[:16],  # tag blinding
                       bytearray(16))
@@ -362,7 +355,7 @@ class Codec:
                 raise SCPMError(_ERR_TOO_OLD)
             if snf == high or win.seen[snf & 63]:
                 raise SCPMError(_ERR_REPLAY)
-        rx, mv, v_shd_snf, v_sa_da, pt, ptmv, ivin, iv, scratch, blind, bx, bx16, by = self._bufs
+        rx, mv, v_shd_snf, v_sa_da, ivin, iv, scratch, blind, bx, bx16, by = self._bufs
         rx[:n] = data  # no allocation; the views below are preallocated or one per use
         # 4. MDAS
         if svc != 2:
@@ -394,9 +387,13 @@ class Codec:
             key.ecb.encrypt(ivin, iv)
             dec = key.cbc_dec
             dec.decrypt(iv, scratch)  # chain state := IV
-            base = _MAX_ENC - enc
-            dec.decrypt(mv[19:19 + enc], ptmv[base:])
-            pbc = (pt[base] << 8) | pt[base + 1]
+            # decrypted in place (cryptolib: "in_buf and out_buf can also refer to the same
+            # mutable buffer", docs.micropython.org library/cryptolib.html): the frame's copy
+            # then holds the plaintext, no second 1088-byte buffer (issue 9 #9); the MAC over
+            # the ciphertext was checked above
+            end = 19 + enc
+            dec.decrypt(mv[19:end], mv[19:end])
+            pbc = (rx[19] << 8) | rx[20]
             pad = enc - pbc - (4 if svc == 2 else 2)
             if pbc > _MAX_PADATA:
                 raise self._spoilt(_ERR_OVERSIZE)
@@ -404,17 +401,17 @@ class Codec:
                 raise self._spoilt(_ERR_LENGTH)
             if pad > 15:  # more than 15 padding bytes: bad block count
                 raise self._spoilt(_ERR_PADDING)
-            i = _MAX_ENC - pad  # the padding must be zeros (no allocation)
-            while i < _MAX_ENC:
-                if pt[i]:
+            i = end - pad  # the padding must be zeros (no allocation)
+            while i < end:
+                if rx[i]:
                     raise self._spoilt(_ERR_PADDING)
                 i += 1
             if svc == 2:
-                d = _sha256(ptmv[base:base + 2 + pbc]).digest()
-                if d[0] != pt[base + 2 + pbc] or d[1] != pt[base + 3 + pbc]:
+                d = _sha256(mv[19:21 + pbc]).digest()
+                if d[0] != rx[21 + pbc] or d[1] != rx[22 + pbc]:
                     raise self._spoilt(_ERR_BCC)
-            src = pt
-            off = base + 2
+            src = rx
+            off = 21
         # 6. commit
         if win is None:  # first authenticated frame of this peer under this key
             try:
