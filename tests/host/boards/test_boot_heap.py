@@ -1,7 +1,7 @@
-"""The deployed firmware boots and serves in a small heap (issue 9 #9).
+"""The deployed firmware boots and serves in the ESP32's first 56 KB heap area (issue 9 #9).
 
 What `tessera board deploy --main` puts on a virtual board (the firmware as .mpy, boot.py,
-main.py) boots in `micropython -X heapsize=BOOT_HEAP` as a board boots it
+main.py) boots in `micropython -X heapsize=57344` (64-bit unix port) as a board boots it
 (tessera.boards.bootrun): the first two lives each run one self-test suite and soft-reset,
 the third, in a fresh interpreter, starts the SCPM device, which the host KSN then enrols over UDP on
 127.0.0.1 and asks for a property. bench/mpy/boot_heap.py finds the smallest such heap.
@@ -22,10 +22,10 @@ from tessera.scpm.ksn import KsnEngine
 from tessera.scpm.server import KsnServer, Operations
 from tessera.scpm.store import Store
 
-# The smallest heap that passed bench/mpy/boot_heap.py --light (63008 B) plus
-# about 3.5 KB for the ragged edge (fragmentation moves it by 1-2 KB from run to run). Not yet
-# the ESP32's first heap area (56 KB): docs/scpm-firmware.md "Boot heap" says what remains.
-BOOT_HEAP = 65 * 1024
+# The ESP32's first heap area (boards/esp32/board.json heap_note). The smallest heap that
+# passed bench/mpy/boot_heap.py --light is 53984 B: 3.3 KB of margin for the ragged edge
+# (fragmentation moves it by 1-2 KB from run to run); docs/scpm-firmware.md "Boot heap".
+BOOT_HEAP = 56 * 1024  # the ESP32 first heap area
 ADDR = 0x0A0000C7
 
 
@@ -77,9 +77,9 @@ def test_deployed_firmware_self_tests_then_serves_in_the_boot_heap(lib: Path, tm
 
 
 def test_boot_heap_is_tight(lib: Path, tmp_path: Path) -> None:
-    """The bound means something: 12 KB less and the same boot does not get to serve a
+    """The bound means something: 8 KB less and the same boot does not get to serve a
     property read (the self-test or the device runs out of heap)."""
-    board, port, setup = _boot(lib, tmp_path, BOOT_HEAP - 12 * 1024)
+    board, port, setup = _boot(lib, tmp_path, BOOT_HEAP - 8 * 1024)
     ok = False
     with board:
         if board.serving(port, 60):
