@@ -89,3 +89,16 @@ def test_boot_heap_is_tight(lib: Path, tmp_path: Path) -> None:
             except Exception:  # noqa: BLE001 - the device ran out of heap: what this checks
                 ok = False
     assert not ok, board.stop()
+
+
+def test_board_that_cannot_record_the_self_test_serves_without_a_reset(lib: Path, tmp_path: Path) -> None:
+    """A filesystem where selftest.part cannot be written (here a directory of that name):
+    a soft reset would run the same suite forever, so the board serves in its first life."""
+    board, port, _ = _boot(lib, tmp_path, 112640)
+    (tmp_path / "fs" / "selftest.part").mkdir()
+    with board:
+        assert board.serving(port, 60), board.stop()
+        assert board.alive
+    console = board.stop()
+    assert board.soft_resets == 0 and "MPY: soft reboot" not in console, console
+    assert "ok   dh-group14" in console and "scpm: device 0a0000c7" in console, console
