@@ -1,8 +1,10 @@
 """Heap a deployed board needs to boot and serve (issue 9 #9), on the MicroPython unix port.
 
 The firmware is compiled to .mpy as `tessera board deploy` installs it, boot.py and main.py
-(the boot templates: self-test, soft reset, then the SCPM UDP device in a fresh interpreter,
-tessera.boards.bootrun) run in `micropython -X heapsize=N` in a board-like filesystem, and the host KSN (tessera.scpm, real UDP on 127.0.0.1) enrols it,
+(the boot templates: one interpreter life per self-test suite, each ended by a soft reset,
+then the SCPM UDP device in a fresh interpreter; tessera.boards.bootrun) run in
+`micropython -X heapsize=N` in a board-like filesystem, and the host KSN (tessera.scpm,
+real UDP on 127.0.0.1) enrols it,
 reads a property, provisions a service-provider key and runs a master key update (the DH).
 A heap passes when the self-test printed PASS and every operation succeeded; the smallest
 passing heap is found by binary search to 1 KB.
