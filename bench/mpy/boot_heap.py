@@ -1,8 +1,10 @@
 """Heap a deployed board needs to boot and serve (issue 9 #9), on the MicroPython unix port.
 
-The firmware is compiled to .mpy as `tessera board deploy` installs it, main.py (the boot
-template: self-test, then the SCPM UDP device) runs in `micropython -X heapsize=N` in a
-board-like filesystem, and the host KSN (tessera.scpm, real UDP on 127.0.0.1) enrols it,
+The firmware is compiled to .mpy as `tessera board deploy` installs it, boot.py and main.py
+(the boot templates: one interpreter life per self-test suite, each ended by a soft reset,
+then the SCPM UDP device in a fresh interpreter; tessera.boards.bootrun) run in
+`micropython -X heapsize=N` in a board-like filesystem, and the host KSN (tessera.scpm,
+real UDP on 127.0.0.1) enrols it,
 reads a property, provisions a service-provider key and runs a master key update (the DH).
 A heap passes when the self-test printed PASS and every operation succeeded; the smallest
 passing heap is found by binary search to 1 KB.
@@ -16,20 +18,16 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "host"))
 
 from tessera.boards.build import compile_firmware  # noqa: E402
-from tessera.boards.interp import micropython_path  # noqa: E402
-from tessera.boards.virtual import free_udp_port, udp_port_bound  # noqa: E402
+from tessera.boards.bootrun import BootRun, prepare  # noqa: E402
+from tessera.boards.virtual import free_udp_port  # noqa: E402
 from tessera.paths import firmware_dir  # noqa: E402
 from tessera.scpm.ksn import KsnEngine  # noqa: E402
 from tessera.scpm.server import KsnServer, Operations  # noqa: E402
@@ -65,42 +63,29 @@ async def _serve_ops(port: int, ksn_port: int, setup: bytes, db: Path, light: bo
 
 
 def attempt(heap: int, lib: Path, selftest: bool = True, light: bool = False) -> tuple[bool, str]:
-    """Boot main.py in `heap` bytes and run the KSN operations against it."""
+    """Boot boot.py and main.py in `heap` bytes (through main.py's soft reset after the
+    self-test: a fresh interpreter, tessera.boards.bootrun) and run the KSN operations."""
     with tempfile.TemporaryDirectory() as tmp:
         fs = Path(tmp) / "fs"
-        shutil.copytree(lib, fs / "lib")
         main = (firmware_dir() / "main.py").read_text()  # TESSERA_ROOT=<tree> measures another tree
         if not selftest:  # the device alone, for comparison
-            main = main.replace("tessera_fw.selftest.run()", "pass")
-        (fs / "main.py").write_text(main)
+            main = "from tessera_fw.scpm import udp\n\nudp.main()\n"
         port, ksn_port = free_udp_port(), free_udp_port()
         setup = os.urandom(16)
-        (fs / "scpm.json").write_text(json.dumps({
+        fs.mkdir()
+        prepare(fs, lib, {
             "address": f"{ADDR:08x}", "setup_key": setup.hex(), "port": port, "bind": "127.0.0.1",
-            "ksn_host": "127.0.0.1", "ksn_port": ksn_port, "log": True}))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MICROPY")}
-        env["MICROPYPATH"] = ".frozen:./lib"
-        out = open(Path(tmp) / "console.txt", "w+")
-        proc = subprocess.Popen([micropython_path(), "-X", f"heapsize={heap}", "main.py"], cwd=fs, env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
+            "ksn_host": "127.0.0.1", "ksn_port": ksn_port, "log": True}, main)
         ok = False
-        try:
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and proc.poll() is None and not udp_port_bound(port):
-                time.sleep(0.05)
-            if proc.poll() is None and udp_port_bound(port):
+        board = BootRun(fs, heap, Path(tmp) / "console.txt")
+        with board:
+            if board.serving(port, 30):
                 try:
                     asyncio.run(asyncio.wait_for(_serve_ops(port, ksn_port, setup, Path(tmp) / "ksn.sqlite", light), 60))
-                    ok = proc.poll() is None
+                    ok = board.alive
                 except Exception as e:  # noqa: BLE001 - any failure means this heap is too small
                     log(f"  heap {heap}: {type(e).__name__}: {e}")
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            out.seek(0)
-            console = out.read()
-            out.close()
+        console = board.stop()
         ok = ok and ("SELFTEST PASS" in console or not selftest) and "scpm: restart" not in console
         return ok, console
 

@@ -34,3 +34,15 @@ def release(name):
             delattr(p, child)
         except (AttributeError, KeyError, TypeError):  # MicroPython: KeyError when not there
             pass
+
+
+def ct_equal(a, b):
+    """Constant-time comparison for MACs and confirmations: time depends only on the
+    lengths. Here, not in crypto/hmac.py, so that the SCPM device's key management uses it
+    without loading HMAC's module (issue 9 #9)."""
+    if len(a) != len(b):
+        return False
+    r = 0
+    for i in range(len(a)):
+        r |= a[i] ^ b[i]
+    return r == 0

@@ -2,9 +2,9 @@
 # Each suite module exposes CHECKS, a tuple of (name, function); a check raises on failure.
 # Output: one line per check, then "SELFTEST PASS n/n ..." or "SELFTEST FAIL k/n ...".
 # Each suite is imported on demand and unloaded after its checks, with every module it
-# imported (issue 9 #9): the self-test at boot then leaves nothing behind, and its peak is
-# the largest suite's, not the sum, so that boot + the SCPM device fit the ESP32's first
-# 56 KB heap area (docs/scpm-firmware.md).
+# imported (issue 9 #9); at boot (boot(), from main.py) each suite runs in its own
+# interpreter life, ended by a soft reset, so that the peak is the largest suite's alone and
+# the application starts in a heap the self-test never touched (docs/scpm-firmware.md).
 import gc
 import sys
 import time
@@ -38,7 +38,11 @@ def unload(before):
     gc.collect()
 
 
-def run(suites=SUITES, out=print):
+def _run(suites, out):
+    """Run the checks of `suites`, one line each; return [passed, failed, ms, peak_heap,
+    retained, min_free] (peak_heap: most heap in use above the starting point, seen between
+    checks before collection, so it includes each check's garbage; retained: still in use
+    afterwards)."""
     gc.collect()
     base = gc.mem_alloc()
     free0 = low_free = gc.mem_free()
@@ -70,13 +74,69 @@ def run(suites=SUITES, out=print):
         checks = fn = None
         unload(before)
     gc.collect()
-    total = passed + failed
-    # peak_heap: most heap in use above the starting point, seen between checks (before
-    # collection, so it includes each check's garbage); retained: still in use afterwards.
-    out("SELFTEST %s %d/%d in %dms peak_heap=%d retained=%d min_free=%d platform=%s" % (
-        "PASS" if not failed else "FAIL", passed, total, _ms_since(t0),
-        free0 - low_free, gc.mem_alloc() - base, low_free, sys.platform))
-    return failed == 0
+    return [passed, failed, _ms_since(t0), free0 - low_free, gc.mem_alloc() - base, low_free]
+
+
+def _summary(st):
+    passed, failed, ms, peak, retained, low_free = st
+    return "SELFTEST %s %d/%d in %dms peak_heap=%d retained=%d min_free=%d platform=%s" % (
+        "PASS" if not failed else "FAIL", passed, passed + failed, ms, peak, retained, low_free, sys.platform)
+
+
+def run(suites=SUITES, out=print):
+    st = _run(suites, out)
+    out(_summary(st))
+    return st[1] == 0
+
+
+VERDICT = "selftest.txt"
+PART = "selftest.part"
+
+
+def boot(path=VERDICT, part=PART):
+    """The self-test lives of a board's boot (main.py, issue 9 #9): one suite per
+    interpreter life, each ended by a soft reset (machine.soft_reset() restarts the VM with
+    a fresh heap; every object and every name interned since is gone), so that no suite
+    runs in a heap another one left its names in, and the application starts in a heap
+    that never held the self-test. `part` holds the figures of the suites done (one line
+    each); after the last one the summary line goes to `path`, which main.py prints, removes
+    and serves after. Returns False, without a reset, when a file cannot be written (a
+    soft reset would then run the same suite again, forever)."""
+    try:
+        f = open(part)
+        rows = [[int(v) for v in ln.split()] for ln in f.read().split("\n") if ln]
+        f.close()
+    except (OSError, ValueError):  # none yet (or torn by a power cut: test again)
+        rows = []
+    if len(rows) < len(SUITES):
+        try:
+            st = _run((SUITES[len(rows)],), print)
+        except Exception as e:  # noqa: BLE001 - a suite that cannot run is a failed one
+            print("FAIL %s %s: %s" % (SUITES[len(rows)], type(e).__name__, e))
+            st = [0, 1, 0, 0, 0, 0]
+        rows.append(st)
+    try:
+        if len(rows) < len(SUITES):
+            with open(part, "w") as f:
+                for r in rows:
+                    f.write(" ".join(str(v) for v in r) + "\n")
+        else:
+            tot = [sum(r[i] for r in rows) for i in range(3)] + [max(r[i] for r in rows) for i in (3, 4)] + [
+                min(r[5] for r in rows)]
+            with open(path, "w") as f:
+                f.write(_summary(tot) + " lives=%d" % len(rows))
+            try:
+                import os
+
+                os.remove(part)
+            except OSError:
+                pass
+    except OSError:
+        return False
+    import machine
+
+    machine.soft_reset()  # raises SystemExit: the board's firmware restarts the VM
+    return True
 
 
 def status():

@@ -1,7 +1,10 @@
 # HMAC (RFC 2104) over MicroPython hashlib, which has no copy(): the padded keys are kept
 # and the inner/outer hashes are restarted for every message.
 import hashlib
+
 from micropython import const
+
+from tessera_fw import ct_equal  # noqa: F401 - this module's public API as before
 
 _BLOCK = const(64)  # SHA-1, SHA-256 and MD5 all use 64-byte blocks
 
@@ -48,13 +51,3 @@ class HMAC:
 
 def hmac(key, msg, hash_name="sha256"):
     return HMAC(key, hash_name).digest(msg)
-
-
-def ct_equal(a, b):
-    """Constant-time comparison for MACs: time depends only on the lengths."""
-    if len(a) != len(b):
-        return False
-    r = 0
-    for i in range(len(a)):
-        r |= a[i] ^ b[i]
-    return r == 0

@@ -333,7 +333,6 @@ class Device:
             return
         # key management (km.py, with DH for MKU_START) is loaded for the request and
         # released after it: the device serves application frames without it (issue 9 #9)
-        hm, hfresh = acquire("tessera_fw.crypto.hmac")  # km.py's, and key set-up's
         km, fresh = acquire("tessera_fw.scpm.km")
         try:
             ans, akey = km.handle(self, f, op, txid, p, now_ms)
@@ -341,11 +340,9 @@ class Device:
             self._count(e.code)
             ans, akey = self._km_error(txid, e.code, op), key
         finally:
-            km = hm = None
+            km = None
             if fresh:
                 release("tessera_fw.scpm.km")
-            if hfresh:
-                release("tessera_fw.crypto.hmac")
         if ans is not None:
             out.append(self._frame(sa, akey, ans, _SVC_AUTH_CONF if akey is not None else 0))
 

@@ -1,7 +1,7 @@
 # SCPM general and secure frames (docs/scpm-profile.md sections 2, 3, 5): encode, decode,
 # key derivation. Decoding works in preallocated buffers: the decoded PADATA is a
-# memoryview into the received frame (service 1, plain) or into the codec's plaintext
-# buffer (services 2, 3), valid until the next decode.
+# memoryview into the codec's copy of the received frame (services 2 and 3 decrypt it in
+# place) or into the frame itself (plain), valid until the next decode.
 import hashlib
 import os
 
@@ -11,8 +11,6 @@ except ImportError:  # firmware older than v1.19
     import ucryptolib as cryptolib
 from micropython import const
 
-from tessera_fw import acquire, release
-
 _sha256 = hashlib.sha256
 _HDR = const(11)
 _HD_PLAIN = const(0x10)
@@ -21,7 +19,6 @@ _MAX_ADATA = const(1100)
 _MAX_FRAME = const(1111)  # 11 + _MAX_ADATA
 _MAX_PADATA = const(1024)
 _MAC = const(16)
-_MAX_ENC = const(1088)  # largest whole-block encrypted part of a 1100-byte ADATA (service 2)
 # error numbers (const.py, profile section 8)
 _ERR_TRUNCATED = const(1)
 _ERR_LENGTH = const(2)
@@ -39,7 +36,6 @@ _ERR_PADDING = const(13)
 _ERR_BCC = const(14)
 # service -> SHD byte 1 (cipher id << 4 | MAC id)
 _ALG = (0, 0x01, 0x10, 0x11)
-_ZEROS = tuple(bytes(k) for k in range(16))  # expected padding of k bytes
 
 
 # SCPMError and the error names of profile section 8 live here, not in const.py: the device
@@ -71,20 +67,36 @@ class SCPMError(Exception):
         return name(self.code)
 
 
-def _hmac():
-    # crypto/hmac.py serves key set-up and key management only (decode() inlines its MAC):
-    # loaded for them and released after (issue 9 #9)
-    return acquire("tessera_fw.crypto.hmac")
+def _pads(key):
+    """The padded keys of HMAC-SHA-256 (RFC 2104): K xor 0x36.., K xor 0x5C.. (a key longer
+    than the 64-byte block is hashed first: the DH secret)."""
+    if len(key) > 64:
+        key = _sha256(key).digest()
+    ipad = bytearray(64)
+    opad = bytearray(64)
+    for i in range(64):
+        k = key[i] if i < len(key) else 0
+        ipad[i] = k ^ 0x36
+        opad[i] = k ^ 0x5C
+    return bytes(ipad), bytes(opad)
 
 
+def _mac(ipad, opad, *parts):
+    h = _sha256(ipad)
+    for p in parts:
+        h.update(p)
+    o = _sha256(opad)
+    o.update(h.digest())
+    return o.digest()
+
+
+# HMAC-SHA-256 for key set-up and key management, here rather than through crypto/hmac.py
+# (its HMAC class serves several hashes): loading that module for each key set-up cost the
+# device 1.9 KB of heap and 2.7 KB while loading (issue 9 #9)
 def hmac_sha256(key, *parts):
     """One-shot HMAC-SHA-256 (RFC 2104) for key set-up and key management (not the hot path)."""
-    m, fresh = _hmac()
-    try:
-        return m.HMAC(key).digest(*parts)
-    finally:
-        if fresh:
-            release("tessera_fw.crypto.hmac")
+    i, o = _pads(key)
+    return _mac(i, o, *parts)
 
 
 def next_gen(gen):
@@ -103,16 +115,10 @@ class Key:
         self.index = index
         self.gen = gen
         self.key = bytes(key)
-        hm, fresh = _hmac()
-        try:
-            self.k_enc = hm.HMAC(key).digest(b"SCPM-ENC")[:16]
-            m = hm.HMAC(hm.HMAC(key).digest(b"SCPM-MAC"))
-            self.ipad = m.ipad  # the MAC's padded keys, for decode()'s inlined HMAC
-            self.opad = m.opad
-        finally:
-            hm = m = None
-            if fresh:
-                release("tessera_fw.crypto.hmac")
+        i, o = _pads(key)
+        self.k_enc = _mac(i, o, b"SCPM-ENC")[:16]
+        # the MAC's padded keys, for decode()'s inlined HMAC
+        self.ipad, self.opad = _pads(_mac(i, o, b"SCPM-MAC"))
         self.ecb = cryptolib.aes(self.k_enc, 1)  # IV computation (encrypt only)
         self.rx = {}  # peer address -> RxWindow (owner's bookkeeping)
         self.tx = {}  # peer address -> TxCounter
@@ -124,12 +130,7 @@ class Key:
         return bytes((0x10 | service, _ALG[service], (self.kind << 4) | self.index, self.gen))
 
     def mac(self, *parts):
-        h = _sha256(self.ipad)
-        for p in parts:
-            h.update(p)
-        o = _sha256(self.opad)
-        o.update(h.digest())
-        return o.digest()
+        return _mac(self.ipad, self.opad, *parts)
 
     def forget(self):
         self.key = self.k_enc = self.ipad = self.opad = b""
@@ -227,15 +228,10 @@ class Codec:
         # received secure frame, copied to a fixed place so that the views below are fixed
         rx = bytearray(_MAX_FRAME)
         rxmv = memoryview(rx)
-        # plaintext, decrypted so that it ENDS at _MAX_ENC: the padding is then always the
-        # last k bytes, checked through one of 16 preallocated views
-        pt = bytearray(_MAX_ENC)
-        ptmv = memoryview(pt)
         bx = bytearray(32)
         # decode()'s preallocated objects, in one tuple that it unpacks into locals in one
         # step instead of a dozen instance-attribute loads
         self._bufs = (rx, rxmv, rxmv[11:19], rxmv[1:9],  # frame, SHD|SNF and SA|DA views
-                      pt, ptmv, [ptmv[_MAX_ENC - k:] for k in range(16)],  # padding tails
                       bytearray(16), bytearray(16), bytearray(16),  # IV input, IV, scratch
                       cryptolib.aes(os.urandom(16), 1), bx, memoryview(bx)[:16],  # tag blinding
                       bytearray(16))
@@ -359,7 +355,7 @@ class Codec:
                 raise SCPMError(_ERR_TOO_OLD)
             if snf == high or win.seen[snf & 63]:
                 raise SCPMError(_ERR_REPLAY)
-        rx, mv, v_shd_snf, v_sa_da, pt, ptmv, tails, ivin, iv, scratch, blind, bx, bx16, by = self._bufs
+        rx, mv, v_shd_snf, v_sa_da, ivin, iv, scratch, blind, bx, bx16, by = self._bufs
         rx[:n] = data  # no allocation; the views below are preallocated or one per use
         # 4. MDAS
         if svc != 2:
@@ -391,9 +387,13 @@ class Codec:
             key.ecb.encrypt(ivin, iv)
             dec = key.cbc_dec
             dec.decrypt(iv, scratch)  # chain state := IV
-            base = _MAX_ENC - enc
-            dec.decrypt(mv[19:19 + enc], ptmv[base:])
-            pbc = (pt[base] << 8) | pt[base + 1]
+            # decrypted in place (cryptolib: "in_buf and out_buf can also refer to the same
+            # mutable buffer", docs.micropython.org library/cryptolib.html): the frame's copy
+            # then holds the plaintext, no second 1088-byte buffer (issue 9 #9); the MAC over
+            # the ciphertext was checked above
+            end = 19 + enc
+            dec.decrypt(mv[19:end], mv[19:end])
+            pbc = (rx[19] << 8) | rx[20]
             pad = enc - pbc - (4 if svc == 2 else 2)
             if pbc > _MAX_PADATA:
                 raise self._spoilt(_ERR_OVERSIZE)
@@ -401,14 +401,17 @@ class Codec:
                 raise self._spoilt(_ERR_LENGTH)
             if pad > 15:  # more than 15 padding bytes: bad block count
                 raise self._spoilt(_ERR_PADDING)
-            if pad and tails[pad] != _ZEROS[pad]:  # compared in C, no allocation
-                raise self._spoilt(_ERR_PADDING)
+            i = end - pad  # the padding must be zeros (no allocation)
+            while i < end:
+                if rx[i]:
+                    raise self._spoilt(_ERR_PADDING)
+                i += 1
             if svc == 2:
-                d = _sha256(ptmv[base:base + 2 + pbc]).digest()
-                if d[0] != pt[base + 2 + pbc] or d[1] != pt[base + 3 + pbc]:
+                d = _sha256(mv[19:21 + pbc]).digest()
+                if d[0] != rx[21 + pbc] or d[1] != rx[22 + pbc]:
                     raise self._spoilt(_ERR_BCC)
-            src = pt
-            off = base + 2
+            src = rx
+            off = 21
         # 6. commit
         if win is None:  # first authenticated frame of this peer under this key
             try:

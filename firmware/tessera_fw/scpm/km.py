@@ -3,8 +3,7 @@
 # compiling either from source fits a board heap.
 from micropython import const
 
-from tessera_fw import acquire, release
-from tessera_fw.crypto.hmac import ct_equal
+from tessera_fw import acquire, ct_equal, release
 from tessera_fw.scpm.frame import Key, SCPMError, hmac_sha256, next_gen
 from tessera_fw.scpm.persist import Pending
 

@@ -310,25 +310,40 @@ def running_boards() -> list[tuple[VirtualBoard, dict]]:
 
 
 # Boot sequence of a real board: run boot.py then main.py from the filesystem root, as
-# scripts; Ctrl-C or an exception in them drops to the REPL (-i), where mpremote takes over.
+# scripts compiled from the file (execfile streams it through the lexer, as a board's
+# pyexec_file does: the source text is never held on the heap); Ctrl-C or an exception in them drops to the REPL, where mpremote takes over.
+# SystemExit in them (machine.soft_reset(), sys.exit()) soft-resets a board: the firmware
+# restarts the VM with a fresh heap and runs boot.py and main.py again. Here the process
+# ends with SOFT_RESET_EXIT and the runner (the bridge, tessera.boards.bootrun) starts a new
+# interpreter in the same filesystem: a fresh heap and qstr pool, as on the board. The
+# interpreter runs without -i: the script asks for the REPL (MICROPYINSPECT, read by the
+# unix port after the script) unless it soft-resets.
+SOFT_RESET_EXIT = 75  # defined by this project: "the firmware soft-reset the board"
 BOOT_SCRIPT = """\
 import os, sys
 sys.path[0] = ''
+_reset = False
 for _f in ('boot.py', 'main.py'):
     try:
         os.stat(_f)
     except OSError:
         continue
     try:
-        exec(open(_f).read(), {'__name__': '__main__'})
+        execfile(_f, {'__name__': '__main__'})
     except KeyboardInterrupt:
         print('%s interrupted' % _f)
+        break
+    except SystemExit:
+        _reset = True
         break
     except Exception as _e:
         sys.print_exception(_e)
         break
+if _reset:
+    print('MPY: soft reboot')
+    sys.exit(""" + str(SOFT_RESET_EXIT) + """)
+os.putenv('MICROPYINSPECT', '1')
 """
-
 
 try:
     _prctl = ctypes.CDLL(None, use_errno=True).prctl
@@ -352,7 +367,7 @@ def _spawn(interp: str, heap: str, fs: Path, slave: int, boot: Path, lock_fd: in
             _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
     return subprocess.Popen(
-        [interp, "-X", f"heapsize={heap}", "-i", str(boot)], stdin=slave, stdout=slave, stderr=slave,
+        [interp, "-X", f"heapsize={heap}", str(boot)], stdin=slave, stdout=slave, stderr=slave,
         cwd=fs, env=env, preexec_fn=as_console, pass_fds=(lock_fd,),
     )
 
@@ -486,7 +501,7 @@ def serve(board: str, directory: Path, speed: str = "fast") -> int:
     signal.signal(signal.SIGINT, on_term)
     signal.signal(signal.SIGUSR1, on_speed)
     state: dict = {"pid": os.getpid(), "board": board, "pty": port, "heap_bytes": prof.heap_bytes, "fs": str(fs),
-                   "speed": "fast", "slowdown": None, "console_dropped": 0, "boots": 0, "interp_pid": None,
+                   "speed": "fast", "slowdown": None, "console_dropped": 0, "boots": 0, "soft_resets": 0, "interp_pid": None,
                    "udp_port": None}
     slow: float | None = None
 
@@ -511,8 +526,9 @@ def serve(board: str, directory: Path, speed: str = "fast") -> int:
         thr.set_target(proc.pid if proc else None, slow)
         print(f"speed {new}" + (f": slow-down {slow:.1f}x against this machine" if slow else ""), flush=True)
 
-    def boot_board() -> subprocess.Popen | None:
-        """Boot the interpreter, unless the board's UDP port is taken (then halt)."""
+    def boot_board(soft: bool = False) -> subprocess.Popen | None:
+        """Boot the interpreter, unless the board's UDP port is taken (then halt). `soft`:
+        the firmware soft-reset the board (SOFT_RESET_EXIT), counted apart from boots."""
         try:
             vb.check_udp_port()
         except TesseraError as exc:
@@ -532,7 +548,7 @@ def serve(board: str, directory: Path, speed: str = "fast") -> int:
         # launcher that loads the runtime as an extension module: its start-up is not the
         # board's. A native binary is throttled from birth (what ran before this line is owed).
         thr.set_target(p.pid, slow, from_birth=marker is None, marker=marker)
-        state["boots"] += 1
+        state["soft_resets" if soft else "boots"] += 1
         state["interp_pid"] = p.pid
         return p
 
@@ -564,8 +580,10 @@ def serve(board: str, directory: Path, speed: str = "fast") -> int:
                 write_state()
             if proc.poll() is not None and not flags["stopping"]:
                 # The interpreter ended (soft reset, sys.exit, crash): reboot the "board".
-                print(f"interpreter exited with {proc.returncode}; rebooting", flush=True)
-                proc = boot_board()
+                soft = proc.returncode == SOFT_RESET_EXIT
+                print("the firmware soft-reset the board" if soft else
+                      f"interpreter exited with {proc.returncode}; rebooting", flush=True)
+                proc = boot_board(soft)
                 if proc is None:
                     break
                 write_state()
