@@ -61,7 +61,8 @@ def main() -> int:
                     st = dma.wait_for(lambda s: entry in s.acl, 20, "the RMA in the DMA's ACL")
                     print(f"DMA ACL ({len(st.acl)} entries, {st.acl_updates} HRSANS so far):")
                     for e in st.acl:
-                        print(f"  hashed MAID {e.hashed_maid.hex()}  hashed K_TLS {e.hashed_ktls.hex()}"
+                        # the hashed K_TLS is the RMA's Annex E secret (profile B.11): never printed
+                        print(f"  hashed MAID {e.hashed_maid.hex()}  hashed K_TLS (secret, not shown)"
                               + ("  <- rma1" if e == entry else ""))
                     print(f"the DMA admits rma1: {dma.acl_allows(entry)}")
         st = sm.status()

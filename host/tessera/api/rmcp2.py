@@ -107,10 +107,12 @@ class SmEndpoint:
 
 @dataclass(frozen=True)
 class AclEntry:
-    """One ACL entry (10.1.5): hashed MAID and hashed K_TLS of an admitted RMA (16 bytes each)."""
+    """One ACL entry (10.1.5): hashed MAID and hashed K_TLS of an admitted RMA (16 bytes each).
+    The hashed K_TLS is the RMA's Annex E secret W (profile B.11): it is kept out of repr, and
+    a script should not print or log it."""
 
     hashed_maid: bytes
-    hashed_ktls: bytes
+    hashed_ktls: bytes = field(repr=False)
 
 
 @dataclass(frozen=True)
