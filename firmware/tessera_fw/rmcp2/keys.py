@@ -22,6 +22,10 @@ _REF_KG = const(0x02)
 _REF_KMAS = const(0x82)
 _KT_KG = const(2)
 _KT_KC = const(3)
+_LEAVREQ = const(0xAB)
+_LEAVANS = const(0xAC)
+_RESULT = const(0xC1)
+_NT_DMA = const(5)
 GRACE_MS = const(30000)  # B.16: previous Kg kept 30 s after a group rollover
 _ERR_OTHER = const(0)  # errors[0]: authentic but not a key delivery this RMA takes
 
@@ -59,6 +63,10 @@ class Keys:
         self.kc_gen = 0  # newest Kc generation installed (0: none yet)
         self.kc_key = bytearray(16)  # its key, to recognise a re-sent delivery
         self.errors = [0] * 19  # per error number of B.12 (0: unexpected message)
+        # the last message receive() opened: its type (0: none) and, for a LEAVREQ/LEAVANS
+        # under K_MAS from the parent DMA, its RESULT (the control link acts on those)
+        self.mtype = 0
+        self.result = 0
         self._now = 0
         self._lk = self._lookup
         self._wn = self._window
@@ -88,6 +96,7 @@ class Keys:
         """One sealed message from the parent DMA. Returns the Key_Type installed (2 Kg,
         3 Kc) or 0 (nothing new: a re-sent key, or an error counted in `errors`)."""
         self._now = now_ms
+        self.mtype = 0
         if self.kg_prev is not None and ticks_diff30(now_ms, self.prev_until) >= 0:
             self._drop_prev()
         try:
@@ -100,8 +109,8 @@ class Keys:
     def _lookup(self, maid, ref, gen):
         if self.kg is None:
             return None
-        if ref == _REF_KMAS:
-            return self.kmas if gen == 0 and _eq(maid, self.maid) else None
+        if ref == _REF_KMAS:  # KEYDELIVER names this RMA; LEAVREQ/LEAVANS their sender, the DMA (B.3)
+            return self.kmas if gen == 0 and (_eq(maid, self.maid) or _eq(maid, self.dma)) else None
         if ref != _REF_KG or not _eq(maid, self.dma):
             return None
         if gen == self.kg.gen:
@@ -118,11 +127,20 @@ class Keys:
         ref = data[20] if len(data) > 20 else 0
         plain = self.env.unseal(data, self.enc, self.auth, self._lk, self._wn)
         d = self.dec
-        if d.decode(plain) != _KEYDELIVER:
-            self.errors[_ERR_OTHER] += 1
-            return 0
+        t = d.decode(plain)
         if not d.same(4, self.sid):
             raise Rmcp2Error(ERR_MAID)
+        mine = d.same(12, self.maid)
+        if t != _KEYDELIVER:
+            if ref == _REF_KMAS and (t == _LEAVREQ or t == _LEAVANS) and d.nt == _NT_DMA and not mine:
+                self.mtype = t  # the control link's leave (B.15): the caller answers / ends
+                self.result = d.byte(_RESULT, 2)
+                return 0
+            self.errors[_ERR_OTHER] += 1
+            return 0
+        if ref == _REF_KMAS and not mine:
+            raise Rmcp2Error(ERR_MAID)  # a KEYDELIVER under K_MAS names its recipient (B.16)
+        self.mtype = t
         kt = d.key_type(d.km)
         kd = d.key_data(d.km)
         if len(kd) != 20:
