@@ -1,0 +1,337 @@
+"""The board RMA's tree client (firmware/tessera_fw/rmcp2/board_tree.py) in the real unix-port
+micropython with the ESP32 profile's heap (112 KB), from the .mpy files a virtual board is
+deployed with: admitted by the SM server over mutual TLS, then joined to a DMA over loopback
+TCP (PPROBREQ, Annex E, K_MAS, Kg) and kept on that link as its control link (profile B.15):
+Kc and a BACKWARD Kg re-key reach it, HB both ways, the link killed -> a fresh join, a clean
+stop -> LEAVREQ under K_MAS; a board not in the DMA's ACL is refused and backs off.
+
+The DMA side is test glue (`TreeDma`) assembled from the product engines tree.JoinEngine and
+groupkey.GroupKeyManager with the DMA agent's live ACL (HRSANS from the SM): the DMA runner
+that carries the control link in `tessera dma` is another branch's work (p2-wire-dma)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from collections import Counter
+
+import pytest
+
+from tessera import mpshim
+from tessera.rmcp2 import codec as C
+from tessera.rmcp2 import protect as P
+from tessera.rmcp2 import tree as T
+from tessera.rmcp2.groupkey import Delivery, GroupKeyManager
+from tessera.rmcp2.server import read_message
+
+from .test_fw_rma_board import Lines, board_fs, counters, mpy_dir, start_board  # noqa: F401 (fixture)
+from .test_net import SID, Session, pki, until  # noqa: F401 (fixture)
+
+mpshim.install()
+from tessera_fw.rmcp2 import keys as K  # noqa: E402
+from tessera_fw.rmcp2 import rma_cfg  # noqa: E402
+
+N, M = C.NodeType, C.MsgType
+HEAP = 112 * 1024  # the ESP32 profile's heap: SM link + join + keys do not fit its first 56 KB (docs/rmcp2.md)
+HB = 0.4  # T_HB of both ends in these tests (B.10: 30 s)
+BOARD_MAID = bytes([127, 0, 0, 1, 0xB1, 1, 0, 1])  # board_fs's default
+DMA_MAID = C.make_maid("127.0.0.1", 26032, 0x0D01)
+
+
+class TreeDma:
+    """Test-only DMA end of the control link, per the contract of profile B.15: JoinEngine for
+    the join, then on the same link KEYDELIVER from the GroupKeyManager, HB every `hb` (clear),
+    LEAVREQ from the RMA answered LEAVANS under K_MAS; a link closed (or 3 HB silent) is a
+    leave (member_left: BACKWARD re-key of the others)."""
+
+    def __init__(self, acl_lookup, suite: P.Suite, mecha=C.GkMecha.BACKWARD, hb: float = HB) -> None:
+        self.suite, self.hb = suite, hb
+        self.gk = GroupKeyManager(SID, DMA_MAID, mecha, suite, os.urandom, time.monotonic())
+        self.eng = T.JoinEngine(SID, DMA_MAID, acl_lookup=acl_lookup, kg_source=self.gk.current, suite=suite,
+                                rand=os.urandom)
+        self.writers: dict[bytes, asyncio.StreamWriter] = {}  # member MAID -> its control link
+        self.kmas: dict[bytes, list[bytes]] = {}  # every K_MAS each member joined with
+        self.hb_in: Counter = Counter()
+        self.leavreqs: list[tuple[bytes, int]] = []
+        self.left: list[bytes] = []
+        self._all: set[asyncio.StreamWriter] = set()
+        self._ids = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        self.server.close()
+        self.kill()
+        await self.server.wait_closed()
+
+    def kill(self) -> None:
+        """Every link cut at once, as a DMA process killed (RST, no LEAVREQ)."""
+        for w in list(self._all):
+            w.transport.abort()
+
+    def send(self, d: Delivery) -> None:
+        for w in (self.writers.values() if d.maid is None else [self.writers[d.maid]]):
+            w.write(d.data)
+
+    def send_kc(self, gen: int, key: bytes) -> None:
+        """A Kc as the SMA's KEYDELIVER re-sealed under the current Kg (B.16, KcRelay's form)."""
+        kd = C.KeyData(gen, C.KeyMode.FRESH, 0, key).encode()
+        plain = C.Message(M.KEYDELIVER, N.SMA, SID, DMA_MAID, (C.KeyInfo(C.KeyType.KC, kd),)).encode()
+        self.send(self.gk.seal_group(plain))
+
+    def _kmas_seal(self, maid: bytes, plain: bytes) -> bytes:
+        m = self.gk._members[maid]  # one Seq counter per K_MAS for all the DMA's messages under it (B.7)
+        m.seq += 1
+        return P.seal(plain, m.kmas, self.suite, m.seq, os.urandom(16))
+
+    async def _hb(self, w: asyncio.StreamWriter) -> None:
+        while True:
+            await asyncio.sleep(self.hb)
+            w.write(C.Message(M.HB, N.DMA, SID, DMA_MAID, ()).encode())
+
+    async def _serve(self, reader, writer) -> None:
+        self._ids += 1
+        conn, member, hb_task, window = ("tree", self._ids), None, None, P.ReplayWindow()
+        self._all.add(writer)
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                data = await read_message(reader, 3 * self.hb if member else 30.0, T.MAX_MESSAGE)
+                if data is None:
+                    break  # closed, or 3 T_HB without a message: the member is gone
+                if member is None:
+                    for out in self.eng.receive(conn, data, loop.time()):
+                        writer.write(out)
+                    m = next((m for m in self.eng.members().values() if m.conn == conn), None)
+                    if m is not None:  # joined: RELANS (Kg under K_MAS) is written; the link stays
+                        member = m.maid
+                        for d in self.gk.member_joined(member, m.kmas, loop.time()):
+                            self.send(d)
+                        self.gk._members[member].seq = 1  # RELANS used Seq 1 under this K_MAS
+                        self.writers[member] = writer
+                        self.kmas.setdefault(member, []).append(m.kmas)
+                        hb_task = asyncio.create_task(self._hb(writer))
+                    await writer.drain()
+                    continue
+                if len(data) == C.HEADER_LEN:  # HB in clear (Table 11 N/A)
+                    msg = C.decode(data)
+                    assert msg.type == M.HB and msg.nt == N.RMA and msg.maid == member
+                    self.hb_in[member] += 1
+                    continue
+                kmas = self.gk._members[member].kmas
+                msg = P.unseal_decode(data, self.suite, lambda m, s: kmas if s.ref == P.KeyRef.KMAS and m == member
+                                      else None, lambda m, k: window)
+                if msg.type == M.LEAVREQ:
+                    self.leavreqs.append((member, msg.get(C.ResultCtl).value))
+                    ans = C.Message(M.LEAVANS, N.DMA, SID, DMA_MAID, (C.ResultCtl(C.Result.ACCEPTED),)).encode()
+                    writer.write(self._kmas_seal(member, ans))
+                    await writer.drain()
+                    break
+        except (ConnectionError, OSError, C.Rmcp2Error):
+            pass
+        finally:
+            if hb_task is not None:
+                hb_task.cancel()
+            self._all.discard(writer)
+            self.eng.drop(conn)
+            if member is not None and self.writers.get(member) is writer:
+                del self.writers[member]
+                self.eng.remove(member)
+                self.left.append(member)
+                for d in self.gk.member_left(member, loop.time()):
+                    try:
+                        self.send(d)
+                    except KeyError:
+                        pass
+            writer.close()
+
+
+async def host_member(port: int, maid: bytes, w: bytes, suite: P.Suite):
+    """A host RMA joined to the DMA, its link left open (closing it is its leave)."""
+    cli = T.JoinClient(SID, maid, N.RMA, suite, os.urandom, hashed_ktls=w)
+    r, wr = await asyncio.open_connection("127.0.0.1", port)
+    wr.write(cli.start())
+    while cli.state not in ("joined", "refused"):
+        data = await read_message(r, 20.0, T.MAX_MESSAGE)
+        assert data is not None, cli.state
+        for out in cli.receive(data):
+            wr.write(out)
+    assert cli.state == "joined"
+    return wr
+
+
+def tree_fs(tmp_path, pki_dir, sm_port: int, dma_port: int, name: str = "rma1", **cfg):
+    return board_fs(tmp_path, pki_dir, sm_port, name, hb_s=HB, dma=["127.0.0.1", dma_port], dma_maid=DMA_MAID.hex(),
+                    **cfg)
+
+
+def dma_agent_lookup(s: Session, extra: dict):
+    agent = s.dmas()[0]
+    live = T.agent_acl_lookup(agent)
+    return agent, lambda h: extra.get(bytes(h)) or live(h)
+
+
+@pytest.mark.slow
+def test_board_joins_its_dma_keeps_the_control_link_and_rejoins(pki, tmp_path, mpy_dir, capsys):
+    pki_dir = pki[0]
+    other = C.make_maid("127.0.0.2", 46001, 1)
+    other_w = os.urandom(16)
+
+    async def main():
+        async with Session(pki_dir, tmp_path, n_dmas=1) as s:
+            agent, lookup = dma_agent_lookup(s, {P.hashed_maid(SID, other): other_w})
+            dma = TreeDma(lookup, agent._suite)
+            await dma.start()
+            con = Lines(await start_board(tree_fs(tmp_path, pki_dir, s.server.tls_port, dma.port), mpy_dir, 3, HEAP))
+            sm = s.server.sm
+            try:
+                await until(lambda: con.count("joined DMA") == 1 or con.proc.returncode is not None, timeout=30,
+                            what=lambda: "\n".join(con.lines))
+                assert con.count("ready") == 1 and con.count("joined DMA") == 1, "\n".join(con.lines)
+                join_line = next(ln for ln in con.lines if "joined DMA" in ln)
+                assert f"(Kg gen {dma.gk.current()[0]})" in join_line
+                assert BOARD_MAID in dma.eng.members() and BOARD_MAID in dma.writers
+                # 10.1.1.1: the TLS session to the SM ends once the board authenticated to its
+                # DMA; the SM keeps the member and its ACL entry
+                await until(lambda: not any(ln.member and ln.member.maid == BOARD_MAID for ln in sm.links.values()),
+                            what="the board's SM link closed after the join")
+                assert BOARD_MAID in sm.members and P.hashed_maid(SID, BOARD_MAID) in sm.acl
+
+                # a Kc under Kg, then another member leaves: BACKWARD sends a fresh Kg under K_MAS
+                other_link = await host_member(dma.port, other, other_w, agent._suite)
+                await until(lambda: other in dma.writers, what="the host member")
+                dma.send_kc(7, os.urandom(16))
+                await until(lambda: con.count("Kc gen 7") == 1, what=lambda: "\n".join(con.lines))
+                gen0 = dma.gk.current()[0]
+                other_link.close()
+                await until(lambda: other in dma.left, what="the host member's leave")
+                assert dma.gk.current()[0] == gen0 + 1 and dma.gk.rotations["backward"] == 1
+                await until(lambda: con.count(f"Kg gen {gen0 + 1} from the DMA") == 1,
+                            what=lambda: "\n".join(con.lines))
+                await asyncio.sleep(3 * HB)  # HBs both ways keep the link past 3 T_HB
+                assert dma.hb_in[BOARD_MAID] >= 2 and con.count("DMA link lost") == 0, "\n".join(con.lines)
+
+                # the DMA's links are cut: the board joins again with a fresh Annex E
+                dma.kill()
+                await until(lambda: con.count("joined DMA") == 2 or con.proc.returncode is not None, timeout=20,
+                            what=lambda: "\n".join(con.lines))
+                assert con.count("DMA link lost") == 1 and con.count("joined DMA") == 2, "\n".join(con.lines)
+                await until(lambda: BOARD_MAID in dma.writers, what="the re-joined board")
+                assert len(dma.kmas[BOARD_MAID]) == 2 and dma.kmas[BOARD_MAID][0] != dma.kmas[BOARD_MAID][1]
+                assert con.count("ready") == 1  # re-joined without a new admission
+                await asyncio.sleep(HB)
+
+                # a clean stop: LEAVREQ (LEAVE_NORMAL) under the new K_MAS, answered LEAVANS
+                con.proc.send_signal(signal.SIGINT)
+                await asyncio.wait_for(con.proc.wait(), 10)
+                await until(lambda: dma.leavreqs, what="LEAVREQ at the DMA")
+                assert dma.leavreqs == [(BOARD_MAID, C.Result.LEAVE_NORMAL)]
+                await until(lambda: BOARD_MAID not in dma.eng.members(), what="the board removed")
+            finally:
+                err = await con.stop()
+                await dma.close()
+            assert "Traceback" not in err, err
+            assert con.count("LEAVANS received") == 1, "\n".join(con.lines)
+            c = counters(next(ln for ln in reversed(con.lines) if "|" in ln))
+            assert (c["links"], c["admitted"], c["joined"], c["dma_drops"]) == (1, 1, 2, 1), "\n".join(con.lines)
+            assert c["kg"] == 1 and c["kc"] == 1 and c["left"] == 1 and c["errors"] == 0, "\n".join(con.lines)
+            # a join right after the admission may come before the DMA's next HRSANS brought the
+            # board's ACL entry (NOT_IN_ACL, retried after the backoff); none after that
+            assert c["joins"] == 2 + c["join_refused"] and c["join_refused"] <= 2 and c["join_errors"] == 0
+            assert c["dma_hb_sent"] >= 2 and c["dma_hb_in"] >= 2
+            with capsys.disabled():
+                print("\n".join(con.lines))
+                print(f"\nboard tree client at -X heapsize={HEAP // 1024}K (.mpy): heap in use when joined with the SM "
+                      f"link still open {counters(join_line)['heap']} B; after the re-join (SM link closed) "
+                      f"{counters(next(ln for ln in reversed(con.lines) if 'joined DMA' in ln))['heap']} B")
+
+    asyncio.run(asyncio.wait_for(main(), 90))
+
+
+@pytest.mark.slow
+def test_board_not_in_the_dma_acl_is_refused_and_backs_off(pki, tmp_path, mpy_dir):
+    """A fixed, empty ACL at the DMA: every join refused NOT_IN_ACL at the probe, with the
+    growing backoff, the SM link held meanwhile (10.1.1.1); after 6 refusals the board
+    admits again at the SM."""
+    pki_dir = pki[0]
+
+    async def main():
+        async with Session(pki_dir, tmp_path, n_dmas=1) as s:
+            dma = TreeDma(lambda h: None, s.dmas()[0]._suite)
+            await dma.start()
+            fs = tree_fs(tmp_path, pki_dir, s.server.tls_port, dma.port, backoff_s=[0.1, 0.4])
+            con = Lines(await start_board(fs, mpy_dir, 2, HEAP))
+            try:
+                await until(lambda: con.count("join refused") >= 2, timeout=30, what=lambda: "\n".join(con.lines))
+                # still admitted at the SM while it retries the join
+                assert any(ln.member and ln.member.maid == BOARD_MAID for ln in s.server.sm.links.values())
+                t0 = time.monotonic()
+                await asyncio.wait_for(con.proc.wait(), 30)
+                spent = time.monotonic() - t0
+            finally:
+                await con.stop()
+                await dma.close()
+            c = counters(con.last())
+            assert (c["links"], c["admitted"], c["joins"], c["join_refused"], c["joined"]) == (2, 2, 12, 12, 0), con.lines
+            assert con.count("join refused by DMA") == 12 and con.count("(reason 2)") == 12, "\n".join(con.lines)
+            assert dma.eng.errors["NOT_IN_ACL"] == 12 and not dma.eng.members()
+            # waits after refusals 0.1 0.2 0.4 0.4 0.4 per admission (each at least half): from
+            # the second refusal on at least 0.7 s
+            assert spent >= 0.7, spent
+
+    asyncio.run(asyncio.wait_for(main(), 90))
+
+
+def test_rmcp2_json_dma_keys_are_validated(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    good = {"sm_host": "10.0.0.2", "session_id": "0123456789abcdef", "maid": "0a0000020ab20001"}
+    (tmp_path / "rmcp2.json").write_text(json.dumps(good))
+    assert rma_cfg.load()["dma"] is None
+    (tmp_path / "rmcp2.json").write_text(json.dumps({**good, "dma": ["10.0.0.3", 26032], "dma_maid": DMA_MAID.hex()}))
+    cfg = rma_cfg.load()
+    assert cfg["dma"] == ("10.0.0.3", 26032) and cfg["dma_maid"] == DMA_MAID
+    for bad, word in (({"dma": ["10.0.0.3"]}, "dma"), ({"dma": ["", 1]}, "dma"), ({"dma": ["h", 0]}, "dma"),
+                      ({"dma": "10.0.0.3:26032"}, "dma"), ({"dma": ["h", 1]}, "dma_maid"),
+                      ({"dma": ["h", 1], "dma_maid": "0d01"}, "dma_maid")):
+        (tmp_path / "rmcp2.json").write_text(json.dumps({**good, **bad}))
+        with pytest.raises(ValueError, match=word):
+            rma_cfg.load()
+
+
+class _Ring:
+    def __init__(self):
+        self.got = []
+
+    def install(self, gen, key16):
+        self.got.append((gen, bytes(key16)))
+
+
+def test_keys_hands_leave_messages_under_kmas_to_the_control_link():
+    """keys.py (under CPython): LEAVREQ/LEAVANS under K_MAS from the parent DMA (MAID = the
+    sender, B.3) come out as `mtype`/`result`; the same from anyone else, or a KEYDELIVER
+    under K_MAS that names the DMA instead of this RMA, is refused."""
+    suite = P.Suite(C.EnDecId.AES_CTR_128, C.AuthId.HMAC_SHA1)
+    kmas, kg = os.urandom(16), os.urandom(16)
+    k = K.Keys(SID.to_bytes(8, "big"), BOARD_MAID, _Ring(), enc=2, auth=1)
+    k.joined(DMA_MAID, kmas, 3, kg)
+    key = P.ProtKey(P.KeyRef.KMAS, kmas)
+
+    def sealed(t, maid, seq, nt=N.DMA, controls=(C.ResultCtl(C.Result.EXPELLED),)):
+        return P.seal(C.Message(t, nt, SID, maid, controls).encode(), key, suite, seq, os.urandom(16))
+
+    assert k.receive(sealed(M.LEAVREQ, DMA_MAID, 1), 0) == 0 and (k.mtype, k.result) == (0xAB, 0x21)
+    assert k.receive(sealed(M.LEAVANS, DMA_MAID, 2, controls=(C.ResultCtl(C.Result.ACCEPTED),)), 0) == 0
+    assert (k.mtype, k.result) == (0xAC, 0x01) and sum(k.errors) == 0
+    assert k.receive(sealed(M.LEAVREQ, DMA_MAID, 2), 0) == 0 and k.mtype == 0 and k.errors[17] == 1  # replayed
+    other = C.make_maid("127.0.0.9", 1, 9)
+    assert k.receive(sealed(M.LEAVREQ, other, 3), 0) == 0 and k.mtype == 0 and k.errors[14] == 1  # no key for it
+    assert k.receive(sealed(M.LEAVREQ, BOARD_MAID, 4, nt=N.RMA), 0) == 0 and k.mtype == 0 and k.errors[0] == 1
+    kd = C.KeyData(4, C.KeyMode.FRESH, 0, os.urandom(16)).encode()
+    kgmsg = sealed(M.KEYDELIVER, DMA_MAID, 5, controls=(C.KeyInfo(C.KeyType.KG, kd),))
+    assert k.receive(kgmsg, 0) == 0 and k.errors[13] == 1 and k.kg_gen() == 3  # names the DMA, not this RMA
+    ok = sealed(M.KEYDELIVER, BOARD_MAID, 6, controls=(C.KeyInfo(C.KeyType.KG, kd),))
+    assert k.receive(ok, 0) == 2 and k.kg_gen() == 4 and k.mtype == 0x24
