@@ -17,10 +17,8 @@ import time
 
 from micropython import const
 
-from tessera_fw.rmcp2 import join as J
-from tessera_fw.rmcp2 import join_net
+from tessera_fw import acquire, release
 from tessera_fw.rmcp2 import msg as M
-from tessera_fw.rmcp2 import tree as T
 from tessera_fw.rmcp2.err import Rmcp2Error
 from tessera_fw.rmcp2.keys import Keys
 
@@ -28,6 +26,11 @@ from tessera_fw.rmcp2.keys import Keys
 # (1 s doubling to 60 s) they span 1+2+4+8+16+32 = 63 s, past the DMA's HRS_REFRESH (60 s,
 # B.10) after which a freshly admitted RMA is in its ACL
 _JOIN_TRIES = const(6)
+# loaded for each join and released after it (from .mpy), so that the control link does not
+# hold their code: join_net imports join, which imports annexe and tree (docs/rmcp2.md)
+_JOIN_MODS = ("tessera_fw.rmcp2.join_net", "tessera_fw.rmcp2.join", "tessera_fw.rmcp2.annexe",
+              "tessera_fw.rmcp2.tree")
+_ST_JOINED = const(4)  # join.ST_JOINED
 _T_ANNEXE_S = const(20)  # B.10: the board's socket timeout during the join
 _MISSED = const(3)  # T_HB periods without a message from the DMA: it is gone (B.10)
 _HB = const(0xAD)
@@ -93,7 +96,7 @@ class Tree:
         rma = runner.rma
         self.host, self.port = cfg["dma"]
         self.dma_maid = cfg["dma_maid"]
-        self.hdma = T.hashed_maid(rma.sid, self.dma_maid)  # IDs the DMA must prove in Annex E
+        self.hdma = None  # the DMA's HASHED_MAID: IDs it must prove in Annex E (set at the first join)
         self.ring = ring if ring is not None else new_ring(rma)
         self.keys = Keys(rma.sid, rma.maid, self.ring, env=rma.env, dec=rma.dec)
         self.counts = [0] * len(TREE_NAMES)
@@ -142,44 +145,56 @@ class Tree:
                 r.link = None
 
     def join(self, enc, auth):
-        """One join: TCP, PPROBREQ, Annex E; True with the control link open in self.s."""
+        """One join: TCP, PPROBREQ, Annex E; True with the control link open in self.s.
+        The join modules are loaded for it and released after it (when from .mpy)."""
+        import gc
+        import sys
+
         r = self.r
         rma = r.rma
         c = self.counts
         c[_JOINS] += 1
-        import gc
-
-        gc.collect()
-        j = J.Join(rma.sid, rma.maid, self.w, enc, auth, r.rand)
-        t0 = time.ticks_ms()
+        jn, fresh = acquire(_JOIN_MODS[0])  # join_net, which loads join, annexe and tree
+        J = sys.modules[_JOIN_MODS[1]]
+        ok = False
         s = socket.socket()
         try:
+            if self.hdma is None:
+                self.hdma = sys.modules[_JOIN_MODS[3]].hashed_maid(rma.sid, self.dma_maid)
+            j = J.Join(rma.sid, rma.maid, self.w, enc, auth, r.rand)
+            t0 = time.ticks_ms()
             j.precompute()  # the key pair before the link opens: the DMA's T_ANNEXE runs from pass 1
             s.settimeout(_T_ANNEXE_S)
             s.connect(socket.getaddrinfo(self.host, self.port)[0][-1])
-            join_net.run(j, s, r.buf)
+            jn.run(j, s, r.buf)
+            ms = time.ticks_diff(time.ticks_ms(), t0)
+            if j.state != _ST_JOINED or j.parent != self.hdma:
+                c[_JOIN_REFUSED] += 1
+                self.fail = j.fail if j.state != _ST_JOINED else 3  # IDENTITY: not the configured DMA
+                r.log("rmcp2: join refused by DMA %s:%d (reason %d) after %d ms" % (self.host, self.port, self.fail, ms))
+            else:
+                k = self.keys
+                k.enc = enc
+                k.auth = auth
+                k.joined(self.dma_maid, j.kmas, j.kg_gen, j.kg)
+                self.seq = 0
+                self.s = s
+                ok = True
         except Exception as e:  # OSError, a timeout, MemoryError: counted, retried
-            s.close()
             c[_JOIN_ERRORS] += 1
             r.log("rmcp2: no join with DMA %s:%d (%s)" % (self.host, self.port, type(e).__name__))
-            return False
-        ms = time.ticks_diff(time.ticks_ms(), t0)
-        if j.state != J.ST_JOINED or j.parent != self.hdma:
-            s.close()
-            c[_JOIN_REFUSED] += 1
-            self.fail = j.fail if j.state != J.ST_JOINED else 3  # IDENTITY: not the configured DMA
-            r.log("rmcp2: join refused by DMA %s:%d (reason %d) after %d ms" % (self.host, self.port, self.fail, ms))
-            return False
-        k = self.keys
-        k.enc = enc
-        k.auth = auth
-        k.joined(self.dma_maid, j.kmas, j.kg_gen, j.kg)
-        j = None
-        self.seq = 0
-        self.s = s
-        c[_JOINED] += 1
-        r.log("rmcp2: joined DMA %s:%d (Kg gen %d) in %d ms" % (self.host, self.port, k.kg_gen(), ms))
-        return True
+        finally:
+            if not ok:
+                s.close()
+            j = jn = J = None
+            if fresh:
+                for name in _JOIN_MODS:
+                    release(name)
+            gc.collect()
+        if ok:
+            c[_JOINED] += 1
+            r.log("rmcp2: joined DMA %s:%d (Kg gen %d) in %d ms" % (self.host, self.port, self.keys.kg_gen(), ms))
+        return ok
 
     def control(self):
         """Keep the control link until it drops (DROPPED) or the DMA expels this RMA
@@ -216,7 +231,7 @@ class Tree:
                     continue
                 if not p.poll(min(left, lost - quiet)):
                     continue
-                data = _recv(s, mv)
+                data = M.read_frame(s, mv)
                 last = time.ticks_ms()
                 c[_DMA_MSGS] += 1
                 if self._clear(data):
@@ -258,7 +273,7 @@ class Tree:
             self.counts[_LEFT] += 1
             mv = memoryview(r.buf)
             for _ in range(8):
-                data = _recv(s, mv)
+                data = M.read_frame(s, mv)
                 if not self._clear(data):
                     k.receive(data, time.ticks_ms())
                     if k.mtype == _LEAVANS:
@@ -296,13 +311,3 @@ class Tree:
         else:
             k.errors[0] += 1
         return True
-
-
-def _recv(s, mv):
-    """One message framed by its header Length (A.4) into mv."""
-    join_net._fill(s, mv, 0, 4)
-    n = (mv[2] << 8) | mv[3]
-    if n < 20 or n > len(mv):
-        raise OSError("frame length %d" % n)
-    join_net._fill(s, mv, 4, n)
-    return mv[:n]

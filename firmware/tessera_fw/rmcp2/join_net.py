@@ -2,6 +2,7 @@
 # socket or a TLS socket until it is joined or refused. Kept apart so that join.py compiles in
 # less heap; boards load it only to join (docs/rmcp2.md "Part 2: tree join").
 from tessera_fw.rmcp2.join import ST_JOINED, ST_REFUSED
+from tessera_fw.rmcp2.msg import read_frame
 
 
 def run(j, s, buf=None):
@@ -14,20 +15,7 @@ def run(j, s, buf=None):
     mv = memoryview(buf)
     s.write(j.start())
     while j.state != ST_JOINED and j.state != ST_REFUSED:
-        _fill(s, mv, 0, 4)
-        n = (buf[2] << 8) | buf[3]
-        if n < 20 or n > len(buf):
-            raise OSError("frame length %d" % n)
-        _fill(s, mv, 4, n)
-        out = j.receive(mv[:n])
+        out = j.receive(read_frame(s, mv))
         if out is not None:
             s.write(out)
     return j.state
-
-
-def _fill(s, mv, a, b):
-    while a < b:
-        k = s.readinto(mv[a:b])
-        if not k:
-            raise OSError("DMA closed the link")
-        a += k
