@@ -19,6 +19,7 @@ from micropython import const
 
 from tessera_fw import acquire, release
 from tessera_fw.rmcp2 import msg as M
+from tessera_fw.rmcp2 import join_net
 from tessera_fw.rmcp2.err import Rmcp2Error
 from tessera_fw.rmcp2.keys import Keys
 
@@ -27,9 +28,8 @@ from tessera_fw.rmcp2.keys import Keys
 # B.10) after which a freshly admitted RMA is in its ACL
 _JOIN_TRIES = const(6)
 # loaded for each join and released after it (from .mpy), so that the control link does not
-# hold their code: join_net imports join, which imports annexe and tree (docs/rmcp2.md)
-_JOIN_MODS = ("tessera_fw.rmcp2.join_net", "tessera_fw.rmcp2.join", "tessera_fw.rmcp2.annexe",
-              "tessera_fw.rmcp2.tree")
+# hold their code: join imports annexe and tree (docs/rmcp2.md)
+_JOIN_MODS = ("tessera_fw.rmcp2.join", "tessera_fw.rmcp2.annexe", "tessera_fw.rmcp2.tree")
 _ST_JOINED = const(4)  # join.ST_JOINED
 _T_ANNEXE_S = const(20)  # B.10: the board's socket timeout during the join
 _MISSED = const(3)  # T_HB periods without a message from the DMA: it is gone (B.10)
@@ -154,19 +154,18 @@ class Tree:
         rma = r.rma
         c = self.counts
         c[_JOINS] += 1
-        jn, fresh = acquire(_JOIN_MODS[0])  # join_net, which loads join, annexe and tree
-        J = sys.modules[_JOIN_MODS[1]]
+        J, fresh = acquire(_JOIN_MODS[0])  # join, which loads annexe and tree
         ok = False
         s = socket.socket()
         try:
             if self.hdma is None:
-                self.hdma = sys.modules[_JOIN_MODS[3]].hashed_maid(rma.sid, self.dma_maid)
+                self.hdma = sys.modules[_JOIN_MODS[2]].hashed_maid(rma.sid, self.dma_maid)
             j = J.Join(rma.sid, rma.maid, self.w, enc, auth, r.rand)
             t0 = time.ticks_ms()
             j.precompute()  # the key pair before the link opens: the DMA's T_ANNEXE runs from pass 1
             s.settimeout(_T_ANNEXE_S)
             s.connect(socket.getaddrinfo(self.host, self.port)[0][-1])
-            jn.run(j, s, r.buf)
+            join_net.run(j, s, r.buf)
             ms = time.ticks_diff(time.ticks_ms(), t0)
             if j.state != _ST_JOINED or j.parent != self.hdma:
                 c[_JOIN_REFUSED] += 1
@@ -186,7 +185,7 @@ class Tree:
         finally:
             if not ok:
                 s.close()
-            j = jn = J = None
+            j = J = None
             if fresh:
                 for name in _JOIN_MODS:
                     release(name)
@@ -231,7 +230,7 @@ class Tree:
                     continue
                 if not p.poll(min(left, lost - quiet)):
                     continue
-                data = M.read_frame(s, mv)
+                data = join_net.read_frame(s, mv)
                 last = time.ticks_ms()
                 c[_DMA_MSGS] += 1
                 if self._clear(data):
@@ -273,7 +272,7 @@ class Tree:
             self.counts[_LEFT] += 1
             mv = memoryview(r.buf)
             for _ in range(8):
-                data = M.read_frame(s, mv)
+                data = join_net.read_frame(s, mv)
                 if not self._clear(data):
                     k.receive(data, time.ticks_ms())
                     if k.mtype == _LEAVANS:

@@ -13,10 +13,17 @@
 from micropython import const
 
 from tessera_fw.rmcp2 import seal as S
-from tessera_fw.rmcp2.const import ERR_KEY, ERR_MAID, ERR_REPLAY, ERR_SUBCONTROL, ERR_VALUE, Rmcp2Error
+from tessera_fw.rmcp2.err import Rmcp2Error
 from tessera_fw.rmcp2.msg import Decoder
 from tessera_fw.scpm.ticks import ticks_add30, ticks_diff30
 
+# error numbers of profile B.12 (const.py), inlined at compile time: importing const.py
+# would hold 7 KB of heap on a board for its public names (docs/rmcp2.md, board tree client)
+_ERR_VALUE = const(11)
+_ERR_SUBCONTROL = const(12)
+_ERR_MAID = const(13)
+_ERR_KEY = const(14)
+_ERR_REPLAY = const(17)
 _KEYDELIVER = const(0x24)
 _REF_KG = const(0x02)
 _REF_KMAS = const(0x82)
@@ -123,13 +130,13 @@ class Keys:
 
     def _receive(self, data):
         if self.kg is None:
-            raise Rmcp2Error(ERR_KEY)  # not in a group: no key to open anything with
+            raise Rmcp2Error(_ERR_KEY)  # not in a group: no key to open anything with
         ref = data[20] if len(data) > 20 else 0
         plain = self.env.unseal(data, self.enc, self.auth, self._lk, self._wn)
         d = self.dec
         t = d.decode(plain)
         if not d.same(4, self.sid):
-            raise Rmcp2Error(ERR_MAID)
+            raise Rmcp2Error(_ERR_MAID)
         mine = d.same(12, self.maid)
         if t != _KEYDELIVER:
             if ref == _REF_KMAS and (t == _LEAVREQ or t == _LEAVANS) and d.nt == _NT_DMA and not mine:
@@ -139,15 +146,15 @@ class Keys:
             self.errors[_ERR_OTHER] += 1
             return 0
         if ref == _REF_KMAS and not mine:
-            raise Rmcp2Error(ERR_MAID)  # a KEYDELIVER under K_MAS names its recipient (B.16)
+            raise Rmcp2Error(_ERR_MAID)  # a KEYDELIVER under K_MAS names its recipient (B.16)
         self.mtype = t
         kt = d.key_type(d.km)
         kd = d.key_data(d.km)
         if len(kd) != 20:
-            raise Rmcp2Error(ERR_SUBCONTROL)  # KEY_DATA is 20 bytes (B.6)
+            raise Rmcp2Error(_ERR_SUBCONTROL)  # KEY_DATA is 20 bytes (B.6)
         gen = kd[0]
         if gen == 0 or kd[1] < 1 or kd[1] > 2:
-            raise Rmcp2Error(ERR_VALUE)
+            raise Rmcp2Error(_ERR_VALUE)
         if kt == _KT_KG:
             return self._install_kg(gen, kd[4:20], ref == _REF_KMAS)
         if kt == _KT_KC and ref == _REF_KG:
@@ -157,7 +164,7 @@ class Keys:
 
     def _install_kg(self, gen, key, unicast):
         if not ahead(gen, self.kg.gen):
-            raise Rmcp2Error(ERR_REPLAY)
+            raise Rmcp2Error(_ERR_REPLAY)
         old = self.kg
         self.kg = S.ProtKey(_REF_KG, bytes(key), gen)
         self._drop_prev()
@@ -175,7 +182,7 @@ class Keys:
             if gen == self.kc_gen and _eq(key, self.kc_key):
                 return 0  # the same delivery re-sent (e.g. a catch-up)
             if not ahead(gen, self.kc_gen):
-                raise Rmcp2Error(ERR_REPLAY)
+                raise Rmcp2Error(_ERR_REPLAY)
         self.ring.install(gen, bytes(key))
         self.kc_gen = gen
         self.kc_key[:] = key

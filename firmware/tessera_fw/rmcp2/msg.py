@@ -545,23 +545,3 @@ def empty(w, mtype, sid, maid):
 def result(w, mtype, sid, maid, code):
     """LEAVREQ, LEAVANS, TERMANS with RESULT (B.3, B.9)."""
     return w.begin(mtype, 3, sid, maid).c2(0xC1, code, 0).end()
-
-
-def read_frame(s, mv):
-    """One message from stream `s` (a socket: readinto) framed by its header Length (A.4),
-    into memoryview `mv`; returns mv[:Length]. OSError when the peer closes or the Length is
-    below 20 or beyond mv (the join link and the control link to the DMA, B.15)."""
-    _fill(s, mv, 0, 4)
-    n = (mv[2] << 8) | mv[3]
-    if n < _HDR or n > len(mv):
-        raise OSError("frame length %d" % n)
-    _fill(s, mv, 4, n)
-    return mv[:n]
-
-
-def _fill(s, mv, a, b):
-    while a < b:
-        k = s.readinto(mv[a:b])
-        if not k:
-            raise OSError("peer closed the link")
-        a += k
