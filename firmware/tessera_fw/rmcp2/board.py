@@ -110,9 +110,15 @@ class Runner:
         """Join the DMA of rmcp2.json and keep the control link (board_tree.py, loaded
         only when a DMA is configured); True when the DMA ended the membership."""
         if self.tree is None:
-            from tessera_fw.rmcp2.board_tree import Tree
+            try:
+                from tessera_fw.rmcp2.board_tree import Tree
 
-            self.tree = Tree(self, self.ring)
+                self.tree = Tree(self, self.ring)
+            except MemoryError:  # a heap too small for the tree client: said, then the longest wait
+                self.link.close()
+                self.link = None
+                self.log("rmcp2: no heap for the tree client (MemoryError)")
+                return True
         return self.tree.run() == 1  # board_tree.EXPELLED
 
     def pause(self, ms):

@@ -154,10 +154,12 @@ class Tree:
         rma = r.rma
         c = self.counts
         c[_JOINS] += 1
-        J, fresh = acquire(_JOIN_MODS[0])  # join, which loads annexe and tree
         ok = False
+        J = None
+        fresh = False
         s = socket.socket()
         try:
+            J, fresh = acquire(_JOIN_MODS[0])  # join, which loads annexe and tree
             if self.hdma is None:
                 self.hdma = sys.modules[_JOIN_MODS[2]].hashed_maid(rma.sid, self.dma_maid)
             j = J.Join(rma.sid, rma.maid, self.w, enc, auth, r.rand)
