@@ -335,3 +335,28 @@ def test_keys_hands_leave_messages_under_kmas_to_the_control_link():
     assert k.receive(kgmsg, 0) == 0 and k.errors[13] == 1 and k.kg_gen() == 3  # names the DMA, not this RMA
     ok = sealed(M.KEYDELIVER, BOARD_MAID, 6, controls=(C.KeyInfo(C.KeyType.KG, kd),))
     assert k.receive(ok, 0) == 2 and k.kg_gen() == 4 and k.mtype == 0x24
+
+
+@pytest.mark.slow
+def test_tree_client_does_not_fit_the_esp32_56k_area_and_says_so(pki, tmp_path, mpy_dir):
+    """The admitted board (48-50 KB in use) has no room to load the tree client in the
+    ESP32's initial 56 KB heap area: it says so on its console and waits the longest
+    backoff, with no traceback (docs/rmcp2.md "Board tree client", heap)."""
+    pki_dir = pki[0]
+
+    async def main():
+        async with Session(pki_dir, tmp_path, n_dmas=1) as s:
+            dma = TreeDma(lambda h: None, s.dmas()[0]._suite)
+            await dma.start()
+            fs = tree_fs(tmp_path, pki_dir, s.server.tls_port, dma.port, backoff_s=[0.1, 0.2])
+            con = Lines(await start_board(fs, mpy_dir, 2, 56 * 1024))
+            try:
+                await asyncio.wait_for(con.proc.wait(), 30)
+            finally:
+                err = await con.stop()
+                await dma.close()
+            assert "Traceback" not in err and con.proc.returncode == 0, err
+            assert con.count("no heap for the tree client") == 2 and con.count("ready") == 2, "\n".join(con.lines)
+            assert not dma.eng.members() and sum(dma.eng.errors.values()) == 0
+
+    asyncio.run(asyncio.wait_for(main(), 60))
