@@ -118,6 +118,7 @@ class Tree:
         self.w = rma.hashed_ktls()  # W of Annex E (B.11): what the DMA's ACL holds for us
         enc, auth = rma.enc, rma.mac  # the agreed GK_EN_DEC_ID / AUTH_ID (SECLIST)
         lo, hi = r.cfg["backoff_ms"]
+        short = _MISSED * r.cfg["hb_ms"]
         wait = lo
         fails = 0
         try:
@@ -126,10 +127,15 @@ class Tree:
                     if r.link is not None:  # 10.1.1.1: authenticated to the parent DMA now
                         r.link.close()
                         r.link = None
-                    fails = 0
-                    wait = lo
+                    t = time.ticks_ms()
                     if self.control() == EXPELLED:
                         return EXPELLED
+                    if time.ticks_diff(time.ticks_ms(), t) >= short:
+                        fails = 0  # the link served a while: the backoff starts short again
+                        wait = lo
+                    else:
+                        fails += 1  # dropped soon after the join: a DMA that takes and drops
+                        # members is not joined again at the shortest wait for ever
                 else:
                     fails += 1
                 if fails >= _JOIN_TRIES:

@@ -46,8 +46,9 @@ class TreeDma:
     LEAVREQ from the RMA answered LEAVANS under K_MAS; a link closed (or 3 HB silent) is a
     leave (member_left: BACKWARD re-key of the others)."""
 
-    def __init__(self, acl_lookup, suite: P.Suite, mecha=C.GkMecha.BACKWARD, hb: float = HB) -> None:
-        self.suite, self.hb = suite, hb
+    def __init__(self, acl_lookup, suite: P.Suite, mecha=C.GkMecha.BACKWARD, hb: float = HB,
+                 drop_members: bool = False) -> None:
+        self.suite, self.hb, self.drop_members = suite, hb, drop_members
         self.gk = GroupKeyManager(SID, DMA_MAID, mecha, suite, os.urandom, time.monotonic())
         self.eng = T.JoinEngine(SID, DMA_MAID, acl_lookup=acl_lookup, kg_source=self.gk.current, suite=suite,
                                 rand=os.urandom)
@@ -116,6 +117,8 @@ class TreeDma:
                         self.kmas.setdefault(member, []).append(m.kmas)
                         hb_task = asyncio.create_task(self._hb(writer))
                     await writer.drain()
+                    if member is not None and self.drop_members:
+                        break  # a DMA that takes members and drops them at once
                     continue
                 if len(data) == C.HEADER_LEN:  # HB in clear (Table 11 N/A)
                     msg = C.decode(data)
@@ -358,5 +361,31 @@ def test_tree_client_does_not_fit_the_esp32_56k_area_and_says_so(pki, tmp_path, 
             assert "Traceback" not in err and con.proc.returncode == 0, err
             assert con.count("no heap for the tree client") == 2 and con.count("ready") == 2, "\n".join(con.lines)
             assert not dma.eng.members() and sum(dma.eng.errors.values()) == 0
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+@pytest.mark.slow
+def test_board_backs_off_from_a_dma_that_drops_it_after_each_join(pki, tmp_path, mpy_dir):
+    """Each join accepted, the link closed right after RELANS: a link shorter than 3 T_HB
+    counts as a failed join, so the board backs off and after 6 goes back to the SM."""
+    pki_dir = pki[0]
+
+    async def main():
+        async with Session(pki_dir, tmp_path, n_dmas=1) as s:
+            # the SM's own ACL (no HRSANS lag: every join is accepted)
+            dma = TreeDma(lambda h: s.server.sm.acl.get(bytes(h)), s.dmas()[0]._suite, drop_members=True)
+            await dma.start()
+            fs = tree_fs(tmp_path, pki_dir, s.server.tls_port, dma.port, backoff_s=[0.05, 0.2])
+            con = Lines(await start_board(fs, mpy_dir, 1, HEAP))
+            try:
+                await asyncio.wait_for(con.proc.wait(), 40)
+            finally:
+                err = await con.stop()
+                await dma.close()
+            assert "Traceback" not in err, err
+            c = counters(con.last())
+            assert (c["links"], c["joins"], c["joined"], c["dma_drops"]) == (1, 6, 6, 6), "\n".join(con.lines)
+            assert len(dma.left) == 6
 
     asyncio.run(asyncio.wait_for(main(), 60))
