@@ -56,6 +56,7 @@ class TreeDma:
         self.kmas: dict[bytes, list[bytes]] = {}  # every K_MAS each member joined with
         self.hb_in: Counter = Counter()
         self.leavreqs: list[tuple[bytes, int]] = []
+        self.leavans: list[tuple[bytes, int]] = []
         self.left: list[bytes] = []
         self._all: set[asyncio.StreamWriter] = set()
         self._ids = 0
@@ -83,6 +84,11 @@ class TreeDma:
         kd = C.KeyData(gen, C.KeyMode.FRESH, 0, key).encode()
         plain = C.Message(M.KEYDELIVER, N.SMA, SID, DMA_MAID, (C.KeyInfo(C.KeyType.KC, kd),)).encode()
         self.send(self.gk.seal_group(plain))
+
+    def expel(self, maid: bytes) -> None:
+        """LEAVREQ EXPELLED under the member's K_MAS (MAID = the sender, B.3)."""
+        req = C.Message(M.LEAVREQ, N.DMA, SID, DMA_MAID, (C.ResultCtl(C.Result.EXPELLED),)).encode()
+        self.writers[maid].write(self._kmas_seal(maid, req))
 
     def _kmas_seal(self, maid: bytes, plain: bytes) -> bytes:
         m = self.gk._members[maid]  # one Seq counter per K_MAS for all the DMA's messages under it (B.7)
@@ -128,7 +134,9 @@ class TreeDma:
                 kmas = self.gk._members[member].kmas
                 msg = P.unseal_decode(data, self.suite, lambda m, s: kmas if s.ref == P.KeyRef.KMAS and m == member
                                       else None, lambda m, k: window)
-                if msg.type == M.LEAVREQ:
+                if msg.type == M.LEAVANS:  # the answer to expel()
+                    self.leavans.append((member, msg.get(C.ResultCtl).value))
+                elif msg.type == M.LEAVREQ:
                     self.leavreqs.append((member, msg.get(C.ResultCtl).value))
                     ans = C.Message(M.LEAVANS, N.DMA, SID, DMA_MAID, (C.ResultCtl(C.Result.ACCEPTED),)).encode()
                     writer.write(self._kmas_seal(member, ans))
@@ -226,6 +234,16 @@ def test_board_joins_its_dma_keeps_the_control_link_and_rejoins(pki, tmp_path, m
                 await until(lambda: BOARD_MAID in dma.writers, what="the re-joined board")
                 assert len(dma.kmas[BOARD_MAID]) == 2 and dma.kmas[BOARD_MAID][0] != dma.kmas[BOARD_MAID][1]
                 assert con.count("ready") == 1  # re-joined without a new admission
+
+                # the DMA ends the membership (LEAVREQ EXPELLED): answered LEAVANS, then the
+                # board waits the longest backoff and is admitted and joined again
+                dma.expel(BOARD_MAID)
+                await until(lambda: dma.leavans, what="LEAVANS at the DMA")
+                assert dma.leavans == [(BOARD_MAID, C.Result.ACCEPTED)]
+                await until(lambda: con.count("joined DMA") == 3 or con.proc.returncode is not None, timeout=20,
+                            what=lambda: "\n".join(con.lines))
+                assert con.count("ended the membership (LEAVREQ 0x21)") == 1 and con.count("ready") == 2
+                await until(lambda: BOARD_MAID in dma.writers, what="the board back after the expulsion")
                 await asyncio.sleep(HB)
 
                 # a clean stop: LEAVREQ (LEAVE_NORMAL) under the new K_MAS, answered LEAVANS
@@ -240,11 +258,12 @@ def test_board_joins_its_dma_keeps_the_control_link_and_rejoins(pki, tmp_path, m
             assert "Traceback" not in err, err
             assert con.count("LEAVANS received") == 1, "\n".join(con.lines)
             c = counters(next(ln for ln in reversed(con.lines) if "|" in ln))
-            assert (c["links"], c["admitted"], c["joined"], c["dma_drops"]) == (1, 1, 2, 1), "\n".join(con.lines)
-            assert c["kg"] == 1 and c["kc"] == 1 and c["left"] == 1 and c["errors"] == 0, "\n".join(con.lines)
-            # a join right after the admission may come before the DMA's next HRSANS brought the
-            # board's ACL entry (NOT_IN_ACL, retried after the backoff); none after that
-            assert c["joins"] == 2 + c["join_refused"] and c["join_refused"] <= 2 and c["join_errors"] == 0
+            assert (c["links"], c["admitted"], c["joined"], c["dma_drops"]) == (2, 2, 3, 1), "\n".join(con.lines)
+            assert c["kg"] == 1 and c["kc"] == 1 and c["left"] == 1 and c["expelled"] == 1, "\n".join(con.lines)
+            assert c["errors"] == 0, "\n".join(con.lines)
+            # a join right after an admission may come before the DMA's next HRSANS brought the
+            # board's ACL entry (NOT_IN_ACL, retried after the backoff)
+            assert c["joins"] == 3 + c["join_refused"] and c["join_refused"] <= 4 and c["join_errors"] == 0
             assert c["dma_hb_sent"] >= 2 and c["dma_hb_in"] >= 2
             with capsys.disabled():
                 print("\n".join(con.lines))
