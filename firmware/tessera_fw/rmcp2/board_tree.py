@@ -1,16 +1,19 @@
 # The board RMA's tree client (docs/rmcp2.md "Board tree client"; profile B.15 "Control
 # link", defined by this project): after the admission to the SM, the board joins its parent
 # DMA (join.py over TCP: PPROBREQ, Annex E, K_MAS, the first Kg) and keeps that TCP link as
-# its control link: KEYDELIVER of Kg (under K_MAS or the previous Kg) and Kc (under Kg) go to
-# keys.py, HB (in clear, Table 11 N/A) every T_HB both ways (nothing from the DMA for 3 T_HB:
-# it is gone), LEAVREQ/LEAVANS under K_MAS. A dropped link is joined again with a fresh Annex
-# E after a bounded, jittered backoff. Loaded by board.py only when rmcp2.json names a DMA.
+# its control link. Every message on it after the join is under K_MAS and names this RMA,
+# except the group KEYDELIVERs under Kg (they name the DMA): KEYDELIVER of Kg (under K_MAS or
+# the previous Kg) and Kc (under Kg) go to keys.py; HB both ways every T_HB (nothing
+# authentic from the DMA for 3 T_HB: it is gone); LEAVREQ/LEAVANS either way. A dropped link
+# is joined again with a fresh Annex E after a bounded, jittered backoff. Loaded by board.py
+# only when rmcp2.json names a DMA.
 #
 # The SM's TLS link is kept until the join succeeds (10.1.1.1: an RMA's TLS session is kept
 # until it has authenticated to its parent DMA), then closed: the SM keeps the member and its
 # ACL entry after the link closes (sm.py disconnect), and the board's heap is spared the TLS
-# session while the control link runs. After _JOIN_TRIES failed joins in a row (or a LEAVREQ
-# from the DMA) the board goes back to the SM for a new admission (a fresh K_TLS, B.13).
+# session while the control link runs. After _JOIN_TRIES failed joins in a row (a link that
+# drops within 3 T_HB of its join counts as one) or a LEAVREQ from the DMA, the board goes
+# back to the SM for a new admission (a fresh K_TLS, B.13).
 import select
 import socket
 import time
@@ -20,7 +23,6 @@ from micropython import const
 from tessera_fw import acquire, release
 from tessera_fw.rmcp2 import msg as M
 from tessera_fw.rmcp2 import join_net
-from tessera_fw.rmcp2.err import Rmcp2Error
 from tessera_fw.rmcp2.keys import Keys
 
 # failed joins in a row before the board re-admits at the SM: with the default backoff
@@ -36,7 +38,6 @@ _MISSED = const(3)  # T_HB periods without a message from the DMA: it is gone (B
 _HB = const(0xAD)
 _LEAVREQ = const(0xAB)
 _LEAVANS = const(0xAC)
-_NT_DMA = const(5)
 _LEAVE_NORMAL = const(0x20)  # B.9
 _ACCEPTED = const(0x01)
 _KT_KG = const(2)
@@ -230,7 +231,7 @@ class Tree:
                     raise OSError("%d T_HB without a message" % _MISSED)
                 left = time.ticks_diff(due, now)
                 if left <= 0:
-                    s.write(M.empty(rma.w, _HB, rma.sid, rma.maid))
+                    s.write(self._kmas(M.empty(rma.w, _HB, rma.sid, rma.maid)))
                     c[_DMA_HB_SENT] += 1
                     due = time.ticks_add(due, hb)
                     if time.ticks_diff(due, now) <= 0:  # far behind: no burst of HBs
@@ -239,19 +240,24 @@ class Tree:
                 if not p.poll(min(left, lost - quiet)):
                     continue
                 data = join_net.read_frame(s, mv)
-                last = time.ticks_ms()
+                now = time.ticks_ms()
                 c[_DMA_MSGS] += 1
-                if self._clear(data):
-                    continue
-                kt = k.receive(data, last)
-                if kt == _KT_KG:
+                kt = k.receive(data, now)
+                if kt or k.mtype:
+                    last = now  # only what authenticates under the group's keys counts as the DMA alive
+                if k.mtype == _HB:
+                    c[_DMA_HB_IN] += 1
+                elif kt == _KT_KG:
                     c[_KG] += 1
                     r.log("rmcp2: Kg gen %d from the DMA" % k.kg_gen())
                 elif kt == _KT_KC:
                     c[_KC] += 1
                     r.log("rmcp2: Kc gen %d from the DMA" % k.kc_gen)
                 elif k.mtype == _LEAVREQ:
-                    s.write(self._kmas(M.result(rma.w, _LEAVANS, rma.sid, rma.maid, _ACCEPTED)))
+                    try:  # the DMA may close the link right after its LEAVREQ
+                        s.write(self._kmas(M.result(rma.w, _LEAVANS, rma.sid, rma.maid, _ACCEPTED)))
+                    except OSError:
+                        pass
                     c[_EXPELLED] += 1
                     r.log("rmcp2: the DMA ended the membership (LEAVREQ 0x%02x)" % k.result)
                     how = EXPELLED
@@ -280,12 +286,10 @@ class Tree:
             self.counts[_LEFT] += 1
             mv = memoryview(r.buf)
             for _ in range(8):
-                data = join_net.read_frame(s, mv)
-                if not self._clear(data):
-                    k.receive(data, time.ticks_ms())
-                    if k.mtype == _LEAVANS:
-                        ans = True
-                        break
+                k.receive(join_net.read_frame(s, mv), time.ticks_ms())
+                if k.mtype == _LEAVANS:
+                    ans = True
+                    break
         except Exception:
             pass
         r.log("rmcp2: left the DMA (LEAVREQ sent, LEAVANS %s)" % ("received" if ans else "not received"))
@@ -301,20 +305,3 @@ class Tree:
         self.seq += 1
         k = self.keys
         return k.env.seal(plain, k.kmas, k.enc, k.auth, self.seq, self.r.rand(16))
-
-    def _clear(self, data):
-        """A header-only message (HB in clear, Table 11 N/A): counted; True if it was one."""
-        if len(data) != 20:
-            return False
-        k = self.keys
-        d = k.dec
-        try:
-            t = d.decode(data)
-        except Rmcp2Error as e:
-            k.errors[e.code] += 1
-            return True
-        if t == _HB and d.nt == _NT_DMA and d.same(4, k.sid):
-            self.counts[_DMA_HB_IN] += 1
-        else:
-            k.errors[0] += 1
-        return True

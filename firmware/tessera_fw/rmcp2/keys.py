@@ -30,6 +30,7 @@ _REF_KMAS = const(0x82)
 _KT_KG = const(2)
 _KT_KC = const(3)
 _LEAVREQ = const(0xAB)
+_HB = const(0xAD)
 _LEAVANS = const(0xAC)
 _RESULT = const(0xC1)
 _NT_DMA = const(5)
@@ -116,8 +117,8 @@ class Keys:
     def _lookup(self, maid, ref, gen):
         if self.kg is None:
             return None
-        if ref == _REF_KMAS:  # KEYDELIVER names this RMA; LEAVREQ/LEAVANS their sender, the DMA (B.3)
-            return self.kmas if gen == 0 and (_eq(maid, self.maid) or _eq(maid, self.dma)) else None
+        if ref == _REF_KMAS:  # every message under K_MAS names this RMA (B.15 control link, B.16)
+            return self.kmas if gen == 0 and _eq(maid, self.maid) else None
         if ref != _REF_KG or not _eq(maid, self.dma):
             return None
         if gen == self.kg.gen:
@@ -137,16 +138,15 @@ class Keys:
         t = d.decode(plain)
         if not d.same(4, self.sid):
             raise Rmcp2Error(_ERR_MAID)
-        mine = d.same(12, self.maid)
         if t != _KEYDELIVER:
-            if ref == _REF_KMAS and (t == _LEAVREQ or t == _LEAVANS) and d.nt == _NT_DMA and not mine:
-                self.mtype = t  # the control link's leave (B.15): the caller answers / ends
-                self.result = d.byte(_RESULT, 2)
+            # the control link's HB, LEAVREQ, LEAVANS (B.15), from the DMA: K_MAS is the same
+            # key both ways, so NT tells this RMA's own messages reflected back from the DMA's
+            if ref == _REF_KMAS and d.nt == _NT_DMA and (t == _HB or t == _LEAVREQ or t == _LEAVANS):
+                self.mtype = t  # the caller counts, answers or ends
+                self.result = d.byte(_RESULT, 2) if t != _HB else 0
                 return 0
             self.errors[_ERR_OTHER] += 1
             return 0
-        if ref == _REF_KMAS and not mine:
-            raise Rmcp2Error(_ERR_MAID)  # a KEYDELIVER under K_MAS names its recipient (B.16)
         self.mtype = t
         kt = d.key_type(d.km)
         kd = d.key_data(d.km)

@@ -41,10 +41,11 @@ DMA_MAID = C.make_maid("127.0.0.1", 26032, 0x0D01)
 
 
 class TreeDma:
-    """Test-only DMA end of the control link, per the contract of profile B.15: JoinEngine for
-    the join, then on the same link KEYDELIVER from the GroupKeyManager, HB every `hb` (clear),
-    LEAVREQ from the RMA answered LEAVANS under K_MAS; a link closed (or 3 HB silent) is a
-    leave (member_left: BACKWARD re-key of the others)."""
+    """Test-only DMA end of the control link, per the contract of profile B.15 (as the DMA's
+    tree service on the p2-wire-dma branch does it): JoinEngine for the join, then on the same
+    link KEYDELIVER from the GroupKeyManager, HB every `hb`, LEAVREQ from the RMA answered
+    LEAVANS, all under the member's K_MAS naming it; a link closed (or 3 T_HB without an
+    authentic message) is a leave (member_left: BACKWARD re-key of the others)."""
 
     def __init__(self, acl_lookup, suite: P.Suite, mecha=C.GkMecha.BACKWARD, hb: float = HB,
                  drop_members: bool = False) -> None:
@@ -86,8 +87,8 @@ class TreeDma:
         self.send(self.gk.seal_group(plain))
 
     def expel(self, maid: bytes) -> None:
-        """LEAVREQ EXPELLED under the member's K_MAS (MAID = the sender, B.3)."""
-        req = C.Message(M.LEAVREQ, N.DMA, SID, DMA_MAID, (C.ResultCtl(C.Result.EXPELLED),)).encode()
+        """LEAVREQ EXPELLED under the member's K_MAS, naming it (B.15 control link)."""
+        req = C.Message(M.LEAVREQ, N.DMA, SID, maid, (C.ResultCtl(C.Result.EXPELLED),)).encode()
         self.writers[maid].write(self._kmas_seal(maid, req))
 
     def _kmas_seal(self, maid: bytes, plain: bytes) -> bytes:
@@ -95,10 +96,10 @@ class TreeDma:
         m.seq += 1
         return P.seal(plain, m.kmas, self.suite, m.seq, os.urandom(16))
 
-    async def _hb(self, w: asyncio.StreamWriter) -> None:
+    async def _hb(self, w: asyncio.StreamWriter, maid: bytes) -> None:
         while True:
             await asyncio.sleep(self.hb)
-            w.write(C.Message(M.HB, N.DMA, SID, DMA_MAID, ()).encode())
+            w.write(self._kmas_seal(maid, C.Message(M.HB, N.DMA, SID, maid, ()).encode()))
 
     async def _serve(self, reader, writer) -> None:
         self._ids += 1
@@ -121,24 +122,22 @@ class TreeDma:
                         self.gk._members[member].seq = 1  # RELANS used Seq 1 under this K_MAS
                         self.writers[member] = writer
                         self.kmas.setdefault(member, []).append(m.kmas)
-                        hb_task = asyncio.create_task(self._hb(writer))
+                        hb_task = asyncio.create_task(self._hb(writer, member))
                     await writer.drain()
                     if member is not None and self.drop_members:
                         break  # a DMA that takes members and drops them at once
                     continue
-                if len(data) == C.HEADER_LEN:  # HB in clear (Table 11 N/A)
-                    msg = C.decode(data)
-                    assert msg.type == M.HB and msg.nt == N.RMA and msg.maid == member
-                    self.hb_in[member] += 1
-                    continue
                 kmas = self.gk._members[member].kmas
                 msg = P.unseal_decode(data, self.suite, lambda m, s: kmas if s.ref == P.KeyRef.KMAS and m == member
                                       else None, lambda m, k: window)
-                if msg.type == M.LEAVANS:  # the answer to expel()
+                assert msg.nt == N.RMA and msg.maid == member
+                if msg.type == M.HB:
+                    self.hb_in[member] += 1
+                elif msg.type == M.LEAVANS:  # the answer to expel()
                     self.leavans.append((member, msg.get(C.ResultCtl).value))
                 elif msg.type == M.LEAVREQ:
                     self.leavreqs.append((member, msg.get(C.ResultCtl).value))
-                    ans = C.Message(M.LEAVANS, N.DMA, SID, DMA_MAID, (C.ResultCtl(C.Result.ACCEPTED),)).encode()
+                    ans = C.Message(M.LEAVANS, N.DMA, SID, member, (C.ResultCtl(C.Result.LEAVE_NORMAL),)).encode()
                     writer.write(self._kmas_seal(member, ans))
                     await writer.drain()
                     break
@@ -332,30 +331,28 @@ class _Ring:
         self.got.append((gen, bytes(key16)))
 
 
-def test_keys_hands_leave_messages_under_kmas_to_the_control_link():
-    """keys.py (under CPython): LEAVREQ/LEAVANS under K_MAS from the parent DMA (MAID = the
-    sender, B.3) come out as `mtype`/`result`; the same from anyone else, or a KEYDELIVER
-    under K_MAS that names the DMA instead of this RMA, is refused."""
+def test_keys_hands_control_messages_under_kmas_to_the_control_link():
+    """keys.py (under CPython): HB, LEAVREQ, LEAVANS under K_MAS from the parent DMA naming this
+    RMA come out as `mtype`/`result`; the same naming another MA, this RMA's own messages
+    reflected back (NT RMA), and a replay are refused."""
     suite = P.Suite(C.EnDecId.AES_CTR_128, C.AuthId.HMAC_SHA1)
     kmas, kg = os.urandom(16), os.urandom(16)
     k = K.Keys(SID.to_bytes(8, "big"), BOARD_MAID, _Ring(), enc=2, auth=1)
     k.joined(DMA_MAID, kmas, 3, kg)
     key = P.ProtKey(P.KeyRef.KMAS, kmas)
 
-    def sealed(t, maid, seq, nt=N.DMA, controls=(C.ResultCtl(C.Result.EXPELLED),)):
+    def sealed(t, seq, maid=BOARD_MAID, nt=N.DMA, controls=(C.ResultCtl(C.Result.EXPELLED),)):
         return P.seal(C.Message(t, nt, SID, maid, controls).encode(), key, suite, seq, os.urandom(16))
 
-    assert k.receive(sealed(M.LEAVREQ, DMA_MAID, 1), 0) == 0 and (k.mtype, k.result) == (0xAB, 0x21)
-    assert k.receive(sealed(M.LEAVANS, DMA_MAID, 2, controls=(C.ResultCtl(C.Result.ACCEPTED),)), 0) == 0
-    assert (k.mtype, k.result) == (0xAC, 0x01) and sum(k.errors) == 0
-    assert k.receive(sealed(M.LEAVREQ, DMA_MAID, 2), 0) == 0 and k.mtype == 0 and k.errors[17] == 1  # replayed
-    other = C.make_maid("127.0.0.9", 1, 9)
-    assert k.receive(sealed(M.LEAVREQ, other, 3), 0) == 0 and k.mtype == 0 and k.errors[14] == 1  # no key for it
-    assert k.receive(sealed(M.LEAVREQ, BOARD_MAID, 4, nt=N.RMA), 0) == 0 and k.mtype == 0 and k.errors[0] == 1
+    assert k.receive(sealed(M.HB, 1, controls=()), 0) == 0 and (k.mtype, k.result) == (0xAD, 0)
+    assert k.receive(sealed(M.LEAVREQ, 2), 0) == 0 and (k.mtype, k.result) == (0xAB, 0x21)
+    assert k.receive(sealed(M.LEAVANS, 3, controls=(C.ResultCtl(C.Result.LEAVE_NORMAL),)), 0) == 0
+    assert (k.mtype, k.result) == (0xAC, 0x20) and sum(k.errors) == 0
+    assert k.receive(sealed(M.LEAVREQ, 2), 0) == 0 and k.mtype == 0 and k.errors[17] == 1  # replayed
+    assert k.receive(sealed(M.LEAVREQ, 4, maid=DMA_MAID), 0) == 0 and k.mtype == 0 and k.errors[14] == 1
+    assert k.receive(sealed(M.LEAVREQ, 5, nt=N.RMA), 0) == 0 and k.mtype == 0 and k.errors[0] == 1  # reflected
     kd = C.KeyData(4, C.KeyMode.FRESH, 0, os.urandom(16)).encode()
-    kgmsg = sealed(M.KEYDELIVER, DMA_MAID, 5, controls=(C.KeyInfo(C.KeyType.KG, kd),))
-    assert k.receive(kgmsg, 0) == 0 and k.errors[13] == 1 and k.kg_gen() == 3  # names the DMA, not this RMA
-    ok = sealed(M.KEYDELIVER, BOARD_MAID, 6, controls=(C.KeyInfo(C.KeyType.KG, kd),))
+    ok = sealed(M.KEYDELIVER, 6, controls=(C.KeyInfo(C.KeyType.KG, kd),))
     assert k.receive(ok, 0) == 2 and k.kg_gen() == 4 and k.mtype == 0x24
 
 
