@@ -224,6 +224,16 @@ def test_board_joins_its_dma_keeps_the_control_link_and_rejoins(pki, tmp_path, m
                             what=lambda: "\n".join(con.lines))
                 await asyncio.sleep(3 * HB)  # HBs both ways keep the link past 3 T_HB
                 assert dma.hb_in[BOARD_MAID] >= 2 and con.count("DMA link lost") == 0, "\n".join(con.lines)
+                # forged messages on the control link (a valid header, 40-80 random bytes under a
+                # made-up key, and a Kg delivery under K_MAS with its Tag flipped): counted, ignored
+                w = dma.writers[BOARD_MAID]
+                hdr = C.Message(M.HB, N.DMA, SID, BOARD_MAID, ()).encode()
+                for n in (40, 60, 80):
+                    w.write(bytes([hdr[0], M.KEYDELIVER]) + (20 + n).to_bytes(2, "big") + hdr[4:] + os.urandom(n))
+                real = dma.gk.resync(BOARD_MAID).data
+                w.write(real[:-1] + bytes([real[-1] ^ 1]))
+                await asyncio.sleep(4 * HB)  # the HBs that follow still count the DMA alive
+                assert con.count("DMA link lost") == 0 and con.count(f"Kg gen {gen0 + 1} from") == 1
 
                 # the DMA's links are cut: the board joins again with a fresh Annex E
                 dma.kill()
@@ -259,7 +269,7 @@ def test_board_joins_its_dma_keeps_the_control_link_and_rejoins(pki, tmp_path, m
             c = counters(next(ln for ln in reversed(con.lines) if "|" in ln))
             assert (c["links"], c["admitted"], c["joined"], c["dma_drops"]) == (2, 2, 3, 1), "\n".join(con.lines)
             assert c["kg"] == 1 and c["kc"] == 1 and c["left"] == 1 and c["expelled"] == 1, "\n".join(con.lines)
-            assert c["errors"] == 0, "\n".join(con.lines)
+            assert c["errors"] == 4, "\n".join(con.lines)  # the four forged messages, nothing else
             # a join right after an admission may come before the DMA's next HRSANS brought the
             # board's ACL entry (NOT_IN_ACL, retried after the backoff)
             assert c["joins"] == 3 + c["join_refused"] and c["join_refused"] <= 4 and c["join_errors"] == 0
