@@ -16,6 +16,7 @@ import os
 import signal
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -179,6 +180,15 @@ def tree_fs(tmp_path, pki_dir, sm_port: int, dma_port: int, name: str = "rma1", 
                     **cfg)
 
 
+async def board_and_dma(s: Session, tmp_path, pki_dir, mpy: Path, acl_lookup, links: int, heap: int = HEAP,
+                        drop_members: bool = False, **cfg) -> tuple[TreeDma, Lines]:
+    """A TreeDma started with `acl_lookup` and a board (.mpy, `heap`) configured to join it."""
+    dma = TreeDma(acl_lookup, s.dmas()[0]._suite, drop_members=drop_members)
+    await dma.start()
+    fs = tree_fs(tmp_path, pki_dir, s.server.tls_port, dma.port, **cfg)
+    return dma, Lines(await start_board(fs, mpy, links, heap))
+
+
 def dma_agent_lookup(s: Session, extra: dict):
     agent = s.dmas()[0]
     live = T.agent_acl_lookup(agent)
@@ -292,10 +302,7 @@ def test_board_not_in_the_dma_acl_is_refused_and_backs_off(pki, tmp_path, mpy_di
 
     async def main():
         async with Session(pki_dir, tmp_path, n_dmas=1) as s:
-            dma = TreeDma(lambda h: None, s.dmas()[0]._suite)
-            await dma.start()
-            fs = tree_fs(tmp_path, pki_dir, s.server.tls_port, dma.port, backoff_s=[0.1, 0.4])
-            con = Lines(await start_board(fs, mpy_dir, 2, HEAP))
+            dma, con = await board_and_dma(s, tmp_path, pki_dir, mpy_dir, lambda h: None, 2, backoff_s=[0.1, 0.4])
             try:
                 await until(lambda: con.count("join refused") >= 2, timeout=30, what=lambda: "\n".join(con.lines))
                 # still admitted at the SM while it retries the join
@@ -375,10 +382,8 @@ def test_tree_client_does_not_fit_the_esp32_56k_area_and_says_so(pki, tmp_path, 
 
     async def main():
         async with Session(pki_dir, tmp_path, n_dmas=1) as s:
-            dma = TreeDma(lambda h: None, s.dmas()[0]._suite)
-            await dma.start()
-            fs = tree_fs(tmp_path, pki_dir, s.server.tls_port, dma.port, backoff_s=[0.1, 0.2])
-            con = Lines(await start_board(fs, mpy_dir, 2, 56 * 1024))
+            dma, con = await board_and_dma(s, tmp_path, pki_dir, mpy_dir, lambda h: None, 2, 56 * 1024,
+                                           backoff_s=[0.1, 0.2])
             try:
                 await asyncio.wait_for(con.proc.wait(), 30)
             finally:
@@ -400,10 +405,8 @@ def test_board_backs_off_from_a_dma_that_drops_it_after_each_join(pki, tmp_path,
     async def main():
         async with Session(pki_dir, tmp_path, n_dmas=1) as s:
             # the SM's own ACL (no HRSANS lag: every join is accepted)
-            dma = TreeDma(lambda h: s.server.sm.acl.get(bytes(h)), s.dmas()[0]._suite, drop_members=True)
-            await dma.start()
-            fs = tree_fs(tmp_path, pki_dir, s.server.tls_port, dma.port, backoff_s=[0.05, 0.2])
-            con = Lines(await start_board(fs, mpy_dir, 1, HEAP))
+            dma, con = await board_and_dma(s, tmp_path, pki_dir, mpy_dir, lambda h: s.server.sm.acl.get(bytes(h)), 1,
+                                           drop_members=True, backoff_s=[0.05, 0.2])
             try:
                 await asyncio.wait_for(con.proc.wait(), 40)
             finally:
