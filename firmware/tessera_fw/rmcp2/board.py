@@ -10,7 +10,9 @@
 #   {"sm_host": "10.0.0.2", "sm_port": 26030, "session_id": "0123456789abcdef",
 #    "maid": "0a0000020ab20001", "cert": "rma.der", "key": "rma.key.der", "ca": "ca.der",
 #    "sm_name": "sm", "service_user_id": "viewer-1", "hb_s": 30, "timeout_s": 15,
-#    "backoff_s": [1, 60]}
+#    "backoff_s": [1, 60], "dma": ["10.0.0.3", 26032], "dma_maid": "0a00000365980d01"}
+# With "dma" (and the DMA's MAID) the board joins that DMA after admission and keeps the
+# join link as its control link (board_tree.py, loaded only then; docs/rmcp2.md).
 # The key file stays on the board's filesystem; it never appears in a log line or error.
 import os
 import time
@@ -53,7 +55,7 @@ class Runner:
     """One RMA with its link. run() keeps it admitted; `counts` (COUNT_NAMES) and the
     engine's `rma.errors` (per B.12 error number) say what happened."""
 
-    def __init__(self, cfg, log=None, rand=os.urandom, sleep_ms=None, pool=None):
+    def __init__(self, cfg, log=None, rand=os.urandom, sleep_ms=None, pool=None, ring=None):
         self.cfg = cfg
         self.log = log or self._log
         self.rand = rand
@@ -71,17 +73,25 @@ class Runner:
         self.counts = [0] * len(COUNT_NAMES)
         self.backoff = cfg["backoff_ms"][0]
         self.link = None
+        self.tree = None  # board_tree.Tree once a DMA is joined (rmcp2.json "dma")
+        self.ring = ring  # where Kc goes (the content layer's KcRing; board_tree picks one if None)
 
     def run(self, links=0):
         """Admit and keep the link; after a drop, wait (bounded backoff) and start again.
-        `links`: stop after that many connection attempts (0: never, as on a board)."""
+        With a DMA in rmcp2.json the admitted board joins it and keeps the control link
+        (board_tree.py) instead of the SM link. `links`: stop after that many connection
+        attempts to the SM (0: never, as on a board)."""
         lo, hi = self.cfg["backoff_ms"]
         while not links or self.counts[_LINKS] < links:
             state = self.once()
             if state == _ST_READY:
-                self.serve()
+                if self.cfg.get("dma"):
+                    expelled = self.tree_run()
+                    wait = hi if expelled or self.rma.state == _ST_TERMINATED else lo
+                else:
+                    self.serve()
+                    wait = hi if self.rma.state == _ST_TERMINATED else lo
                 self.backoff = lo  # it was admitted: the next drop starts short again
-                wait = hi if self.rma.state == _ST_TERMINATED else lo
             elif state in (_ST_REFUSED, _ST_FAILED):
                 wait = hi  # a configuration matter (identifier, policy) or the session ended
             else:
@@ -89,9 +99,35 @@ class Runner:
                 self.backoff = min(2 * self.backoff, hi)
             if links and self.counts[_LINKS] >= links:
                 break
-            # jitter: half the wait plus up to the other half, so boards do not come back together
-            r = self.rand(2)
-            self.sleep_ms(wait // 2 + ((r[0] << 8) | r[1]) % (wait // 2 + 1))
+            self.sleep_ms(self.jitter(wait))
+
+    def jitter(self, wait):
+        """Half the wait plus up to the other half, so that boards do not come back together."""
+        r = self.rand(2)
+        return wait // 2 + ((r[0] << 8) | r[1]) % (wait // 2 + 1)
+
+    def tree_run(self):
+        """Join the DMA of rmcp2.json and keep the control link (board_tree.py, loaded
+        only when a DMA is configured); True when the DMA ended the membership."""
+        if self.tree is None:
+            try:
+                from tessera_fw.rmcp2.board_tree import Tree
+
+                self.tree = Tree(self, self.ring)
+            except MemoryError:  # a heap too small for the tree client: said, then the longest wait
+                self.link.close()
+                self.link = None
+                self.log("rmcp2: no heap for the tree client (MemoryError)")
+                return True
+        return self.tree.run() == 1  # board_tree.EXPELLED
+
+    def pause(self, ms):
+        """Wait `ms`, keeping the SM link served (HB, TERMREQ) while it is open. False if
+        the SM link was lost (or the session terminated) meanwhile."""
+        if self.link is None:
+            self.sleep_ms(ms)
+            return True
+        return self.serve(time.ticks_add(time.ticks_ms(), ms))
 
     def once(self):
         """One connection: TLS and admission. Returns the engine's state (_ST_READY: the
@@ -122,9 +158,11 @@ class Runner:
             link.close()
         return st
 
-    def serve(self):
+    def serve(self, until=None):
         """Keep the admitted link until it drops: HB every hb_ms (ticks_add/ticks_diff),
-        each message from the SM to the engine, its answer sent."""
+        each message from the SM to the engine, its answer sent. With `until` (a ticks_ms
+        value) return True at that time if the link is still up; False when it dropped or
+        the session was terminated (the link is then closed)."""
         link = self.link
         rma = self.rma
         c = self.counts
@@ -132,6 +170,8 @@ class Runner:
         due = time.ticks_add(time.ticks_ms(), hb)
         try:
             while True:
+                if until is not None and time.ticks_diff(until, time.ticks_ms()) <= 0:
+                    return True
                 left = time.ticks_diff(due, time.ticks_ms())
                 if left <= 0:
                     link.send(rma.hb())
@@ -140,6 +180,8 @@ class Runner:
                     if time.ticks_diff(due, time.ticks_ms()) <= 0:  # far behind: no burst of HBs
                         due = time.ticks_add(time.ticks_ms(), hb)
                     continue
+                if until is not None:
+                    left = max(0, min(left, time.ticks_diff(until, time.ticks_ms())))
                 if not link.wait(left):
                     continue
                 out = rma.receive(link.recv())
@@ -155,6 +197,7 @@ class Runner:
             self.log("rmcp2: link lost (%s)" % type(e).__name__)
         link.close()
         self.link = None
+        return False
 
     def _log(self, s):
         print(s, "|", self.status())
@@ -165,8 +208,12 @@ class Runner:
         import gc
 
         gc.collect()
-        return " ".join("%s=%d" % (n, v) for n, v in zip(COUNT_NAMES, self.counts)) + " errors=%d heap=%d" % (
-            sum(self.rma.errors), gc.mem_alloc())
+        line = " ".join("%s=%d" % (n, v) for n, v in zip(COUNT_NAMES, self.counts))
+        errors = sum(self.rma.errors)
+        if self.tree is not None:
+            line += " " + self.tree.status()
+            errors += sum(self.tree.keys.errors)
+        return line + " errors=%d heap=%d" % (errors, gc.mem_alloc())
 
 
 def load(path=CONFIG):
@@ -204,5 +251,8 @@ def main(path=CONFIG, links=0):
     r = Runner(cfg, pool=pool)
     room = None  # freed in one piece, for the TLS handshake
     gc.collect()
-    r.run(links)
+    try:
+        r.run(links)
+    except KeyboardInterrupt:  # a clean stop (board_tree has sent LEAVREQ if it was joined)
+        r.log("rmcp2: stopped")
     return True

@@ -13,7 +13,7 @@ from tessera_fw.rmcp2 import annexe as A
 from tessera_fw.rmcp2 import msg as M
 from tessera_fw.rmcp2 import seal as S
 from tessera_fw.rmcp2 import tree as T
-from tessera_fw.rmcp2.const import Rmcp2Error
+from tessera_fw.rmcp2.err import Rmcp2Error
 
 ST_NEW = const(0)
 ST_PROBE = const(1)  # PPROBREQ sent

@@ -1,7 +1,12 @@
 # Blocking stream adapter of the board's join client (join.py, sans-IO): drives a Join over a
-# socket or a TLS socket until it is joined or refused. Kept apart so that join.py compiles in
-# less heap; boards load it only to join (docs/rmcp2.md "Part 2: tree join").
-from tessera_fw.rmcp2.join import ST_JOINED, ST_REFUSED
+# socket or a TLS socket until it is joined or refused, and reads the messages of the DMA's
+# control link after it (board_tree.py). Kept apart so that join.py compiles in less heap;
+# it does not import join.py, so that the board can release join.py after a join while
+# keeping this module (docs/rmcp2.md "Part 2: tree join", "Board tree client").
+from micropython import const
+
+_ST_JOINED = const(4)  # join.ST_JOINED
+_ST_REFUSED = const(5)  # join.ST_REFUSED
 
 
 def run(j, s, buf=None):
@@ -13,21 +18,27 @@ def run(j, s, buf=None):
         buf = bytearray(1080)
     mv = memoryview(buf)
     s.write(j.start())
-    while j.state != ST_JOINED and j.state != ST_REFUSED:
-        _fill(s, mv, 0, 4)
-        n = (buf[2] << 8) | buf[3]
-        if n < 20 or n > len(buf):
-            raise OSError("frame length %d" % n)
-        _fill(s, mv, 4, n)
-        out = j.receive(mv[:n])
+    while j.state != _ST_JOINED and j.state != _ST_REFUSED:
+        out = j.receive(read_frame(s, mv))
         if out is not None:
             s.write(out)
     return j.state
+
+
+def read_frame(s, mv):
+    """One message from stream `s` framed by its header Length (A.4), into memoryview `mv`;
+    returns mv[:Length]. OSError when the peer closes, or the Length is below 20 or beyond mv."""
+    _fill(s, mv, 0, 4)
+    n = (mv[2] << 8) | mv[3]
+    if n < 20 or n > len(mv):
+        raise OSError("frame length %d" % n)
+    _fill(s, mv, 4, n)
+    return mv[:n]
 
 
 def _fill(s, mv, a, b):
     while a < b:
         k = s.readinto(mv[a:b])
         if not k:
-            raise OSError("DMA closed the link")
+            raise OSError("the DMA closed the link")
         a += k

@@ -13,15 +13,27 @@
 from micropython import const
 
 from tessera_fw.rmcp2 import seal as S
-from tessera_fw.rmcp2.const import ERR_KEY, ERR_MAID, ERR_REPLAY, ERR_SUBCONTROL, ERR_VALUE, Rmcp2Error
+from tessera_fw.rmcp2.err import Rmcp2Error
 from tessera_fw.rmcp2.msg import Decoder
 from tessera_fw.scpm.ticks import ticks_add30, ticks_diff30
 
+# error numbers of profile B.12 (const.py), inlined at compile time: importing const.py
+# would hold 7 KB of heap on a board for its public names (docs/rmcp2.md, board tree client)
+_ERR_VALUE = const(11)
+_ERR_SUBCONTROL = const(12)
+_ERR_MAID = const(13)
+_ERR_KEY = const(14)
+_ERR_REPLAY = const(17)
 _KEYDELIVER = const(0x24)
 _REF_KG = const(0x02)
 _REF_KMAS = const(0x82)
 _KT_KG = const(2)
 _KT_KC = const(3)
+_LEAVREQ = const(0xAB)
+_HB = const(0xAD)
+_LEAVANS = const(0xAC)
+_RESULT = const(0xC1)
+_NT_DMA = const(5)
 GRACE_MS = const(30000)  # B.16: previous Kg kept 30 s after a group rollover
 _ERR_OTHER = const(0)  # errors[0]: authentic but not a key delivery this RMA takes
 
@@ -59,6 +71,10 @@ class Keys:
         self.kc_gen = 0  # newest Kc generation installed (0: none yet)
         self.kc_key = bytearray(16)  # its key, to recognise a re-sent delivery
         self.errors = [0] * 19  # per error number of B.12 (0: unexpected message)
+        # the last message receive() opened: its type (0: none) and, for a LEAVREQ/LEAVANS
+        # under K_MAS from the parent DMA, its RESULT (the control link acts on those)
+        self.mtype = 0
+        self.result = 0
         self._now = 0
         self._lk = self._lookup
         self._wn = self._window
@@ -88,6 +104,7 @@ class Keys:
         """One sealed message from the parent DMA. Returns the Key_Type installed (2 Kg,
         3 Kc) or 0 (nothing new: a re-sent key, or an error counted in `errors`)."""
         self._now = now_ms
+        self.mtype = 0
         if self.kg_prev is not None and ticks_diff30(now_ms, self.prev_until) >= 0:
             self._drop_prev()
         try:
@@ -100,7 +117,7 @@ class Keys:
     def _lookup(self, maid, ref, gen):
         if self.kg is None:
             return None
-        if ref == _REF_KMAS:
+        if ref == _REF_KMAS:  # every message under K_MAS names this RMA (B.15 control link, B.16)
             return self.kmas if gen == 0 and _eq(maid, self.maid) else None
         if ref != _REF_KG or not _eq(maid, self.dma):
             return None
@@ -114,22 +131,30 @@ class Keys:
 
     def _receive(self, data):
         if self.kg is None:
-            raise Rmcp2Error(ERR_KEY)  # not in a group: no key to open anything with
+            raise Rmcp2Error(_ERR_KEY)  # not in a group: no key to open anything with
         ref = data[20] if len(data) > 20 else 0
         plain = self.env.unseal(data, self.enc, self.auth, self._lk, self._wn)
         d = self.dec
-        if d.decode(plain) != _KEYDELIVER:
+        t = d.decode(plain)
+        if not d.same(4, self.sid):
+            raise Rmcp2Error(_ERR_MAID)
+        if t != _KEYDELIVER:
+            # the control link's HB, LEAVREQ, LEAVANS (B.15), from the DMA: K_MAS is the same
+            # key both ways, so NT tells this RMA's own messages reflected back from the DMA's
+            if ref == _REF_KMAS and d.nt == _NT_DMA and (t == _HB or t == _LEAVREQ or t == _LEAVANS):
+                self.mtype = t  # the caller counts, answers or ends
+                self.result = d.byte(_RESULT, 2) if t != _HB else 0
+                return 0
             self.errors[_ERR_OTHER] += 1
             return 0
-        if not d.same(4, self.sid):
-            raise Rmcp2Error(ERR_MAID)
+        self.mtype = t
         kt = d.key_type(d.km)
         kd = d.key_data(d.km)
         if len(kd) != 20:
-            raise Rmcp2Error(ERR_SUBCONTROL)  # KEY_DATA is 20 bytes (B.6)
+            raise Rmcp2Error(_ERR_SUBCONTROL)  # KEY_DATA is 20 bytes (B.6)
         gen = kd[0]
         if gen == 0 or kd[1] < 1 or kd[1] > 2:
-            raise Rmcp2Error(ERR_VALUE)
+            raise Rmcp2Error(_ERR_VALUE)
         if kt == _KT_KG:
             return self._install_kg(gen, kd[4:20], ref == _REF_KMAS)
         if kt == _KT_KC and ref == _REF_KG:
@@ -139,7 +164,7 @@ class Keys:
 
     def _install_kg(self, gen, key, unicast):
         if not ahead(gen, self.kg.gen):
-            raise Rmcp2Error(ERR_REPLAY)
+            raise Rmcp2Error(_ERR_REPLAY)
         old = self.kg
         self.kg = S.ProtKey(_REF_KG, bytes(key), gen)
         self._drop_prev()
@@ -157,7 +182,7 @@ class Keys:
             if gen == self.kc_gen and _eq(key, self.kc_key):
                 return 0  # the same delivery re-sent (e.g. a catch-up)
             if not ahead(gen, self.kc_gen):
-                raise Rmcp2Error(ERR_REPLAY)
+                raise Rmcp2Error(_ERR_REPLAY)
         self.ring.install(gen, bytes(key))
         self.kc_gen = gen
         self.kc_key[:] = key

@@ -54,4 +54,14 @@ def load(path=CONFIG):
     lo = _num({"b": b[0]}, "b", 1, 0.05, _MAX_S)
     hi = _num({"b": b[1]}, "b", 60, lo, _MAX_S)
     out["backoff_ms"] = (int(1000 * lo), int(1000 * hi))
+    # the parent DMA's tree-control address (B.10, 26032) and MAID: with them the board joins
+    # it after admission (board.py "tree"); without them it is an RMA of the SM only
+    dma = cfg.get("dma")
+    if dma is None:
+        out["dma"] = None
+        return out
+    if not isinstance(dma, (list, tuple)) or len(dma) != 2 or not isinstance(dma[0], str) or not dma[0]:
+        raise ValueError(CONFIG + ": dma must be [host, port]")
+    out["dma"] = (dma[0], int(_num({"dma": dma[1]}, "dma", 0, 1, 65535)))
+    out["dma_maid"] = _hex8(cfg, "dma_maid")
     return out

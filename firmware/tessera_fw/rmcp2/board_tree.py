@@ -1,0 +1,307 @@
+# The board RMA's tree client (docs/rmcp2.md "Board tree client"; profile B.15 "Control
+# link", defined by this project): after the admission to the SM, the board joins its parent
+# DMA (join.py over TCP: PPROBREQ, Annex E, K_MAS, the first Kg) and keeps that TCP link as
+# its control link. Every message on it after the join is under K_MAS and names this RMA,
+# except the group KEYDELIVERs under Kg (they name the DMA): KEYDELIVER of Kg (under K_MAS or
+# the previous Kg) and Kc (under Kg) go to keys.py; HB both ways every T_HB (nothing
+# authentic from the DMA for 3 T_HB: it is gone); LEAVREQ/LEAVANS either way. A dropped link
+# is joined again with a fresh Annex E after a bounded, jittered backoff. Loaded by board.py
+# only when rmcp2.json names a DMA.
+#
+# The SM's TLS link is kept until the join succeeds (10.1.1.1: an RMA's TLS session is kept
+# until it has authenticated to its parent DMA), then closed: the SM keeps the member and its
+# ACL entry after the link closes (sm.py disconnect), and the board's heap is spared the TLS
+# session while the control link runs. After _JOIN_TRIES failed joins in a row (a link that
+# drops within 3 T_HB of its join counts as one) or a LEAVREQ from the DMA, the board goes
+# back to the SM for a new admission (a fresh K_TLS, B.13).
+import select
+import socket
+import time
+
+from micropython import const
+
+from tessera_fw import acquire, release
+from tessera_fw.rmcp2 import msg as M
+from tessera_fw.rmcp2 import join_net
+from tessera_fw.rmcp2.keys import Keys
+
+# failed joins in a row before the board re-admits at the SM: with the default backoff
+# (1 s doubling to 60 s) they span 1+2+4+8+16+32 = 63 s, past the DMA's HRS_REFRESH (60 s,
+# B.10) after which a freshly admitted RMA is in its ACL
+_JOIN_TRIES = const(6)
+# loaded for each join and released after it (from .mpy), so that the control link does not
+# hold their code: join imports annexe and tree (docs/rmcp2.md)
+_JOIN_MODS = ("tessera_fw.rmcp2.join", "tessera_fw.rmcp2.annexe", "tessera_fw.rmcp2.tree")
+_ST_JOINED = const(4)  # join.ST_JOINED
+_T_ANNEXE_S = const(20)  # B.10: the board's socket timeout during the join
+_MISSED = const(3)  # T_HB periods without a message from the DMA: it is gone (B.10)
+_HB = const(0xAD)
+_LEAVREQ = const(0xAB)
+_LEAVANS = const(0xAC)
+_LEAVE_NORMAL = const(0x20)  # B.9
+_ACCEPTED = const(0x01)
+_KT_KG = const(2)
+_KT_KC = const(3)
+# control() outcomes
+DROPPED = const(0)
+EXPELLED = const(1)
+
+# counters (Tree.counts), by index
+_JOINS = const(0)  # join attempts (TCP to the DMA + Annex E)
+_JOINED = const(1)
+_JOIN_REFUSED = const(2)  # PPROBANS / RELANS refusal, or a DMA that is not dma_maid
+_JOIN_ERRORS = const(3)  # no TCP link, a timeout, the link closed during the join
+_DMA_DROPS = const(4)  # the control link lost (closed, read failed, 3 T_HB silent)
+_DMA_HB_SENT = const(5)
+_DMA_HB_IN = const(6)
+_DMA_MSGS = const(7)  # messages received on the control link
+_KG = const(8)  # Kg installed after the join (re-keys)
+_KC = const(9)  # Kc installed
+_LEFT = const(10)  # LEAVREQ sent (clean stop)
+_EXPELLED = const(11)  # LEAVREQ from the DMA answered
+TREE_NAMES = ("joins", "joined", "join_refused", "join_errors", "dma_drops", "dma_hb_sent", "dma_hb_in",
+              "dma_msgs", "kg", "kc", "left", "expelled")
+
+
+class Held:
+    """Where Kc goes when the board has no content layer (content.py): the current and the
+    next (gen, key16), as KcRing.install keeps them, for nothing else to use."""
+
+    def __init__(self):
+        self.cur = None
+        self.nxt = None
+
+    def install(self, gen, key16):
+        if self.cur is None or gen == self.cur[0]:
+            self.cur = (gen, bytes(key16))
+        else:
+            self.nxt = (gen, bytes(key16))
+        return True
+
+
+def new_ring(rma):
+    """The content layer's KcRing for the agreed CON_EN_DEC / AUTH_ID, or Held without it."""
+    try:
+        from tessera_fw.rmcp2.content import KcRing
+    except ImportError:
+        return Held()
+    return KcRing(rma.policy[2], rma.policy[4])
+
+
+class Tree:
+    """The tree client of one board Runner (board.py): run() after each admission."""
+
+    def __init__(self, runner, ring=None):
+        self.r = runner
+        cfg = runner.cfg
+        rma = runner.rma
+        self.host, self.port = cfg["dma"]
+        self.dma_maid = cfg["dma_maid"]
+        self.hdma = None  # the DMA's HASHED_MAID: IDs it must prove in Annex E (set at the first join)
+        self.ring = ring if ring is not None else new_ring(rma)
+        self.keys = Keys(rma.sid, rma.maid, self.ring, env=rma.env, dec=rma.dec)
+        self.counts = [0] * len(TREE_NAMES)
+        self.s = None  # the control link (a TCP socket)
+        self.seq = 0  # Seq of this RMA's messages under the current K_MAS (B.7)
+        self.w = b""
+        self.fail = 0  # the last refusal's annexe.F_* reason
+
+    def status(self):
+        return " ".join("%s=%d" % (n, v) for n, v in zip(TREE_NAMES, self.counts)) + " kg_gen=%d" % self.keys.kg_gen()
+
+    def run(self):
+        """With the SM link admitted (runner.link): join, keep the control link, re-join
+        after drops. Returns EXPELLED after a LEAVREQ from the DMA, DROPPED after
+        _JOIN_TRIES failed joins in a row or when the SM link is lost before a join
+        succeeded; the SM link is closed either way (the caller admits again)."""
+        r = self.r
+        rma = r.rma
+        self.w = rma.hashed_ktls()  # W of Annex E (B.11): what the DMA's ACL holds for us
+        enc, auth = rma.enc, rma.mac  # the agreed GK_EN_DEC_ID / AUTH_ID (SECLIST)
+        lo, hi = r.cfg["backoff_ms"]
+        short = _MISSED * r.cfg["hb_ms"]
+        wait = lo
+        fails = 0
+        try:
+            while fails < _JOIN_TRIES:
+                if self.join(enc, auth):
+                    if r.link is not None:  # 10.1.1.1: authenticated to the parent DMA now
+                        r.link.close()
+                        r.link = None
+                    t = time.ticks_ms()
+                    if self.control() == EXPELLED:
+                        return EXPELLED
+                    if time.ticks_diff(time.ticks_ms(), t) >= short:
+                        fails = 0  # the link served a while: the backoff starts short again
+                        wait = lo
+                    else:
+                        fails += 1  # dropped soon after the join: a DMA that takes and drops
+                        # members is not joined again at the shortest wait for ever
+                else:
+                    fails += 1
+                if fails >= _JOIN_TRIES:
+                    break
+                if not r.pause(r.jitter(wait)):
+                    break  # the SM link was lost before a join: admit again
+                if fails:
+                    wait = min(2 * wait, hi)
+            return DROPPED
+        finally:
+            if r.link is not None:
+                r.link.close()
+                r.link = None
+
+    def join(self, enc, auth):
+        """One join: TCP, PPROBREQ, Annex E; True with the control link open in self.s.
+        The join modules are loaded for it and released after it (when from .mpy)."""
+        import gc
+        import sys
+
+        r = self.r
+        rma = r.rma
+        c = self.counts
+        c[_JOINS] += 1
+        ok = False
+        J = None
+        fresh = False
+        s = socket.socket()
+        try:
+            J, fresh = acquire(_JOIN_MODS[0])  # join, which loads annexe and tree
+            if self.hdma is None:
+                self.hdma = sys.modules[_JOIN_MODS[2]].hashed_maid(rma.sid, self.dma_maid)
+            j = J.Join(rma.sid, rma.maid, self.w, enc, auth, r.rand)
+            t0 = time.ticks_ms()
+            j.precompute()  # the key pair before the link opens: the DMA's T_ANNEXE runs from pass 1
+            s.settimeout(_T_ANNEXE_S)
+            s.connect(socket.getaddrinfo(self.host, self.port)[0][-1])
+            join_net.run(j, s, r.buf)
+            ms = time.ticks_diff(time.ticks_ms(), t0)
+            if j.state != _ST_JOINED or j.parent != self.hdma:
+                c[_JOIN_REFUSED] += 1
+                self.fail = j.fail if j.state != _ST_JOINED else 3  # IDENTITY: not the configured DMA
+                r.log("rmcp2: join refused by DMA %s:%d (reason %d) after %d ms" % (self.host, self.port, self.fail, ms))
+            else:
+                k = self.keys
+                k.enc = enc
+                k.auth = auth
+                k.joined(self.dma_maid, j.kmas, j.kg_gen, j.kg)
+                self.seq = 0
+                self.s = s
+                ok = True
+        except Exception as e:  # OSError, a timeout, MemoryError: counted, retried
+            c[_JOIN_ERRORS] += 1
+            r.log("rmcp2: no join with DMA %s:%d (%s)" % (self.host, self.port, type(e).__name__))
+        finally:
+            if not ok:
+                s.close()
+            j = J = None
+            if fresh:
+                for name in _JOIN_MODS:
+                    release(name)
+            gc.collect()
+        if ok:
+            c[_JOINED] += 1
+            r.log("rmcp2: joined DMA %s:%d (Kg gen %d) in %d ms" % (self.host, self.port, self.keys.kg_gen(), ms))
+        return ok
+
+    def control(self):
+        """Keep the control link until it drops (DROPPED) or the DMA expels this RMA
+        (EXPELLED). HB every hb_ms on the board's ticks; silence for 3 of them: gone.
+        KeyboardInterrupt (a clean stop) sends LEAVREQ first."""
+        r = self.r
+        rma = r.rma
+        k = self.keys
+        c = self.counts
+        s = self.s
+        hb = r.cfg["hb_ms"]
+        lost = _MISSED * hb
+        mv = memoryview(r.buf)
+        p = select.poll()
+        p.register(s, select.POLLIN)
+        s.settimeout(r.cfg["timeout_s"])  # a message that started must finish within it
+        now = time.ticks_ms()
+        due = time.ticks_add(now, hb)
+        last = now
+        how = DROPPED
+        try:
+            while True:
+                now = time.ticks_ms()
+                quiet = time.ticks_diff(now, last)
+                if quiet >= lost:
+                    raise OSError("%d T_HB without a message" % _MISSED)
+                left = time.ticks_diff(due, now)
+                if left <= 0:
+                    s.write(self._kmas(M.empty(rma.w, _HB, rma.sid, rma.maid)))
+                    c[_DMA_HB_SENT] += 1
+                    due = time.ticks_add(due, hb)
+                    if time.ticks_diff(due, now) <= 0:  # far behind: no burst of HBs
+                        due = time.ticks_add(now, hb)
+                    continue
+                if not p.poll(min(left, lost - quiet)):
+                    continue
+                data = join_net.read_frame(s, mv)
+                now = time.ticks_ms()
+                c[_DMA_MSGS] += 1
+                kt = k.receive(data, now)
+                if kt or k.mtype:
+                    last = now  # only what authenticates under the group's keys counts as the DMA alive
+                if k.mtype == _HB:
+                    c[_DMA_HB_IN] += 1
+                elif kt == _KT_KG:
+                    c[_KG] += 1
+                    r.log("rmcp2: Kg gen %d from the DMA" % k.kg_gen())
+                elif kt == _KT_KC:
+                    c[_KC] += 1
+                    r.log("rmcp2: Kc gen %d from the DMA" % k.kc_gen)
+                elif k.mtype == _LEAVREQ:
+                    try:  # the DMA may close the link right after its LEAVREQ
+                        s.write(self._kmas(M.result(rma.w, _LEAVANS, rma.sid, rma.maid, _ACCEPTED)))
+                    except OSError:
+                        pass
+                    c[_EXPELLED] += 1
+                    r.log("rmcp2: the DMA ended the membership (LEAVREQ 0x%02x)" % k.result)
+                    how = EXPELLED
+                    break
+        except KeyboardInterrupt:  # a clean stop: LEAVREQ under K_MAS, then the link closes
+            self.leave()
+            raise
+        except Exception as e:  # closed by the DMA, a read/write failed, 3 T_HB silent
+            c[_DMA_DROPS] += 1
+            r.log("rmcp2: DMA link lost (%s)" % type(e).__name__)
+        self._close()
+        return how
+
+    def leave(self):
+        """LEAVREQ (LEAVE_NORMAL) under K_MAS and LEAVANS awaited for timeout_s (at most 8
+        messages read); the keys are forgotten and the link closed either way."""
+        s = self.s
+        if s is None:
+            return
+        r = self.r
+        rma = r.rma
+        k = self.keys
+        ans = False
+        try:
+            s.write(self._kmas(M.result(rma.w, _LEAVREQ, rma.sid, rma.maid, _LEAVE_NORMAL)))
+            self.counts[_LEFT] += 1
+            mv = memoryview(r.buf)
+            for _ in range(8):
+                k.receive(join_net.read_frame(s, mv), time.ticks_ms())
+                if k.mtype == _LEAVANS:
+                    ans = True
+                    break
+        except Exception:
+            pass
+        r.log("rmcp2: left the DMA (LEAVREQ sent, LEAVANS %s)" % ("received" if ans else "not received"))
+        self._close()
+
+    def _close(self):
+        if self.s is not None:
+            self.s.close()
+            self.s = None
+        self.keys.leave()  # no longer a member: K_MAS and Kg are forgotten (a re-join brings new ones)
+
+    def _kmas(self, plain):
+        self.seq += 1
+        k = self.keys
+        return k.env.seal(plain, k.kmas, k.enc, k.auth, self.seq, self.r.rand(16))
