@@ -273,6 +273,7 @@ class DmaTreeServer:
             self._send(self.core.tick(self._now()))
 
     def _send(self, out: list[Out]) -> None:
+        dropped: list[Hashable] = []
         for conn, data in out:
             w = self._writers.get(conn)
             if w is None:
@@ -287,7 +288,9 @@ class DmaTreeServer:
                 log.info("rmcp2 dma: link %s over %d queued bytes; dropped", conn, self.max_queued)
                 self._writers.pop(conn)
                 w.transport.abort()
-                self._send(self.core.closed(conn, self._now(), "slow"))
+                dropped.append(conn)
+        for conn in dropped:  # after the batch: its re-keys must not overtake what the batch sealed under the old Kg
+            self._send(self.core.closed(conn, self._now(), "slow"))
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         from tessera.rmcp2.server import read_message

@@ -79,6 +79,8 @@ class HostRma:
             self.keys.joined(self.dma, cli.kmas, cli.kg.gen, cli.kg.key)  # type: ignore[union-attr]
             if listen:
                 self.task = asyncio.create_task(self._listen())
+            else:  # a member that stops reading: only the kernel's buffers take the DMA's bytes
+                self.writer.transport.pause_reading()
         return cli.state
 
     async def _listen(self) -> None:
@@ -91,11 +93,13 @@ class HostRma:
                 self.types.append(msg.type.name)
         self.eof = True
 
-    def send(self, t: C.MsgType, *controls: C.Control) -> None:
+    def send(self, t: C.MsgType, *controls: C.Control) -> bytes:
         self.seq += 1
         plain = C.Message(t, N.RMA, SID, self.maid, controls).encode()
         kmas = P.ProtKey(P.KeyRef.KMAS, self.client.kmas)  # type: ignore[union-attr,arg-type]
-        self.writer.write(P.seal(plain, kmas, self.suite, self.seq, os.urandom(16)))
+        data = P.seal(plain, kmas, self.suite, self.seq, os.urandom(16))
+        self.writer.write(data)
+        return data
 
     async def close(self) -> None:
         self.writer.close()
@@ -135,6 +139,7 @@ class Dma:
         self.t += 10
         gens = [e.gen for e in self.sma.request_rotation(self.t) if isinstance(e, KcAnnounce)] if rotate \
             else [self.sma.current()[0]]
+        self.sma.tick(self.t + 5)  # the new Kc in use after urgent_lead (B.16)
         for g in gens:
             self.srv._send(self.core.kc_from_sma(self.sma.keydeliver(DMA, g, self.ks), self.t))
         return gens[-1]
