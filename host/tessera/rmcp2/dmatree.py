@@ -149,7 +149,8 @@ class TreeCore:
     # ------------------------------------------------------------------ internals
     def _on_join(self, member: T.Member, now: float) -> bool:
         try:  # before the RELANS: with FORWARD the Kg changes here (groupkey.py)
-            ds = self.group.member_joined(member.maid, member.kmas, now)
+            # one Seq counter per K_MAS (B.7): the RELANS is Seq 1 (tree.py), the control link goes on from 2
+            ds = self.group.member_joined(member.maid, member.kmas, now, seq=1)
         except GroupFull:
             return False
         old = self._member_conn.pop(member.maid, None)

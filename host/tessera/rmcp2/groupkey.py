@@ -105,9 +105,10 @@ class GroupKeyManager:
         return bytes(maid) in self._members
 
     # ------------------------------------------------------------------ events
-    def member_joined(self, maid: bytes, kmas: bytes, now: float) -> list[Delivery]:
+    def member_joined(self, maid: bytes, kmas: bytes, now: float, seq: int = 0) -> list[Delivery]:
         """An RMA passed Annex E with key K_MAS. Call it before building its RELANS: with
-        FORWARD the Kg changes here and `current()` is then the key it may have."""
+        FORWARD the Kg changes here and `current()` is then the key it may have. `seq`: the
+        last Seq already used under this K_MAS (1 when the RELANS was sealed with Seq 1)."""
         maid = bytes(maid)
         if maid not in self._members and len(self._members) >= self.max_members:
             raise GroupFull(f"MM group full ({self.max_members} members)")
@@ -116,7 +117,7 @@ class GroupKeyManager:
             out += self.member_left(maid, now)
         if self.mecha & C.GkMecha.FORWARD and self._members:
             out += self._rollover(ROTATE_FORWARD, now)
-        self._members[maid] = _Member(P.ProtKey(P.KeyRef.KMAS, kmas))
+        self._members[maid] = _Member(P.ProtKey(P.KeyRef.KMAS, kmas), seq)
         return out
 
     def member_left(self, maid: bytes, now: float) -> list[Delivery]:

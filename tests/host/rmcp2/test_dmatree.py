@@ -75,6 +75,7 @@ class HostRma:
                 return "closed"
             for o in cli.receive(data):
                 self.writer.write(o)
+        self.relans = data  # the result under K_MAS (Seq 1)
         if cli.state == "joined":
             self.keys.joined(self.dma, cli.kmas, cli.kg.gen, cli.kg.key)  # type: ignore[union-attr]
             if listen:
@@ -163,6 +164,8 @@ def test_backward_leavreq_and_a_dropped_link_rekey_the_others_under_their_kmas()
             assert {r.client.kg.gen for r in rmas} == {1} and len(dma.core.members()) == 4
             kc1 = dma.kc(rotate=False)
             await until(lambda: all(kc1 in r.ring.keys for r in rmas), 10, "Kc 1 at every member")
+            for r in rmas:  # the RELANS replayed onto the control link burns no Seq the DMA uses there (B.15)
+                assert r.keys.receive(r.relans, now_ms()) == 0 and r.keys.errors[0] == 1
 
             # a leaves with LEAVREQ: LEAVANS, its link closed, the others re-keyed one by one
             a.send(M.LEAVREQ, C.ResultCtl(C.Result.LEAVE_NORMAL))
