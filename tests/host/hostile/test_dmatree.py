@@ -61,8 +61,11 @@ def test_control_links_under_attack():
             tracemalloc.start()
             gc.collect()
             mem0 = tracemalloc.get_traced_memory()[0]
+            calm = []
             for r in honest + [bad]:
+                t0 = time.monotonic()
                 assert await r.join(port) == "joined"
+                calm.append(time.monotonic() - t0)
             for r in slow:  # never read again after the join
                 s = socket.socket()
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
@@ -155,7 +158,8 @@ def test_control_links_under_attack():
             gc.collect()
             mem1 = tracemalloc.get_traced_memory()[0]
             tracemalloc.stop()
-            print(f"\nattack {attack_s:.2f} s; honest joins during it {['%.0f ms' % (t * 1000) for t in times[:-1]]}; "
+            print(f"\ncalm joins p50/max {statistics.median(calm) * 1000:.0f}/{max(calm) * 1000:.0f} ms; "
+                  f"attack {attack_s:.2f} s; honest joins during it {['%.0f ms' % (t * 1000) for t in times[:-1]]}; "
                   f"BACKWARD re-key to {len(honest) - 1 + len(late)} members {times[-1] * 1000:.0f} ms; "
                   f"control-link errors {errs}; join errors {dict(dma.core.join.errors)}; "
                   f"refused links {dma.srv.refused_conns}; slow dropped {dma.srv.slow_dropped}; "
