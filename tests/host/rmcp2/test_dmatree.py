@@ -216,6 +216,22 @@ def test_forward_a_joiner_gets_no_earlier_kg_or_kc():
     run(main())
 
 
+def test_a_rejoin_on_a_new_link_replaces_the_old_one_as_a_leave_then_a_join():
+    async def main():
+        a, b = HostRma(1), HostRma(2)
+        async with Dma(G.BACKWARD, {**a.acl, **b.acl}) as dma:
+            assert await a.join(dma.srv.port) == "joined" and await b.join(dma.srv.port) == "joined"
+            again = HostRma(1)  # the same RMA (a reboot): a new link, a new K_MAS
+            assert await again.join(dma.srv.port) == "joined"
+            await until(lambda: a.eof and b.kg_gen == 2, 10, "old link closed, b re-keyed")
+            assert again.client.kmas != a.client.kmas and again.kg_gen == 2
+            assert sorted(dma.core.members()) == sorted([again.maid, b.maid]) and dma.srv.links == 2
+            a.opens_nothing_of(b.got + again.got)
+            await again.close()
+            await b.close()
+    run(main())
+
+
 def test_periodic_rotation_and_heartbeats_both_ways():
     async def main():
         a, b = HostRma(1), HostRma(2)
