@@ -27,7 +27,7 @@ from tessera.api.ksn import (KSN_ADDRESS, KSN_PORT, AsyncKsn, DeviceInfo, Enroll
 from tessera.api.rmcp2 import (AclEntry, Admission, AgentError, AgentStatus, AsyncMaAgent, AsyncSessionManager,
                                MaAgent, MemberInfo, NoSession, PolicyInfo, PolicyRefused, Rekeyed, RequestRefused,
                                SecReturn, Serving, SessionManager, SmEndpoint, SmError, SmNotServing, SmSettings,
-                               SmStatus, SubscriptionRefused, SubsResult, Truncated, make_sm_pki)
+                               SmStatus, SubscriptionRefused, SubsResult, TreeStatus, Truncated, make_sm_pki)
 
 __all__ = [
     # boards
@@ -44,7 +44,7 @@ __all__ = [
     "SessionManager", "AsyncSessionManager", "Serving", "SmSettings", "SmEndpoint", "SmStatus", "MemberInfo",
     "PolicyInfo", "AclEntry", "Rekeyed", "Truncated", "MaAgent", "AsyncMaAgent", "Admission", "AgentStatus",
     "SubsResult", "SecReturn", "make_sm_pki", "SmError", "NoSession", "SmNotServing", "RequestRefused", "AgentError",
-    "SubscriptionRefused", "PolicyRefused",
+    "SubscriptionRefused", "PolicyRefused", "TreeStatus",
     # errors
     "TesseraError", "BoardError", "KsnError", "NoDatabase", "KsnBusy", "InvalidKey", "UnknownDevice", "DeviceError",
     "BatchFailed",

@@ -189,6 +189,18 @@ class AgentStatus:
     errors: dict[str, int]
 
 
+@dataclass(frozen=True)
+class TreeStatus:
+    """A DMA's tree service (docs/rmcp2.md, "Part 2: the DMA's tree service")."""
+
+    port: int
+    members: tuple[bytes, ...]  # MAIDs of the joined RMAs, each with its control link open
+    kg_gen: int
+    rotations: dict[str, int]  # Kg re-keys so far: forward, backward, periodic
+    left: dict[str, int]  # members gone, by why: leavreq, closed, heartbeat, expelled, slow
+    join_errors: dict[str, int]
+
+
 def make_sm_pki(directory: str | Path, names: list[str], days: int = 365) -> dict[str, Path]:
     """A CA (`ca.pem`) and, per name, an ECDSA P-256 certificate `<name>.pem` with its key
     `<name>.key` (mode 0600) for mutual TLS (profile B.10). Returns name -> certificate path."""
@@ -603,6 +615,7 @@ class AsyncMaAgent:
         self._runner = AgentRunner(Agent(cfg), ctx, host, tls_port, pport, tick=tick,
                                    retry=retry)
         self._task: asyncio.Task | None = None
+        self._tree: Any = None  # dmatree.DmaTreeServer once start_tree() ran
 
     @property
     def maid(self) -> bytes:
@@ -694,11 +707,45 @@ class AsyncMaAgent:
         self._task_error()
         self._raise_for(self.status())
 
+    async def start_tree(self, host: str = "127.0.0.1", port: int = TREE_PORT, *, tick: float = 0.5,
+                         **core: Any) -> int:
+        """A DMA that agreed on the policy starts its tree service (join, Kg per the agreed
+        GK_MECHA, members' control links) on `port` (0: any free); returns the port.
+        `core` goes to dmatree.TreeCore (kg_period, t_hb, max_members)."""
+        import os
+
+        from tessera.rmcp2 import dmatree
+
+        a = self._runner.agent
+        if a.cfg.nt != _C.NodeType.DMA:
+            raise AgentError("only a DMA runs a tree service")
+        if a.state != "ready":
+            raise AgentError(f"dma {self.name}: no agreed policy yet (state {a.state})")
+        tree = dmatree.DmaTreeServer(dmatree.from_agent(a, os.urandom, asyncio.get_running_loop().time(), **core),
+                                     host, port, tick=tick)
+        try:
+            await tree.start()
+        except OSError as e:
+            raise AgentError(f"dma {self.name}: cannot listen on {host}:{port}: {e.strerror or e}") from None
+        self._tree = tree
+        return tree.port
+
+    def tree_status(self) -> TreeStatus | None:
+        t = self._tree
+        if t is None:
+            return None
+        c = t.core
+        return TreeStatus(t.port, tuple(c.members()), c.group.current()[0], dict(c.group.rotations), dict(c.left),
+                          dict(c.join.errors))
+
     def stop(self) -> None:
         self._runner.stop()
 
     async def close(self) -> None:
         self._runner.stop()
+        if self._tree is not None:
+            await self._tree.close()
+            self._tree = None
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
 
@@ -761,4 +808,4 @@ async def _call(fn: Callable[..., Any], *args: Any) -> Any:
 __all__ = ["AclEntry", "Admission", "AgentError", "AgentStatus", "AsyncMaAgent", "AsyncSessionManager", "MaAgent",
            "MemberInfo", "NoSession", "PolicyInfo", "PolicyRefused", "Rekeyed", "RequestRefused", "SecReturn",
            "Serving", "SessionManager", "SmEndpoint", "SmError", "SmNotServing", "SmSettings", "SmStatus",
-           "SubsResult", "SubscriptionRefused", "Truncated", "make_sm_pki"]
+           "SubsResult", "SubscriptionRefused", "TreeStatus", "Truncated", "make_sm_pki"]

@@ -168,12 +168,31 @@ def cmd_agent(role: str):
                      st.state, st.result.name if st.result else "-",
                      st.policy_result.name if st.policy_result else "-", st.ks_gen, len(st.acl))
 
+        async def tree() -> None:
+            """A DMA starts its tree service once the policy is agreed (docs/rmcp2.md)."""
+            await agent.wait_for(lambda st: st.state == "ready", float("inf"), "the policy")
+            try:
+                port = await agent.start_tree(args.tree_host, args.tree_port)
+            except api.AgentError:
+                agent.stop()  # no tree, no DMA: the command ends with the reason (exit 2)
+                raise
+            log.info("rmcp2 DMA: tree port %d (RMAs join here)", port)
+
         async def main() -> None:
             import signal
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, agent.stop)
-            await agent.run(show)
+            side = asyncio.create_task(tree()) if role == "dma" else None
+            try:
+                await agent.run(show)
+            finally:
+                if side is not None:
+                    side.cancel()
+                    await asyncio.gather(side, return_exceptions=True)
+                await agent.close()
+            if side is not None and side.done() and not side.cancelled() and side.exception() is not None:
+                raise side.exception()  # type: ignore[misc]
         asyncio.run(main())
         return 0
     return run
@@ -264,6 +283,11 @@ def register(sub) -> None:
                            help="GK_MECHA to propose (Table 19)")
             p.add_argument("--content-alg", type=int, default=int(C.EnDecId.AES_CTR_128), choices=(1, 2, 3, 4),
                            help="CON_EN_DEC_ID to propose (Table 16)")
+        if nt == C.NodeType.DMA:
+            p.add_argument("--tree-port", type=cliargs.port, default=TREE_PORT,
+                           help=f"tree port RMAs join on, started once the policy is agreed (default {TREE_PORT}, "
+                                "0: any free; the log names it)")
+            p.add_argument("--tree-host", default="127.0.0.1", help="address of the tree port (default 127.0.0.1)")
         if nt == C.NodeType.RMA:
             p.add_argument("--service-user-id", help="identifier from the content provider (closed groups)")
         p.set_defaults(func=cmd_agent(name))

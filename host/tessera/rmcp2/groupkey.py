@@ -105,9 +105,10 @@ class GroupKeyManager:
         return bytes(maid) in self._members
 
     # ------------------------------------------------------------------ events
-    def member_joined(self, maid: bytes, kmas: bytes, now: float) -> list[Delivery]:
+    def member_joined(self, maid: bytes, kmas: bytes, now: float, seq: int = 0) -> list[Delivery]:
         """An RMA passed Annex E with key K_MAS. Call it before building its RELANS: with
-        FORWARD the Kg changes here and `current()` is then the key it may have."""
+        FORWARD the Kg changes here and `current()` is then the key it may have. `seq`: the
+        last Seq already used under this K_MAS (1 when the RELANS was sealed with Seq 1)."""
         maid = bytes(maid)
         if maid not in self._members and len(self._members) >= self.max_members:
             raise GroupFull(f"MM group full ({self.max_members} members)")
@@ -116,7 +117,7 @@ class GroupKeyManager:
             out += self.member_left(maid, now)
         if self.mecha & C.GkMecha.FORWARD and self._members:
             out += self._rollover(ROTATE_FORWARD, now)
-        self._members[maid] = _Member(P.ProtKey(P.KeyRef.KMAS, kmas))
+        self._members[maid] = _Member(P.ProtKey(P.KeyRef.KMAS, kmas), seq)
         return out
 
     def member_left(self, maid: bytes, now: float) -> list[Delivery]:
@@ -139,7 +140,16 @@ class GroupKeyManager:
         m = self._members.get(bytes(maid))
         if m is None:
             return None
-        return self._to_member(bytes(maid), m)
+        return self._to_member(bytes(maid))
+
+    def seal_to(self, maid: bytes, plain: bytes) -> Delivery | None:
+        """Seal a plain message to one member under its K_MAS, on the same Seq counter as
+        its Kg deliveries (the control link's HB, LEAVREQ, LEAVANS). None if not a member."""
+        m = self._members.get(bytes(maid))
+        if m is None:
+            return None
+        m.seq += 1
+        return Delivery(bytes(maid), self._tx.seal(plain, m.kmas, m.seq))
 
     def seal_group(self, plain: bytes) -> Delivery:
         """Seal a plain message (e.g. a Kc KEYDELIVER being re-wrapped) under the current Kg."""
@@ -169,9 +179,7 @@ class GroupKeyManager:
 
     def _unicast_all(self, why: str, now: float) -> list[Delivery]:
         self._new_kg(why, now)
-        return [self._to_member(maid, m) for maid, m in self._members.items()]
+        return [self._to_member(maid) for maid in self._members]
 
-    def _to_member(self, maid: bytes, m: _Member) -> Delivery:
-        m.seq += 1
-        plain = kg_message(self.session_id, maid, self._kg.gen, self._kg._raw)
-        return Delivery(maid, self._tx.seal(plain, m.kmas, m.seq))
+    def _to_member(self, maid: bytes) -> Delivery:
+        return self.seal_to(maid, kg_message(self.session_id, maid, self._kg.gen, self._kg._raw))  # type: ignore[return-value]

@@ -97,13 +97,15 @@ class JoinEngine:
                  ks_lookup: Callable[[int], P.ProtKey | None] | None = None,
                  ks_current: Callable[[], P.ProtKey | None] | None = None,
                  t_annexe: float = T_ANNEXE, max_pending: int = MAX_PENDING,
-                 max_members: int = MAX_MEMBERS, status: Callable[[], tuple[int, int, int]] | None = None) -> None:
+                 max_members: int = MAX_MEMBERS, status: Callable[[], tuple[int, int, int]] | None = None,
+                 on_join: Callable[[Member, float], bool] | None = None) -> None:
         self.sid, self.maid = session_id, C._check_maid(maid)
         self.hashed = P.hashed_maid(session_id, maid)
         self.acl_lookup, self.kg_source, self.suite, self.rand = acl_lookup, kg_source, suite, rand
         self.ks_lookup, self.ks_current = ks_lookup, ks_current
         self.t_annexe, self.max_pending, self.max_members = t_annexe, max_pending, max_members
         self._status = status
+        self.on_join = on_join  # an RMA passed pass 3: called before kg_source(); False refuses it (BUSY)
         self.errors: Counter = Counter()
         self._pending: dict[bytes, _Pending] = {}
         self._members: dict[bytes, Member] = {}
@@ -211,7 +213,10 @@ class JoinEngine:
         table, bound = (self._members, self.max_members) if ks is None else (self._children, MAX_CHILDREN)
         if msg.maid not in table and len(table) >= bound:
             return self._fail(Fail.BUSY, msg.maid)
-        table[msg.maid] = Member(msg.maid, P.hashed_maid(self.sid, msg.maid), kmas, now, conn)
+        table[msg.maid] = member = Member(msg.maid, P.hashed_maid(self.sid, msg.maid), kmas, now, conn)
+        if ks is None and self.on_join is not None and not self.on_join(member, now):
+            del table[msg.maid]  # the key layer refused it (its group is full)
+            return self._fail(Fail.BUSY, msg.maid)
         if ks is not None:
             log.info("child DMA %s joined", msg.maid.hex())
             return [self._reply(M.RELANS, msg.maid, C.AuthAns(C.SecReturn.OK))]

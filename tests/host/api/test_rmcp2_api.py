@@ -94,10 +94,19 @@ def test_async_api_policy_refused_and_not_reachable(pki, tmp_path):
             kw = dict(tick=0.05, retry=0.1)
             async with AsyncMaAgent("sma", ep, SID, pki, content_alg=2, **kw) as sma, \
                     AsyncMaAgent("dma", ep.address, SID, pki, "dma1", plain_port=ep.plain_port, instance=2,
-                                 **kw) as dma:
+                                 hrs_refresh=0.3, **kw) as dma:
                 await asyncio.gather(sma.start(), dma.start())
+                with pytest.raises(AgentError, match="only a DMA"):
+                    await sma.start_tree(port=0)
+                tree_port = await dma.start_tree(port=0)
+                assert dma.tree_status().port == tree_port and dma.tree_status().members == ()
                 async with AsyncMaAgent("rma", ep, SID, pki, "rma1", instance=10, **kw) as rma:
                     assert (await rma.start()).result == SubsResult.ACCEPTED
+                    e = rma.acl_entry
+                    await dma.wait_for(lambda st: e in st.acl, 10, "the RMA in the DMA's ACL")
+                    assert await _join_tree(tree_port, rma.maid, e.hashed_ktls, dma) == "joined"
+                    st = dma.tree_status()
+                    assert st.members == (rma.maid,) and st.kg_gen == 1 and st.join_errors == {}
                 async with AsyncMaAgent("rma", ep, SID, pki, "rma2", instance=11, **kw) as weak:
                     weak._runner.agent.cfg.en_dec = frozenset({1})  # a board without AES-CTR (the policy's)
                     with pytest.raises(PolicyRefused) as ei:
@@ -112,6 +121,24 @@ def test_async_api_policy_refused_and_not_reachable(pki, tmp_path):
                 with pytest.raises(AgentError, match="cannot reach the SM"):
                     await gone.start(timeout=10)
     asyncio.run(asyncio.wait_for(main(), 90))
+
+
+async def _join_tree(port: int, maid: bytes, hashed_ktls: bytes, dma: AsyncMaAgent) -> str:
+    """A host RMA's join (tree.JoinClient) on a DMA's tree port, in the agreed suite."""
+    from tessera.rmcp2 import codec as C
+    from tessera.rmcp2.dmatree import policy_of
+    from tessera.rmcp2.server import read_message
+    from tessera.rmcp2.tree import JoinClient
+
+    suite = policy_of(dma._runner.agent.policy)[1]
+    cli = JoinClient(SID, maid, C.NodeType.RMA, suite, os.urandom, hashed_ktls=hashed_ktls)
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(cli.start())
+    while cli.state not in ("joined", "refused") and (data := await read_message(r, 20, 1024)) is not None:
+        for out in cli.receive(data):
+            w.write(out)
+    w.close()
+    return cli.state
 
 
 def test_requests_without_a_serving_sm_are_withdrawn(tmp_path):

@@ -307,13 +307,27 @@ def test_cli_sma_dma_rma_against_tessera_sm_serve(pki, tmp_path):
             procs.append(p)
             return p
         sma = agent("sma", "--group", "closed", "--instance", "1")
-        dma = agent("dma", "--name", "dma0", "--instance", "2")
+        dma = agent("dma", "--name", "dma0", "--instance", "2", "--tree-port", "0")
+        tree_port = 0  # the DMA's tree service (docs/rmcp2.md) logs its port, before or after "ready"
         for p in (sma, dma):
             for line in p.stderr:
+                if m := re.search(r"tree port (\d+)", line):
+                    tree_port = int(m.group(1))
                 if "state ready" in line and "policy OK, Ks generation 1" in line:
                     break
             else:
                 raise AssertionError(f"agent did not get ready (rc {p.wait()})")
+        while not tree_port and (line := dma.stderr.readline()):
+            if m := re.search(r"tree port (\d+)", line):
+                tree_port = int(m.group(1))
+        assert tree_port, f"no tree port (rc {dma.poll()})"
+        with socket.create_connection(("127.0.0.1", tree_port), 10) as s:  # a join answered there:
+            stranger = C.make_maid("127.0.0.1", 1, 1)  # an RMA not in the DMA's ACL
+            s.sendall(C.Message(C.MsgType.PPROBREQ, N.RMA, SID, stranger,
+                                (C.ProbeAuth(P.hashed_maid(SID, stranger), bytes(8), bytes(8)),)).encode())
+            s.settimeout(10)
+            ans = C.decode(s.recv(1024))
+            assert ans.type == C.MsgType.PPROBANS and ans.get(C.ResultCtl).value == C.Result.NOT_IN_ACL
         rma = agent("rma", "--name", "rma0", "--instance", "3")
         assert rma.wait(30) == 2
         assert "SERV_USER_ID_MISSING (0x41)" in rma.stderr.read()
