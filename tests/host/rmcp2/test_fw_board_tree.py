@@ -5,9 +5,10 @@ TCP (PPROBREQ, Annex E, K_MAS, Kg) and kept on that link as its control link (pr
 Kc and a BACKWARD Kg re-key reach it, HB both ways, the link killed -> a fresh join, a clean
 stop -> LEAVREQ under K_MAS; a board not in the DMA's ACL is refused and backs off.
 
-The DMA side is test glue (`TreeDma`) assembled from the product engines tree.JoinEngine and
-groupkey.GroupKeyManager with the DMA agent's live ACL (HRSANS from the SM): the DMA runner
-that carries the control link in `tessera dma` is another branch's work (p2-wire-dma)."""
+The DMA side is mostly test glue (`TreeDma`) assembled from the product engines
+tree.JoinEngine and groupkey.GroupKeyManager with the DMA agent's live ACL (HRSANS from the
+SM), which lets the tests cut links, expel and forge at will; the last test runs the board
+against the product DMA side, dmatree (what `tessera dma` starts)."""
 from __future__ import annotations
 
 import asyncio
@@ -418,3 +419,51 @@ def test_board_backs_off_from_a_dma_that_drops_it_after_each_join(pki, tmp_path,
             assert len(dma.left) == 6
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+@pytest.mark.slow
+def test_board_against_the_dma_tree_service_of_a_real_dma_agent(pki, tmp_path, mpy_dir):
+    """The board's tree client against the product DMA side (dmatree.TreeCore/DmaTreeServer,
+    what `tessera dma` starts), built from a real DMA agent's live ACL, policy and Ks: the two
+    ends of the B.15 control link were written apart, so this is where they must agree. The
+    board joins, a Kc from the SMA (KEYDELIVER under the DMA's live Ks, re-sealed under Kg)
+    reaches it, HB both ways keep the link past 3 T_HB, and SIGINT is a LEAVREQ the DMA
+    answers and counts as a leave."""
+    from tessera.rmcp2 import dmatree as D
+    from tessera.rmcp2.contentkey import KcSchedule
+
+    pki_dir = pki[0]
+
+    async def main():
+        async with Session(pki_dir, tmp_path, n_dmas=1) as s:
+            agent = s.dmas()[0]
+            loop = asyncio.get_running_loop()
+            core = D.from_agent(agent, os.urandom, loop.time(), t_hb=HB)
+            srv = D.DmaTreeServer(core, port=0, tick=0.05)
+            await srv.start()
+            fs = board_fs(tmp_path, pki_dir, s.server.tls_port, hb_s=HB, dma=["127.0.0.1", srv.port],
+                          dma_maid=agent.cfg.maid.hex())
+            con = Lines(await start_board(fs, mpy_dir, 1, HEAP))
+            try:
+                await until(lambda: con.count("joined DMA") == 1 or con.proc.returncode is not None, timeout=60,
+                            what=lambda: "\n".join(con.lines))
+                assert con.count("joined DMA") == 1, "\n".join(con.lines)
+                await until(lambda: BOARD_MAID in core.members(), what="the board a member of the DMA's tree")
+                mecha, suite = D.policy_of(agent.policy)
+                sma = KcSchedule(SID, C.make_maid("127.0.0.1", 40001, 1), os.urandom, 0.0, ks_suite=suite)
+                srv._send(core.kc_from_sma(sma.keydeliver(agent.cfg.maid, 1, agent.ks), loop.time()))
+                await until(lambda: con.count("Kc gen 1 from the DMA") == 1, what=lambda: "\n".join(con.lines))
+                await asyncio.sleep(4 * HB)  # HB both ways: neither side takes the other as gone
+                assert BOARD_MAID in core.members() and con.count("DMA link lost") == 0, "\n".join(con.lines)
+                con.proc.send_signal(signal.SIGINT)
+                await asyncio.wait_for(con.proc.wait(), 10)
+                await until(lambda: BOARD_MAID not in core.members(), what="the board's leave at the DMA")
+            finally:
+                err = await con.stop()
+                await srv.close()
+            assert "Traceback" not in err, err
+            assert con.count("LEAVANS received") == 1, "\n".join(con.lines)
+            c = counters(next(ln for ln in reversed(con.lines) if "|" in ln))
+            assert c["kc"] == 1 and c["errors"] == 0 and c["dma_hb_in"] >= 2, "\n".join(con.lines)
+
+    asyncio.run(asyncio.wait_for(main(), 90))
