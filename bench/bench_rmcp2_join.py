@@ -60,7 +60,7 @@ def _engine(maid: bytes, w: bytes):
 
 
 def board_figures(board: str, runs: int = RUNS, dh_reference: bool = True) -> dict:
-    """Medians (ms) for one board; also used by tests/host/boardspeed/test_join_board_speed.py."""
+    """Medians (ms) for one board; (test_tree_board_speed.py joins a board-speed Pico W in make test)."""
     from tessera.boards import ops, profile
     from tessera.boards.virtual import VirtualBoard
     from tessera.rmcp2 import codec as C

@@ -73,6 +73,7 @@ class Runner:
         self.counts = [0] * len(COUNT_NAMES)
         self.backoff = cfg["backoff_ms"][0]
         self.link = None
+        self.room = None  # _TLS_ROOM held between links (reserve())
         self.tree = None  # board_tree.Tree once a DMA is joined (rmcp2.json "dma")
         self.ring = ring  # where Kc goes (the content layer's KcRing; board_tree picks one if None)
 
@@ -99,7 +100,22 @@ class Runner:
                 self.backoff = min(2 * self.backoff, hi)
             if links and self.counts[_LINKS] >= links:
                 break
+            self.reserve()
             self.sleep_ms(self.jitter(wait))
+
+    def reserve(self):
+        """Hold _TLS_ROOM bytes in one piece between links: the ended link's TLS buffers
+        have just left a hole that size, and the small objects of the wait (log lines, a
+        failed connect's socket and exception) would otherwise be scattered into it, so that
+        the next handshake finds no room (MemoryError at 56 KB after an SM restart)."""
+        import gc
+
+        self.room = None
+        gc.collect()
+        try:
+            self.room = bytearray(_TLS_ROOM)
+        except MemoryError:
+            pass  # the handshake will try anyway
 
     def jitter(self, wait):
         """Half the wait plus up to the other half, so that boards do not come back together."""
@@ -138,7 +154,8 @@ class Runner:
         self.counts[_LINKS] += 1
         import gc
 
-        gc.collect()  # the last link's garbage goes, so the handshake finds room in one piece
+        self.room = None  # the room held since the last link (reserve()), freed in one piece
+        gc.collect()  # with the last link's garbage, so the handshake finds room in one piece
         try:
             link = self.net.admit(rma, cfg["sm_host"], cfg["sm_port"], self.cert, _read(cfg["key"]),
                                  _read(cfg["ca"]), cfg["timeout_s"], cfg["sm_name"], self.buf)
