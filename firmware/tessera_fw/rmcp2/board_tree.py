@@ -63,28 +63,11 @@ TREE_NAMES = ("joins", "joined", "join_refused", "join_errors", "dma_drops", "dm
               "dma_msgs", "kg", "kc", "left", "expelled")
 
 
-class Held:
-    """Where Kc goes when the board has no content layer (content.py): the current and the
-    next (gen, key16), as KcRing.install keeps them, for nothing else to use."""
-
-    def __init__(self):
-        self.cur = None
-        self.nxt = None
-
-    def install(self, gen, key16):
-        if self.cur is None or gen == self.cur[0]:
-            self.cur = (gen, bytes(key16))
-        else:
-            self.nxt = (gen, bytes(key16))
-        return True
-
-
 def new_ring(rma):
-    """The content layer's KcRing for the agreed CON_EN_DEC / AUTH_ID, or Held without it."""
-    try:
-        from tessera_fw.rmcp2.content import KcRing
-    except ImportError:
-        return Held()
+    """The content layer's KcRing for the agreed CON_EN_DEC / AUTH_ID (content.py is part of
+    every board package)."""
+    from tessera_fw.rmcp2.content import KcRing
+
     return KcRing(rma.policy[2], rma.policy[4])
 
 
