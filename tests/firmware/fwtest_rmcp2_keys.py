@@ -3,8 +3,16 @@
 # installed by keys.py, and the hostile corpus counted with the same error numbers.
 import gc
 
-from tessera_fw.rmcp2 import keys as K  # first: compiling it needs the most heap
-from tessera_fw.rmcp2 import seal as S
+# Compiled from source here (a board loads .mpy): each module is compiled on a collected heap,
+# the biggest first, so that the compiler's transient buffers do not fragment the esp32 profile.
+# In one import chain, the result depended on the length of the checkout's path (CI failed).
+from tessera_fw.rmcp2 import msg  # noqa: F401
+
+gc.collect()
+from tessera_fw.rmcp2 import seal as S  # noqa: E402
+
+gc.collect()
+from tessera_fw.rmcp2 import keys as K  # noqa: E402
 
 gc.collect()
 from mpytest import unhex  # noqa: E402
