@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(VENV)/bin/tessera demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 bench: $(STAMP)
 	$(PY) bench/run.py

