@@ -163,7 +163,8 @@ def _ctr_blocks(dst, ctr, nblocks):
             j -= 1
 
 
-_VIPER = """
+_VIPER = (
+"""
 @micropython.viper
 def _head(p, n, x):
     d = ptr8(p)
@@ -206,6 +207,7 @@ def _head(p, n, x):
         elif e != c[8] or a != c[9]:
             s = 12
     c[10] = s
+""", """
 @micropython.viper
 def _xor(dst, src, off, n):
     d = ptr8(dst)
@@ -228,6 +230,7 @@ def _xor(dst, src, off, n):
     while i < m:
         d[i] ^= s[i]
         i += 1
+""", """
 @micropython.viper
 def _diff(a, b, off, n, flag):
     x = ptr8(a)
@@ -237,6 +240,7 @@ def _diff(a, b, off, n, flag):
         r |= x[i] ^ y[i]
     f = ptr8(flag)
     f[0] = 1 if r else 0
+""", """
 @micropython.viper
 def _pad_bad(p, start, end, pad, flag):
     x = ptr8(p)
@@ -249,6 +253,7 @@ def _pad_bad(p, start, end, pad, flag):
         i += 1
     f = ptr8(flag)
     f[0] = 1 if r else 0
+""", """
 @micropython.viper
 def _ctr_blocks(dst, ctr, nblocks):
     d = ptr8(dst)
@@ -274,15 +279,17 @@ def _ctr_blocks(dst, ctr, nblocks):
                 break
             j -= 1
         b -= 1
-"""
+""")
 
 VIPER = False
 if not _CPY:
     try:
-        exec(_VIPER, globals())
+        for _src in _VIPER:  # one function at a time: compiling them all at once needs ~4 KB more heap
+            exec(_src, globals())
         VIPER = True
     except Exception:  # noqa: BLE001 - no native emitter: keep the plain versions
         pass
+    _src = None
 _VIPER = None
 
 
