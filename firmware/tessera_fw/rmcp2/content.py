@@ -45,7 +45,8 @@ _ZERO16 = bytes(16)
 
 class Window:
     """Stream replay window (B.17): the highest Seq and, per slot Seq mod 32, the last Seq
-    accepted there; a Seq within 32 of the highest is new unless its slot holds it."""
+    accepted there; a Seq within 32 of the highest is new unless its slot holds it.
+    Receiver._receive does the same check and commit inline (keep them alike)."""
 
     def __init__(self):
         self.high = 0
@@ -406,7 +407,8 @@ class Receiver:
     def _receive(self, data):
         # Per packet this allocates the two hash objects and their digests (hashlib has no
         # copy() or reset, so HMAC restarts both from the pads), three memoryviews (the
-        # packet, the tagged bytes, the cipher input) and the plaintext view handed on.
+        # packet, the tagged bytes, the cipher input; CTR: the IV and the counter blocks) and
+        # the plaintext view handed on.
         n = len(data)
         x = self._x
         _head(data, n, x)
@@ -423,8 +425,8 @@ class Receiver:
         seq = (data[24] << 24) | (data[25] << 16) | (data[26] << 8) | data[27]
         if kind == KIND_STREAM:  # Window.check, inline (a method call is ~5% of receive())
             win = slot.win
-            h = win.high
-            if seq < 1 or seq > SEQ_MAX or (seq <= h and (h - seq >= _WIN or win.slot[seq & 31] == seq)):
+            hi = win.high
+            if seq < 1 or seq > SEQ_MAX or (seq <= hi and (hi - seq >= _WIN or win.slot[seq & 31] == seq)):
                 raise Rmcp2Error(ERR_REPLAY)
         elif seq < 1 or seq > SEQ_MAX or seq <= slot.obj_high:
             raise Rmcp2Error(ERR_REPLAY)
@@ -441,11 +443,11 @@ class Receiver:
             raise Rmcp2Error(ERR_MAC)
         pt = self._pt
         clen = n - _MIN
-        if x[8] == 1:  # CBC: P_i = D(C_i) xor C_(i-1), C_0 = IV. The slot's CBC decryptor
-            # chains from the last block it was given, so IV || C is decrypted in one call:
-            # block 0 (IV decrypted against the previous packet's last block) is thrown
-            # away, and every later block uses its predecessor, the IV first. Nothing
-            # carries over from one packet to the next.
+        if x[8] == 1:  # CBC: P_i = D(C_i) xor C_(i-1), C_0 = IV. IV || C goes through the
+            # slot's CBC decryptor in one call: within a call every block is XORed with the
+            # block before it, so blocks 1.. are P_1.. with the packet's IV as C_0; block 0
+            # (the IV against whatever chaining value the object held) lands in pt[0:16]
+            # and is ignored. No XOR pass of our own and no cipher object per packet.
             slot.aes.decrypt(mv[_IV:end], pt)
             last = clen + 15
             pad = pt[last]
