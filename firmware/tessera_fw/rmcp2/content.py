@@ -385,9 +385,6 @@ class Receiver:
         self.bmv = memoryview(self.buf)
         self._pt = bytearray(MAX_PACKET)
         self._pmv = memoryview(self._pt)
-        if ring.enc == 2:  # CTR's counter blocks; CBC needs none
-            self._ks = bytearray(MAX_PACKET)
-            self._kmv = memoryview(self._ks)
         self._x = bytearray(self.sid + bytes((ring.enc, ring.auth, 0)))  # _head's context
         self._flag = bytearray(1)
         self._h = hashlib.sha1 if ring.auth == 1 else hashlib.md5
@@ -458,10 +455,11 @@ class Receiver:
                 raise Rmcp2Error(ERR_PADDING)
             plen = clen - pad
             o = 16
-        else:  # CTR from ECB: keystream = E(IV), E(IV+1), ...
+        else:  # CTR from ECB: keystream = E(IV), E(IV+1), ...; the counter blocks are
+            # encrypted in place (ECB reads each block before writing it), no second buffer
             nb = (clen + 15) >> 4
-            _ctr_blocks(self._ks, mv[_IV:_C], nb)
-            slot.aes.encrypt(self._kmv[:nb << 4], pt)
+            _ctr_blocks(pt, mv[_IV:_C], nb)
+            slot.aes.encrypt(self._pmv[:nb << 4], pt)
             _xor(pt, data, _C, clen)
             plen = clen
             o = 0
