@@ -40,12 +40,13 @@ MAX_PACKET = const(1100)  # 60 + 1024 + at most 16 CBC padding
 _HASH = ("", "sha1", "md5")
 SEQ_MAX = const(0x3FFFFFFF)  # as B.7: a small int on every board
 _WIN = const(32)
-_ZERO8 = bytes(8)
+_ZERO16 = bytes(16)
 
 
 class Window:
     """Stream replay window (B.17): the highest Seq and, per slot Seq mod 32, the last Seq
-    accepted there; a Seq within 32 of the highest is new unless its slot holds it."""
+    accepted there; a Seq within 32 of the highest is new unless its slot holds it.
+    Receiver._receive does the same check and commit inline (keep them alike)."""
 
     def __init__(self):
         self.high = 0
@@ -64,33 +65,78 @@ class Window:
             self.high = seq
 
 
-# XOR, counter blocks and compares as viper functions, compiled on the device when this
-# module is imported: the firmware ships as portable bytecode (virtual boards load the same
-# .mpy as any port) and mpy-cross cannot put native code in it, so the viper source is a
-# string handed to the board's own compiler (ESP32 and RP2040 builds have the native
-# emitter). Where that fails (CPython through mpshim, a port without the emitter) the plain
-# versions below stay: the same results, no allocation, much slower.
+# The header checks, XOR, counter blocks and compares as viper functions, compiled on the
+# device when this module is imported: the firmware ships as portable bytecode (virtual
+# boards load the same .mpy as any port) and mpy-cross cannot put native code in it, so the
+# viper source is a string handed to the board's own compiler (ESP32 and RP2040 builds have
+# the native emitter). Where that fails (CPython through mpshim, a port without the emitter)
+# the plain versions below stay: the same results, no allocation, much slower.
 # No annotations (the firmware portability rule): arguments arrive as objects and are cast
-# inside; results go out through a one-byte flag buffer, since an unannotated viper
-# function cannot return a native value.
-# _xor: dst ^= src over n bytes, by 32-bit words when both are word-aligned (always on the
-#   receive path: packets start aligned, IV/C sit at offsets 28/44), else by bytes (the
-#   RP2040's Cortex-M0+ faults on unaligned word access).
-# _diff: flag[0] = 1 when a[:n] != b[:n]; time depends only on n (tags are compared so).
+# inside; results go out through a byte of a buffer, since an unannotated viper function
+# cannot return a native value. Offsets are passed instead of slices: a memoryview slice is
+# a heap object.
+# _head: the B.17 checks that need only the packet `p` (n bytes), the session id x[0:8] and
+#   the ring's suite x[8] (enc), x[9] (auth), in the receiver's order; x[10] <- the first
+#   failing step (an index into _HEAD_ERR), 0 when all pass. The session id is compared
+#   over all 8 bytes whatever differs.
+# _xor: dst[i] ^= src[off + i] for i < n (n < 65536): four 32-bit words a step when both
+#   are word-aligned (always on the receive path: buffers and packets start aligned, C sits
+#   at offset 44), then the bytes left; by bytes throughout when not aligned (the RP2040's
+#   Cortex-M0+ faults on unaligned word access).
+# _diff: flag[0] = 1 when a[:n] != b[off:off + n]; time depends only on n.
 # _pad_bad: flag[0] = 1 unless p[start:end] are all `pad`.
 # _ctr_blocks: dst <- ctr, ctr+1, ... (16-byte big-endian counter, modulo 2^128); each
-#   block is the previous one copied, then incremented from its last byte.
+#   block is the previous one copied (dst word-aligned), then incremented from its last byte.
+_HEAD_ERR = (0, ERR_TRUNCATED, ERR_OVERSIZE, ERR_LENGTH, ERR_VERSION, ERR_UNKNOWN_MESSAGE, ERR_NODE_TYPE,
+             ERR_VALUE, ERR_MAID, ERR_VALUE, ERR_ALGORITHM, ERR_PADDING, ERR_ALGORITHM)
 
 
-def _xor(dst, src, n):
+def _head(p, n, x):
+    s = 0
+    if n < _MIN:
+        s = 1
+    elif n > MAX_PACKET:
+        s = 2
+    elif (p[2] << 8) | p[3] != n:
+        s = 3
+    elif p[0] >> 4 != 4:
+        s = 4
+    elif p[1] != TYPE_DATA:
+        s = 5
+    elif p[0] != _VERNT:
+        s = 6
+    else:
+        r = 0
+        z = 0
+        for i in range(8):
+            r |= p[4 + i] ^ x[i]
+            z |= p[12 + i]
+        e = p[21]
+        a = p[22]
+        if r:
+            s = 7
+        elif not z:  # an all-zero MAID
+            s = 8
+        elif p[20] < KIND_STREAM or p[20] > KIND_END:
+            s = 9
+        elif e < 1 or e > 2 or a < 1 or a > 2:
+            s = 10
+        elif e == 1 and (n == _MIN or (n - _MIN) & 15):  # CBC: whole blocks, at least one
+            s = 11
+        elif e != x[8] or a != x[9]:
+            s = 12
+    x[10] = s
+
+
+def _xor(dst, src, off, n):
     for i in range(n):
-        dst[i] ^= src[i]
+        dst[i] ^= src[off + i]
 
 
-def _diff(a, b, n, flag):
+def _diff(a, b, off, n, flag):
     r = 0
     for i in range(n):
-        r |= a[i] ^ b[i]
+        r |= a[i] ^ b[off + i]
     flag[0] = 1 if r else 0
 
 
@@ -118,29 +164,84 @@ def _ctr_blocks(dst, ctr, nblocks):
             j -= 1
 
 
-_VIPER = """
+_VIPER = (
+"""
 @micropython.viper
-def _xor(dst, src, n):
-    d = ptr8(dst)
-    s = ptr8(src)
+def _head(p, n, x):
+    d = ptr8(p)
+    c = ptr8(x)
     m = int(n)
-    if ((int(d) | int(s) | m) & 3) == 0:
-        d4 = ptr32(dst)
-        s4 = ptr32(src)
-        for i in range(m >> 2):
-            d4[i] ^= s4[i]
+    s = 0
+    if m < 60:
+        s = 1
+    elif m > 1100:
+        s = 2
+    elif ((d[2] << 8) | d[3]) != m:
+        s = 3
+    elif (d[0] >> 4) != 4:
+        s = 4
+    elif d[1] != 0xC0:
+        s = 5
+    elif d[0] != 0x42:
+        s = 6
     else:
-        for i in range(m):
-            d[i] ^= s[i]
+        r = 0
+        z = 0
+        i = 0
+        while i < 8:
+            r |= d[4 + i] ^ c[i]
+            z |= d[12 + i]
+            i += 1
+        k = d[20]
+        e = d[21]
+        a = d[22]
+        if r != 0:
+            s = 7
+        elif z == 0:
+            s = 8
+        elif k < 1 or k > 4:
+            s = 9
+        elif e < 1 or e > 2 or a < 1 or a > 2:
+            s = 10
+        elif e == 1 and (m == 60 or ((m - 60) & 15) != 0):
+            s = 11
+        elif e != c[8] or a != c[9]:
+            s = 12
+    c[10] = s
+""", """
 @micropython.viper
-def _diff(a, b, n, flag):
+def _xor(dst, src, off, n):
+    d = ptr8(dst)
+    s = ptr8(int(ptr8(src)) + int(off))
+    m = int(n)
+    i = 0
+    if ((int(d) | int(s)) & 3) == 0:
+        d4 = ptr32(d)
+        s4 = ptr32(s)
+        k = m >> 4
+        while k > 0:
+            d4[0] ^= s4[0]
+            d4[1] ^= s4[1]
+            d4[2] ^= s4[2]
+            d4[3] ^= s4[3]
+            d4 = ptr32(int(d4) + 16)
+            s4 = ptr32(int(s4) + 16)
+            k -= 1
+        i = m & 0xFFF0
+    while i < m:
+        d[i] ^= s[i]
+        i += 1
+""", """
+@micropython.viper
+def _diff(a, b, off, n, flag):
     x = ptr8(a)
-    y = ptr8(b)
+    y = ptr8(int(ptr8(b)) + int(off))
     r = 0
     for i in range(int(n)):
         r |= x[i] ^ y[i]
     f = ptr8(flag)
     f[0] = 1 if r else 0
+""", """
 @micropython.viper
 def _pad_bad(p, start, end, pad, flag):
     x = ptr8(p)
@@ -153,52 +254,58 @@ def _pad_bad(p, start, end, pad, flag):
         i += 1
     f = ptr8(flag)
     f[0] = 1 if r else 0
+""", """
 @micropython.viper
 def _ctr_blocks(dst, ctr, nblocks):
     d = ptr8(dst)
     c = ptr8(ctr)
-    w = ptr32(dst)
     k = 0
     while k < 16:
         d[k] = c[k]
         k += 1
-    o = 0
-    last = (int(nblocks) - 1) << 2
-    while o < last:
-        w[o + 4] = int(w[o])
-        w[o + 5] = int(w[o + 1])
-        w[o + 6] = int(w[o + 2])
-        w[o + 7] = int(w[o + 3])
-        o += 4
-        j = (o << 2) + 15
-        end = o << 2
-        while j >= end:
-            v = d[j] + 1
-            d[j] = v & 0xFF
+    w = ptr32(dst)
+    b = int(nblocks) - 1
+    while b > 0:
+        w[4] = w[0]
+        w[5] = w[1]
+        w[6] = w[2]
+        w[7] = w[3]
+        w = ptr32(int(w) + 16)
+        p = ptr8(w)
+        j = 15
+        while j >= 0:
+            v = p[j] + 1
+            p[j] = v
             if v < 256:
                 break
             j -= 1
-"""
+        b -= 1
+""")
 
 VIPER = False
 if not _CPY:
     try:
-        exec(_VIPER, globals())
+        for _src in _VIPER:  # one function at a time: compiling them all at once needs ~4 KB more heap
+            exec(_src, globals())
         VIPER = True
     except Exception:  # noqa: BLE001 - no native emitter: keep the plain versions
         pass
+    _src = None
 _VIPER = None
 
 
 class _Slot:
-    """One Kc generation: its cipher (one ECB object: encrypt for CTR, decrypt for CBC),
-    its HMAC pads and its stream replay window; obj_high is the object channel's last Seq."""
+    """One Kc generation: its cipher, its HMAC pads and its stream replay window; obj_high is
+    the object channel's last Seq. The cipher is one object per key, so a packet allocates
+    none: for CBC a cryptolib CBC decryptor (mode 2), for CTR an ECB object that encrypts the
+    counter blocks."""
 
     def __init__(self, gen, key, enc, auth):
         self.gen = gen
         self.key = bytes(key)
         kdf = HMAC(key)
-        self.ecb = cryptolib.aes(kdf.digest(b"RMCP2-DATA-ENC", bytes((enc,)))[:16], 1)
+        k = kdf.digest(b"RMCP2-DATA-ENC", bytes((enc,)))[:16]
+        self.aes = cryptolib.aes(k, 2, _ZERO16) if enc == 1 else cryptolib.aes(k, 1)
         m = HMAC(kdf.digest(b"RMCP2-DATA-MAC", bytes((auth,))), _HASH[auth])
         self.ipad = m.ipad
         self.opad = m.opad
@@ -278,10 +385,7 @@ class Receiver:
         self.bmv = memoryview(self.buf)
         self._pt = bytearray(MAX_PACKET)
         self._pmv = memoryview(self._pt)
-        if ring.enc == 2:  # CTR's counter blocks / keystream; CBC needs none
-            self._ks = bytearray(MAX_PACKET)
-            self._kmv = memoryview(self._ks)
-        self._ctr = bytearray(16)
+        self._x = bytearray(self.sid + bytes((ring.enc, ring.auth, 0)))  # _head's context
         self._flag = bytearray(1)
         self._h = hashlib.sha1 if ring.auth == 1 else hashlib.md5
         self.errors = [0] * 48
@@ -298,40 +402,17 @@ class Receiver:
             raise
 
     def _receive(self, data):
+        # Per packet this allocates the two hash objects and their digests (hashlib has no
+        # copy() or reset, so HMAC restarts both from the pads), three memoryviews (the
+        # packet, the tagged bytes, the cipher input; CTR: the IV and the counter blocks) and
+        # the plaintext view handed on.
         n = len(data)
-        if n < _MIN:
-            raise Rmcp2Error(ERR_TRUNCATED)
-        if n > MAX_PACKET:
-            raise Rmcp2Error(ERR_OVERSIZE)
-        if (data[2] << 8) | data[3] != n:
-            raise Rmcp2Error(ERR_LENGTH)
-        if data[0] >> 4 != 4:
-            raise Rmcp2Error(ERR_VERSION)
-        if data[1] != TYPE_DATA:
-            raise Rmcp2Error(ERR_UNKNOWN_MESSAGE)
-        if data[0] != _VERNT:
-            raise Rmcp2Error(ERR_NODE_TYPE)
-        mv = memoryview(data)
-        flag = self._flag
-        _diff(mv[4:12], self.sid, 8, flag)
-        if flag[0]:
-            raise Rmcp2Error(ERR_VALUE)
-        _diff(mv[12:20], _ZERO8, 8, flag)
-        if not flag[0]:
-            raise Rmcp2Error(ERR_MAID)
+        x = self._x
+        _head(data, n, x)
+        if x[10]:
+            raise Rmcp2Error(_HEAD_ERR[x[10]])
         kind = data[20]
-        if kind < KIND_STREAM or kind > KIND_END:
-            raise Rmcp2Error(ERR_VALUE)
-        e = data[21]
-        a = data[22]
-        if e < 1 or e > 2 or a < 1 or a > 2:
-            raise Rmcp2Error(ERR_ALGORITHM)
-        clen = n - _MIN
-        if e == 1 and (clen == 0 or clen & 15):
-            raise Rmcp2Error(ERR_PADDING)
         ring = self.ring
-        if e != ring.enc or a != ring.auth:
-            raise Rmcp2Error(ERR_ALGORITHM)
         gen = data[23]
         slot = ring.cur
         if slot is None or slot.gen != gen:
@@ -339,49 +420,60 @@ class Receiver:
             if slot is None or slot.gen != gen:
                 raise Rmcp2Error(ERR_KEY)
         seq = (data[24] << 24) | (data[25] << 16) | (data[26] << 8) | data[27]
-        if kind == KIND_STREAM:
-            slot.win.check(seq)
+        if kind == KIND_STREAM:  # Window.check, inline (a method call is ~5% of receive())
+            win = slot.win
+            hi = win.high
+            if seq < 1 or seq > SEQ_MAX or (seq <= hi and (hi - seq >= _WIN or win.slot[seq & 31] == seq)):
+                raise Rmcp2Error(ERR_REPLAY)
         elif seq < 1 or seq > SEQ_MAX or seq <= slot.obj_high:
             raise Rmcp2Error(ERR_REPLAY)
         end = n - _TAG
+        mv = memoryview(data)
         h = self._h(slot.ipad)
         h.update(mv[:end])
         inner = h.digest()
         h = self._h(slot.opad)
         h.update(inner)
-        _diff(h.digest(), mv[end:n], _TAG, flag)
+        flag = self._flag
+        _diff(h.digest(), data, end, _TAG, flag)
         if flag[0]:
             raise Rmcp2Error(ERR_MAC)
         pt = self._pt
-        if e == 1:  # CBC from ECB: P_i = D(C_i) xor C_(i-1), C_0 = IV. cryptolib mode 2
-            # would need a cipher object per packet (it holds the IV): ~250 B more heap each
-            slot.ecb.decrypt(mv[_C:end], self._pmv[:clen])
-            _xor(pt, mv[_IV:_C], 16)
-            if clen > 16:
-                _xor(self._pmv[16:clen], mv[_C:end - 16], clen - 16)
-            pad = pt[clen - 1]
+        clen = n - _MIN
+        if x[8] == 1:  # CBC: P_i = D(C_i) xor C_(i-1), C_0 = IV. IV || C goes through the
+            # slot's CBC decryptor in one call: within a call every block is XORed with the
+            # block before it, so blocks 1.. are P_1.. with the packet's IV as C_0; block 0
+            # (the IV against whatever chaining value the object held) lands in pt[0:16]
+            # and is ignored. No XOR pass of our own and no cipher object per packet.
+            slot.aes.decrypt(mv[_IV:end], pt)
+            last = clen + 15
+            pad = pt[last]
             if pad < 1 or pad > 16:
                 raise Rmcp2Error(ERR_PADDING)
-            _pad_bad(pt, clen - pad, clen, pad, flag)
+            _pad_bad(pt, last + 1 - pad, last + 1, pad, flag)
             if flag[0]:
                 raise Rmcp2Error(ERR_PADDING)
             plen = clen - pad
-        else:  # CTR from ECB: keystream = E(IV), E(IV+1), ...
-            self._ctr[:] = mv[_IV:_C]
+            o = 16
+        else:  # CTR from ECB: keystream = E(IV), E(IV+1), ...; the counter blocks are
+            # encrypted in place (ECB reads each block before writing it), no second buffer
             nb = (clen + 15) >> 4
-            _ctr_blocks(self._ks, self._ctr, nb)
-            slot.ecb.encrypt(self._kmv[:nb << 4], self._pmv[:nb << 4])
-            _xor(pt, mv[_C:end], clen)
+            _ctr_blocks(pt, mv[_IV:_C], nb)
+            slot.aes.encrypt(self._pmv[:nb << 4], pt)
+            _xor(pt, data, _C, clen)
             plen = clen
-        if kind == KIND_STREAM:
-            slot.win.commit(seq)
+            o = 0
+        if kind == KIND_STREAM:  # Window.commit, inline
+            win.slot[seq & 31] = seq
+            if seq > win.high:
+                win.high = seq
         else:
             slot.obj_high = seq
         if slot is ring.nxt:  # the first authentic packet under the next key switches
             ring.cur = slot
             ring.nxt = None
         self.packets += 1
-        out = self._pmv[:plen]
+        out = self._pmv[o:o + plen]
         if kind == KIND_STREAM:
             self.on_data(KIND_STREAM, out)
         else:
@@ -419,7 +511,7 @@ class Receiver:
         if plen != 32 or self._left:
             raise Rmcp2Error(ERR_OBJECT)
         flag = self._flag
-        _diff(d, out, 32, flag)
+        _diff(d, out, 0, 32, flag)
         if flag[0]:
             raise Rmcp2Error(ERR_DIGEST)
         self.on_data(KIND_END, out)
