@@ -14,6 +14,12 @@ under K_MAS: HB every T_HB, LEAVREQ (answered LEAVANS, then the link closes). Th
 left when: its LEAVREQ, the link closing, nothing authentic from it for 3 T_HB, its ACL
 entry gone, or its link falling `max_queued` bytes behind; the key layer then re-keys per
 GK_MECHA (member_left).
+
+Content addresses (B.4 CONTENT_ADDR, B.17): a member's authentic HB may carry CONTENT_ADDR; its
+ports with the peer IP of the member's own link (never an address from a message) make its
+relay.Subscriber. Every change of that list (an address learnt or changed, a member gone) calls
+`on_subscribers(list)` (the DMA's Relay.set_subscribers). A DMA that stops cleanly (`stop`)
+sends each member LEAVREQ LEAVE_NORMAL under its K_MAS, then closes its link (B.15).
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ import asyncio
 import logging
 import resource
 import socket
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable, Hashable
 
@@ -30,6 +36,7 @@ from tessera.rmcp2 import protect as P
 from tessera.rmcp2 import tree as T
 from tessera.rmcp2.contentkey import KcRelay
 from tessera.rmcp2.groupkey import KG_PERIOD, Delivery, GroupFull, GroupKeyManager
+from tessera.rmcp2.relay import Subscriber
 
 log = logging.getLogger("tessera.rmcp2.dmatree")
 N, M = C.NodeType, C.MsgType
@@ -39,6 +46,7 @@ T_HB = 30.0  # B.10: heartbeat interval on a control link
 HB_MISSED = 3  # B.10: a member silent for 3 T_HB is gone
 MAX_UNJOINED = 256  # links not (yet) carrying a member: as JoinServer's max_conns
 MAX_QUEUED = 64 * 1024  # bytes waiting for one slow member before it is dropped
+MAX_KCREQ = 64  # KCREQ reasons waiting for the upstream link (coalesced by the SMA anyway)
 
 Out = tuple[Hashable, "bytes | None"]
 
@@ -51,6 +59,8 @@ class _Link:
     window: P.ReplayWindow = field(default_factory=P.ReplayWindow)
     last_rx: float = 0.0
     next_hb: float = 0.0
+    peer_ip: str | None = None  # the TCP peer: the only address content is ever sent to (B.4)
+    content: tuple[int, int] | None = None  # (UDP, TCP) ports of its newest authentic CONTENT_ADDR
 
 
 def policy_of(policy: C.Message) -> tuple[C.GkMecha, P.Suite]:
@@ -81,11 +91,35 @@ class TreeCore:
         self._joined: list[bytes] = []
         self.left: Counter = Counter()  # why members left: leavreq, closed, heartbeat, expelled, slow
         self.errors: Counter = Counter()  # control-link messages refused, by B.12 name or reason
-        self.kcreq_wanted: list[C.Result] = []  # KCREQ reasons for the SMA (not sent: no SMA link yet)
+        # KCREQ reasons for the SMA, drained by the upstream link (upstream.py); bounded, oldest dropped
+        self.kcreq_wanted: deque[C.Result] = deque(maxlen=MAX_KCREQ)
+        self.on_subscribers: Callable[[list[Subscriber]], None] | None = None
+        self.stopped = False
 
     # ------------------------------------------------------------------ views
     def members(self) -> list[bytes]:
         return list(self._member_conn)
+
+    def subscribers(self) -> list[Subscriber]:
+        """The members with a content address (B.17): peer IP of their link, ports of CONTENT_ADDR."""
+        out = []
+        for maid, conn in self._member_conn.items():
+            link = self._links[conn]
+            if link.content is None or link.peer_ip is None:
+                continue
+            udp, tcp = link.content
+            out.append(Subscriber(maid, (link.peer_ip, udp) if udp else None, (link.peer_ip, tcp) if tcp else None))
+        return out
+
+    def take_kcreqs(self) -> list[C.Result]:
+        """The KCREQ reasons waiting (the queue is drained)."""
+        out = list(self.kcreq_wanted)
+        self.kcreq_wanted.clear()
+        return out
+
+    def _subs_changed(self) -> None:
+        if self.on_subscribers is not None:
+            self.on_subscribers(self.subscribers())
 
     def is_member_link(self, conn: Hashable) -> bool:
         link = self._links.get(conn)
@@ -99,8 +133,8 @@ class TreeCore:
         return len(self.join.children()), len(self._member_conn), self.group.current()[0]
 
     # ------------------------------------------------------------------ events
-    def opened(self, conn: Hashable, now: float) -> None:
-        self._links[conn] = _Link(last_rx=now)
+    def opened(self, conn: Hashable, now: float, peer_ip: str | None = None) -> None:
+        self._links[conn] = _Link(last_rx=now, peer_ip=peer_ip)
 
     def receive(self, conn: Hashable, data: bytes, now: float) -> list[Out]:
         link = self._links.get(conn)
@@ -121,7 +155,7 @@ class TreeCore:
         self.join.drop(conn)
         if link is None or link.maid is None or self._member_conn.get(link.maid) != conn:
             return []
-        return self._leave(link.maid, why, now)
+        return self._leave(link.maid, why, now, link)
 
     def tick(self, now: float) -> list[Out]:
         self.join.tick(now)
@@ -140,6 +174,22 @@ class TreeCore:
                 out += self._to(conn, maid, M.HB)
         return out
 
+    def stop(self, now: float) -> list[Out]:
+        """A clean stop (B.15 DMA leave): LEAVREQ LEAVE_NORMAL under each member's K_MAS, then
+        its link closes. No re-key: the group ends with the DMA."""
+        out: list[Out] = []
+        self.stopped = True
+        for maid, conn in list(self._member_conn.items()):
+            out += self._to(conn, maid, M.LEAVREQ, C.ResultCtl(C.Result.LEAVE_NORMAL)) + [(conn, None)]
+            self._links.pop(conn, None)
+            self.join.remove(maid)
+            self.left["dma_stop"] += 1
+        had = bool(self._member_conn)
+        self._member_conn.clear()
+        if had:
+            self._subs_changed()
+        return out
+
     def kc_from_sma(self, data: bytes, now: float) -> list[Out]:
         """A KEYDELIVER(Kc) from the SMA under Ks: re-sealed under Kg to every member."""
         if self.ks_lookup is None:
@@ -155,21 +205,30 @@ class TreeCore:
             return False
         old = self._member_conn.pop(member.maid, None)
         if old is not None and old != member.conn:  # re-joined on a new link: the old one ends
-            self._links.pop(old, None)
+            gone = self._links.pop(old, None)
             self._out.append((old, None))
+            lost_addr = gone is not None and gone.content is not None
+        else:
+            lost_addr = False
         self._out += self._route(ds)  # to the members before it: the joiner is not linked yet
         link = self._links[member.conn]
         link.maid, link.kmas, link.hashed = member.maid, P.ProtKey(P.KeyRef.KMAS, member.kmas), member.hashed_maid
         link.window, link.last_rx, link.next_hb = P.ReplayWindow(), now, now + self.t_hb
         self._member_conn[member.maid] = member.conn
         self._joined.append(member.maid)
+        if lost_addr:  # the old link's content address goes with it; the new link announces its own
+            self._subs_changed()
         return True
 
-    def _leave(self, maid: bytes, why: str, now: float) -> list[Out]:
+    def _leave(self, maid: bytes, why: str, now: float, link: _Link | None = None) -> list[Out]:
         conn = self._member_conn.pop(maid, None)
-        link = self._links.get(conn) if conn is not None else None
+        if link is None and conn is not None:
+            link = self._links.get(conn)
         if link is not None:
             link.maid = None
+            if link.content is not None:
+                link.content = None
+                self._subs_changed()
         self.join.remove(maid)
         self.left[why] += 1
         log.info("rmcp2 dma: member %s left (%s); %d remain", maid.hex(), why, len(self._member_conn))
@@ -179,7 +238,7 @@ class TreeCore:
 
     def _want_kc_rotation(self, joined: bool) -> None:
         why = self.relay.rotation_wanted(joined)
-        if why is not None and len(self.kcreq_wanted) < 64:
+        if why is not None:
             self.kcreq_wanted.append(why)
 
     def _route(self, deliveries: list[Delivery]) -> list[Out]:
@@ -211,6 +270,12 @@ class TreeCore:
             self.errors["not from this RMA"] += 1
             return []
         link.last_rx = now
+        ca = msg.get(C.ContentAddr) if msg.type == M.HB else None
+        if ca is not None and (ca.udp, ca.tcp) != link.content:  # B.4: the newest authentic one counts
+            link.content = (ca.udp, ca.tcp) if (ca.udp or ca.tcp) else None
+            log.info("rmcp2 dma: member %s takes content at %s UDP %d TCP %d", maid.hex(), link.peer_ip,
+                     ca.udp, ca.tcp)
+            self._subs_changed()
         if msg.type == M.LEAVREQ:
             out = self._to(conn, maid, M.LEAVANS, C.ResultCtl(C.Result.LEAVE_NORMAL))
             return out + self._leave(maid, "leavreq", now) + [(conn, None)]
@@ -255,11 +320,18 @@ class DmaTreeServer:
         log.info("rmcp2 dma: tree control listening on %s:%d (GK_MECHA %d)", self.host, self.port,
                  int(self.core.group.mecha))
 
-    async def close(self) -> None:
+    async def close(self, leave: bool = True) -> None:
+        """Stop. With `leave` (a clean stop, B.15) each member first gets LEAVREQ LEAVE_NORMAL
+        under its K_MAS and its link is closed after it (flushed for at most a second)."""
         if self._ticker is not None:
             self._ticker.cancel()
         if self._server is not None:
             self._server.close()
+        if leave:
+            closing = [w for c, w in self._writers.items() if self.core.is_member_link(c)]
+            self._send(self.core.stop(self._now()))
+            if closing:
+                await asyncio.wait([asyncio.ensure_future(w.wait_closed()) for w in closing], timeout=1.0)
         for w in list(self._writers.values()):
             w.transport.abort()
         if self._server is not None:
@@ -305,7 +377,8 @@ class DmaTreeServer:
         self._ids += 1
         conn = ("tree", self._ids)
         self._writers[conn] = writer
-        self.core.opened(conn, self._now())
+        peer = writer.get_extra_info("peername")
+        self.core.opened(conn, self._now(), peer[0] if peer else None)
         try:
             while conn in self._writers:
                 # a member's link lives by its heartbeats (TreeCore.tick), others by T_IDLE
@@ -338,3 +411,51 @@ def from_agent(agent, rand: Callable[[int], bytes], now: float, **kw) -> TreeCor
 
     return TreeCore(agent.cfg.session_id, agent.cfg.maid, acl_lookup=T.agent_acl_lookup(agent), mecha=mecha,
                     suite=suite, rand=rand, now=now, ks_lookup=ks_lookup, ks_current=lambda: agent.ks, **kw)
+
+
+class DmaService:
+    """The DMA's whole tree service: the tree-control listener (DmaTreeServer over a TreeCore),
+    the content relay (relay.Relay) fed by the members' CONTENT_ADDR, and, given the SMA's
+    tree port, the upstream link (upstream.UpstreamLink: PPROBREQ + CONTENT_ADDR under Ks,
+    Kc from the SMA, KCREQ). `start()` binds everything (port 0 = pick one; the bound ports
+    are logged and readable), `close()` stops cleanly (B.15 DMA leave)."""
+
+    def __init__(self, core: TreeCore, host: str = "127.0.0.1", port: int = TREE_PORT, *,
+                 content_udp: int = 0, content_tcp: int = 0, sma: tuple[str, int] | None = None,
+                 ks_suite: P.Suite | None = None, tick: float = 0.5, relay_kw: dict | None = None,
+                 upstream_kw: dict | None = None, **server_kw) -> None:
+        from tessera.rmcp2.relay import Relay
+
+        self.core, self.host = core, host
+        self.server = DmaTreeServer(core, host, port, tick=tick, **server_kw)
+        self.relay = Relay(core.sid.to_bytes(8, "big"), **(relay_kw or {}))
+        self.content_udp, self.content_tcp = content_udp, content_tcp
+        self.sma, self.ks_suite, self.upstream_kw = sma, ks_suite or core.suite, upstream_kw or {}
+        self.upstream = None
+        core.on_subscribers = self.relay.set_subscribers
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    async def start(self) -> None:
+        await self.relay.start(self.host, self.content_udp, self.content_tcp)
+        try:
+            await self.server.start()
+        except BaseException:
+            await self.relay.close()
+            raise
+        if self.sma is not None:
+            from tessera.rmcp2.upstream import UpstreamLink
+
+            self.upstream = UpstreamLink(self.core, self.server, self.sma, self.ks_suite,
+                                         (self.relay.udp_port, self.relay.tcp_port), **self.upstream_kw)
+            self.upstream.start()
+        log.info("rmcp2 dma: tree port %d, content UDP %d TCP %d%s", self.server.port, self.relay.udp_port,
+                 self.relay.tcp_port, f", upstream to {self.sma[0]}:{self.sma[1]}" if self.sma else "")
+
+    async def close(self, leave: bool = True) -> None:
+        if self.upstream is not None:
+            await self.upstream.close()
+        await self.server.close(leave)
+        await self.relay.close()
