@@ -78,7 +78,7 @@ class TreeCore:
                  ks_lookup: Callable[[int], P.ProtKey | None] | None = None,
                  ks_current: Callable[[], P.ProtKey | None] | None = None, t_annexe: float = T.T_ANNEXE) -> None:
         self.sid, self.maid, self.suite, self.t_hb = session_id, bytes(maid), suite, t_hb
-        self.acl_lookup, self.ks_lookup = acl_lookup, ks_lookup
+        self.acl_lookup, self.ks_lookup, self.ks_current = acl_lookup, ks_lookup, ks_current
         self.group = GroupKeyManager(session_id, maid, mecha, suite, rand, now, period=kg_period,
                                      max_members=max_members)
         self.relay = KcRelay(session_id, maid, self.group, suite)
