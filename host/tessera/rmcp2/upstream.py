@@ -241,14 +241,15 @@ class UpstreamLink:
 
     async def _run(self) -> None:
         failures = 0
-        while self.core.state != "refused":
+        while True:
             await self._session()
             failures = 0 if self._was_bound else failures + 1  # a bound link that dropped starts over
             lo, hi = self.backoff
+            if self.core.state == "refused":  # the SMA said no (e.g. full): ask again, but rarely
+                failures, self.core.state = 16, "down"
             delay = min(hi, lo * 2 ** min(failures, 16)) * (0.5 + random.random() / 2)
             log.info("rmcp2 dma: upstream link down; dialling %s:%d again in %.1f s", *self.sma, delay)
             await asyncio.sleep(delay)
-        log.warning("rmcp2 dma: the SMA refused this DMA; the upstream link stays down")
 
     async def _session(self) -> None:
         from tessera.rmcp2.server import read_message
