@@ -284,20 +284,21 @@ class TreeCore:
         return []
 
 
-# ------------------------------------------------------------------------ asyncio adapter
-class DmaTreeServer:
-    """The DMA's tree-control listener (B.10 port 26032; 0 picks one) over a TreeCore.
+# ------------------------------------------------------------------------ asyncio adapters
+class LinkListener:
+    """A tree-control listener over a sans-IO core (`opened(conn, now, peer_ip)`, `receive`,
+    `closed(conn, now, why) -> outs`, `tick`, `t_hb`): one task reads each link (framing by
+    header Length, at most `max_message` bytes); sends never wait: a link whose unsent bytes
+    pass `max_queued` is aborted and closed as "slow" for the core. At most `max_unbound`
+    links the core does not hold bound (closed after `idle` seconds without a message)."""
 
-    Each link is read by its own task (framing by header Length, at most 1024 bytes); sends
-    never wait: a link whose unsent bytes pass `max_queued` is aborted and its member dropped,
-    so one slow member never stalls the others. At most `max_unjoined` links without a member
-    (closed after `idle` seconds without a message) beside the members' links."""
+    max_message = T.MAX_MESSAGE
+    kind = "tree"
 
-    def __init__(self, core: TreeCore, host: str = "127.0.0.1", port: int = TREE_PORT, *, tick: float = 0.5,
-                 idle: float = 60.0, max_unjoined: int = MAX_UNJOINED, max_queued: int = MAX_QUEUED,
+    def __init__(self, core, host: str, port: int, *, tick: float, idle: float, max_unbound: int, max_queued: int,
                  sndbuf: int | None = None) -> None:
         self.core, self.host, self.port = core, host, port
-        self.tick_s, self.idle, self.max_unjoined, self.max_queued, self.sndbuf = tick, idle, max_unjoined, max_queued, sndbuf
+        self.tick_s, self.idle, self.max_unbound, self.max_queued, self.sndbuf = tick, idle, max_unbound, max_queued, sndbuf
         self.refused_conns = 0
         self.slow_dropped = 0
         self._writers: dict[Hashable, asyncio.StreamWriter] = {}
@@ -309,29 +310,24 @@ class DmaTreeServer:
     def links(self) -> int:
         return len(self._writers)
 
-    async def start(self) -> None:
+    def _unbound(self) -> int:  # links without a member / DMA
+        raise NotImplementedError
+
+    def _bound(self, conn: Hashable) -> bool:
+        raise NotImplementedError
+
+    async def _listen(self) -> None:
         self._server = await asyncio.start_server(self._serve, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         self._ticker = asyncio.create_task(self._tick_loop())
-        need = self.core.group.max_members + self.max_unjoined + 64
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        if soft != resource.RLIM_INFINITY and soft < need:
-            log.warning("rmcp2 dma: open-file limit %d is below the %d links the tree may hold", soft, need)
-        log.info("rmcp2 dma: tree control listening on %s:%d (GK_MECHA %d)", self.host, self.port,
-                 int(self.core.group.mecha))
 
-    async def close(self, leave: bool = True) -> None:
-        """Stop. With `leave` (a clean stop, B.15) each member first gets LEAVREQ LEAVE_NORMAL
-        under its K_MAS and its link is closed after it (flushed for at most a second)."""
+    async def _stop_listening(self) -> None:
         if self._ticker is not None:
             self._ticker.cancel()
         if self._server is not None:
             self._server.close()
-        if leave:
-            closing = [w for c, w in self._writers.items() if self.core.is_member_link(c)]
-            self._send(self.core.stop(self._now()))
-            if closing:
-                await asyncio.wait([asyncio.ensure_future(w.wait_closed()) for w in closing], timeout=1.0)
+
+    async def _abort_all(self) -> None:
         for w in list(self._writers.values()):
             w.transport.abort()
         if self._server is not None:
@@ -358,7 +354,7 @@ class DmaTreeServer:
             w.write(data)
             if w.transport.get_write_buffer_size() > self.max_queued:
                 self.slow_dropped += 1
-                log.info("rmcp2 dma: link %s over %d queued bytes; dropped", conn, self.max_queued)
+                log.info("rmcp2: %s link %s over %d queued bytes; dropped", self.kind, conn, self.max_queued)
                 self._writers.pop(conn)
                 w.transport.abort()
                 dropped.append(conn)
@@ -368,23 +364,23 @@ class DmaTreeServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         from tessera.rmcp2.server import read_message
 
-        if self.core.unjoined >= self.max_unjoined:
+        if self._unbound() >= self.max_unbound:
             self.refused_conns += 1
             writer.close()
             return
         if self.sndbuf:
             writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
         self._ids += 1
-        conn = ("tree", self._ids)
+        conn = (self.kind, self._ids)
         self._writers[conn] = writer
         peer = writer.get_extra_info("peername")
         self.core.opened(conn, self._now(), peer[0] if peer else None)
         try:
             while conn in self._writers:
-                # a member's link lives by its heartbeats (TreeCore.tick), others by T_IDLE
-                member = self.core.is_member_link(conn)
-                data = await read_message(reader, (HB_MISSED + 1) * self.core.t_hb if member else self.idle,
-                                          T.MAX_MESSAGE)
+                # a bound link lives by its heartbeats (the core's tick), others by T_IDLE
+                bound = self._bound(conn)
+                data = await read_message(reader, (HB_MISSED + 1) * self.core.t_hb if bound else self.idle,
+                                          self.max_message)
                 if data is None:
                     break
                 self._send(self.core.receive(conn, data, self._now()))
@@ -396,21 +392,67 @@ class DmaTreeServer:
                 self.core.closed(conn, self._now())  # already dropped: forgets a half-done join
 
 
+class DmaTreeServer(LinkListener):
+    """The DMA's tree-control listener (B.10 port 26032; 0 picks one) over a TreeCore.
+
+    Each link is read by its own task (framing by header Length, at most 1024 bytes); sends
+    never wait: a link whose unsent bytes pass `max_queued` is aborted and its member dropped,
+    so one slow member never stalls the others. At most `max_unjoined` links without a member
+    (closed after `idle` seconds without a message) beside the members' links."""
+
+    def __init__(self, core: TreeCore, host: str = "127.0.0.1", port: int = TREE_PORT, *, tick: float = 0.5,
+                 idle: float = 60.0, max_unjoined: int = MAX_UNJOINED, max_queued: int = MAX_QUEUED,
+                 sndbuf: int | None = None) -> None:
+        super().__init__(core, host, port, tick=tick, idle=idle, max_unbound=max_unjoined, max_queued=max_queued,
+                         sndbuf=sndbuf)
+        self.max_unjoined = max_unjoined
+
+    def _unbound(self) -> int:
+        return self.core.unjoined
+
+    def _bound(self, conn: Hashable) -> bool:
+        return self.core.is_member_link(conn)
+
+    async def start(self) -> None:
+        await self._listen()
+        need = self.core.group.max_members + self.max_unjoined + 64
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft != resource.RLIM_INFINITY and soft < need:
+            log.warning("rmcp2 dma: open-file limit %d is below the %d links the tree may hold", soft, need)
+        log.info("rmcp2 dma: tree control listening on %s:%d (GK_MECHA %d)", self.host, self.port,
+                 int(self.core.group.mecha))
+
+    async def close(self, leave: bool = True) -> None:
+        """Stop. With `leave` (a clean stop, B.15) each member first gets LEAVREQ LEAVE_NORMAL
+        under its K_MAS and its link is closed after it (flushed for at most a second)."""
+        await self._stop_listening()
+        if leave:
+            closing = [w for c, w in self._writers.items() if self.core.is_member_link(c)]
+            self._send(self.core.stop(self._now()))
+            if closing:
+                await asyncio.wait([asyncio.ensure_future(w.wait_closed()) for w in closing], timeout=1.0)
+        await self._abort_all()
+
+
+def agent_ks_lookup(agent) -> Callable[[int], P.ProtKey | None]:
+    """Ks of a generation an SMA/DMA agent (agent.Agent) holds: the current or the previous one."""
+    def ks_lookup(gen: int) -> P.ProtKey | None:
+        for k in (agent._ks, agent._ks_prev):
+            if k is not None and k.gen == gen:
+                return k
+        return None
+    return ks_lookup
+
+
 def from_agent(agent, rand: Callable[[int], bytes], now: float, **kw) -> TreeCore:
     """A TreeCore for a DMA agent (agent.Agent) that agreed on the policy: its MAID, live ACL,
     Ks, GK_MECHA and suite."""
     if agent.state != "ready" or agent.policy is None:
         raise ValueError("the DMA has not agreed on a security policy yet")
     mecha, suite = policy_of(agent.policy)
-
-    def ks_lookup(gen: int) -> P.ProtKey | None:
-        for k in (agent._ks, agent._ks_prev):
-            if k is not None and k.gen == gen:
-                return k
-        return None
-
     return TreeCore(agent.cfg.session_id, agent.cfg.maid, acl_lookup=T.agent_acl_lookup(agent), mecha=mecha,
-                    suite=suite, rand=rand, now=now, ks_lookup=ks_lookup, ks_current=lambda: agent.ks, **kw)
+                    suite=suite, rand=rand, now=now, ks_lookup=agent_ks_lookup(agent), ks_current=lambda: agent.ks,
+                    **kw)
 
 
 class DmaService:

@@ -17,7 +17,6 @@ sender (relay.SmaSender): `stream(payload)` and `await send_object(data)`.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import Counter
@@ -30,6 +29,7 @@ from tessera.rmcp2 import protect as P
 from tessera.rmcp2.codec import Rmcp2Error
 from tessera.rmcp2.content import Encoder
 from tessera.rmcp2.contentkey import MAX_DMAS, KcAnnounce, KcSchedule, KcSwitch, kc_message
+from tessera.rmcp2.dmatree import LinkListener, agent_ks_lookup, policy_of
 from tessera.rmcp2.relay import SmaSender
 from tessera.rmcp2.upstream import HB_MISSED, MAX_LINK_MESSAGE, T_HB, KsSeq, KsWindows, seal_ks, seq_base
 
@@ -118,13 +118,14 @@ class SmaCore:
     def opened(self, conn: Hashable, now: float, peer_ip: str | None) -> None:
         self._links[conn] = _DmaLink(peer_ip, now, last_rx=now)
 
-    def closed(self, conn: Hashable, now: float, why: str = "closed") -> None:
+    def closed(self, conn: Hashable, now: float, why: str = "closed") -> list[Out]:
         link = self._links.pop(conn, None)
         if link is not None and link.maid is not None and self._bound.get(link.maid) == conn:
             del self._bound[link.maid]
             self.gone[why] += 1
             log.info("rmcp2 sma: DMA %s unbound (%s); %d bound", link.maid.hex(), why, len(self._bound))
             self._changed()
+        return []
 
     def receive(self, conn: Hashable, data: bytes, now: float) -> list[Out]:
         link = self._links.get(conn)
@@ -230,43 +231,38 @@ class SmaCore:
         return [(conn, seal_ks(msg, ks, self.suite, self.seq, self.rand))]
 
 
-class SmaTreeServer:
+class SmaTreeServer(LinkListener):
     """The SMA's tree-control listener (B.10 port 26032; 0 picks one) over an SmaCore, and its
     content sender. Sends never wait (a link more than `max_queued` bytes behind is dropped)."""
 
+    max_message = MAX_LINK_MESSAGE
+    kind = "dma"
+
     def __init__(self, core: SmaCore, host: str = "127.0.0.1", port: int = TREE_PORT, *, tick: float = 0.5,
                  idle: float = T_IDLE, max_unbound: int = MAX_UNBOUND, max_queued: int = 64 * 1024) -> None:
-        self.core, self.host, self.port = core, host, port
-        self.tick_s, self.idle, self.max_unbound, self.max_queued = tick, idle, max_unbound, max_queued
+        super().__init__(core, host, port, tick=tick, idle=idle, max_unbound=max_unbound, max_queued=max_queued)
         self.sender = SmaSender([])
-        self.refused_conns = 0
         self.stream_sent = 0
         self.objects_sent = 0
-        self._writers: dict[Hashable, asyncio.StreamWriter] = {}
-        self._ids = 0
-        self._server: asyncio.base_events.Server | None = None
-        self._ticker: asyncio.Task | None = None
         core.on_targets = self._targets
+
+    def _unbound(self) -> int:
+        return self.core.unbound
+
+    def _bound(self, conn: Hashable) -> bool:
+        return self.core.is_bound(conn)
 
     def _targets(self, targets: list[DmaTarget]) -> None:
         self.sender.dmas = [(t.host, t.udp, t.tcp) for t in targets]
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-        self._ticker = asyncio.create_task(self._tick_loop())
+        await self._listen()
         log.info("rmcp2 sma: tree port %s:%d (DMAs link here)", self.host, self.port)
 
     async def close(self) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
-        if self._server is not None:
-            self._server.close()
-        for w in list(self._writers.values()):
-            w.transport.abort()
+        await self._stop_listening()
         await self.sender.close()
-        if self._server is not None:
-            await self._server.wait_closed()
+        await self._abort_all()
 
     # -- content --
     def stream(self, payload: bytes) -> int:
@@ -285,80 +281,14 @@ class SmaTreeServer:
         self.objects_sent += 1
         return n
 
-    def status(self) -> dict:
-        c = self.core
-        return {"port": self.port, "dmas": [t.maid.hex() for t in c.targets()], "kc_gen": c.kc.cur,
-                "kc_next": c.kc.nxt, "kc_urgent": c.kc.urgent, "kc_sent": c.kc_sent, "stream_sent": self.stream_sent,
-                "objects_sent": self.objects_sent, "sender": dict(self.sender.stats), "errors": dict(c.errors),
-                "gone": dict(c.gone)}
-
-    # -- links --
-    def _now(self) -> float:
-        return asyncio.get_running_loop().time()
-
-    async def _tick_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.tick_s)
-            self._send(self.core.tick(self._now()))
-
-    def _send(self, out: list[Out]) -> None:
-        for conn, data in out:
-            w = self._writers.get(conn)
-            if w is None:
-                continue
-            if data is None:
-                self._writers.pop(conn)
-                w.close()
-                continue
-            w.write(data)
-            if w.transport.get_write_buffer_size() > self.max_queued:
-                log.info("rmcp2 sma: link %s over %d queued bytes; dropped", conn, self.max_queued)
-                self._writers.pop(conn)
-                w.transport.abort()
-                self.core.closed(conn, self._now(), "slow")
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        from tessera.rmcp2.server import read_message
-
-        if self.core.unbound >= self.max_unbound:
-            self.refused_conns += 1
-            writer.close()
-            return
-        self._ids += 1
-        conn = ("dma", self._ids)
-        self._writers[conn] = writer
-        peer = writer.get_extra_info("peername")
-        self.core.opened(conn, self._now(), peer[0] if peer else None)
-        try:
-            while conn in self._writers:
-                bound = self.core.is_bound(conn)
-                data = await read_message(reader, (HB_MISSED + 1) * self.core.t_hb if bound else self.idle,
-                                          MAX_LINK_MESSAGE)
-                if data is None:
-                    break
-                self._send(self.core.receive(conn, data, self._now()))
-        finally:
-            if self._writers.pop(conn, None) is not None:
-                writer.close()
-            self.core.closed(conn, self._now())
-
 
 def from_agent(agent, rand: Callable[[int], bytes], now: float, wall: float | None = None, **kw) -> SmaCore:
     """An SmaCore for an SMA agent (agent.Agent) that agreed on the policy: its MAID, Ks, the
     suite of Ks messages (GK_EN_DEC_ID, AUTH_ID) and the content algorithm (CON_EN_DEC_ID)."""
-    from tessera.rmcp2.dmatree import policy_of
-
     if agent.state != "ready" or agent.policy is None:
         raise ValueError("the SMA has not agreed on a security policy yet")
     _mecha, suite = policy_of(agent.policy)
     content = (int(agent.policy.get(C.ConEnDecAlg).value), int(agent.policy.get(C.AuthAlg).value))
-
-    def ks_lookup(gen: int) -> P.ProtKey | None:
-        for k in (agent._ks, agent._ks_prev):
-            if k is not None and k.gen == gen:
-                return k
-        return None
-
     return SmaCore(agent.cfg.session_id, agent.cfg.maid, suite=suite, content=content,
-                   ks_current=lambda: agent.ks, ks_lookup=ks_lookup, rand=rand, now=now,
+                   ks_current=lambda: agent.ks, ks_lookup=agent_ks_lookup(agent), rand=rand, now=now,
                    seq=KsSeq(seq_base(time.time() if wall is None else wall)), **kw)
