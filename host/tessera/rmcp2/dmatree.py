@@ -94,7 +94,6 @@ class TreeCore:
         # KCREQ reasons for the SMA, drained by the upstream link (upstream.py); bounded, oldest dropped
         self.kcreq_wanted: deque[C.Result] = deque(maxlen=MAX_KCREQ)
         self.on_subscribers: Callable[[list[Subscriber]], None] | None = None
-        self.stopped = False
 
     # ------------------------------------------------------------------ views
     def members(self) -> list[bytes]:
@@ -178,7 +177,6 @@ class TreeCore:
         """A clean stop (B.15 DMA leave): LEAVREQ LEAVE_NORMAL under each member's K_MAS, then
         its link closes. No re-key: the group ends with the DMA."""
         out: list[Out] = []
-        self.stopped = True
         for maid, conn in list(self._member_conn.items()):
             out += self._to(conn, maid, M.LEAVREQ, C.ResultCtl(C.Result.LEAVE_NORMAL)) + [(conn, None)]
             self._links.pop(conn, None)
