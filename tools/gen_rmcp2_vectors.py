@@ -188,16 +188,31 @@ def valid_messages() -> list[tuple[str, C.Message, list | None]]:
         ("kcreq", msg(M.KCREQ, N.DMA, MAID_DMA, C.ResultCtl(R.LEAVE_NORMAL)), None),
     ]
     assert {m.type for _, m, _ in cases} == set(C.MsgType)
-    assert {c.CODE for _, m, _ in cases for c in m.controls} == set(C.CtlType)
+    assert {c.CODE for _, m, _ in cases for c in m.controls} == set(C.CtlType) - {T.CONTENT_ADDR}
     return cases
 
 
+def content_addr_messages() -> list[tuple[str, C.Message, list | None]]:
+    """CONTENT_ADDR (B.4, 0xC8) on the two messages that carry it (B.15, contract of issue 13):
+    the RMA's HB on its control link (NT RMA) and the DMA's PPROBREQ on its upstream link (NT DMA).
+    Kept apart from `cases` (and out of the corpus): a board decoder only ever builds these (it
+    may skip 0xC8 as an unknown control when it reads one), so the firmware's span counts of
+    `cases` stay as they are."""
+    return [
+        ("hb-rma-content-addr", msg(M.HB, N.RMA, MAID_RMA, C.ContentAddr(40000, 40001)), None),
+        ("hb-rma-content-addr-udp-only", msg(M.HB, N.RMA, MAID_RMA, C.ContentAddr(40000, 0)), None),
+        ("pprobreq-dma-content-addr", msg(M.PPROBREQ, N.DMA, MAID_DMA, C.ContentAddr(26033, 26034)), None),
+    ]
+
+
+def _case(name: str, m: C.Message, rma: list | None) -> dict:
+    raw = m.encode()
+    return {"name": name, "msg": H(raw), "type": int(m.type), "nt": int(m.nt), "skipped": 0,
+            "spans": spans(raw), "desc": describe(m), "rma": rma}
+
+
 def messages() -> dict:
-    out = []
-    for name, m, rma in valid_messages():
-        raw = m.encode()
-        out.append({"name": name, "msg": H(raw), "type": int(m.type), "nt": int(m.nt), "skipped": 0,
-                    "spans": spans(raw), "desc": describe(m), "rma": rma})
+    out = [_case(*c) for c in valid_messages()]
     # unknown controls are skipped by their Length (B.2): the same message with strangers inside
     base = msg(M.SECLIST, N.SM, MAID_RMA, C.GkMech(C.GpAttribute.OPEN, C.GkMecha.PERIODIC, C.GkName.KDC),
                C.AuthMech(), C.ConEnDecAlg(C.EnDecId.AES_CBC_128), C.GkEnDecAlg(C.EnDecId.AES_CBC_128),
@@ -219,9 +234,12 @@ def messages() -> dict:
             "spans = [control type, hex of the control with its sub-controls] for every known control in wire "
             "order; skipped = unknown controls a decoder skips; canonical = the bytes an encoder gives for desc "
             "when msg holds unknown controls; rma = the firmware builder call [function, args...] (hex strings "
-            "for bytes) that must give msg, or null. session_id, MAIDs: profile B.1."),
+            "for bytes) that must give msg, or null. session_id, MAIDs: profile B.1. content_addr_cases: the same "
+            "for the messages carrying CONTENT_ADDR (B.4 0xC8: HB from an RMA, PPROBREQ from a DMA), apart from "
+            "cases because a board decoder may skip 0xC8 as unknown."),
         "session_id": f"{SID:016x}",
         "cases": out,
+        "content_addr_cases": [_case(*c) for c in content_addr_messages()],
     }
 
 

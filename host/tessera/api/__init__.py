@@ -24,8 +24,8 @@ from tessera.api.errors import (BatchFailed, BoardError, DeviceError, InvalidKey
                                 TesseraError, UnknownDevice)
 from tessera.api.ksn import (KSN_ADDRESS, KSN_PORT, AsyncKsn, DeviceInfo, Enrolled, ErrorCode, KeyInstalled, Ksn,
                              KsnEndpoint, Rotated, Synced, Timing, format_addr, list_devices, parse_addr, serve_ksn)
-from tessera.api.rmcp2 import (AclEntry, Admission, AgentError, AgentStatus, AsyncMaAgent, AsyncSessionManager,
-                               MaAgent, MemberInfo, NoSession, PolicyInfo, PolicyRefused, Rekeyed, RequestRefused,
+from tessera.api.rmcp2 import (AclEntry, Admission, AgentError, AgentStatus, AsyncContentSource, AsyncMaAgent,
+                               AsyncSessionManager, ContentSource, MaAgent, SourceStatus, MemberInfo, NoSession, PolicyInfo, PolicyRefused, Rekeyed, RequestRefused,
                                SecReturn, Serving, SessionManager, SmEndpoint, SmError, SmNotServing, SmSettings,
                                SmStatus, SubscriptionRefused, SubsResult, TreeStatus, Truncated, make_sm_pki)
 
@@ -44,7 +44,7 @@ __all__ = [
     "SessionManager", "AsyncSessionManager", "Serving", "SmSettings", "SmEndpoint", "SmStatus", "MemberInfo",
     "PolicyInfo", "AclEntry", "Rekeyed", "Truncated", "MaAgent", "AsyncMaAgent", "Admission", "AgentStatus",
     "SubsResult", "SecReturn", "make_sm_pki", "SmError", "NoSession", "SmNotServing", "RequestRefused", "AgentError",
-    "SubscriptionRefused", "PolicyRefused", "TreeStatus",
+    "SubscriptionRefused", "PolicyRefused", "TreeStatus", "AsyncContentSource", "ContentSource", "SourceStatus",
     # errors
     "TesseraError", "BoardError", "KsnError", "NoDatabase", "KsnBusy", "InvalidKey", "UnknownDevice", "DeviceError",
     "BatchFailed",

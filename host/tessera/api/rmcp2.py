@@ -197,8 +197,28 @@ class TreeStatus:
     members: tuple[bytes, ...]  # MAIDs of the joined RMAs, each with its control link open
     kg_gen: int
     rotations: dict[str, int]  # Kg re-keys so far: forward, backward, periodic
-    left: dict[str, int]  # members gone, by why: leavreq, closed, heartbeat, expelled, slow
+    left: dict[str, int]  # members gone, by why: leavreq, closed, heartbeat, expelled, slow, dma_stop
     join_errors: dict[str, int]
+    content_udp: int = 0  # the relay's content ports (B.17), given to the SMA in CONTENT_ADDR
+    content_tcp: int = 0
+    subscribers: tuple[bytes, ...] = ()  # members that announced a content address (B.4 CONTENT_ADDR)
+    upstream: str = "none"  # the link to the SMA: none (no --sma), down, probing, bound, refused
+    kc_held: tuple[int, ...] = ()  # Kc generations received from the SMA (current, next)
+    relay: dict[str, int] = field(default_factory=dict)  # the relay's counters
+
+
+@dataclass(frozen=True)
+class SourceStatus:
+    """The SMA's content source (docs/rmcp2.md, "Content: SMA -> DMA -> RMA")."""
+
+    port: int  # the SMA's tree port DMAs link to
+    dmas: tuple[bytes, ...]  # MAIDs of the DMAs bound now
+    kc_gen: int  # the Kc content is encrypted under now
+    kc_next: int  # the Kc announced and not yet in use (0: none)
+    urgent_rotations: int  # Kc rotations asked by KCREQ
+    stream_sent: int
+    objects_sent: int
+    sender: dict[str, int]  # udp_sent, udp_dropped, tcp_bytes, tcp_connect_failed, ...
 
 
 def make_sm_pki(directory: str | Path, names: list[str], days: int = 365) -> dict[str, Path]:
@@ -615,7 +635,8 @@ class AsyncMaAgent:
         self._runner = AgentRunner(Agent(cfg), ctx, host, tls_port, pport, tick=tick,
                                    retry=retry)
         self._task: asyncio.Task | None = None
-        self._tree: Any = None  # dmatree.DmaTreeServer once start_tree() ran
+        self._tree: Any = None  # dmatree.DmaService once start_tree() ran
+        self._source: AsyncContentSource | None = None  # an SMA's, once start_source() ran
 
     @property
     def maid(self) -> bytes:
@@ -708,12 +729,17 @@ class AsyncMaAgent:
         self._raise_for(self.status())
 
     async def start_tree(self, host: str = "127.0.0.1", port: int = TREE_PORT, *, tick: float = 0.5,
-                         **core: Any) -> int:
+                         content_udp: int = 0, content_tcp: int = 0, sma: str | tuple[str, int] | None = None,
+                         upstream: dict | None = None, **core: Any) -> int:
         """A DMA that agreed on the policy starts its tree service (join, Kg per the agreed
-        GK_MECHA, members' control links) on `port` (0: any free); returns the port.
-        `core` goes to dmatree.TreeCore (kg_period, t_hb, max_members)."""
+        GK_MECHA, members' control links) on `port` (0: any free) and its content relay on
+        `content_udp` / `content_tcp` (0: any free; tree_status() names them); given `sma`
+        ("HOST:PORT" of the SMA's tree port) it links upstream to the SMA for Kc and content.
+        Returns the tree port. `core` goes to dmatree.TreeCore (kg_period, t_hb, max_members),
+        `upstream` to upstream.UpstreamLink (t_hb, tick, backoff)."""
         import os
 
+        from tessera import cliargs
         from tessera.rmcp2 import dmatree
 
         a = self._runner.agent
@@ -721,12 +747,19 @@ class AsyncMaAgent:
             raise AgentError("only a DMA runs a tree service")
         if a.state != "ready":
             raise AgentError(f"dma {self.name}: no agreed policy yet (state {a.state})")
-        tree = dmatree.DmaTreeServer(dmatree.from_agent(a, os.urandom, asyncio.get_running_loop().time(), **core),
-                                     host, port, tick=tick)
+        if isinstance(sma, str):
+            try:
+                sma = cliargs.host_port(sma, "sma")
+            except TesseraError as e:
+                raise AgentError(str(e)) from None
+        tree = dmatree.DmaService(dmatree.from_agent(a, os.urandom, asyncio.get_running_loop().time(), **core),
+                                  host, port, tick=tick, content_udp=content_udp, content_tcp=content_tcp, sma=sma,
+                                  upstream_kw=upstream)
         try:
             await tree.start()
         except OSError as e:
-            raise AgentError(f"dma {self.name}: cannot listen on {host}:{port}: {e.strerror or e}") from None
+            raise AgentError(f"dma {self.name}: cannot listen on {host} (tree {port}, content UDP {content_udp} "
+                             f"TCP {content_tcp}): {e.strerror or e}") from None
         self._tree = tree
         return tree.port
 
@@ -736,7 +769,37 @@ class AsyncMaAgent:
             return None
         c = t.core
         return TreeStatus(t.port, tuple(c.members()), c.group.current()[0], dict(c.group.rotations), dict(c.left),
-                          dict(c.join.errors))
+                          dict(c.join.errors), t.relay.udp_port, t.relay.tcp_port,
+                          tuple(s.maid for s in c.subscribers()), t.upstream.state if t.upstream else "none",
+                          tuple(c.relay.held()), dict(t.relay.stats))
+
+    async def start_source(self, host: str = "127.0.0.1", port: int = TREE_PORT, *, tick: float = 0.5,
+                           **kc: Any) -> AsyncContentSource:
+        """An SMA that agreed on the policy starts its tree service on `port` (0: any free):
+        DMAs link to it (PPROBREQ + CONTENT_ADDR under Ks), it makes and rotates Kc and delivers
+        it under Ks, and the returned source encrypts content under Kc for every linked DMA.
+        `kc` goes to smatree.SmaCore / contentkey.KcSchedule (min_interval, max_interval, lead,
+        urgent_lead, urgent_gap, t_hb, max_dmas)."""
+        import os
+
+        from tessera.rmcp2 import smatree
+
+        a = self._runner.agent
+        if a.cfg.nt != _C.NodeType.SMA:
+            raise AgentError("only the SMA is a content source")
+        if a.state != "ready":
+            raise AgentError(f"sma {self.name}: no agreed policy yet (state {a.state})")
+        try:
+            core = smatree.from_agent(a, os.urandom, asyncio.get_running_loop().time(), **kc)
+        except (TesseraError, ValueError) as e:
+            raise AgentError(f"sma {self.name}: {e}") from None
+        server = smatree.SmaTreeServer(core, host, port, tick=tick)
+        try:
+            await server.start()
+        except OSError as e:
+            raise AgentError(f"sma {self.name}: cannot listen on {host}:{port}: {e.strerror or e}") from None
+        self._source = AsyncContentSource(server)
+        return self._source
 
     def stop(self) -> None:
         self._runner.stop()
@@ -746,6 +809,9 @@ class AsyncMaAgent:
         if self._tree is not None:
             await self._tree.close()
             self._tree = None
+        if self._source is not None:
+            await self._source.close()
+            self._source = None
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
 
@@ -754,6 +820,68 @@ class AsyncMaAgent:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+class AsyncContentSource:
+    """The SMA's content source (AsyncMaAgent.start_source): content encrypted under the
+    current Kc (B.17) to every DMA linked to the SMA's tree port."""
+
+    def __init__(self, server: Any) -> None:
+        self._s = server
+
+    @property
+    def port(self) -> int:
+        return self._s.port
+
+    def stream(self, payload: bytes) -> int:
+        """One stream packet (at most 1024 bytes) by UDP to every linked DMA; returns how many."""
+        if len(payload) > 1024:
+            raise AgentError("a stream packet carries at most 1024 bytes (B.17)")
+        return self._s.stream(bytes(payload))
+
+    async def send_object(self, data: bytes) -> int:
+        """One object over TCP to every linked DMA (waits until they took it); returns how many."""
+        return await self._s.send_object(bytes(data))
+
+    def status(self) -> SourceStatus:
+        c = self._s.core
+        return SourceStatus(self._s.port, tuple(c.dmas()), c.kc.cur, c.kc.nxt, c.kc.urgent, self._s.stream_sent,
+                            self._s.objects_sent, dict(self._s.sender.stats))
+
+    async def wait_for_dmas(self, n: int = 1, timeout: float = 30.0) -> SourceStatus:
+        """Wait until at least `n` DMAs are linked; AgentError on timeout."""
+        end = time.monotonic() + timeout
+        while len(self._s.core.dmas()) < n:
+            if time.monotonic() > end:
+                raise AgentError(f"sma: {len(self._s.core.dmas())} of {n} DMAs linked within {timeout:g} s")
+            await asyncio.sleep(0.05)
+        return self.status()
+
+    async def close(self) -> None:
+        await self._s.close()
+
+
+class ContentSource:
+    """AsyncContentSource for MaAgent (synchronous scripts): the same calls, run in the agent's thread."""
+
+    def __init__(self, src: AsyncContentSource, loop: _ThreadLoop) -> None:
+        self._src, self._loop = src, loop
+
+    @property
+    def port(self) -> int:
+        return self._src.port
+
+    def stream(self, payload: bytes) -> int:
+        return self._loop.call(_call(self._src.stream, payload))
+
+    def send_object(self, data: bytes) -> int:
+        return self._loop.call(self._src.send_object(data))
+
+    def status(self) -> SourceStatus:
+        return self._src.status()
+
+    def wait_for_dmas(self, n: int = 1, timeout: float = 30.0) -> SourceStatus:
+        return self._loop.call(self._src.wait_for_dmas(n, timeout))
 
 
 class MaAgent:
@@ -787,6 +915,17 @@ class MaAgent:
                  what: str = "the condition") -> AgentStatus:
         return self._loop.call(self._a.wait_for(cond, timeout, what))
 
+    def start_tree(self, host: str = "127.0.0.1", port: int = TREE_PORT, **kw: Any) -> int:
+        """See AsyncMaAgent.start_tree (a DMA's tree, relay and upstream link)."""
+        return self._loop.call(self._a.start_tree(host, port, **kw))
+
+    def tree_status(self) -> TreeStatus | None:
+        return self._a.tree_status()
+
+    def start_source(self, host: str = "127.0.0.1", port: int = TREE_PORT, **kw: Any) -> ContentSource:
+        """See AsyncMaAgent.start_source (the SMA's tree service and content source)."""
+        return ContentSource(self._loop.call(self._a.start_source(host, port, **kw)), self._loop)
+
     def close(self) -> None:
         try:
             self._loop.call(self._a.close(), 30)
@@ -805,7 +944,8 @@ async def _call(fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
 
 
-__all__ = ["AclEntry", "Admission", "AgentError", "AgentStatus", "AsyncMaAgent", "AsyncSessionManager", "MaAgent",
+__all__ = ["AclEntry", "Admission", "AgentError", "AgentStatus", "AsyncContentSource", "AsyncMaAgent",
+           "AsyncSessionManager", "ContentSource", "MaAgent", "SourceStatus",
            "MemberInfo", "NoSession", "PolicyInfo", "PolicyRefused", "Rekeyed", "RequestRefused", "SecReturn",
            "Serving", "SessionManager", "SmEndpoint", "SmError", "SmNotServing", "SmSettings", "SmStatus",
            "SubsResult", "SubscriptionRefused", "TreeStatus", "Truncated", "make_sm_pki"]

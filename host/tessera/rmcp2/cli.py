@@ -161,6 +161,14 @@ def make_agent(args, role: str) -> api.AsyncMaAgent:
 def cmd_agent(role: str):
     def run(args) -> int:
         cliargs.host_port(args.sm, "--sm")
+        if role == "dma" and args.sma_tree:
+            cliargs.host_port(args.sma_tree, "--sma")
+        if role == "sma":
+            for path in [*args.object, *([args.stream] if args.stream else [])]:
+                if not Path(path).is_file():
+                    raise TesseraError(f"no such file: {path}")
+            if args.rate <= 0:
+                raise TesseraError("--rate must be above 0 packets per second")
         agent = make_agent(args, role)
 
         def show(st: api.AgentStatus) -> None:
@@ -169,21 +177,52 @@ def cmd_agent(role: str):
                      st.policy_result.name if st.policy_result else "-", st.ks_gen, len(st.acl))
 
         async def tree() -> None:
-            """A DMA starts its tree service once the policy is agreed (docs/rmcp2.md)."""
+            """A DMA starts its tree service (tree, relay, upstream link) once the policy is agreed;
+            the SMA its tree service and content source (docs/rmcp2.md)."""
             await agent.wait_for(lambda st: st.state == "ready", float("inf"), "the policy")
             try:
-                port = await agent.start_tree(args.tree_host, args.tree_port)
+                if role == "dma":
+                    port = await agent.start_tree(args.tree_host, args.tree_port, content_udp=args.content_udp,
+                                                  content_tcp=args.content_tcp, sma=args.sma_tree)
+                    st = agent.tree_status()
+                    log.info("rmcp2 DMA: tree port %d (RMAs join here), content UDP %d TCP %d (the SMA sends "
+                             "here)%s", port, st.content_udp, st.content_tcp,
+                             f", upstream to the SMA at {args.sma_tree}" if args.sma_tree else ", no upstream (--sma)")
+                    return
+                src = await agent.start_source(args.tree_host, args.tree_port)
             except api.AgentError:
-                agent.stop()  # no tree, no DMA: the command ends with the reason (exit 2)
+                agent.stop()  # no tree, no DMA/SMA: the command ends with the reason (exit 2)
                 raise
-            log.info("rmcp2 DMA: tree port %d (RMAs join here)", port)
+            log.info("rmcp2 SMA: tree port %d (DMAs link here)", src.port)
+            await send_content(src)
+
+        async def send_content(src: api.AsyncContentSource) -> None:
+            if not args.object and not args.stream:
+                return
+            st = await src.wait_for_dmas(args.dmas, float("inf"))
+            log.info("rmcp2 SMA: %d DMA(s) linked; sending", len(st.dmas))
+            for path in args.object:
+                data = Path(path).read_bytes()
+                n = await src.send_object(data)
+                log.info("rmcp2 SMA: object %s (%d B) sent to %d DMA(s)", path, len(data), n)
+            if args.stream:
+                data = Path(args.stream).read_bytes()
+                loop = asyncio.get_running_loop()
+                t0, step = loop.time(), 1.0 / args.rate
+                chunks = [data[i:i + 1024] for i in range(0, len(data), 1024)]
+                for k, chunk in enumerate(chunks):
+                    await asyncio.sleep(max(0.0, t0 + k * step - loop.time()))
+                    src.stream(chunk)
+                    if (k + 1) % max(1, int(args.rate) * 10) == 0:
+                        log.info("rmcp2 SMA: stream %d/%d packets", k + 1, len(chunks))
+                log.info("rmcp2 SMA: stream %s (%d B, %d packets) sent", args.stream, len(data), len(chunks))
 
         async def main() -> None:
             import signal
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, agent.stop)
-            side = asyncio.create_task(tree()) if role == "dma" else None
+            side = asyncio.create_task(tree()) if role in ("dma", "sma") else None
             try:
                 await agent.run(show)
             finally:
@@ -275,19 +314,42 @@ def register(sub) -> None:
         p = sub.add_parser(name, help=f"run a secure RMCP-2 {what} control plane against the SM",
                            description=f"The {what}'s control plane: mutual TLS admission, subscription, policy "
                                        "agreement" + (", Ks on the plain link" if nt != C.NodeType.RMA else "") +
-                                       (", ACL refresh" if nt == C.NodeType.DMA else "") + ". Runs until SIGTERM.")
+                                       (", ACL refresh" if nt == C.NodeType.DMA else "") +
+                                       ("; then its tree port (RMAs join; on SIGTERM each gets LEAVREQ), the content "
+                                        "relay and, with --sma, the upstream link to the SMA"
+                                        if nt == C.NodeType.DMA else "") +
+                                       ("; then its tree port (DMAs link; Kc made, rotated and sent under Ks) and, "
+                                        "with --object/--stream, the content to send" if nt == C.NodeType.SMA else "") +
+                                       ". Runs until SIGTERM.")
         _agent_args(p, name)
         if nt == C.NodeType.SMA:
             p.add_argument("--group", choices=("open", "closed"), default="open", help="GP_ATTRIBUTE to propose")
             p.add_argument("--gk-mecha", type=int, default=int(C.GkMecha.PERIODIC), choices=range(8),
                            help="GK_MECHA to propose (Table 19)")
             p.add_argument("--content-alg", type=int, default=int(C.EnDecId.AES_CTR_128), choices=(1, 2, 3, 4),
-                           help="CON_EN_DEC_ID to propose (Table 16)")
+                           help="CON_EN_DEC_ID to propose (Table 16; content runs 1 AES-CBC or 2 AES-CTR)")
+            p.add_argument("--tree-port", type=cliargs.port, default=TREE_PORT,
+                           help=f"tree port DMAs link to (Kc under Ks, then content), started once the policy is "
+                                f"agreed (default {TREE_PORT}, 0: any free; the log names it)")
+            p.add_argument("--tree-host", default="127.0.0.1", help="address of the tree port (default 127.0.0.1)")
+            p.add_argument("--object", action="append", default=[], metavar="FILE",
+                           help="send FILE as one object (reliable, TCP) once --dmas DMAs are linked; repeatable")
+            p.add_argument("--stream", metavar="FILE",
+                           help="send FILE as a stream of 1024-byte packets (UDP, loss tolerated) after the objects")
+            p.add_argument("--rate", type=float, default=100.0, help="stream packets per second (default 100)")
+            p.add_argument("--dmas", type=int, default=1, help="DMAs to wait for before sending (default 1)")
         if nt == C.NodeType.DMA:
             p.add_argument("--tree-port", type=cliargs.port, default=TREE_PORT,
                            help=f"tree port RMAs join on, started once the policy is agreed (default {TREE_PORT}, "
                                 "0: any free; the log names it)")
-            p.add_argument("--tree-host", default="127.0.0.1", help="address of the tree port (default 127.0.0.1)")
+            p.add_argument("--tree-host", default="127.0.0.1",
+                           help="address of the tree port and the content ports (default 127.0.0.1)")
+            p.add_argument("--sma", dest="sma_tree", metavar="HOST:PORT",
+                           help="the SMA's tree port: link upstream for Kc and content (without it: no content)")
+            p.add_argument("--content-udp", type=cliargs.port, default=0,
+                           help="content UDP port the SMA streams to (default 0: any free; the log names it)")
+            p.add_argument("--content-tcp", type=cliargs.port, default=0,
+                           help="content TCP port the SMA sends objects to (default 0: any free)")
         if nt == C.NodeType.RMA:
             p.add_argument("--service-user-id", help="identifier from the content provider (closed groups)")
         p.set_defaults(func=cmd_agent(name))

@@ -134,6 +134,7 @@ class CtlType(IntEnum):
     STATUS = 0xC5
     PROBE_AUTH = 0xC6
     CANDIDATE = 0xC7
+    CONTENT_ADDR = 0xC8
 
 
 class SubType(IntEnum):
@@ -652,16 +653,40 @@ class Candidate(Control):
         return cls(bytes(b))
 
 
+@dataclass(frozen=True)
+class ContentAddr(Control):
+    """CONTENT_ADDR (B.4, defined by this project): the content ports of the sender, UDP and TCP;
+    0 = not over that transport. The address is never in the message: a receiver takes the peer
+    address of the TCP link the control arrived on (B.15, B.17), so nobody can point content at
+    a third party."""
+
+    CODE = CtlType.CONTENT_ADDR
+    LENGTH = 8
+    udp: int = 0
+    tcp: int = 0
+
+    def body(self) -> bytes:
+        if not (0 <= self.udp <= 0xFFFF and 0 <= self.tcp <= 0xFFFF):
+            raise ValueError("CONTENT_ADDR: ports are 16 bits")
+        return struct.pack(">HHH", 0, self.udp, self.tcp)
+
+    @classmethod
+    def parse(cls, b: bytes) -> ContentAddr:
+        _zero(b[:2], "CONTENT_ADDR")
+        _r, udp, tcp = struct.unpack(">HHH", b)
+        return cls(udp, tcp)
+
+
 # Fixed Length of each known control (None: variable), and its parser for simple ones.
 CONTROL_LENGTH: dict[int, int | None] = {
     CtlType.SMA_PROPOSE: 8, CtlType.GK_MECH: 8, CtlType.ACL_LIST: 2, CtlType.SERV_USER_IDENT: None,
     CtlType.KTLS_NONCE: 20, CtlType.KTLS_SEED: 36, CtlType.STATUS: 8, CtlType.PROBE_AUTH: 36,
-    CtlType.CANDIDATE: 10,
+    CtlType.CANDIDATE: 10, CtlType.CONTENT_ADDR: 8,
 }
 _SIMPLE = {c.CODE: c for c in (SmaPropose, GkMechCapab, EnDecCapab, AuthAlgCapab, GkMech, AuthMech, ConEnDecAlg,
                                GkEnDecAlg, AuthAlg, GkMechDeliver, AuthMechDeliver, ConEnDecDeliver, GkEnDecDeliver,
                                AuthAlgDeliver, SecReturnCtl, ResultCtl, DeliverResultCtl, KtlsNonce, KtlsSeed,
-                               Status, ProbeAuth, Candidate)}
+                               Status, ProbeAuth, Candidate, ContentAddr)}
 SUB_TYPES = frozenset(int(s) for s in SubType)
 
 
@@ -702,7 +727,7 @@ RULES: dict[MsgType, Rule] = {
     MsgType.HRSREQ: _r([N.DMA], fixed_length=HEADER_LEN),
     MsgType.HRSANS: _r([N.SM], [C.ACL_LIST]),
     MsgType.SUBSANS: _r([N.SM], [C.RESULT]),
-    MsgType.PPROBREQ: _r([N.DMA, N.RMA], optional=[C.PROBE_AUTH]),
+    MsgType.PPROBREQ: _r([N.DMA, N.RMA], optional=[C.PROBE_AUTH, C.CONTENT_ADDR]),
     MsgType.PPROBANS: _r([N.SMA, N.DMA], [C.RESULT], [C.STATUS]),
     MsgType.HSOLICIT: _r([N.RMA, N.DMA]),
     MsgType.HANNOUNCE: _r([N.DMA]),
@@ -713,7 +738,7 @@ RULES: dict[MsgType, Rule] = {
     MsgType.STCOLANS: _r([N.DMA, N.RMA], [C.STATUS]),
     MsgType.LEAVREQ: _r(_ALL, [C.RESULT]),
     MsgType.LEAVANS: _r(_ALL, [C.RESULT]),
-    MsgType.HB: _r(_ALL),
+    MsgType.HB: _r(_ALL, optional=[C.CONTENT_ADDR]),
     MsgType.TERMREQ: _r([N.SM, N.SMA, N.DMA], [C.RESULT]),
     MsgType.TERMANS: _r(_MAS, [C.RESULT]),
     MsgType.SECALGANS: _r([N.SM], optional=[*DELIVER_CONTROLS, C.DELIVER_RESULT],

@@ -3,8 +3,8 @@
 Sans-IO: `Encoder` is the SMA side (encrypts content under Kc with the agreed
 CON_EN_DEC_ID; IVs from an injected random source), `Decoder` the host RMA / checker side
 (the same checks, in the same order, as the board's firmware/tessera_fw/rmcp2/content.py).
-`read_frame` / `FrameReader` frame packets on a TCP stream (reliable delivery). Nothing
-here touches sockets or clocks.
+`FrameReader` frames packets on a TCP stream (reliable delivery). Nothing here touches
+sockets or clocks.
 """
 from __future__ import annotations
 
@@ -290,6 +290,27 @@ def frame_length(head: bytes) -> int:
     if not MIN_PACKET <= n <= MAX_PACKET:
         raise Rmcp2Error(ErrorCode.LENGTH, f"frame length {n} outside {MIN_PACKET}..{MAX_PACKET}")
     return n
+
+
+class FrameReader:
+    """Split a TCP byte stream into packets by their header Length (B.17), sans-IO: `feed(data)`
+    returns the whole frames so far. A Length outside 60..1100 raises Rmcp2Error LENGTH (the
+    stream cannot be resynchronised: the caller closes it); at most one partial frame is held."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buf += data
+        out, used, buf = [], 0, self._buf
+        while len(buf) - used >= 4:
+            n = frame_length(buf[used:used + 4])
+            if len(buf) - used < n:
+                break
+            out.append(bytes(buf[used:used + n]))
+            used += n
+        del buf[:used]
+        return out
 
 
 def check_relayable(data: bytes, session_id: bytes) -> None:

@@ -14,6 +14,12 @@ under K_MAS: HB every T_HB, LEAVREQ (answered LEAVANS, then the link closes). Th
 left when: its LEAVREQ, the link closing, nothing authentic from it for 3 T_HB, its ACL
 entry gone, or its link falling `max_queued` bytes behind; the key layer then re-keys per
 GK_MECHA (member_left).
+
+Content addresses (B.4 CONTENT_ADDR, B.17): a member's authentic HB may carry CONTENT_ADDR; its
+ports with the peer IP of the member's own link (never an address from a message) make its
+relay.Subscriber. Every change of that list (an address learnt or changed, a member gone) calls
+`on_subscribers(list)` (the DMA's Relay.set_subscribers). A DMA that stops cleanly (`stop`)
+sends each member LEAVREQ LEAVE_NORMAL under its K_MAS, then closes its link (B.15).
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ import asyncio
 import logging
 import resource
 import socket
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable, Hashable
 
@@ -30,6 +36,7 @@ from tessera.rmcp2 import protect as P
 from tessera.rmcp2 import tree as T
 from tessera.rmcp2.contentkey import KcRelay
 from tessera.rmcp2.groupkey import KG_PERIOD, Delivery, GroupFull, GroupKeyManager
+from tessera.rmcp2.relay import Subscriber
 
 log = logging.getLogger("tessera.rmcp2.dmatree")
 N, M = C.NodeType, C.MsgType
@@ -39,6 +46,7 @@ T_HB = 30.0  # B.10: heartbeat interval on a control link
 HB_MISSED = 3  # B.10: a member silent for 3 T_HB is gone
 MAX_UNJOINED = 256  # links not (yet) carrying a member: as JoinServer's max_conns
 MAX_QUEUED = 64 * 1024  # bytes waiting for one slow member before it is dropped
+MAX_KCREQ = 64  # KCREQ reasons waiting for the upstream link (coalesced by the SMA anyway)
 
 Out = tuple[Hashable, "bytes | None"]
 
@@ -51,6 +59,8 @@ class _Link:
     window: P.ReplayWindow = field(default_factory=P.ReplayWindow)
     last_rx: float = 0.0
     next_hb: float = 0.0
+    peer_ip: str | None = None  # the TCP peer: the only address content is ever sent to (B.4)
+    content: tuple[int, int] | None = None  # (UDP, TCP) ports of its newest authentic CONTENT_ADDR
 
 
 def policy_of(policy: C.Message) -> tuple[C.GkMecha, P.Suite]:
@@ -68,7 +78,7 @@ class TreeCore:
                  ks_lookup: Callable[[int], P.ProtKey | None] | None = None,
                  ks_current: Callable[[], P.ProtKey | None] | None = None, t_annexe: float = T.T_ANNEXE) -> None:
         self.sid, self.maid, self.suite, self.t_hb = session_id, bytes(maid), suite, t_hb
-        self.acl_lookup, self.ks_lookup = acl_lookup, ks_lookup
+        self.acl_lookup, self.ks_lookup, self.ks_current = acl_lookup, ks_lookup, ks_current
         self.group = GroupKeyManager(session_id, maid, mecha, suite, rand, now, period=kg_period,
                                      max_members=max_members)
         self.relay = KcRelay(session_id, maid, self.group, suite)
@@ -81,11 +91,34 @@ class TreeCore:
         self._joined: list[bytes] = []
         self.left: Counter = Counter()  # why members left: leavreq, closed, heartbeat, expelled, slow
         self.errors: Counter = Counter()  # control-link messages refused, by B.12 name or reason
-        self.kcreq_wanted: list[C.Result] = []  # KCREQ reasons for the SMA (not sent: no SMA link yet)
+        # KCREQ reasons for the SMA, drained by the upstream link (upstream.py); bounded, oldest dropped
+        self.kcreq_wanted: deque[C.Result] = deque(maxlen=MAX_KCREQ)
+        self.on_subscribers: Callable[[list[Subscriber]], None] | None = None
 
     # ------------------------------------------------------------------ views
     def members(self) -> list[bytes]:
         return list(self._member_conn)
+
+    def subscribers(self) -> list[Subscriber]:
+        """The members with a content address (B.17): peer IP of their link, ports of CONTENT_ADDR."""
+        out = []
+        for maid, conn in self._member_conn.items():
+            link = self._links[conn]
+            if link.content is None or link.peer_ip is None:
+                continue
+            udp, tcp = link.content
+            out.append(Subscriber(maid, (link.peer_ip, udp) if udp else None, (link.peer_ip, tcp) if tcp else None))
+        return out
+
+    def take_kcreqs(self) -> list[C.Result]:
+        """The KCREQ reasons waiting (the queue is drained)."""
+        out = list(self.kcreq_wanted)
+        self.kcreq_wanted.clear()
+        return out
+
+    def _subs_changed(self) -> None:
+        if self.on_subscribers is not None:
+            self.on_subscribers(self.subscribers())
 
     def is_member_link(self, conn: Hashable) -> bool:
         link = self._links.get(conn)
@@ -99,8 +132,8 @@ class TreeCore:
         return len(self.join.children()), len(self._member_conn), self.group.current()[0]
 
     # ------------------------------------------------------------------ events
-    def opened(self, conn: Hashable, now: float) -> None:
-        self._links[conn] = _Link(last_rx=now)
+    def opened(self, conn: Hashable, now: float, peer_ip: str | None = None) -> None:
+        self._links[conn] = _Link(last_rx=now, peer_ip=peer_ip)
 
     def receive(self, conn: Hashable, data: bytes, now: float) -> list[Out]:
         link = self._links.get(conn)
@@ -121,7 +154,7 @@ class TreeCore:
         self.join.drop(conn)
         if link is None or link.maid is None or self._member_conn.get(link.maid) != conn:
             return []
-        return self._leave(link.maid, why, now)
+        return self._leave(link.maid, why, now, link)
 
     def tick(self, now: float) -> list[Out]:
         self.join.tick(now)
@@ -140,6 +173,21 @@ class TreeCore:
                 out += self._to(conn, maid, M.HB)
         return out
 
+    def stop(self, now: float) -> list[Out]:
+        """A clean stop (B.15 DMA leave): LEAVREQ LEAVE_NORMAL under each member's K_MAS, then
+        its link closes. No re-key: the group ends with the DMA."""
+        out: list[Out] = []
+        for maid, conn in list(self._member_conn.items()):
+            out += self._to(conn, maid, M.LEAVREQ, C.ResultCtl(C.Result.LEAVE_NORMAL)) + [(conn, None)]
+            self._links.pop(conn, None)
+            self.join.remove(maid)
+            self.left["dma_stop"] += 1
+        had = bool(self._member_conn)
+        self._member_conn.clear()
+        if had:
+            self._subs_changed()
+        return out
+
     def kc_from_sma(self, data: bytes, now: float) -> list[Out]:
         """A KEYDELIVER(Kc) from the SMA under Ks: re-sealed under Kg to every member."""
         if self.ks_lookup is None:
@@ -155,21 +203,30 @@ class TreeCore:
             return False
         old = self._member_conn.pop(member.maid, None)
         if old is not None and old != member.conn:  # re-joined on a new link: the old one ends
-            self._links.pop(old, None)
+            gone = self._links.pop(old, None)
             self._out.append((old, None))
+            lost_addr = gone is not None and gone.content is not None
+        else:
+            lost_addr = False
         self._out += self._route(ds)  # to the members before it: the joiner is not linked yet
         link = self._links[member.conn]
         link.maid, link.kmas, link.hashed = member.maid, P.ProtKey(P.KeyRef.KMAS, member.kmas), member.hashed_maid
         link.window, link.last_rx, link.next_hb = P.ReplayWindow(), now, now + self.t_hb
         self._member_conn[member.maid] = member.conn
         self._joined.append(member.maid)
+        if lost_addr:  # the old link's content address goes with it; the new link announces its own
+            self._subs_changed()
         return True
 
-    def _leave(self, maid: bytes, why: str, now: float) -> list[Out]:
+    def _leave(self, maid: bytes, why: str, now: float, link: _Link | None = None) -> list[Out]:
         conn = self._member_conn.pop(maid, None)
-        link = self._links.get(conn) if conn is not None else None
+        if link is None and conn is not None:
+            link = self._links.get(conn)
         if link is not None:
             link.maid = None
+            if link.content is not None:
+                link.content = None
+                self._subs_changed()
         self.join.remove(maid)
         self.left[why] += 1
         log.info("rmcp2 dma: member %s left (%s); %d remain", maid.hex(), why, len(self._member_conn))
@@ -179,7 +236,7 @@ class TreeCore:
 
     def _want_kc_rotation(self, joined: bool) -> None:
         why = self.relay.rotation_wanted(joined)
-        if why is not None and len(self.kcreq_wanted) < 64:
+        if why is not None:
             self.kcreq_wanted.append(why)
 
     def _route(self, deliveries: list[Delivery]) -> list[Out]:
@@ -211,6 +268,12 @@ class TreeCore:
             self.errors["not from this RMA"] += 1
             return []
         link.last_rx = now
+        ca = msg.get(C.ContentAddr) if msg.type == M.HB else None
+        if ca is not None and (ca.udp, ca.tcp) != link.content:  # B.4: the newest authentic one counts
+            link.content = (ca.udp, ca.tcp) if (ca.udp or ca.tcp) else None
+            log.info("rmcp2 dma: member %s takes content at %s UDP %d TCP %d", maid.hex(), link.peer_ip,
+                     ca.udp, ca.tcp)
+            self._subs_changed()
         if msg.type == M.LEAVREQ:
             out = self._to(conn, maid, M.LEAVANS, C.ResultCtl(C.Result.LEAVE_NORMAL))
             return out + self._leave(maid, "leavreq", now) + [(conn, None)]
@@ -219,20 +282,21 @@ class TreeCore:
         return []
 
 
-# ------------------------------------------------------------------------ asyncio adapter
-class DmaTreeServer:
-    """The DMA's tree-control listener (B.10 port 26032; 0 picks one) over a TreeCore.
+# ------------------------------------------------------------------------ asyncio adapters
+class LinkListener:
+    """A tree-control listener over a sans-IO core (`opened(conn, now, peer_ip)`, `receive`,
+    `closed(conn, now, why) -> outs`, `tick`, `t_hb`): one task reads each link (framing by
+    header Length, at most `max_message` bytes); sends never wait: a link whose unsent bytes
+    pass `max_queued` is aborted and closed as "slow" for the core. At most `max_unbound`
+    links the core does not hold bound (closed after `idle` seconds without a message)."""
 
-    Each link is read by its own task (framing by header Length, at most 1024 bytes); sends
-    never wait: a link whose unsent bytes pass `max_queued` is aborted and its member dropped,
-    so one slow member never stalls the others. At most `max_unjoined` links without a member
-    (closed after `idle` seconds without a message) beside the members' links."""
+    max_message = T.MAX_MESSAGE
+    kind = "tree"
 
-    def __init__(self, core: TreeCore, host: str = "127.0.0.1", port: int = TREE_PORT, *, tick: float = 0.5,
-                 idle: float = 60.0, max_unjoined: int = MAX_UNJOINED, max_queued: int = MAX_QUEUED,
+    def __init__(self, core, host: str, port: int, *, tick: float, idle: float, max_unbound: int, max_queued: int,
                  sndbuf: int | None = None) -> None:
         self.core, self.host, self.port = core, host, port
-        self.tick_s, self.idle, self.max_unjoined, self.max_queued, self.sndbuf = tick, idle, max_unjoined, max_queued, sndbuf
+        self.tick_s, self.idle, self.max_unbound, self.max_queued, self.sndbuf = tick, idle, max_unbound, max_queued, sndbuf
         self.refused_conns = 0
         self.slow_dropped = 0
         self._writers: dict[Hashable, asyncio.StreamWriter] = {}
@@ -244,22 +308,24 @@ class DmaTreeServer:
     def links(self) -> int:
         return len(self._writers)
 
-    async def start(self) -> None:
+    def _unbound(self) -> int:  # links without a member / DMA
+        raise NotImplementedError
+
+    def _bound(self, conn: Hashable) -> bool:
+        raise NotImplementedError
+
+    async def _listen(self) -> None:
         self._server = await asyncio.start_server(self._serve, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         self._ticker = asyncio.create_task(self._tick_loop())
-        need = self.core.group.max_members + self.max_unjoined + 64
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        if soft != resource.RLIM_INFINITY and soft < need:
-            log.warning("rmcp2 dma: open-file limit %d is below the %d links the tree may hold", soft, need)
-        log.info("rmcp2 dma: tree control listening on %s:%d (GK_MECHA %d)", self.host, self.port,
-                 int(self.core.group.mecha))
 
-    async def close(self) -> None:
+    async def _stop_listening(self) -> None:
         if self._ticker is not None:
             self._ticker.cancel()
         if self._server is not None:
             self._server.close()
+
+    async def _abort_all(self) -> None:
         for w in list(self._writers.values()):
             w.transport.abort()
         if self._server is not None:
@@ -286,7 +352,7 @@ class DmaTreeServer:
             w.write(data)
             if w.transport.get_write_buffer_size() > self.max_queued:
                 self.slow_dropped += 1
-                log.info("rmcp2 dma: link %s over %d queued bytes; dropped", conn, self.max_queued)
+                log.info("rmcp2: %s link %s over %d queued bytes; dropped", self.kind, conn, self.max_queued)
                 self._writers.pop(conn)
                 w.transport.abort()
                 dropped.append(conn)
@@ -296,22 +362,23 @@ class DmaTreeServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         from tessera.rmcp2.server import read_message
 
-        if self.core.unjoined >= self.max_unjoined:
+        if self._unbound() >= self.max_unbound:
             self.refused_conns += 1
             writer.close()
             return
         if self.sndbuf:
             writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
         self._ids += 1
-        conn = ("tree", self._ids)
+        conn = (self.kind, self._ids)
         self._writers[conn] = writer
-        self.core.opened(conn, self._now())
+        peer = writer.get_extra_info("peername")
+        self.core.opened(conn, self._now(), peer[0] if peer else None)
         try:
             while conn in self._writers:
-                # a member's link lives by its heartbeats (TreeCore.tick), others by T_IDLE
-                member = self.core.is_member_link(conn)
-                data = await read_message(reader, (HB_MISSED + 1) * self.core.t_hb if member else self.idle,
-                                          T.MAX_MESSAGE)
+                # a bound link lives by its heartbeats (the core's tick), others by T_IDLE
+                bound = self._bound(conn)
+                data = await read_message(reader, (HB_MISSED + 1) * self.core.t_hb if bound else self.idle,
+                                          self.max_message)
                 if data is None:
                     break
                 self._send(self.core.receive(conn, data, self._now()))
@@ -323,18 +390,112 @@ class DmaTreeServer:
                 self.core.closed(conn, self._now())  # already dropped: forgets a half-done join
 
 
+class DmaTreeServer(LinkListener):
+    """The DMA's tree-control listener (B.10 port 26032; 0 picks one) over a TreeCore.
+
+    Each link is read by its own task (framing by header Length, at most 1024 bytes); sends
+    never wait: a link whose unsent bytes pass `max_queued` is aborted and its member dropped,
+    so one slow member never stalls the others. At most `max_unjoined` links without a member
+    (closed after `idle` seconds without a message) beside the members' links."""
+
+    def __init__(self, core: TreeCore, host: str = "127.0.0.1", port: int = TREE_PORT, *, tick: float = 0.5,
+                 idle: float = 60.0, max_unjoined: int = MAX_UNJOINED, max_queued: int = MAX_QUEUED,
+                 sndbuf: int | None = None) -> None:
+        super().__init__(core, host, port, tick=tick, idle=idle, max_unbound=max_unjoined, max_queued=max_queued,
+                         sndbuf=sndbuf)
+        self.max_unjoined = max_unjoined
+
+    def _unbound(self) -> int:
+        return self.core.unjoined
+
+    def _bound(self, conn: Hashable) -> bool:
+        return self.core.is_member_link(conn)
+
+    async def start(self) -> None:
+        await self._listen()
+        need = self.core.group.max_members + self.max_unjoined + 64
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft != resource.RLIM_INFINITY and soft < need:
+            log.warning("rmcp2 dma: open-file limit %d is below the %d links the tree may hold", soft, need)
+        log.info("rmcp2 dma: tree control listening on %s:%d (GK_MECHA %d)", self.host, self.port,
+                 int(self.core.group.mecha))
+
+    async def close(self, leave: bool = True) -> None:
+        """Stop. With `leave` (a clean stop, B.15) each member first gets LEAVREQ LEAVE_NORMAL
+        under its K_MAS and its link is closed after it (flushed for at most a second)."""
+        await self._stop_listening()
+        if leave:
+            closing = [w for c, w in self._writers.items() if self.core.is_member_link(c)]
+            self._send(self.core.stop(self._now()))
+            if closing:
+                await asyncio.wait([asyncio.ensure_future(w.wait_closed()) for w in closing], timeout=1.0)
+        await self._abort_all()
+
+
+def agent_ks_lookup(agent) -> Callable[[int], P.ProtKey | None]:
+    """Ks of a generation an SMA/DMA agent (agent.Agent) holds: the current or the previous one."""
+    def ks_lookup(gen: int) -> P.ProtKey | None:
+        for k in (agent._ks, agent._ks_prev):
+            if k is not None and k.gen == gen:
+                return k
+        return None
+    return ks_lookup
+
+
 def from_agent(agent, rand: Callable[[int], bytes], now: float, **kw) -> TreeCore:
     """A TreeCore for a DMA agent (agent.Agent) that agreed on the policy: its MAID, live ACL,
     Ks, GK_MECHA and suite."""
     if agent.state != "ready" or agent.policy is None:
         raise ValueError("the DMA has not agreed on a security policy yet")
     mecha, suite = policy_of(agent.policy)
-
-    def ks_lookup(gen: int) -> P.ProtKey | None:
-        for k in (agent._ks, agent._ks_prev):
-            if k is not None and k.gen == gen:
-                return k
-        return None
-
     return TreeCore(agent.cfg.session_id, agent.cfg.maid, acl_lookup=T.agent_acl_lookup(agent), mecha=mecha,
-                    suite=suite, rand=rand, now=now, ks_lookup=ks_lookup, ks_current=lambda: agent.ks, **kw)
+                    suite=suite, rand=rand, now=now, ks_lookup=agent_ks_lookup(agent), ks_current=lambda: agent.ks,
+                    **kw)
+
+
+class DmaService:
+    """The DMA's whole tree service: the tree-control listener (DmaTreeServer over a TreeCore),
+    the content relay (relay.Relay) fed by the members' CONTENT_ADDR, and, given the SMA's
+    tree port, the upstream link (upstream.UpstreamLink: PPROBREQ + CONTENT_ADDR under Ks,
+    Kc from the SMA, KCREQ). `start()` binds everything (port 0 = pick one; the bound ports
+    are logged and readable), `close()` stops cleanly (B.15 DMA leave)."""
+
+    def __init__(self, core: TreeCore, host: str = "127.0.0.1", port: int = TREE_PORT, *,
+                 content_udp: int = 0, content_tcp: int = 0, sma: tuple[str, int] | None = None,
+                 ks_suite: P.Suite | None = None, tick: float = 0.5, relay_kw: dict | None = None,
+                 upstream_kw: dict | None = None, **server_kw) -> None:
+        from tessera.rmcp2.relay import Relay
+
+        self.core, self.host = core, host
+        self.server = DmaTreeServer(core, host, port, tick=tick, **server_kw)
+        self.relay = Relay(core.sid.to_bytes(8, "big"), **(relay_kw or {}))
+        self.content_udp, self.content_tcp = content_udp, content_tcp
+        self.sma, self.ks_suite, self.upstream_kw = sma, ks_suite or core.suite, upstream_kw or {}
+        self.upstream = None
+        core.on_subscribers = self.relay.set_subscribers
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    async def start(self) -> None:
+        await self.relay.start(self.host, self.content_udp, self.content_tcp)
+        try:
+            await self.server.start()
+        except BaseException:
+            await self.relay.close()
+            raise
+        if self.sma is not None:
+            from tessera.rmcp2.upstream import UpstreamLink
+
+            self.upstream = UpstreamLink(self.core, self.server, self.sma, self.ks_suite,
+                                         (self.relay.udp_port, self.relay.tcp_port), **self.upstream_kw)
+            self.upstream.start()
+        log.info("rmcp2 dma: tree port %d, content UDP %d TCP %d%s", self.server.port, self.relay.udp_port,
+                 self.relay.tcp_port, f", upstream to {self.sma[0]}:{self.sma[1]}" if self.sma else "")
+
+    async def close(self, leave: bool = True) -> None:
+        if self.upstream is not None:
+            await self.upstream.close()
+        await self.server.close(leave)
+        await self.relay.close()

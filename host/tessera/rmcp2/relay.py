@@ -354,6 +354,8 @@ class SmaSender:
             self._udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # IPv4 MAs only (B.1)
             self._udp.setblocking(False)
         for host, port, _t in self.dmas:
+            if not port:  # CONTENT_ADDR UDP 0: not over UDP (B.4)
+                continue
             try:
                 self._udp.sendto(packet, (host, port))
                 self.stats["udp_sent"] += 1
@@ -368,6 +370,8 @@ class SmaSender:
         the next one."""
         writers = []
         for host, _u, port in self.dmas:
+            if not port:  # CONTENT_ADDR TCP 0: not over TCP (B.4)
+                continue
             w = self._links.get((host, port))
             if w is None or w.is_closing():
                 try:

@@ -78,6 +78,20 @@ def test_sm_and_agents_sync_closed_group(pki, tmp_path):
                     for a in (sma, dma1):
                         a.wait_for(lambda s: s.ks_gen == 3, 10, "the Ks after the truncation")
                     assert "DMA" in [m.role for m in sm.status().members]
+
+                    # content (docs/rmcp2.md): the SMA's source, dma1 linked upstream under the live Ks (gen 3)
+                    src = sma.start_source(port=0, tick=0.05)
+                    assert dma1.start_tree(port=0, tick=0.05, sma=f"127.0.0.1:{src.port}", upstream={"tick": 0.05})
+                    st = src.wait_for_dmas(1, 20)
+                    assert st.dmas == (dma1.maid,) and st.kc_gen == 1 and st.port == src.port
+                    assert src.send_object(os.urandom(3000)) == 1 and src.stream(b"y" * 100) == 1
+                    assert src.status().objects_sent == 1 and src.status().stream_sent == 1
+                    ts = dma1.tree_status()
+                    assert ts.upstream == "bound" and ts.kc_held == (1,) and ts.content_udp and ts.content_tcp
+                    with pytest.raises(AgentError, match="only the SMA"):
+                        dma1.start_source(port=0)
+                    with pytest.raises(AgentError, match="wants HOST:PORT"):
+                        dma1.start_tree(port=0, sma="nowhere")
                     assert dma2.maid not in [m.maid for m in sm.status().members]
                     with pytest.raises(RequestRefused, match="no SMA/DMA with that certificate"):
                         sm.truncate(certificate=pki / "dma2.pem")

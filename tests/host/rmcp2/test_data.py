@@ -537,3 +537,20 @@ def test_firmware_receiver_under_cpython_mpshim():
         rx = F.Receiver(SID, ring, lambda k, mv: got.append(bytes(mv)))
         assert rx.receive(bytes.fromhex(c["packet"])) == F.KIND_STREAM
         assert got == [bytes.fromhex(c["plain"])], c["name"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.binary(max_size=1024), min_size=1, max_size=8), st.lists(st.integers(1, 3000), max_size=10))
+def test_frame_reader_reassembles_packets_cut_anywhere(payloads, cuts):
+    e = D.Encoder(SID, MAID, 2, 1, os.urandom)
+    e.set_key(1, bytes(16))
+    packets = [e.stream(p) for p in payloads]
+    wire, got, r, at = b"".join(packets), [], D.FrameReader(), 0
+    for c in cuts + [len(b"".join(packets))]:
+        got += r.feed(wire[at:at + c])
+        at += c
+    got += r.feed(wire[at:])
+    assert got == packets
+    with pytest.raises(C.Rmcp2Error) as ei:  # a Length outside 60..1100: the stream cannot be resynchronised
+        D.FrameReader().feed(b"\x42\xc0\x00\x10" + bytes(20))
+    assert ei.value.code == C.ErrorCode.LENGTH

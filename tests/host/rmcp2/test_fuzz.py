@@ -27,6 +27,7 @@ def capabs(cls, enum, top):
 ctl_key_info = st.builds(C.KeyInfo, en(C.KeyType), st.binary(max_size=64))
 ctl_result = st.builds(C.ResultCtl, en(C.Result))
 ctl_status = st.builds(C.Status, st.integers(0, 65535), st.integers(0, 65535), st.integers(0, 255))
+ctl_content_addr = st.builds(C.ContentAddr, st.integers(0, 65535), st.integers(0, 65535))
 ma_auth = st.builds(C.MaAuth, st.integers(1, 3), st.binary(max_size=300))
 delivers = [st.builds(C.GkMechDeliver, en(C.GkName)), st.builds(C.AuthMechDeliver, en(C.AuthName)),
             st.builds(C.ConEnDecDeliver, en(C.EnDecId)), st.builds(C.GkEnDecDeliver, en(C.EnDecId)),
@@ -34,7 +35,7 @@ delivers = [st.builds(C.GkMechDeliver, en(C.GkName)), st.builds(C.AuthMechDelive
 
 
 @st.composite
-def messages(draw):
+def messages(draw, content_addr: bool = False):
     t = draw(en(M))
     rule = C.RULES[t]
     nt = draw(st.sampled_from(sorted(rule.nts)))
@@ -86,6 +87,10 @@ def messages(draw):
         if C.CtlType.STATUS in rule.mandatory | rule.optional and (C.CtlType.STATUS in rule.mandatory
                                                                      or draw(st.booleans())):
             ctl.append(draw(ctl_status))
+    # CONTENT_ADDR (B.4) rides on HB / PPROBREQ; off for the differential tests, as a board decoder
+    # may skip 0xC8 as an unknown control (B.2): its own tests are below
+    if content_addr and t in (M.HB, M.PPROBREQ) and draw(st.booleans()):
+        ctl.append(draw(ctl_content_addr))
     if t not in (M.SECALGANS,):
         ctl = draw(st.permutations(ctl))  # decoders accept any order (B.2)
     return C.Message(t, nt, draw(sids), draw(maids), tuple(ctl))
@@ -100,7 +105,7 @@ def run(data: bytes):
 
 
 @FAST
-@given(messages())
+@given(messages(content_addr=True))
 def test_round_trip(m):
     raw = m.encode()
     assert C.decode(raw) == m
@@ -123,7 +128,7 @@ def test_random_controls_behind_a_valid_header(t, nt, body):
 
 
 @FAST
-@given(messages(), st.data())
+@given(messages(content_addr=True), st.data())
 def test_mutation_and_truncation(m, data):
     raw = bytearray(m.encode())
     if data.draw(st.booleans()):
@@ -184,3 +189,44 @@ def test_window_accepts_each_seq_at_most_once(seq):
         ok.append(s)
     assert len(ok) == len(set(ok)) and w.high == max(ok, default=0)
     assert all(s > w.high - 32 or s in ok for s in ok)
+
+
+# ---------------------------------------------------------------- CONTENT_ADDR (B.4, 0xC8)
+@FAST
+@given(st.sampled_from([(M.HB, N.RMA), (M.HB, N.DMA), (M.PPROBREQ, N.DMA)]), st.integers(0, 65535),
+       st.integers(0, 65535), sids, maids)
+def test_content_addr_round_trip(tn, udp, tcp, sid, maid):
+    m = C.Message(tn[0], tn[1], sid, maid, (C.ContentAddr(udp, tcp),))
+    raw = m.encode()
+    assert raw[20:] == bytes((0xC8, 8, 0, 0)) + udp.to_bytes(2, "big") + tcp.to_bytes(2, "big")
+    assert C.decode(raw) == m and C.decode(raw).get(C.ContentAddr) == C.ContentAddr(udp, tcp)
+
+
+def _with_ctl(t: C.MsgType, nt: C.NodeType, ctl: bytes, *base: C.Control) -> bytes:
+    head = C.Message(t, nt, 1, b"\x01" * 8, base).encode()
+    raw = bytearray(head + ctl)
+    raw[2:4] = len(raw).to_bytes(2, "big")
+    return bytes(raw)
+
+
+@FAST
+@given(st.binary(min_size=6, max_size=6), st.integers(2, 40))
+def test_content_addr_rejects(body, ln):
+    """Reserved not zero -> VALUE; a Length other than 8 -> CONTROL_LENGTH; in a message that does not
+    carry it -> UNEXPECTED_CONTROL; twice -> DUPLICATE_CONTROL."""
+    raw = _with_ctl(M.HB, N.RMA, bytes((0xC8, 8)) + body)
+    got = run(raw)
+    if body[:2] != b"\x00\x00":
+        assert got == C.ErrorCode.VALUE
+    else:
+        assert got.get(C.ContentAddr).udp == int.from_bytes(body[2:4], "big")
+    if ln != 8:
+        assert run(_with_ctl(M.HB, N.RMA, bytes((0xC8, ln)) + bytes(ln - 2))) == C.ErrorCode.CONTROL_LENGTH
+    ok = bytes((0xC8, 8, 0, 0)) + body[2:]
+    assert run(_with_ctl(M.HB, N.RMA, ok + ok)) == C.ErrorCode.DUPLICATE_CONTROL
+    assert run(_with_ctl(M.LEAVREQ, N.RMA, ok, C.ResultCtl(C.Result.LEAVE_NORMAL))) == C.ErrorCode.UNEXPECTED_CONTROL
+
+
+def test_content_addr_contract_example():
+    """The contract's example (B.4): UDP 40000, TCP 40001 -> c8 08 00 00 9c 40 9c 41."""
+    assert C.ContentAddr(40000, 40001).encode() == bytes.fromhex("c80800009c409c41")

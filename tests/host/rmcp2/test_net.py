@@ -294,7 +294,9 @@ def test_kill_9_of_tessera_sm_serve_loses_nothing_and_sigterm_stops_it(pki, tmp_
 @pytest.mark.slow
 def test_cli_sma_dma_rma_against_tessera_sm_serve(pki, tmp_path):
     pki_dir = pki[0]
-    tp, pp = _free_port(), _free_port()
+    tp, pp, sma_tree = _free_port(), _free_port(), _free_port()
+    obj = tmp_path / "object.bin"
+    obj.write_bytes(os.urandom(5000))
     sm = _serve(tmp_path / "sm.sqlite", pki_dir, tp, pp)
     procs = [sm]
     try:
@@ -306,19 +308,20 @@ def test_cli_sma_dma_rma_against_tessera_sm_serve(pki, tmp_path):
             p = subprocess.Popen([sys.executable, "-m", "tessera", *argv, *common], stderr=subprocess.PIPE, text=True)
             procs.append(p)
             return p
-        sma = agent("sma", "--group", "closed", "--instance", "1")
-        dma = agent("dma", "--name", "dma0", "--instance", "2", "--tree-port", "0")
+        # the SMA's tree service on a port picked free now; it sends one object once the DMA linked
+        sma = agent("sma", "--group", "closed", "--instance", "1", "--tree-port", str(sma_tree), "--object", str(obj))
+        dma = agent("dma", "--name", "dma0", "--instance", "2", "--tree-port", "0", "--sma", f"127.0.0.1:{sma_tree}")
         tree_port = 0  # the DMA's tree service (docs/rmcp2.md) logs its port, before or after "ready"
         for p in (sma, dma):
             for line in p.stderr:
-                if m := re.search(r"tree port (\d+)", line):
+                if p is dma and (m := re.search(r"DMA: tree port (\d+)", line)):
                     tree_port = int(m.group(1))
                 if "state ready" in line and "policy OK, Ks generation 1" in line:
                     break
             else:
                 raise AssertionError(f"agent did not get ready (rc {p.wait()})")
         while not tree_port and (line := dma.stderr.readline()):
-            if m := re.search(r"tree port (\d+)", line):
+            if m := re.search(r"DMA: tree port (\d+)", line):
                 tree_port = int(m.group(1))
         assert tree_port, f"no tree port (rc {dma.poll()})"
         with socket.create_connection(("127.0.0.1", tree_port), 10) as s:  # a join answered there:
@@ -328,6 +331,11 @@ def test_cli_sma_dma_rma_against_tessera_sm_serve(pki, tmp_path):
             s.settimeout(10)
             ans = C.decode(s.recv(1024))
             assert ans.type == C.MsgType.PPROBANS and ans.get(C.ResultCtl).value == C.Result.NOT_IN_ACL
+        for line in sma.stderr:  # the DMA linked upstream (PPROBREQ + CONTENT_ADDR under Ks): the object went
+            if f"object {obj} (5000 B) sent to 1 DMA(s)" in line:
+                break
+        else:
+            raise AssertionError(f"the SMA sent no object (rc {sma.poll()})")
         rma = agent("rma", "--name", "rma0", "--instance", "3")
         assert rma.wait(30) == 2
         assert "SERV_USER_ID_MISSING (0x41)" in rma.stderr.read()

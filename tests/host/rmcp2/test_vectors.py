@@ -54,9 +54,10 @@ def build(desc: dict) -> C.Message:
 
 
 MESSAGES = load("messages")["cases"]
+CONTENT_ADDR = load("messages")["content_addr_cases"]
 
 
-@pytest.mark.parametrize("case", MESSAGES, ids=[c["name"] for c in MESSAGES])
+@pytest.mark.parametrize("case", MESSAGES + CONTENT_ADDR, ids=[c["name"] for c in MESSAGES + CONTENT_ADDR])
 def test_message_vectors(case):
     raw = bytes.fromhex(case["msg"])
     want = build(case["desc"])
@@ -69,10 +70,16 @@ def test_message_vectors(case):
 
 def test_vectors_cover_every_message_and_control():
     types = {c["type"] for c in MESSAGES}
-    codes = {s[0] for c in MESSAGES for s in c["spans"]}
+    codes = {s[0] for c in MESSAGES + CONTENT_ADDR for s in c["spans"]}
     assert types == {int(t) for t in C.MsgType}
     assert codes == {int(t) for t in C.CtlType}
     assert any(c["skipped"] for c in MESSAGES)
+
+
+def test_content_addr_vectors_hold_the_contract_example():
+    hb = next(c for c in CONTENT_ADDR if c["name"] == "hb-rma-content-addr")
+    assert hb["msg"].endswith("c80800009c409c41") and hb["spans"] == [[0xC8, "c80800009c409c41"]]
+    assert {(c["type"], c["nt"]) for c in CONTENT_ADDR} == {(int(C.MsgType.HB), 3), (int(C.MsgType.PPROBREQ), 5)}
 
 
 def test_corpus_errors():
