@@ -1,6 +1,7 @@
 """`tessera demo`: end-to-end scenarios on embedded defaults (SQLite, loopback, virtual boards).
 
-Scenarios are discovered: a module `tessera.<name>.demo` with TITLE, ORDER and
+Scenarios are discovered: a module `tessera.<name>.demo` (and any `tessera.<name>.demo_<what>`
+beside it) with TITLE, ORDER and
 run(ctx: DemoContext) is one scenario. They run in ORDER; the board scenario (ORDER 0)
 starts and deploys the virtual boards that later scenarios use through ctx.boards.
 """
@@ -45,6 +46,10 @@ def scenarios() -> list:
     for m in pkgutil.iter_modules(tessera.__path__):
         if m.ispkg and importlib.util.find_spec(f"tessera.{m.name}.demo"):
             mods.append(importlib.import_module(f"tessera.{m.name}.demo"))
+            pkg = importlib.import_module(f"tessera.{m.name}")
+            # a protocol with more than one scenario adds modules demo_<what>.py beside demo.py
+            mods += [importlib.import_module(f"tessera.{m.name}.{sub.name}") for sub in pkgutil.iter_modules(pkg.__path__)
+                     if sub.name.startswith("demo_")]
     return sorted(mods, key=lambda mod: (mod.ORDER, mod.__name__))
 
 
