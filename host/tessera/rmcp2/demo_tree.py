@@ -66,7 +66,7 @@ class _Dma2:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "tessera", "dma", "--sm", f"{ep.host}:{ep.tls_port}", "--plain-port",
             str(ep.plain_port), "--session-id", f"{sid:016x}", "--pki-dir", str(pki), "--name", "dma2",
-            "--instance", "2", "--tree-port", str(tree_port), "--sma", f"127.0.0.1:{sma_port}",
+            "--instance", "3", "--tree-port", str(tree_port), "--sma", f"127.0.0.1:{sma_port}",
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
         self._task = asyncio.create_task(self._read())
 
@@ -127,7 +127,7 @@ async def _run(ctx: DemoContext) -> None:
         ep = await sm.serve(pki, tick=0.1)
         kw = dict(tick=0.1, retry=0.2, hrs_refresh=0.5)
         sma = AsyncMaAgent("sma", ep, sid, pki, "sma", group="open", gk_mecha=int(C.GkMecha.BACKWARD), instance=1, **kw)
-        dma1 = AsyncMaAgent("dma", ep, sid, pki, "dma1", instance=1, **kw)
+        dma1 = AsyncMaAgent("dma", ep, sid, pki, "dma1", instance=2, **kw)
         agents = [sma, dma1]
         for a in agents:
             await a.begin()
@@ -138,7 +138,7 @@ async def _run(ctx: DemoContext) -> None:
         dma2_port = _free_port()
         await dma2.start(ep, sid, pki, dma2_port, source.port)  # admitted after the policy is set (B.13)
         await source.wait_for_dmas(2, 30)
-        dma1_maid, dma2_maid = dma1.maid, C.make_maid("127.0.0.1", 26032, 2)
+        dma1_maid, dma2_maid = dma1.maid, C.make_maid("127.0.0.1", 26032, 3)  # MAIDs differ by instance (B.1)
         ctx.step(f"session {sid:#018x}: SM on {ep.address}; SMA content source on tree port {source.port} "
                  f"(Kc gen {source.status().kc_gen}); dma1 (this process, tree port {dma1_port}) and dma2 "
                  f"(`tessera dma` pid {dma2.proc.pid}, tree port {dma2_port}) linked upstream (PPROBREQ + "

@@ -150,7 +150,12 @@ class SmServer:
             if w is None:
                 continue
             if isinstance(a, S.Send):
-                w.write(a.data)
+                if w.is_closing():  # the peer went away in this loop turn: nothing to answer
+                    continue
+                try:
+                    w.write(a.data)
+                except (AttributeError, OSError, RuntimeError) as e:  # a TLS transport torn down under us
+                    log.debug("rmcp2 sm: link %s gone while answering: %s", a.conn, e)
             else:
                 log.debug("rmcp2 sm: closing link %s: %s", a.conn, a.reason)
                 self.writers.pop(a.conn, None)
