@@ -154,6 +154,10 @@ def make_agent(args, role: str) -> api.AsyncMaAgent:
     kw = {}
     if role == "sma":
         kw = {"group": args.group, "gk_mecha": args.gk_mecha, "content_alg": args.content_alg}
+    if role == "dma":
+        if not 0.1 <= args.hrs_refresh <= 86400:
+            raise TesseraError("--hrs-refresh: between 0.1 and 86400 seconds")
+        kw = {"hrs_refresh": args.hrs_refresh}
     return api.AsyncMaAgent(role, args.sm, args.session_id, args.pki_dir, args.name, plain_port=args.plain_port,
                             address=args.address, port=args.port, instance=args.instance, service_user_id=sui, **kw)
 
@@ -350,6 +354,9 @@ def register(sub) -> None:
                            help="content UDP port the SMA streams to (default 0: any free; the log names it)")
             p.add_argument("--content-tcp", type=cliargs.port, default=0,
                            help="content TCP port the SMA sends objects to (default 0: any free)")
+            p.add_argument("--hrs-refresh", type=float, default=60.0, metavar="SECONDS",
+                           help="how often the DMA fetches the ACL from the SM (HRSREQ; default 60, B.10): an RMA "
+                                "admitted since the last fetch is refused NOT_IN_ACL until the next")
         if nt == C.NodeType.RMA:
             p.add_argument("--service-user-id", help="identifier from the content provider (closed groups)")
         p.set_defaults(func=cmd_agent(name))

@@ -66,7 +66,7 @@ class _Dma2:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "tessera", "dma", "--sm", f"{ep.host}:{ep.tls_port}", "--plain-port",
             str(ep.plain_port), "--session-id", f"{sid:016x}", "--pki-dir", str(pki), "--name", "dma2",
-            "--instance", "3", "--tree-port", str(tree_port), "--sma", f"127.0.0.1:{sma_port}",
+            "--instance", "3", "--tree-port", str(tree_port), "--sma", f"127.0.0.1:{sma_port}", "--hrs-refresh", "0.5",
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
         self._task = asyncio.create_task(self._read())
 
