@@ -86,6 +86,18 @@ class _Runner:
         return True
 
 
+class _Ring:
+    def __init__(self):
+        self.forgot = 0
+
+    def forget(self):
+        self.forgot += 1
+
+
+class _Keys:
+    ring = None
+
+
 class _Tree(BT.Tree):
     def __init__(self):  # no runner, keys or sockets: run()'s loop only
         pass
@@ -100,6 +112,11 @@ def _tree(cands, script):
     t.ci = 0
     t.host, t.port, t.dma_maid = cands[0]
     t.hdma = None
+    t.cx = "content"  # made after a join; let go after each control link
+    t.own_ring = True
+    t.ring = _Ring()
+    t.keys = _Keys()
+    t.keys.ring = t.ring
     tried = []
     steps = list(script)
 
@@ -117,8 +134,11 @@ def test_rotation_over_candidate_dmas():
     c = (("a", 1, b"A" * 8), ("b", 2, b"B" * 8), ("c", 3, b"C" * 8))
     # refused at a, joined b which leaves (LEAVE_NORMAL), c dropped, a (wrapped) expels
     t, tried = _tree(c, [(False, 0), (True, BT.LEFT), (True, BT.DROPPED), (True, BT.EXPELLED)])
+    ring = t.ring
     assert t.run() == BT.EXPELLED
     assert tried == ["a", "b", "c", "a"], tried
+    # back to the SM: the Kc ring made by the tree client is forgotten and let go
+    assert ring.forgot == 1 and t.ring is None and t.keys.ring is None and t.cx is None
     # the hdma of a candidate is recomputed at its next join (another DMA's MAID)
     assert t.dma_maid == b"A" * 8 and t.hdma is None
     # six failed joins in a row (here all short links or refusals) -> back to the SM, each
@@ -131,3 +151,8 @@ def test_rotation_over_candidate_dmas():
     one = (("a", 1, b"A" * 8),)
     t, tried = _tree(one, [(True, BT.DROPPED), (True, BT.LEFT), (True, BT.EXPELLED)])
     assert t.run() == BT.EXPELLED and tried == ["a", "a", "a"]
+    # a ring the caller gave (Runner(ring=...)) is the caller's: kept
+    t, tried = _tree(one, [(True, BT.EXPELLED)])
+    t.own_ring = False
+    ring = t.ring
+    assert t.run() == BT.EXPELLED and t.ring is ring and ring.forgot == 0
