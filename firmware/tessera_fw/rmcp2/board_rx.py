@@ -43,7 +43,7 @@ class Content:
     board_tree.Tree, for the runner, the Kc ring and the log); `sink`: sink.py's interface
     (None: sink.FileSink, files under rx/)."""
 
-    def __init__(self, tree, ports, sink=None):
+    def __init__(self, tree, ports, sink=None, mem=None):
         self.r = tree.r
         self.ring = tree.ring
         self.ports = ports  # rmcp2.json "content": (udp, tcp), 0 = picked, None = not over it
@@ -59,6 +59,13 @@ class Content:
         self.obj_n = 0  # objects begun since start (the sink's file numbers)
         self.obj_size = 0
         self.kc_use = 0  # the Kc Gen the last accepted packet used
+        if mem is not None:  # an earlier join's Content (memory()): numbers and counters go on
+            self.obj_n, self.counts, self.rx.errors, self.kc_use = mem
+
+    def memory(self):
+        """What the next join's Content takes over (the tree client lets this one go between
+        joins): the object number, so that no rx/obj-<n>.bin is overwritten, and the counters."""
+        return self.obj_n, self.counts, self.rx.errors, self.kc_use
 
     def status(self):
         e = self.rx.errors

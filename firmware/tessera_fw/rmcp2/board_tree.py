@@ -124,6 +124,7 @@ class Tree:
         self.cports = cfg.get("content")
         self.sink = sink
         self.cx = None
+        self.cmem = None  # board_rx.Content.memory() of the last join's reception
 
     def status(self):
         line = " ".join("%s=%d" % (n, v) for n, v in zip(TREE_NAMES, self.counts)) + " kg_gen=%d" % self.keys.kg_gen()
@@ -184,7 +185,9 @@ class Tree:
         the Kc ring made here and the content layer go too, for the admission (TLS) and the
         join with the SM link open, the board's heap peak (the DMA hands a joining member
         the current Kc, B.16; a member out of the group keeps no Kc)."""
-        self.cx = None
+        if self.cx is not None:
+            self.cmem = self.cx.memory()
+            self.cx = None
         n = 2
         if ring and self.own_ring and self.ring is not None:
             self.ring.forget()
@@ -365,7 +368,7 @@ class Tree:
             try:
                 from tessera_fw.rmcp2.board_rx import Content
 
-                self.cx = Content(self, self.cports, self.sink)
+                self.cx = Content(self, self.cports, self.sink, self.cmem)
             except MemoryError:
                 self.cports = None
                 self.r.log("rmcp2: no heap for content reception (MemoryError)")

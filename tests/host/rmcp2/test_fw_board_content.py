@@ -1,0 +1,192 @@
+"""Content reaches the board RMA (firmware board_tree + board_rx in the real unix-port
+micropython, .mpy as deployed) through real host parts, and the board re-grafts (issue 13).
+
+A virtual board admitted by the real SM joins a real DmaTreeServer (dmatree from a real DMA
+agent), announces its content ports in CONTENT_ADDR and takes content from a real relay.Relay
+fed by the SMA's side (content.Encoder + relay.SmaSender), the Kc coming from a
+contentkey.KcSchedule as the SMA's key source through the DMA's TreeCore.kc_from_sma under the
+live Ks: an object over TCP and a stream over UDP arrive byte-exact in the board's rx/ files,
+a tampered packet is counted by its number and dropped. The DMA then leaves (LEAVREQ
+LEAVE_NORMAL, sealed by the DMA under the member's K_MAS) and stops: the board re-grafts to the
+second candidate DMA of its rmcp2.json "dmas" without a new admission and takes content there.
+
+The wiring SMA -> DMA -> relay subscribers is the host helper's (p3-host); here the test
+plays it: the relay's subscriber is set from the port line the board logs."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+
+import pytest
+
+from tessera import mpshim
+from tessera.rmcp2 import codec as C
+
+from .test_fw_rma_board import Lines, board_fs, counters, mpy_dir, start_board  # noqa: F401 (fixture)
+from .test_net import SID, Session, pki, until  # noqa: F401 (fixture)
+
+mpshim.install()
+from tessera_fw.rmcp2 import rma_cfg  # noqa: E402
+
+M = C.MsgType
+# the heap this flow needs, measured (docs/rmcp2.md "Board content reception"): the tree
+# client with content reception does not fit the ESP32 profile's 112 KB
+HEAP = 128 * 1024
+HB = 0.4
+BOARD_MAID = bytes([127, 0, 0, 1, 0xB1, 1, 0, 1])  # board_fs's default
+SID_B = SID.to_bytes(8, "big")
+ERR_MAC = 16  # B.12
+
+
+def ports(con: Lines, n: int) -> tuple[int, int]:
+    """The content ports of the board's n-th join (1-based), from its console line."""
+    ln = [x for x in con.lines if "content on UDP" in x][n - 1]
+    m = re.search(r"content on UDP (\d+) TCP (\d+)", ln)
+    assert m, ln
+    return int(m[1]), int(m[2])
+
+
+def last_counters(con: Lines) -> dict[str, int]:
+    return counters(next(ln for ln in reversed(con.lines) if "|" in ln))
+
+
+def test_board_takes_content_through_a_real_dma_and_regrafts(pki, tmp_path, mpy_dir, capsys):
+    from tessera.rmcp2 import dmatree as D
+    from tessera.rmcp2.content import Encoder
+    from tessera.rmcp2.contentkey import KcSchedule
+    from tessera.rmcp2.relay import Relay, SmaSender, Subscriber
+
+    pki_dir = pki[0]
+
+    async def main():
+        async with Session(pki_dir, tmp_path, n_dmas=2) as s:
+            loop = asyncio.get_running_loop()
+            agents = s.dmas()
+            cores = [D.from_agent(a, os.urandom, loop.time(), t_hb=HB) for a in agents]
+            srvs = [D.DmaTreeServer(c, port=0, tick=0.05) for c in cores]
+            for srv in srvs:
+                await srv.start()
+            fs = board_fs(tmp_path, pki_dir, s.server.tls_port, hb_s=HB,
+                          dmas=[["127.0.0.1", srv.port, a.cfg.maid.hex()] for srv, a in zip(srvs, agents)])
+            con = Lines(await start_board(fs, mpy_dir, 1, HEAP))
+            policy = agents[0].policy
+            sma = KcSchedule(SID, C.make_maid("127.0.0.1", 40001, 1), os.urandom, 0.0, ks_suite=D.policy_of(policy)[1])
+            enc = Encoder(SID_B, sma.sma_maid, policy.get(C.ConEnDecAlg).value, policy.get(C.AuthAlg).value,
+                          os.urandom)
+            enc.set_key(*sma.current())
+            relays: list[Relay] = []
+            senders: list[SmaSender] = []
+
+            async def content_path(i: int, n_join: int) -> SmaSender:
+                """DMA i's relay with the board's announced ports as its subscriber, and the
+                SMA's sender to that relay; the Kc delivered to the board by DMA i."""
+                srvs[i]._send(cores[i].kc_from_sma(sma.keydeliver(agents[i].cfg.maid, 1, agents[i].ks), loop.time()))
+                relay = Relay(SID_B)
+                await relay.start()
+                relays.append(relay)
+                u, t = ports(con, n_join)
+                relay.set_subscribers([Subscriber(BOARD_MAID, udp=("127.0.0.1", u), tcp=("127.0.0.1", t))])
+                snd = SmaSender([("127.0.0.1", relay.udp_port, relay.tcp_port)])
+                senders.append(snd)
+                return snd
+
+            rx = fs / "rx"
+            sent_stream = bytearray()
+
+            async def stream(snd: SmaSender, n: int, tamper: bool = False) -> None:
+                for k in range(n):
+                    p = os.urandom(100 + 90 * k)
+                    snd.stream(enc.stream(p))
+                    sent_stream.extend(p)
+                    if tamper and k == 1:  # a Tag bit flipped: the relay passes it, the board's MAC check drops it
+                        bad = bytearray(enc.stream(os.urandom(64)))
+                        bad[-1] ^= 1
+                        snd.stream(bytes(bad))
+                    await asyncio.sleep(0.01)
+                await until(lambda: (rx / "stream.bin").exists() and (rx / "stream.bin").stat().st_size
+                            >= len(sent_stream), timeout=10, what=lambda: "\n".join(con.lines))
+                assert (rx / "stream.bin").read_bytes() == bytes(sent_stream)
+
+            async def obj(snd: SmaSender, n: int, size: int) -> bytes:
+                data = os.urandom(size)
+                await snd.object(enc.object(data))
+                await until(lambda: con.count(f"object {n} {size} B verified") == 1, timeout=10,
+                            what=lambda: "\n".join(con.lines))
+                assert (rx / f"obj-{n}.bin").read_bytes() == data and not (rx / f"obj-{n}.part").exists()
+                return data
+
+            try:
+                await until(lambda: con.count("content on UDP") == 1 or con.proc.returncode is not None, timeout=30,
+                            what=lambda: "\n".join(con.lines))
+                assert con.count(f"joined DMA 127.0.0.1:{srvs[0].port}") == 1, "\n".join(con.lines)
+                await until(lambda: BOARD_MAID in cores[0].members(), what="the board a member of DMA 1")
+                snd = await content_path(0, 1)
+                await until(lambda: con.count("Kc gen 1 from the DMA") == 1, what=lambda: "\n".join(con.lines))
+                # an object over TCP (5 DATA chunks, the last one short), then the stream over
+                # UDP with one tampered datagram among it, then a second object
+                await obj(snd, 1, 4 * 1024 + 321)
+                await stream(snd, 8, tamper=True)
+                await obj(snd, 2, 1000)
+                c = last_counters(con)
+                assert c["c_objs"] == 2 and c[f"cerr{ERR_MAC}"] == 1 and c["c_errors"] == 1, "\n".join(con.lines)
+                assert c["kc_gen"] == 1 and c["c_links"] >= 1
+
+                # DMA 1 leaves: LEAVREQ LEAVE_NORMAL under the member's K_MAS, then it stops.
+                # The board answers, re-grafts to DMA 2 (no new admission) and takes content there
+                conn = cores[0]._member_conn[BOARD_MAID]
+                srvs[0]._send(cores[0]._to(conn, BOARD_MAID, M.LEAVREQ, C.ResultCtl(C.Result.LEAVE_NORMAL)))
+                await until(lambda: con.count("the DMA left (LEAVREQ 0x20)") == 1, what=lambda: "\n".join(con.lines))
+                await srvs[0].close()
+                await until(lambda: con.count("content on UDP") == 2 or con.proc.returncode is not None, timeout=20,
+                            what=lambda: "\n".join(con.lines))
+                assert con.count(f"joined DMA 127.0.0.1:{srvs[1].port}") == 1, "\n".join(con.lines)
+                await until(lambda: BOARD_MAID in cores[1].members(), what="the board a member of DMA 2")
+                snd2 = await content_path(1, 2)
+                await stream(snd2, 4)
+                await obj(snd2, 3, 2500)
+            finally:
+                err = await con.stop()
+                for x in senders + relays:
+                    await x.close()
+                await srvs[1].close()
+                await srvs[0].close()
+            assert "Traceback" not in err, err
+            c = last_counters(con)
+            assert con.count("ready") == 1 and c["links"] == 1, "\n".join(con.lines)  # re-grafted, not re-admitted
+            assert (c["joined"], c["regrafts"], c["dma_left"], c["dma_drops"]) == (2, 1, 1, 0), "\n".join(con.lines)
+            # object numbers and counters go on across the re-graft (no rx/obj-<n>.bin overwritten)
+            assert c["c_objs"] == 3 and c[f"cerr{ERR_MAC}"] == 1 and c["c_errors"] == 1, "\n".join(con.lines)
+            assert c["dma_i"] == 1 and c["kc_gen"] == 1 and c["c_links"] >= 2
+            assert sorted(p.name for p in rx.iterdir()) == ["obj-1.bin", "obj-2.bin", "obj-3.bin", "stream.bin"]
+            with capsys.disabled():
+                heaps = [counters(ln)["heap"] for ln in con.lines if "|" in ln and "heap=" in ln]
+                print(f"\nboard with content reception at -X heapsize={HEAP // 1024}K: heap in use at most "
+                      f"{max(heaps)} B in its status lines")
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_rmcp2_json_dmas_and_content_are_validated(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    good = {"sm_host": "10.0.0.2", "session_id": "0123456789abcdef", "maid": "0a0000020ab20001"}
+    m1, m2 = "0a00000365980d01", "0a00000465980d02"
+
+    def load(**extra):
+        (tmp_path / "rmcp2.json").write_text(json.dumps({**good, **extra}))
+        return rma_cfg.load()
+
+    cfg = load(dmas=[["10.0.0.3", 26032, m1], ["10.0.0.4", 26033, m2]], content={"udp": 40000, "tcp": 0})
+    assert cfg["dmas"] == (("10.0.0.3", 26032, bytes.fromhex(m1)), ("10.0.0.4", 26033, bytes.fromhex(m2)))
+    assert cfg["dma"] == ("10.0.0.3", 26032) and cfg["dma_maid"] == bytes.fromhex(m1)
+    assert cfg["content"] == (40000, 0)
+    assert load(dmas=[["h", 1, m1]], content=None)["content"] is None
+    assert load(dmas=[["h", 1, m1]], content={"udp": None})["content"] == (None, 0)
+    assert load()["dmas"] == () and load()["content"] == (0, 0)
+    for bad, word in (({"dmas": []}, "dmas"), ({"dmas": [["h", 1]]}, "dmas"), ({"dmas": [["h", 0, m1]]}, "dmas"),
+                      ({"dmas": [["h", 1, "0d01"]]}, "dmas"), ({"dmas": [["h", 1, m1]] * 9}, "dmas"),
+                      ({"dmas": "h:1"}, "dmas"), ({"content": {"udp": 70000}}, "udp"),
+                      ({"content": {"tcp": -1}}, "tcp"), ({"content": [0, 0]}, "content")):
+        with pytest.raises(ValueError, match=word):
+            load(**bad)
