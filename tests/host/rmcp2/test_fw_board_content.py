@@ -31,9 +31,9 @@ mpshim.install()
 from tessera_fw.rmcp2 import rma_cfg  # noqa: E402
 
 M = C.MsgType
-# the heap this flow needs, measured (docs/rmcp2.md "Board content reception"): the tree
-# client with content reception does not fit the ESP32 profile's 112 KB
-HEAP = 128 * 1024
+# the ESP32 profile's heap. This flow passed at 108 KB and 112 KB (7 runs) and failed at
+# 104 KB (MemoryError on the control link, then on every re-join): docs/rmcp2.md
+HEAP = 112 * 1024
 HB = 0.4
 BOARD_MAID = bytes([127, 0, 0, 1, 0xB1, 1, 0, 1])  # board_fs's default
 SID_B = SID.to_bytes(8, "big")
@@ -120,9 +120,13 @@ def test_board_takes_content_through_a_real_dma_and_regrafts(pki, tmp_path, mpy_
             try:
                 await until(lambda: con.count("content on UDP") == 1 or con.proc.returncode is not None, timeout=30,
                             what=lambda: "\n".join(con.lines))
-                assert con.count(f"joined DMA 127.0.0.1:{srvs[0].port}") == 1, "\n".join(con.lines)
-                await until(lambda: BOARD_MAID in cores[0].members(), what="the board a member of DMA 1")
-                snd = await content_path(0, 1)
+                # the first candidate, or the second when the first refused the board before its
+                # HRSANS brought the board's ACL entry (a refused join moves to the next candidate)
+                a = 0 if con.count(f"joined DMA 127.0.0.1:{srvs[0].port}") else 1
+                b = 1 - a
+                assert con.count(f"joined DMA 127.0.0.1:{srvs[a].port}") == 1, "\n".join(con.lines)
+                await until(lambda: BOARD_MAID in cores[a].members(), what="the board a member of its first DMA")
+                snd = await content_path(a, 1)
                 await until(lambda: con.count("Kc gen 1 from the DMA") == 1, what=lambda: "\n".join(con.lines))
                 # an object over TCP (5 DATA chunks, the last one short), then the stream over
                 # UDP with one tampered datagram among it, then a second object
@@ -135,15 +139,15 @@ def test_board_takes_content_through_a_real_dma_and_regrafts(pki, tmp_path, mpy_
 
                 # DMA 1 leaves: LEAVREQ LEAVE_NORMAL under the member's K_MAS, then it stops.
                 # The board answers, re-grafts to DMA 2 (no new admission) and takes content there
-                conn = cores[0]._member_conn[BOARD_MAID]
-                srvs[0]._send(cores[0]._to(conn, BOARD_MAID, M.LEAVREQ, C.ResultCtl(C.Result.LEAVE_NORMAL)))
+                conn = cores[a]._member_conn[BOARD_MAID]
+                srvs[a]._send(cores[a]._to(conn, BOARD_MAID, M.LEAVREQ, C.ResultCtl(C.Result.LEAVE_NORMAL)))
                 await until(lambda: con.count("the DMA left (LEAVREQ 0x20)") == 1, what=lambda: "\n".join(con.lines))
-                await srvs[0].close()
+                await srvs[a].close()
                 await until(lambda: con.count("content on UDP") == 2 or con.proc.returncode is not None, timeout=20,
                             what=lambda: "\n".join(con.lines))
-                assert con.count(f"joined DMA 127.0.0.1:{srvs[1].port}") == 1, "\n".join(con.lines)
-                await until(lambda: BOARD_MAID in cores[1].members(), what="the board a member of DMA 2")
-                snd2 = await content_path(1, 2)
+                assert con.count(f"joined DMA 127.0.0.1:{srvs[b].port}") == 1, "\n".join(con.lines)
+                await until(lambda: BOARD_MAID in cores[b].members(), what="the board a member of the other DMA")
+                snd2 = await content_path(b, 2)
                 await stream(snd2, 4)
                 await obj(snd2, 3, 2500)
             finally:
@@ -155,10 +159,11 @@ def test_board_takes_content_through_a_real_dma_and_regrafts(pki, tmp_path, mpy_
             assert "Traceback" not in err, err
             c = last_counters(con)
             assert con.count("ready") == 1 and c["links"] == 1, "\n".join(con.lines)  # re-grafted, not re-admitted
-            assert (c["joined"], c["regrafts"], c["dma_left"], c["dma_drops"]) == (2, 1, 1, 0), "\n".join(con.lines)
+            assert (c["joined"], c["regrafts"], c["dma_left"], c["dma_drops"], c["expelled"]) == (2, 1, 1, 0, 0), \
+                "\n".join(con.lines)
             # object numbers and counters go on across the re-graft (no rx/obj-<n>.bin overwritten)
             assert c["c_objs"] == 3 and c[f"cerr{ERR_MAC}"] == 1 and c["c_errors"] == 1, "\n".join(con.lines)
-            assert c["dma_i"] == 1 and c["kc_gen"] == 1 and c["c_links"] >= 2
+            assert c["dma_i"] == b and c["kc_gen"] == 1 and c["c_links"] >= 2
             assert sorted(p.name for p in rx.iterdir()) == ["obj-1.bin", "obj-2.bin", "obj-3.bin", "stream.bin"]
             with capsys.disabled():
                 heaps = [counters(ln)["heap"] for ln in con.lines if "|" in ln and "heap=" in ln]
