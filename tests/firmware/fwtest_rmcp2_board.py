@@ -94,6 +94,11 @@ class _Ring:
         self.forgot += 1
 
 
+class _Cx:
+    def memory(self):
+        return (7, [1], [2], 3)
+
+
 class _Keys:
     ring = None
 
@@ -112,7 +117,7 @@ def _tree(cands, script):
     t.ci = 0
     t.host, t.port, t.dma_maid = cands[0]
     t.hdma = None
-    t.cx = "content"  # made after a join; let go after each control link
+    t.cx = _Cx()  # made after a join; let go after each control link, its memory() kept
     t.own_ring = True
     t.ring = _Ring()
     t.keys = _Keys()
@@ -139,6 +144,7 @@ def test_rotation_over_candidate_dmas():
     assert tried == ["a", "b", "c", "a"], tried
     # back to the SM: the Kc ring made by the tree client is forgotten and let go
     assert ring.forgot == 1 and t.ring is None and t.keys.ring is None and t.cx is None
+    assert t.cmem == (7, [1], [2], 3)  # the next join's reception goes on numbering objects
     # the hdma of a candidate is recomputed at its next join (another DMA's MAID)
     assert t.dma_maid == b"A" * 8 and t.hdma is None
     # six failed joins in a row (here all short links or refusals) -> back to the SM, each

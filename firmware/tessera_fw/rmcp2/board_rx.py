@@ -12,7 +12,7 @@ import socket
 
 from micropython import const
 
-from tessera_fw.rmcp2.content import Receiver
+from tessera_fw.rmcp2.content import Receiver, _read_exact  # tcp_loop's frame reader
 
 _PORT_LO = const(49152)  # a content port of 0: the board picks one of the IANA dynamic range
 _PORT_TRIES = const(8)  # (MicroPython sockets have no getsockname), up to 8 tries if taken
@@ -177,7 +177,7 @@ class Content:
         mv = rx.bmv
         ct = self.ct
         try:
-            if not self._fill(ct, mv, 0, 4):
+            if not _read_exact(ct, mv, 0, 4):
                 self._tcp_close(p)
                 return
             n = (mv[2] << 8) | mv[3]
@@ -185,7 +185,7 @@ class Content:
                 rx.errors[_ERR_LENGTH] += 1
                 self._tcp_close(p)
                 return
-            if not self._fill(ct, mv, 4, n):
+            if not _read_exact(ct, mv, 4, n):
                 rx.errors[_ERR_TRUNCATED] += 1
                 self._tcp_close(p)
                 return
@@ -195,15 +195,6 @@ class Content:
             return
         if not self._feed(mv[:n]):
             self._tcp_close(p)
-
-    @staticmethod
-    def _fill(so, mv, a, b):
-        while a < b:
-            k = so.readinto(mv[a:b])
-            if not k:
-                return False
-            a += k
-        return True
 
     def _tcp_close(self, p):
         ct = self.ct
