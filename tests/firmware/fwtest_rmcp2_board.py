@@ -89,6 +89,7 @@ class _Runner:
 class _Ring:
     def __init__(self):
         self.forgot = 0
+        self.cur = self.nxt = None
 
     def forget(self):
         self.forgot += 1
@@ -119,6 +120,7 @@ def _tree(cands, script):
     t.hdma = None
     t.cx = _Cx()  # made after a join; let go after each control link, its memory() kept
     t.own_ring = True
+    t.kept = None
     t.ring = _Ring()
     t.keys = _Keys()
     t.keys.ring = t.ring
@@ -142,8 +144,8 @@ def test_rotation_over_candidate_dmas():
     ring = t.ring
     assert t.run() == BT.EXPELLED
     assert tried == ["a", "b", "c", "a"], tried
-    # back to the SM: the Kc ring made by the tree client is forgotten and let go
-    assert ring.forgot == 1 and t.ring is None and t.keys.ring is None and t.cx is None
+    # back to the SM: the Kc ring made by the tree client is forgotten and let go, none kept
+    assert ring.forgot == 1 and t.ring is None and t.keys.ring is None and t.cx is None and t.kept is None
     assert t.cmem == (7, [1], [2], 3)  # the next join's reception goes on numbering objects
     # the hdma of a candidate is recomputed at its next join (another DMA's MAID)
     assert t.dma_maid == b"A" * 8 and t.hdma is None
@@ -162,3 +164,4 @@ def test_rotation_over_candidate_dmas():
     t.own_ring = False
     ring = t.ring
     assert t.run() == BT.EXPELLED and t.ring is ring and ring.forgot == 0
+

@@ -113,6 +113,7 @@ class Tree:
         # re-grafts (the same session), forgotten when the board goes back to the SM
         self.ring = ring
         self.own_ring = ring is None
+        self.kept = None  # the Kc of the ring between joins (_unload)
         self.keys = Keys(rma.sid, rma.maid, ring, env=rma.env, dec=rma.dec)
         self.counts = [0] * len(TREE_NAMES)
         self.s = None  # the control link (a TCP socket)
@@ -178,23 +179,44 @@ class Tree:
                 r.link = None
             self._unload(True)
 
-    def _unload(self, ring):
-        """Between joins the content reception's buffers and code (board_rx, sink: 9.7 KB on
-        the unix port) are let go, so that the join (its modules and the DH key pair) finds
-        room; the next join makes them again. Back to the SM (`ring`: expelled, or no join)
-        the Kc ring made here and the content layer go too, for the admission (TLS) and the
-        join with the SM link open, the board's heap peak (the DMA hands a joining member
-        the current Kc, B.16; a member out of the group keeps no Kc)."""
+    def _unload(self, out):
+        """Between joins the content code and buffers are let go, so that the join (its
+        modules and the DH key pair) finds room: the reception (board_rx, sink, the
+        Receiver: 10.6 KB on the unix port) and, when the tree client made the Kc ring, the
+        ring and the content layer (content.py with const.py, 11.6 KB), the ring's Kc kept
+        as plain values (`kept`: Gen, key, stream window, object Seq of the current and
+        next Kc) and put back into a new ring after the join: the same session, the same
+        keys, no replay window reopened (B.15 re-graft). Back to the SM (`out`: expelled,
+        or no join) nothing is kept: a member out of the group keeps no Kc, and the DMA
+        hands a joining member the current Kc (B.16)."""
         if self.cx is not None:
             self.cmem = self.cx.memory()
             self.cx = None
         n = 2
-        if ring and self.own_ring and self.ring is not None:
-            self.ring.forget()
-            self.ring = self.keys.ring = None
+        if self.own_ring:
+            self.kept = None
+            ring = self.ring
+            if ring is not None:
+                if not out:
+                    self.kept = [(x.gen, bytes(x.key), x.win.high, list(x.win.slot), x.obj_high)
+                                 for x in (ring.cur, ring.nxt) if x is not None]
+                ring.forget()
+                self.ring = self.keys.ring = None
             n = 4
         for i in range(n):
             release(_CONTENT_MODS[i])
+
+    def _ring_back(self, ring):
+        """Put the Kc kept by _unload back into a new ring (windows and object Seq too)."""
+        for gen, key, high, slots, obj_high in self.kept or ():
+            ring.install(gen, key)
+            x = ring.cur if ring.cur.gen == gen else ring.nxt
+            x.win.high = high
+            x.win.slot[:] = slots
+            x.obj_high = obj_high
+        self.kept = None
+        return ring
+
     def next_dma(self):
         """The next candidate parent DMA of rmcp2.json "dmas", wrapping (one: the same)."""
         self.ci = (self.ci + 1) % len(self.cands)
@@ -255,7 +277,7 @@ class Tree:
             gc.collect()
         if ok and self.ring is None:  # after the join modules are released: see __init__
             try:
-                self.ring = self.keys.ring = new_ring(rma)
+                self.ring = self.keys.ring = self._ring_back(new_ring(rma))
             except MemoryError:
                 ok = False
                 c[_JOIN_ERRORS] += 1

@@ -8,7 +8,9 @@ contentkey.KcSchedule as the SMA's key source through the DMA's TreeCore.kc_from
 live Ks: an object over TCP and a stream over UDP arrive byte-exact in the board's rx/ files,
 a tampered packet is counted by its number and dropped. The DMA then leaves (LEAVREQ
 LEAVE_NORMAL, sealed by the DMA under the member's K_MAS) and stops: the board re-grafts to the
-second candidate DMA of its rmcp2.json "dmas" without a new admission and takes content there.
+second candidate DMA of its rmcp2.json "dmas" without a new admission and takes content there;
+that one is killed (links aborted) while the first is back: the board re-grafts to the first
+again (the list wraps) and takes content there too.
 
 The wiring SMA -> DMA -> relay subscribers is the host helper's (p3-host); here the test
 plays it: the relay's subscriber is set from the port line the board logs."""
@@ -28,7 +30,10 @@ from .test_fw_rma_board import Lines, board_fs, counters, mpy_dir, start_board  
 from .test_net import SID, Session, pki, until  # noqa: F401 (fixture)
 
 mpshim.install()
+from tessera_fw.rmcp2 import board_tree as BT  # noqa: E402
 from tessera_fw.rmcp2 import rma_cfg  # noqa: E402
+from tessera_fw.rmcp2.content import KcRing  # noqa: E402
+from tessera_fw.rmcp2.err import Rmcp2Error  # noqa: E402
 
 M = C.MsgType
 # the ESP32 profile's heap. This flow passed at 108 KB and 112 KB (7 runs) and failed at
@@ -150,6 +155,20 @@ def test_board_takes_content_through_a_real_dma_and_regrafts(pki, tmp_path, mpy_
                 snd2 = await content_path(b, 2)
                 await stream(snd2, 4)
                 await obj(snd2, 3, 2500)
+                # the DMA's control links took the board's HBs with CONTENT_ADDR without a complaint
+                assert not cores[a].errors and not cores[b].errors, (cores[a].errors, cores[b].errors)
+
+                # the first DMA is back (a new process on its port) and the second one is killed
+                # (links aborted, no LEAVREQ): the board re-grafts to the first again (wrapping)
+                cores[a] = D.from_agent(agents[a], os.urandom, loop.time(), t_hb=HB)
+                srvs[a] = D.DmaTreeServer(cores[a], port=srvs[a].port, tick=0.05)
+                await srvs[a].start()
+                await srvs[b].close()
+                await until(lambda: con.count("content on UDP") == 3 or con.proc.returncode is not None, timeout=20,
+                            what=lambda: "\n".join(con.lines))
+                assert con.count(f"joined DMA 127.0.0.1:{srvs[a].port}") == 2, "\n".join(con.lines)
+                snd3 = await content_path(a, 3)
+                await obj(snd3, 4, 700)
             finally:
                 err = await con.stop()
                 for x in senders + relays:
@@ -159,12 +178,12 @@ def test_board_takes_content_through_a_real_dma_and_regrafts(pki, tmp_path, mpy_
             assert "Traceback" not in err, err
             c = last_counters(con)
             assert con.count("ready") == 1 and c["links"] == 1, "\n".join(con.lines)  # re-grafted, not re-admitted
-            assert (c["joined"], c["regrafts"], c["dma_left"], c["dma_drops"], c["expelled"]) == (2, 1, 1, 0, 0), \
+            assert (c["joined"], c["regrafts"], c["dma_left"], c["dma_drops"], c["expelled"]) == (3, 2, 1, 1, 0), \
                 "\n".join(con.lines)
             # object numbers and counters go on across the re-graft (no rx/obj-<n>.bin overwritten)
-            assert c["c_objs"] == 3 and c[f"cerr{ERR_MAC}"] == 1 and c["c_errors"] == 1, "\n".join(con.lines)
-            assert c["dma_i"] == b and c["kc_gen"] == 1 and c["c_links"] >= 2
-            assert sorted(p.name for p in rx.iterdir()) == ["obj-1.bin", "obj-2.bin", "obj-3.bin", "stream.bin"]
+            assert c["c_objs"] == 4 and c[f"cerr{ERR_MAC}"] == 1 and c["c_errors"] == 1, "\n".join(con.lines)
+            assert c["dma_i"] == a and c["kc_gen"] == 1 and c["c_links"] >= 3
+            assert sorted(p.name for p in rx.iterdir()) == ["obj-1.bin", "obj-2.bin", "obj-3.bin", "obj-4.bin", "stream.bin"]
             with capsys.disabled():
                 heaps = [counters(ln)["heap"] for ln in con.lines if "|" in ln and "heap=" in ln]
                 print(f"\nboard with content reception at -X heapsize={HEAP // 1024}K: heap in use at most "
@@ -195,3 +214,43 @@ def test_rmcp2_json_dmas_and_content_are_validated(tmp_path, monkeypatch):
                       ({"content": {"tcp": -1}}, "tcp"), ({"content": [0, 0]}, "content")):
         with pytest.raises(ValueError, match=word):
             load(**bad)
+
+
+class _Keys:
+    ring = None
+
+
+class _Tree(BT.Tree):
+    def __init__(self):  # run()'s key keeping only (under CPython: the board's logic, not its heap)
+        self.cx = None
+        self.own_ring = True
+        self.kept = None
+        self.keys = _Keys()
+
+
+def test_kc_kept_between_joins_without_reopening_replay_windows():
+    """board_tree lets the Kc ring and the content layer go between joins (heap for the join)
+    and puts the same Kc back after the next one: same Gens and keys, and the replay window
+    and object Seq as they were, so a packet seen before a re-graft is still a replay after."""
+    t = _Tree()
+    ring = t.ring = t.keys.ring = KcRing(2, 1)
+    k5, k6 = os.urandom(16), os.urandom(16)
+    ring.install(5, k5)
+    ring.install(6, k6)
+    for seq in (1, 2, 3, 40):
+        ring.cur.win.commit(seq)
+    ring.cur.obj_high = 17
+    t._unload(False)
+    assert t.ring is None and t.keys.ring is None and ring.cur is None and [x[0] for x in t.kept] == [5, 6]
+    back = t._ring_back(KcRing(2, 1))
+    assert back.gens() == (5, 6) and back.cur.key == k5 and back.nxt.key == k6 and t.kept is None
+    assert back.cur.win.high == 40 and back.cur.obj_high == 17
+    for seq in (40, 3):
+        with pytest.raises(Rmcp2Error) as e:
+            back.cur.win.check(seq)
+        assert e.value.code == 17  # REPLAY
+    back.cur.win.check(41)
+    t.ring = t.keys.ring = back
+    t._unload(True)  # back to the SM: nothing kept
+    assert t.kept is None and t.ring is None and back.cur is None
+    assert t._ring_back(KcRing(2, 1)).gens() == (0, 0)

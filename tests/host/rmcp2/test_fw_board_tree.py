@@ -177,9 +177,6 @@ async def host_member(port: int, maid: bytes, w: bytes, suite: P.Suite):
 
 
 def tree_fs(tmp_path, pki_dir, sm_port: int, dma_port: int, name: str = "rma1", **cfg):
-    # no content reception here (rmcp2.json "content": null): these tests hold the control
-    # link at the ESP32 profile's heap; with content the board needs more (test_fw_board_content)
-    cfg.setdefault("content", None)
     return board_fs(tmp_path, pki_dir, sm_port, name, hb_s=HB, dma=["127.0.0.1", dma_port], dma_maid=DMA_MAID.hex(),
                     **cfg)
 
@@ -447,7 +444,7 @@ def test_board_against_the_dma_tree_service_of_a_real_dma_agent(pki, tmp_path, m
             srv = D.DmaTreeServer(core, port=0, tick=0.05)
             await srv.start()
             fs = board_fs(tmp_path, pki_dir, s.server.tls_port, hb_s=HB, dma=["127.0.0.1", srv.port],
-                          dma_maid=agent.cfg.maid.hex(), content=None)
+                          dma_maid=agent.cfg.maid.hex())
             con = Lines(await start_board(fs, mpy_dir, 1, HEAP))
             try:
                 await until(lambda: con.count("joined DMA") == 1 or con.proc.returncode is not None, timeout=60,
