@@ -221,7 +221,16 @@ class Runner:
         return False
 
     def _log(self, s):
-        print(s, "|", self.status())
+        # a log line never ends the RMA: on a heap this full the status line is left out
+        # (a MemoryError here, inside an except clause, would otherwise escape run())
+        try:
+            st = self.status()
+        except MemoryError:
+            st = "no heap for the status line"
+        try:
+            print(s, "|", st)
+        except MemoryError:
+            pass
 
     def status(self):
         """One line: the counters, the engine's errors and the heap in use after a
