@@ -36,8 +36,8 @@ from tessera_fw.rmcp2.content import KcRing  # noqa: E402
 from tessera_fw.rmcp2.err import Rmcp2Error  # noqa: E402
 
 M = C.MsgType
-# the ESP32 profile's heap. This flow passed at 108 KB and 112 KB (7 runs) and failed at
-# 104 KB (MemoryError on the control link, then on every re-join): docs/rmcp2.md
+# the ESP32 profile's heap. This flow passes at 108 KB and 112 KB and fails at 104 KB
+# (MemoryError: status lines dropped, content lost): docs/rmcp2.md
 HEAP = 112 * 1024
 HB = 0.4
 BOARD_MAID = bytes([127, 0, 0, 1, 0xB1, 1, 0, 1])  # board_fs's default
