@@ -119,15 +119,17 @@ class Content:
             if not port:
                 b = self.r.rand(2)
                 port = _PORT_LO + (((b[0] << 8) | b[1]) % (65536 - _PORT_LO))
-            so = socket.socket(socket.AF_INET, kind)
+            so = None
             try:
+                so = socket.socket(socket.AF_INET, kind)
                 so.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 so.bind(socket.getaddrinfo("0.0.0.0", port)[0][-1])
                 if kind == socket.SOCK_STREAM:
                     so.listen(1)
                 return so, port
-            except OSError as e:  # EADDRINUSE: another port
-                so.close()
+            except OSError as e:  # EADDRINUSE: another port (EMFILE: the same answer 8 times)
+                if so is not None:
+                    so.close()
                 err = e
         self.r.log("rmcp2: no content %s port (%s)" % ("TCP" if kind == socket.SOCK_STREAM else "UDP",
                                                       type(err).__name__))

@@ -309,9 +309,14 @@ class Tree:
         p.register(s, select.POLLIN)
         s.settimeout(r.cfg["timeout_s"])  # a message that started must finish within it
         cx = self._content()
+        if cx is not None:
+            try:
+                cx.bind(p)
+            except Exception as e:  # MemoryError, no socket left: this link runs without content
+                cx.close()
+                cx = None
+                r.log("rmcp2: no content sockets (%s)" % type(e).__name__)
         content = cx is not None
-        if content:
-            cx.bind(p)
         now = time.ticks_ms()
         due = now if content else time.ticks_add(now, hb)  # CONTENT_ADDR at once
         last = now
@@ -384,15 +389,14 @@ class Tree:
         return how
 
     def _content(self):
-        """The board_rx.Content of this tree client, made at the first join (None: rmcp2.json
-        "content": null, or no heap for it: said, the control link runs without content)."""
+        """The board_rx.Content of this join's control link (None: rmcp2.json "content":
+        null, or no heap for it: said, that link runs without content)."""
         if self.cx is None and self.cports is not None:
             try:
                 from tessera_fw.rmcp2.board_rx import Content
 
                 self.cx = Content(self, self.cports, self.sink, self.cmem)
-            except MemoryError:
-                self.cports = None
+            except MemoryError:  # this link runs without content; the next join tries again
                 self.r.log("rmcp2: no heap for content reception (MemoryError)")
         return self.cx
 
