@@ -3,7 +3,8 @@ reception"): the board (real unix-port micropython, .mpy, the ESP32 profile's 11
 by the real SM and joined to a real DmaTreeServer takes, straight at its announced ports, a UDP
 flood of junk and of well-formed packets under guessed keys interleaved with a genuine stream,
 then hostile TCP peers (an oversized Length, a frame cut short then silence, a non-content
-frame, a burst of connections each replacing the last); then a genuine object. The control
+frame, a burst of connections each replacing the last), an object whose link ends half-way
+and one with a forged digest (neither may become a file); then a genuine object. The control
 link must stay up, every bad packet be counted by its number, the genuine content arrive
 byte-exact. Loopback only, bounded in count and time."""
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ..rmcp2.test_fw_rma_board import Lines, board_fs, mpy_dir, start_board  # n
 from ..rmcp2.test_net import SID, Session, pki, until  # noqa: F401 (fixture)
 
 JUNK, FORGED, GOOD = 400, 200, 40
-ERR = {"TRUNCATED": 1, "LENGTH": 2, "OVERSIZE": 3, "MAC": 16}
+ERR = {"TRUNCATED": 1, "LENGTH": 2, "OVERSIZE": 3, "MAC": 16, "DIGEST": 41}
 
 
 @pytest.mark.slow
@@ -103,19 +104,34 @@ def test_board_content_ports_under_attack(pki, tmp_path, mpy_dir, capsys):
                 await asyncio.sleep(0.2)
                 # a burst of 20: each accepted one replaces the one before (one content link at most)
                 conns += await asyncio.gather(*(tcp(b"") for _ in range(20)))
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(0.3)
                 for w in conns:
                     if w is not None:
                         w.close()
 
-                # 3. a genuine object over TCP afterwards
+                # 3. objects that must not become files: one whose link ends after BEGIN and one
+                # DATA (object 1), one with a forged OBJ_END digest from a key holder (object 2)
+                cut = list(enc.object(os.urandom(2000)))
+                w = await tcp(b"".join(cut[:2]))
+                await asyncio.sleep(0.3)
+                w.close()
+                bad = list(enc.object(os.urandom(1500)))
+                bad[-1] = D.seal_packet(SID_B, sma.sma_maid, D.Kind.OBJ_END, cen, cau, 1, sma.current()[1],
+                                        enc.seq_object, os.urandom(16), os.urandom(32))
+                w = await tcp(b"".join(bad))
+                await asyncio.sleep(0.5)  # no log line for a refused packet: its count shows in the next one
+                w.close()
+                assert not list(rx.glob("obj-*")), list(rx.iterdir())  # both .part files deleted
+
+                # 4. a genuine object over TCP afterwards
                 data = os.urandom(3000)
                 w = await tcp(b"".join(enc.object(data)))
-                await until(lambda: con.count("object 1 3000 B verified") == 1, timeout=10,
+                await until(lambda: con.count("object 3 3000 B verified") == 1, timeout=10,
                             what=lambda: "\n".join(con.lines[-3:]))
                 w.close()
-                assert (rx / "obj-1.bin").read_bytes() == data
-                await asyncio.sleep(3 * HB)  # the control link lives on its HBs through all of it
+                assert (rx / "obj-3.bin").read_bytes() == data
+                assert sorted(p.name for p in rx.iterdir()) == ["obj-3.bin", "stream.bin"]
+                await asyncio.sleep(HB)  # the control link lived on its HBs through all of it (> 3 T_HB)
                 assert BOARD_MAID in core.members()
                 c = last_counters(con)
             finally:
@@ -124,13 +140,15 @@ def test_board_content_ports_under_attack(pki, tmp_path, mpy_dir, capsys):
                 await srv.close()
             assert "Traceback" not in err, err
             assert con.count("DMA link lost") == 0 and c["dma_drops"] == 0 and c["joined"] == 1, "\n".join(con.lines)
-            # every genuine packet accepted, nothing else: 40 stream + 5 object packets, the
-            # object's line logged while its END is handled (counted just after): 44 in that line
-            assert c["c_pkts"] == GOOD + 4 and c["c_objs"] == 1, c
+            # every genuine packet accepted, nothing else: 40 stream packets, BEGIN + DATA of the
+            # cut object, BEGIN + 2 DATA of the forged one, and of the last object BEGIN + 3 DATA
+            # (its line is logged while its END is handled, counted just after)
+            assert c["c_pkts"] == GOOD + 2 + 3 + 4 and c["c_objs"] == 1, c
             errs = {k: v for k, v in c.items() if k.startswith("cerr")}
             # each hostile datagram and the 3 bad TCP frames counted once (the kernel may drop a
             # datagram under load, so not exactly); the forged ones all die at the MAC
-            assert JUNK // 2 <= sum(errs.values()) == c["c_errors"] <= JUNK + FORGED + 3, errs
+            assert JUNK // 2 <= sum(errs.values()) == c["c_errors"] <= JUNK + FORGED + 4, errs
+            assert errs.get(f"cerr{ERR['DIGEST']}") == 1, errs
             assert FORGED // 2 <= errs.get(f"cerr{ERR['MAC']}", 0) <= FORGED, errs
             # the TCP peers: Length 65535 (LENGTH), cut short (TRUNCATED), a control message (6)
             assert errs.get("cerr2", 0) >= 1 and errs.get("cerr1", 0) >= 1 and errs.get("cerr6", 0) == 1, errs
@@ -138,7 +156,8 @@ def test_board_content_ports_under_attack(pki, tmp_path, mpy_dir, capsys):
             with capsys.disabled():
                 print(f"\nboard content ports under attack: {JUNK} junk + {FORGED} forged datagrams + "
                       f"{len(conns)} hostile TCP peers ({sum(w is None for w in conns)} not connected); errors by number {errs}; "
-                      f"{GOOD}/{GOOD} stream packets and the object byte-exact; control link kept; "
+                      f"{GOOD}/{GOOD} stream packets and the object byte-exact, the cut and forged objects left no file; "
+                      f"control link kept; "
                       f"heap {heap0} -> {heap1} B")
 
     asyncio.run(asyncio.wait_for(main(), 60))
