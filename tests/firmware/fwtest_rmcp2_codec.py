@@ -122,3 +122,16 @@ def test_oversize_is_refused_before_anything_else():
         assert e.code == 3
     else:
         raise AssertionError("1025 bytes accepted")
+
+
+def test_hb_with_content_addr_exact_bytes():
+    # B.4 CONTENT_ADDR (0xC8, defined by this project), the contract's example: UDP 40000,
+    # TCP 40001 -> c8 08 00 00 9c 40 9c 41, inside an RMA's HB (Length 28)
+    w = Writer()
+    sid, maid = unhex("0123456789abcdef"), unhex("7f000001b1010001")
+    out = bytes(W.hb_addr(w, sid, maid, 40000, 40001))
+    assert out == unhex("43ad001c") + sid + maid + unhex("c80800009c409c41"), out
+    assert bytes(W.hb_addr(w, sid, maid, 0, 65535))[20:] == unhex("c8080000" + "0000ffff")
+    # the board's own decoder skips it as an unknown control (B.2): an HB with one skipped
+    d = Decoder()
+    assert d.decode(out) == 0xAD and d.skipped == 1 and d.count == 0 and d.n == 28

@@ -10,9 +10,12 @@
 #   {"sm_host": "10.0.0.2", "sm_port": 26030, "session_id": "0123456789abcdef",
 #    "maid": "0a0000020ab20001", "cert": "rma.der", "key": "rma.key.der", "ca": "ca.der",
 #    "sm_name": "sm", "service_user_id": "viewer-1", "hb_s": 30, "timeout_s": 15,
-#    "backoff_s": [1, 60], "dma": ["10.0.0.3", 26032], "dma_maid": "0a00000365980d01"}
-# With "dma" (and the DMA's MAID) the board joins that DMA after admission and keeps the
-# join link as its control link (board_tree.py, loaded only then; docs/rmcp2.md).
+#    "backoff_s": [1, 60], "dmas": [["10.0.0.3", 26032, "0a00000365980d01"]],
+#    "content": {"udp": 0, "tcp": 0}}
+# With "dmas" (candidate parent DMAs; or the older "dma" + "dma_maid") the board joins the
+# first after admission, keeps the join link as its control link, takes content on the
+# ports of "content" and re-grafts to the next candidate when its DMA is lost
+# (board_tree.py, loaded only then; docs/rmcp2.md).
 # The key file stays on the board's filesystem; it never appears in a log line or error.
 import os
 import time
@@ -55,7 +58,7 @@ class Runner:
     """One RMA with its link. run() keeps it admitted; `counts` (COUNT_NAMES) and the
     engine's `rma.errors` (per B.12 error number) say what happened."""
 
-    def __init__(self, cfg, log=None, rand=os.urandom, sleep_ms=None, pool=None, ring=None):
+    def __init__(self, cfg, log=None, rand=os.urandom, sleep_ms=None, pool=None, ring=None, sink=None):
         self.cfg = cfg
         self.log = log or self._log
         self.rand = rand
@@ -76,6 +79,7 @@ class Runner:
         self.room = None  # _TLS_ROOM held between links (reserve())
         self.tree = None  # board_tree.Tree once a DMA is joined (rmcp2.json "dma")
         self.ring = ring  # where Kc goes (the content layer's KcRing; board_tree picks one if None)
+        self.sink = sink  # the receiving application (sink.py's interface; None: sink.FileSink)
 
     def run(self, links=0):
         """Admit and keep the link; after a drop, wait (bounded backoff) and start again.
@@ -86,7 +90,7 @@ class Runner:
         while not links or self.counts[_LINKS] < links:
             state = self.once()
             if state == _ST_READY:
-                if self.cfg.get("dma"):
+                if self.cfg.get("dmas"):
                     expelled = self.tree_run()
                     wait = hi if expelled or self.rma.state == _ST_TERMINATED else lo
                 else:
@@ -129,7 +133,7 @@ class Runner:
             try:
                 from tessera_fw.rmcp2.board_tree import Tree
 
-                self.tree = Tree(self, self.ring)
+                self.tree = Tree(self, self.ring, self.sink)
             except MemoryError:  # a heap too small for the tree client: said, then the longest wait
                 self.link.close()
                 self.link = None
@@ -217,7 +221,16 @@ class Runner:
         return False
 
     def _log(self, s):
-        print(s, "|", self.status())
+        # a log line never ends the RMA: on a heap this full the status line is left out
+        # (a MemoryError here, inside an except clause, would otherwise escape run())
+        try:
+            st = self.status()
+        except MemoryError:
+            st = "no heap for the status line"
+        try:
+            print(s, "|", st)
+        except MemoryError:
+            pass
 
     def status(self):
         """One line: the counters, the engine's errors and the heap in use after a

@@ -8,6 +8,20 @@
 # is joined again with a fresh Annex E after a bounded, jittered backoff. Loaded by board.py
 # only when rmcp2.json names a DMA.
 #
+# Content (B.17; the CONTENT_ADDR contract of issue 13, defined by this project): after each
+# join the board binds a UDP socket and a TCP listening socket (rmcp2.json "content"),
+# announces their ports in CONTENT_ADDR inside its first HB (Seq 1 under the new K_MAS) and
+# every HB after it, and its control loop polls the control link, the UDP socket, the
+# listener and at most one accepted content TCP link (a newer one replaces it), feeding
+# content.Receiver (board_rx.py); plaintext goes to a sink (sink.py). A content packet's error is counted
+# and dropped; it never ends the control link. The content sockets close with it.
+#
+# Re-graft (B.15): rmcp2.json "dmas" lists candidate parent DMAs. A lost DMA (closed, 3 T_HB
+# silent, no connect, a refused or failed join) or a LEAVREQ LEAVE_NORMAL from it: the next
+# candidate (wrapping) is joined after the jittered backoff, without a new admission at the
+# SM (every DMA of the session holds the RMA in its ACL, B.14); LEAVREQ EXPELLED (and any
+# other result) sends the board back to the SM.
+#
 # The SM's TLS link is kept until the join succeeds (10.1.1.1: an RMA's TLS session is kept
 # until it has authenticated to its parent DMA), then closed: the SM keeps the member and its
 # ACL entry after the link closes (sm.py disconnect), and the board's heap is spared the TLS
@@ -45,6 +59,7 @@ _KT_KC = const(3)
 # control() outcomes
 DROPPED = const(0)
 EXPELLED = const(1)
+LEFT = const(2)  # LEAVREQ LEAVE_NORMAL from the DMA: it stops; the board re-grafts
 
 # counters (Tree.counts), by index
 _JOINS = const(0)  # join attempts (TCP to the DMA + Annex E)
@@ -58,9 +73,11 @@ _DMA_MSGS = const(7)  # messages received on the control link
 _KG = const(8)  # Kg installed after the join (re-keys)
 _KC = const(9)  # Kc installed
 _LEFT = const(10)  # LEAVREQ sent (clean stop)
-_EXPELLED = const(11)  # LEAVREQ from the DMA answered
+_EXPELLED = const(11)  # LEAVREQ from the DMA answered (other than LEAVE_NORMAL)
+_DMA_LEFT = const(12)  # LEAVREQ LEAVE_NORMAL from the DMA answered: re-graft
+_REGRAFTS = const(13)  # joins to another candidate DMA than the last one joined
 TREE_NAMES = ("joins", "joined", "join_refused", "join_errors", "dma_drops", "dma_hb_sent", "dma_hb_in",
-              "dma_msgs", "kg", "kc", "left", "expelled")
+              "dma_msgs", "kg", "kc", "left", "expelled", "dma_left", "regrafts")
 
 
 def new_ring(rma):
@@ -71,30 +88,54 @@ def new_ring(rma):
     return KcRing(rma.policy[2], rma.policy[4])
 
 
-class Tree:
-    """The tree client of one board Runner (board.py): run() after each admission."""
+# what the tree client loads after a join and lets go when the board goes back to the SM
+# (the admission and the join with the SM link open are the board's heap peak): the content
+# layer (with const.py, 11.6 KB of code on the unix port), the content reception and sink
+_CONTENT_MODS = ("tessera_fw.rmcp2.board_rx", "tessera_fw.rmcp2.sink", "tessera_fw.rmcp2.content",
+                 "tessera_fw.rmcp2.const")
 
-    def __init__(self, runner, ring=None):
+
+class Tree:
+    """The tree client of one board Runner (board.py): run() after each admission. `sink`
+    receives the content's plaintext (sink.py's interface; None: sink.FileSink)."""
+
+    def __init__(self, runner, ring=None, sink=None):
         self.r = runner
         cfg = runner.cfg
         rma = runner.rma
-        self.host, self.port = cfg["dma"]
-        self.dma_maid = cfg["dma_maid"]
-        self.hdma = None  # the DMA's HASHED_MAID: IDs it must prove in Annex E (set at the first join)
-        self.ring = ring if ring is not None else new_ring(rma)
-        self.keys = Keys(rma.sid, rma.maid, self.ring, env=rma.env, dec=rma.dec)
+        self.cands = cfg.get("dmas") or ((cfg["dma"][0], cfg["dma"][1], cfg["dma_maid"]),)
+        self.ci = 0  # the candidate in use
+        self.host, self.port, self.dma_maid = self.cands[0]
+        self.joined_ci = -1  # the candidate last joined (a join elsewhere is a re-graft)
+        self.hdma = None  # the DMA's HASHED_MAID: IDs it must prove in Annex E (set at each join)
+        # the Kc ring: the caller's, or one made after the first join (content.py is not in
+        # the heap during the join with the SM link open) and kept across re-joins and
+        # re-grafts (the same session), forgotten when the board goes back to the SM
+        self.ring = ring
+        self.own_ring = ring is None
+        self.kept = None  # the Kc of the ring between joins (_unload)
+        self.keys = Keys(rma.sid, rma.maid, ring, env=rma.env, dec=rma.dec)
         self.counts = [0] * len(TREE_NAMES)
         self.s = None  # the control link (a TCP socket)
         self.seq = 0  # Seq of this RMA's messages under the current K_MAS (B.7)
         self.w = b""
         self.fail = 0  # the last refusal's annexe.F_* reason
+        # content (B.17): the ports of rmcp2.json "content" (None: no content at all); the
+        # board_rx.Content is made at the first join (_content)
+        self.cports = cfg.get("content")
+        self.sink = sink
+        self.cx = None
+        self.cmem = None  # board_rx.Content.memory() of the last join's reception
 
     def status(self):
-        return " ".join("%s=%d" % (n, v) for n, v in zip(TREE_NAMES, self.counts)) + " kg_gen=%d" % self.keys.kg_gen()
+        line = " ".join("%s=%d" % (n, v) for n, v in zip(TREE_NAMES, self.counts)) + " kg_gen=%d" % self.keys.kg_gen()
+        line += " dma_i=%d" % self.ci
+        return line if self.cx is None else line + " " + self.cx.status()
 
     def run(self):
         """With the SM link admitted (runner.link): join, keep the control link, re-join
-        after drops. Returns EXPELLED after a LEAVREQ from the DMA, DROPPED after
+        after drops, re-graft to the next candidate DMA when the DMA is lost or leaves.
+        Returns EXPELLED after a LEAVREQ from the DMA other than LEAVE_NORMAL, DROPPED after
         _JOIN_TRIES failed joins in a row or when the SM link is lost before a join
         succeeded; the SM link is closed either way (the caller admits again)."""
         r = self.r
@@ -112,7 +153,9 @@ class Tree:
                         r.link.close()
                         r.link = None
                     t = time.ticks_ms()
-                    if self.control() == EXPELLED:
+                    how = self.control()
+                    self._unload(False)  # the content reception is made again after the next join
+                    if how == EXPELLED:
                         return EXPELLED
                     if time.ticks_diff(time.ticks_ms(), t) >= short:
                         fails = 0  # the link served a while: the backoff starts short again
@@ -122,6 +165,7 @@ class Tree:
                         # members is not joined again at the shortest wait for ever
                 else:
                     fails += 1
+                self.next_dma()  # the DMA is lost, left or refused: the next candidate (B.15)
                 if fails >= _JOIN_TRIES:
                     break
                 if not r.pause(r.jitter(wait)):
@@ -133,6 +177,51 @@ class Tree:
             if r.link is not None:
                 r.link.close()
                 r.link = None
+            self._unload(True)
+
+    def _unload(self, out):
+        """Between joins the content code and buffers are let go, so that the join (its
+        modules and the DH key pair) finds room: the reception (board_rx, sink, the
+        Receiver: 10.6 KB on the unix port) and, when the tree client made the Kc ring, the
+        ring and the content layer (content.py with const.py, 11.6 KB), the ring's Kc kept
+        as plain values (`kept`: Gen, key, stream window, object Seq of the current and
+        next Kc) and put back into a new ring after the join: the same session, the same
+        keys, no replay window reopened (B.15 re-graft). Back to the SM (`out`: expelled,
+        or no join) nothing is kept: a member out of the group keeps no Kc, and the DMA
+        hands a joining member the current Kc (B.16)."""
+        if self.cx is not None:
+            self.cmem = self.cx.memory()
+            self.cx = None
+        n = 2
+        if self.own_ring:
+            self.kept = None
+            ring = self.ring
+            if ring is not None:
+                if not out:
+                    self.kept = [(x.gen, bytes(x.key), x.win.high, list(x.win.slot), x.obj_high)
+                                 for x in (ring.cur, ring.nxt) if x is not None]
+                ring.forget()
+                self.ring = self.keys.ring = None
+            n = 4
+        for i in range(n):
+            release(_CONTENT_MODS[i])
+
+    def _ring_back(self, ring):
+        """Put the Kc kept by _unload back into a new ring (windows and object Seq too)."""
+        for gen, key, high, slots, obj_high in self.kept or ():
+            ring.install(gen, key)
+            x = ring.cur if ring.cur.gen == gen else ring.nxt
+            x.win.high = high
+            x.win.slot[:] = slots
+            x.obj_high = obj_high
+        self.kept = None
+        return ring
+
+    def next_dma(self):
+        """The next candidate parent DMA of rmcp2.json "dmas", wrapping (one: the same)."""
+        self.ci = (self.ci + 1) % len(self.cands)
+        self.host, self.port, self.dma_maid = self.cands[self.ci]
+        self.hdma = None
 
     def join(self, enc, auth):
         """One join: TCP, PPROBREQ, Annex E; True with the control link open in self.s.
@@ -146,7 +235,10 @@ class Tree:
         c[_JOINS] += 1
         ok = False
         J = None
-        fresh = False
+        # the join modules loaded by this call are released after it, also when the import
+        # itself failed (a MemoryError half-way leaves annexe or tree in sys.modules, whose
+        # 7-9 KB of code the control link would then hold for good)
+        fresh = _JOIN_MODS[0] not in sys.modules
         s = socket.socket()
         try:
             J, fresh = acquire(_JOIN_MODS[0])  # join, which loads annexe and tree
@@ -168,6 +260,7 @@ class Tree:
                 k.enc = enc
                 k.auth = auth
                 k.joined(self.dma_maid, j.kmas, j.kg_gen, j.kg)
+                j = J = None  # the join's objects go before the ring's are made
                 self.seq = 0
                 self.s = s
                 ok = True
@@ -182,15 +275,28 @@ class Tree:
                 for name in _JOIN_MODS:
                     release(name)
             gc.collect()
+        if ok and self.ring is None:  # after the join modules are released: see __init__
+            try:
+                self.ring = self.keys.ring = self._ring_back(new_ring(rma))
+            except MemoryError:
+                ok = False
+                c[_JOIN_ERRORS] += 1
+                self._close()
+                r.log("rmcp2: no heap for the Kc ring (MemoryError)")
         if ok:
             c[_JOINED] += 1
+            if self.joined_ci >= 0 and self.joined_ci != self.ci:
+                c[_REGRAFTS] += 1
+            self.joined_ci = self.ci
             r.log("rmcp2: joined DMA %s:%d (Kg gen %d) in %d ms" % (self.host, self.port, self.keys.kg_gen(), ms))
         return ok
 
     def control(self):
-        """Keep the control link until it drops (DROPPED) or the DMA expels this RMA
-        (EXPELLED). HB every hb_ms on the board's ticks; silence for 3 of them: gone.
-        KeyboardInterrupt (a clean stop) sends LEAVREQ first."""
+        """Keep the control link until it drops (DROPPED), the DMA expels this RMA
+        (EXPELLED) or leaves (LEFT: LEAVREQ LEAVE_NORMAL). HB every hb_ms on the board's
+        ticks, with CONTENT_ADDR, the first at once; silence for 3 of them: gone. Content
+        sockets are polled beside the link. KeyboardInterrupt (a clean stop) sends LEAVREQ
+        first."""
         r = self.r
         rma = r.rma
         k = self.keys
@@ -202,8 +308,17 @@ class Tree:
         p = select.poll()
         p.register(s, select.POLLIN)
         s.settimeout(r.cfg["timeout_s"])  # a message that started must finish within it
+        cx = self._content()
+        if cx is not None:
+            try:
+                cx.bind(p)
+            except Exception as e:  # MemoryError, no socket left: this link runs without content
+                cx.close()
+                cx = None
+                r.log("rmcp2: no content sockets (%s)" % type(e).__name__)
+        content = cx is not None
         now = time.ticks_ms()
-        due = time.ticks_add(now, hb)
+        due = now if content else time.ticks_add(now, hb)  # CONTENT_ADDR at once
         last = now
         how = DROPPED
         try:
@@ -214,13 +329,27 @@ class Tree:
                     raise OSError("%d T_HB without a message" % _MISSED)
                 left = time.ticks_diff(due, now)
                 if left <= 0:
-                    s.write(self._kmas(M.empty(rma.w, _HB, rma.sid, rma.maid)))
+                    if content:
+                        hbm = M.hb_addr(rma.w, rma.sid, rma.maid, cx.uport, cx.tport)
+                    else:
+                        hbm = M.empty(rma.w, _HB, rma.sid, rma.maid)
+                    s.write(self._kmas(hbm))
                     c[_DMA_HB_SENT] += 1
                     due = time.ticks_add(due, hb)
                     if time.ticks_diff(due, now) <= 0:  # far behind: no burst of HBs
                         due = time.ticks_add(now, hb)
                     continue
-                if not p.poll(min(left, lost - quiet)):
+                ctl = False
+                got = 0
+                for ev in p.ipoll(min(left, lost - quiet)):
+                    o = ev[0]
+                    if o is s:
+                        ctl = True
+                    elif content:
+                        got |= cx.which(o)
+                if got:  # content first: a datagram waits in a bounded socket buffer
+                    cx.handle(got, p)
+                if not ctl:
                     continue
                 data = join_net.read_frame(s, mv)
                 now = time.ticks_ms()
@@ -241,9 +370,14 @@ class Tree:
                         s.write(self._kmas(M.result(rma.w, _LEAVANS, rma.sid, rma.maid, _ACCEPTED)))
                     except OSError:
                         pass
-                    c[_EXPELLED] += 1
-                    r.log("rmcp2: the DMA ended the membership (LEAVREQ 0x%02x)" % k.result)
-                    how = EXPELLED
+                    if k.result == _LEAVE_NORMAL:  # B.15: the DMA stops; the board re-grafts
+                        c[_DMA_LEFT] += 1
+                        r.log("rmcp2: the DMA left (LEAVREQ 0x%02x): re-graft" % k.result)
+                        how = LEFT
+                    else:
+                        c[_EXPELLED] += 1
+                        r.log("rmcp2: the DMA ended the membership (LEAVREQ 0x%02x)" % k.result)
+                        how = EXPELLED
                     break
         except KeyboardInterrupt:  # a clean stop: LEAVREQ under K_MAS, then the link closes
             self.leave()
@@ -253,6 +387,18 @@ class Tree:
             r.log("rmcp2: DMA link lost (%s)" % type(e).__name__)
         self._close()
         return how
+
+    def _content(self):
+        """The board_rx.Content of this join's control link (None: rmcp2.json "content":
+        null, or no heap for it: said, that link runs without content)."""
+        if self.cx is None and self.cports is not None:
+            try:
+                from tessera_fw.rmcp2.board_rx import Content
+
+                self.cx = Content(self, self.cports, self.sink, self.cmem)
+            except MemoryError:  # this link runs without content; the next join tries again
+                self.r.log("rmcp2: no heap for content reception (MemoryError)")
+        return self.cx
 
     def leave(self):
         """LEAVREQ (LEAVE_NORMAL) under K_MAS and LEAVANS awaited for timeout_s (at most 8
@@ -282,6 +428,8 @@ class Tree:
         if self.s is not None:
             self.s.close()
             self.s = None
+        if self.cx is not None:
+            self.cx.close()
         self.keys.leave()  # no longer a member: K_MAS and Kg are forgotten (a re-join brings new ones)
 
     def _kmas(self, plain):

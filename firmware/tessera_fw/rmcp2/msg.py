@@ -542,6 +542,26 @@ def empty(w, mtype, sid, maid):
     return w.begin(mtype, 3, sid, maid).end()
 
 
+def hb_addr(w, sid, maid, udp, tcp):
+    """HB with CONTENT_ADDR (B.4 code 0xC8, defined by this project): Length 8, Reserved(2)
+    zero, then the UDP and TCP ports this RMA takes content on, big-endian (0: not over that
+    transport). The Decoder does not know 0xC8 and skips it like any unknown control (B.2):
+    a board never receives it."""
+    w.begin(0xAD, 3, sid, maid)
+    o = w.n
+    b = w.buf
+    b[o] = 0xC8
+    b[o + 1] = 8
+    b[o + 2] = 0
+    b[o + 3] = 0
+    b[o + 4] = udp >> 8
+    b[o + 5] = udp & 0xFF
+    b[o + 6] = tcp >> 8
+    b[o + 7] = tcp & 0xFF
+    w.n = o + 8
+    return w.end()
+
+
 def result(w, mtype, sid, maid, code):
     """LEAVREQ, LEAVANS, TERMANS with RESULT (B.3, B.9)."""
     return w.begin(mtype, 3, sid, maid).c2(0xC1, code, 0).end()

@@ -4,6 +4,7 @@ from micropython import const
 
 CONFIG = "rmcp2.json"
 _MAX_S = const(3600)
+_MAX_DMAS = const(8)  # candidate parent DMAs (bounded: the list lives for the board's life)
 
 
 def _num(cfg, key, default, lo, hi):
@@ -54,14 +55,47 @@ def load(path=CONFIG):
     lo = _num({"b": b[0]}, "b", 1, 0.05, _MAX_S)
     hi = _num({"b": b[1]}, "b", 60, lo, _MAX_S)
     out["backoff_ms"] = (int(1000 * lo), int(1000 * hi))
-    # the parent DMA's tree-control address (B.10, 26032) and MAID: with them the board joins
-    # it after admission (board.py "tree"); without them it is an RMA of the SM only
+    # content reception (board_tree.py): the ports the board binds after each join, 0 = one
+    # the board picks (no getsockname on MicroPython), null = not over that transport;
+    # "content": null = the board takes no content. Omitted: both 0.
+    c = cfg.get("content", {})
+    if c is None:
+        out["content"] = None
+    elif not isinstance(c, dict):
+        raise ValueError(CONFIG + ": content must be {\"udp\": port, \"tcp\": port} or null")
+    else:
+        ports = []
+        for k in ("udp", "tcp"):
+            v = c.get(k, 0)
+            ports.append(None if v is None else int(_num(c, k, 0, 0, 65535)))
+        out["content"] = tuple(ports)
+    # the candidate parent DMAs in order of preference (B.15 re-graft): "dmas": [[host, port,
+    # maid-hex], ...]; the older "dma": [host, port] with "dma_maid" is a list of one. With
+    # them the board joins the first after admission (board.py "tree"); without them it is
+    # an RMA of the SM only
+    dmas = cfg.get("dmas")
     dma = cfg.get("dma")
-    if dma is None:
+    if dmas is None and dma is None:
+        out["dmas"] = ()
         out["dma"] = None
         return out
-    if not isinstance(dma, (list, tuple)) or len(dma) != 2 or not isinstance(dma[0], str) or not dma[0]:
-        raise ValueError(CONFIG + ": dma must be [host, port]")
-    out["dma"] = (dma[0], int(_num({"dma": dma[1]}, "dma", 0, 1, 65535)))
-    out["dma_maid"] = _hex8(cfg, "dma_maid")
+    if dmas is None:
+        if not isinstance(dma, (list, tuple)) or len(dma) != 2:
+            raise ValueError(CONFIG + ": dma must be [host, port]")
+        dmas = [[dma[0], dma[1], cfg.get("dma_maid")]]
+        what = "dma"
+    else:
+        what = "dmas"
+        if not isinstance(dmas, (list, tuple)) or not 1 <= len(dmas) <= _MAX_DMAS:
+            raise ValueError("%s: dmas must be a list of 1..%d [host, port, maid-hex]" % (CONFIG, _MAX_DMAS))
+    cands = []
+    for d in dmas:
+        if not isinstance(d, (list, tuple)) or len(d) != 3 or not isinstance(d[0], str) or not d[0]:
+            raise ValueError(CONFIG + ": %s entries must be [host, port, maid-hex]" % what)
+        port = int(_num({what: d[1]}, what, 0, 1, 65535))
+        cands.append((d[0], port, _hex8({what + "_maid" if what == "dma" else what: d[2]},
+                                        what + "_maid" if what == "dma" else what)))
+    out["dmas"] = tuple(cands)
+    out["dma"] = cands[0][:2]  # the first candidate, as before (board.py, tests)
+    out["dma_maid"] = cands[0][2]
     return out

@@ -283,7 +283,8 @@ def test_board_joins_its_dma_keeps_the_control_link_and_rejoins(pki, tmp_path, m
             assert c["errors"] == 4, "\n".join(con.lines)  # the four forged messages, nothing else
             # a join right after an admission may come before the DMA's next HRSANS brought the
             # board's ACL entry (NOT_IN_ACL, retried after the backoff)
-            assert c["joins"] == 3 + c["join_refused"] and c["join_refused"] <= 4 and c["join_errors"] == 0
+            assert c["joins"] == 3 + c["join_refused"] and c["join_refused"] <= 4 and c["join_errors"] == 0, \
+                "\n".join(con.lines)
             assert c["dma_hb_sent"] >= 2 and c["dma_hb_in"] >= 2
             with capsys.disabled():
                 print("\n".join(con.lines))
@@ -333,6 +334,7 @@ def test_rmcp2_json_dma_keys_are_validated(tmp_path, monkeypatch):
     (tmp_path / "rmcp2.json").write_text(json.dumps({**good, "dma": ["10.0.0.3", 26032], "dma_maid": DMA_MAID.hex()}))
     cfg = rma_cfg.load()
     assert cfg["dma"] == ("10.0.0.3", 26032) and cfg["dma_maid"] == DMA_MAID
+    assert cfg["dmas"] == (("10.0.0.3", 26032, DMA_MAID),) and cfg["content"] == (0, 0)
     for bad, word in (({"dma": ["10.0.0.3"]}, "dma"), ({"dma": ["", 1]}, "dma"), ({"dma": ["h", 0]}, "dma"),
                       ({"dma": "10.0.0.3:26032"}, "dma"), ({"dma": ["h", 1]}, "dma_maid"),
                       ({"dma": ["h", 1], "dma_maid": "0d01"}, "dma_maid")):
