@@ -130,6 +130,7 @@ def _tree(cands, script):
     def join(enc, auth):
         tried.append(t.host)
         ok, t._how = steps.pop(0)
+        t.fail = 0 if ok else t._how  # a failed join's outcome is its refusal reason (0: no answer)
         return ok
 
     t.join = join
@@ -155,6 +156,12 @@ def test_rotation_over_candidate_dmas():
     assert t.run() == BT.DROPPED
     assert tried == ["a", "b", "c", "a", "b", "c"], tried
     assert t.r.waits == [100, 200, 400, 400, 400], t.r.waits
+    # NOT_IN_ACL (annexe reason 2): the DMAs have not fetched the ACL since the admission;
+    # the preferred DMA is tried again (3 more times at most), then the next one
+    t, tried = _tree(c, [(False, 2), (True, BT.EXPELLED)])
+    assert t.run() == BT.EXPELLED and tried == ["a", "a"], tried
+    t, tried = _tree(c, [(False, 2), (False, 2), (False, 2), (False, 2), (True, BT.EXPELLED)])
+    assert t.run() == BT.EXPELLED and tried == ["a", "a", "a", "a", "b"], tried
     # one candidate (the older "dma" + "dma_maid"): the same DMA again, as before
     one = (("a", 1, b"A" * 8),)
     t, tried = _tree(one, [(True, BT.DROPPED), (True, BT.LEFT), (True, BT.EXPELLED)])

@@ -43,6 +43,12 @@ from tessera_fw.rmcp2.keys import Keys
 # (1 s doubling to 60 s) they span 1+2+4+8+16+32 = 63 s, past the DMA's HRS_REFRESH (60 s,
 # B.10) after which a freshly admitted RMA is in its ACL
 _JOIN_TRIES = const(6)
+# NOT_IN_ACL refusals in a row from one candidate before the next is tried: the DMAs learn a
+# new admission only at their next HRSREQ (B.14, HRS_REFRESH), all with the same lag, so a
+# fresh member waits for its preferred DMA instead of moving down the list (defined by this
+# project)
+_ACL_WAITS = const(3)
+_F_NOT_IN_ACL = const(2)  # annexe.F_NOT_IN_ACL
 # loaded for each join and released after it (from .mpy), so that the control link does not
 # hold their code: join imports annexe and tree (docs/rmcp2.md)
 _JOIN_MODS = ("tessera_fw.rmcp2.join", "tessera_fw.rmcp2.annexe", "tessera_fw.rmcp2.tree")
@@ -146,6 +152,7 @@ class Tree:
         short = _MISSED * r.cfg["hb_ms"]
         wait = lo
         fails = 0
+        acl_waits = 0
         try:
             while fails < _JOIN_TRIES:
                 if self.join(enc, auth):
@@ -165,7 +172,11 @@ class Tree:
                         # members is not joined again at the shortest wait for ever
                 else:
                     fails += 1
-                self.next_dma()  # the DMA is lost, left or refused: the next candidate (B.15)
+                if self.fail == _F_NOT_IN_ACL and acl_waits < _ACL_WAITS:
+                    acl_waits += 1  # its ACL has not caught up with our admission yet: the same DMA again
+                else:
+                    acl_waits = 0
+                    self.next_dma()  # the DMA is lost, left or refused: the next candidate (B.15)
                 if fails >= _JOIN_TRIES:
                     break
                 if not r.pause(r.jitter(wait)):
@@ -233,6 +244,7 @@ class Tree:
         rma = r.rma
         c = self.counts
         c[_JOINS] += 1
+        self.fail = 0
         ok = False
         J = None
         # the join modules loaded by this call are released after it, also when the import
