@@ -87,11 +87,13 @@ class _Dma2:
                 await asyncio.wait_for(self._task, 5)
 
 
-async def _until(cond, timeout: float, what: str) -> None:
+async def _until(cond, timeout: float, what: str, boards: list[Board] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+            got = "; ".join(f"{b.name}: " + ", ".join(f"{p.name} {p.stat().st_size} B" for p in sorted((b.files / "rx").glob("*")))
+                            for b in boards or [] if (b.files / "rx").is_dir())
+            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}" + (f" (received: {got})" if got else ""))
         await asyncio.sleep(0.1)
 
 
@@ -176,11 +178,11 @@ async def _run(ctx: DemoContext) -> None:
             sent_stream += p
             await asyncio.sleep(0.01)
         await _until(lambda: all(_rx(b, "obj-1.bin") == file1 and _rx(b, "stream.bin") == sent_stream for b in boards),
-                     30, "the file and the stream at every board")
+                     30, "the file and the stream at every board", boards)
         kc1 = source.status().kc_gen
         ctx.fact(f"a {len(file1)} B file (SHA-256 {hashlib.sha256(file1).hexdigest()[:16]}...) and "
                  f"{STREAM_PACKETS} stream packets arrived byte-exact at all {len(boards)} boards through two DMAs "
-                 f"(Kc gen {kc1}; the DMAs relay ciphertext and never hold Kc)")
+                 f"(Kc gen {kc1}; the DMAs relay the ciphertext unchanged, decrypting nothing)")
 
         # 2. board 2 leaves; its DMA re-keys and asks for a fresh Kc
         kg_before = dma1.tree_status().kg_gen
@@ -197,7 +199,7 @@ async def _run(ctx: DemoContext) -> None:
         file2 = os.urandom(30_000)
         await source.send_object(file2)
         stay = boards[:2]
-        await _until(lambda: all(_rx(b, "obj-2.bin") == file2 for b in stay), 30, "the second file")
+        await _until(lambda: all(_rx(b, "obj-2.bin") == file2 for b in stay), 30, "the second file", boards)
         if _rx(leaver, "obj-2.bin"):
             raise RuntimeError("the board that left received content sent after its leave")
         ctx.fact(f"after {leaver.name} left: Kg re-keyed (gen {kg_before} -> {st.kg_gen}), Kc gen {kc2} in use; "
@@ -211,14 +213,15 @@ async def _run(ctx: DemoContext) -> None:
         ctx.step(f"board {boards[0].name} re-grafted to dma1 in {time.monotonic() - t_kill:.1f} s "
                  "(fresh Annex E, no new admission)")
         file3 = os.urandom(20_000)
-        tail = b"".join(f"after the re-graft {n:03d} ".encode() + os.urandom(500) for n in range(5))
+        packets = [f"after the re-graft {n:03d} ".encode() + os.urandom(500) for n in range(5)]
+        tail = b"".join(packets)
         await source.send_object(file3)
-        for n in range(5):
-            source.stream(tail[n * 522:(n + 1) * 522])
+        for p in packets:
+            source.stream(p)
             await asyncio.sleep(0.01)
         await _until(lambda: all(_rx(b, "obj-3.bin") == file3 for b in stay)
                      and all(_rx(b, "stream.bin") == sent_stream + tail for b in stay), 30,
-                     "content after the re-graft")
+                     "content after the re-graft", boards)
         ctx.fact(f"dma2 killed: {boards[0].name} re-grafted to dma1 and the next file and stream arrived "
                  f"byte-exact at both remaining boards ({time.monotonic() - t0:.1f} s in all)")
     finally:
