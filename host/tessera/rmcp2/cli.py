@@ -165,6 +165,9 @@ def make_agent(args, role: str) -> api.AsyncMaAgent:
 def cmd_agent(role: str):
     def run(args) -> int:
         cliargs.host_port(args.sm, "--sm")
+        for path in [*getattr(args, "object", []), *([args.stream] if getattr(args, "stream", None) else [])]:
+            if not Path(path).is_file():  # said now, not after the admission and the DMAs' links
+                raise TesseraError(f"no such file to send: {path}")
         if role == "dma" and args.sma_tree:
             cliargs.host_port(args.sma_tree, "--sma")
         if role == "sma":
@@ -227,6 +230,13 @@ def cmd_agent(role: str):
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, agent.stop)
             side = asyncio.create_task(tree()) if role in ("dma", "sma") else None
+
+            def side_done(t: asyncio.Task) -> None:  # a failure there ends the command at once, said
+                if not t.cancelled() and t.exception() is not None:
+                    log.error("rmcp2 %s: %s: %s", role, type(t.exception()).__name__, t.exception())
+                    agent.stop()
+            if side is not None:
+                side.add_done_callback(side_done)
             try:
                 await agent.run(show)
             finally:

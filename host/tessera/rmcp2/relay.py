@@ -395,9 +395,11 @@ class SmaSender:
         for w in writers:
             try:
                 w.write(data)
-                await w.drain()
+                # a DMA that stops reading is dropped for the rest of this object, never waited
+                # for without end (T_IDLE, as the relay's own upstream bound)
+                await asyncio.wait_for(w.drain(), T_IDLE)
                 alive.append(w)
-            except OSError:
+            except (OSError, asyncio.TimeoutError):
                 self.stats["tcp_link_failed"] += 1
                 w.close()
         self.stats["tcp_bytes"] += len(data) * len(alive)

@@ -291,6 +291,47 @@ def test_kill_9_of_tessera_sm_serve_loses_nothing_and_sigterm_stops_it(pki, tmp_
     assert store.counts()["members"] == 3 and store.counts()["acl"] == 1
 
 
+class _Log:
+    """A child's stderr read by a thread, so that a test waits for a line with a deadline
+    (a blocking `for line in p.stderr` hangs for ever when the line never comes) and shows
+    the whole log when it fails."""
+
+    def __init__(self, name: str, p: subprocess.Popen) -> None:
+        import threading
+
+        self.name, self.p, self.lines, self.cv = name, p, [], threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.p.stderr:
+            with self.cv:
+                self.lines.append(line.rstrip())
+                self.cv.notify_all()
+        with self.cv:
+            self.lines.append(None)  # EOF
+            self.cv.notify_all()
+
+    def wait(self, pattern: str, timeout: float = 60.0, start: int = 0) -> re.Match:
+        deadline = time.monotonic() + timeout
+        i = start
+        with self.cv:
+            while True:
+                while i < len(self.lines):
+                    line = self.lines[i]
+                    i += 1
+                    if line is None:
+                        raise AssertionError(f"{self.name} ended (rc {self.p.poll()}) before /{pattern}/:\n{self}")
+                    if m := re.search(pattern, line):
+                        return m
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"{self.name}: no /{pattern}/ within {timeout:.0f} s:\n{self}")
+                self.cv.wait(left)
+
+    def __str__(self) -> str:
+        return "\n".join(f"  {self.name}| {ln}" for ln in self.lines if ln is not None)
+
+
 @pytest.mark.slow
 def test_cli_sma_dma_rma_against_tessera_sm_serve(pki, tmp_path):
     pki_dir = pki[0]
@@ -300,30 +341,21 @@ def test_cli_sma_dma_rma_against_tessera_sm_serve(pki, tmp_path):
     sm = _serve(tmp_path / "sm.sqlite", pki_dir, tp, pp)
     procs = [sm]
     try:
-        _wait_listening(sm)
+        _Log("sm", sm).wait(r"TLS admission on", 30)
         common = ["--sm", f"127.0.0.1:{tp}", "--plain-port", str(pp), "--session-id", f"{SID:x}", "--pki-dir",
                   str(pki_dir)]
 
-        def agent(*argv):
+        def agent(*argv) -> _Log:
             p = subprocess.Popen([sys.executable, "-m", "tessera", *argv, *common], stderr=subprocess.PIPE, text=True)
             procs.append(p)
-            return p
+            return _Log(argv[0], p)
         # the SMA's tree service on a port picked free now; it sends one object once the DMA linked
         sma = agent("sma", "--group", "closed", "--instance", "1", "--tree-port", str(sma_tree), "--object", str(obj))
         dma = agent("dma", "--name", "dma0", "--instance", "2", "--tree-port", "0", "--sma", f"127.0.0.1:{sma_tree}")
-        tree_port = 0  # the DMA's tree service (docs/rmcp2.md) logs its port, before or after "ready"
-        for p in (sma, dma):
-            for line in p.stderr:
-                if p is dma and (m := re.search(r"DMA: tree port (\d+)", line)):
-                    tree_port = int(m.group(1))
-                if "state ready" in line and "policy OK, Ks generation 1" in line:
-                    break
-            else:
-                raise AssertionError(f"agent did not get ready (rc {p.wait()})")
-        while not tree_port and (line := dma.stderr.readline()):
-            if m := re.search(r"DMA: tree port (\d+)", line):
-                tree_port = int(m.group(1))
-        assert tree_port, f"no tree port (rc {dma.poll()})"
+        for a in (sma, dma):
+            a.wait(r"state ready.*policy OK, Ks generation 1")
+        # the DMA's tree service (docs/rmcp2.md) logs its port, before or after "ready"
+        tree_port = int(dma.wait(r"DMA: tree port (\d+)").group(1))
         with socket.create_connection(("127.0.0.1", tree_port), 10) as s:  # a join answered there:
             stranger = C.make_maid("127.0.0.1", 1, 1)  # an RMA not in the DMA's ACL
             s.sendall(C.Message(C.MsgType.PPROBREQ, N.RMA, SID, stranger,
@@ -331,17 +363,15 @@ def test_cli_sma_dma_rma_against_tessera_sm_serve(pki, tmp_path):
             s.settimeout(10)
             ans = C.decode(s.recv(1024))
             assert ans.type == C.MsgType.PPROBANS and ans.get(C.ResultCtl).value == C.Result.NOT_IN_ACL
-        for line in sma.stderr:  # the DMA linked upstream (PPROBREQ + CONTENT_ADDR under Ks): the object went
-            if f"object {obj} (5000 B) sent to 1 DMA(s)" in line:
-                break
-        else:
-            raise AssertionError(f"the SMA sent no object (rc {sma.poll()})")
+        # the DMA linked upstream (PPROBREQ + CONTENT_ADDR under Ks): the object went
+        n = sma.wait(re.escape(f"object {obj} (5000 B) sent to ") + r"(\d+) DMA", 60).group(1)
+        assert n == "1", f"{sma}\n{dma}"
         rma = agent("rma", "--name", "rma0", "--instance", "3")
-        assert rma.wait(30) == 2
-        assert "SERV_USER_ID_MISSING (0x41)" in rma.stderr.read()
-        for p in (sma, dma):
-            p.send_signal(signal.SIGTERM)
-            assert p.wait(20) == 0
+        assert rma.p.wait(30) == 2
+        rma.wait(r"SERV_USER_ID_MISSING \(0x41\)", 10)
+        for a in (sma, dma):
+            a.p.send_signal(signal.SIGTERM)
+            assert a.p.wait(20) == 0
     finally:
         for p in procs:
             if p.poll() is None:
@@ -350,3 +380,14 @@ def test_cli_sma_dma_rma_against_tessera_sm_serve(pki, tmp_path):
                     p.wait(20)
                 except subprocess.TimeoutExpired:
                     p.kill()
+
+
+def test_cli_sma_refuses_a_missing_content_file_at_once(tmp_path, capsys):
+    """`tessera sma --object FILE` with no such FILE ends at once with exit 2 and says which
+    file, instead of being admitted, linking DMAs and then failing silently in the background."""
+    from tessera import cli
+
+    t0 = time.monotonic()
+    assert cli.main(["sma", "--session-id", "1", "--pki-dir", str(tmp_path), "--object", str(tmp_path / "nope.bin")]) == 2
+    assert f"no such file to send: {tmp_path / 'nope.bin'}" in capsys.readouterr().err
+    assert time.monotonic() - t0 < 5
