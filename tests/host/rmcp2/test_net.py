@@ -382,12 +382,13 @@ def test_cli_sma_dma_rma_against_tessera_sm_serve(pki, tmp_path):
                     p.kill()
 
 
-def test_cli_sma_refuses_a_missing_content_file_at_once(tmp_path, capsys):
+def test_cli_sma_refuses_a_missing_content_file_at_once(tmp_path, capsys, caplog):
     """`tessera sma --object FILE` with no such FILE ends at once with exit 2 and says which
     file, instead of being admitted, linking DMAs and then failing silently in the background."""
     from tessera import cli
 
     t0 = time.monotonic()
     assert cli.main(["sma", "--session-id", "1", "--pki-dir", str(tmp_path), "--object", str(tmp_path / "nope.bin")]) == 2
-    assert f"no such file to send: {tmp_path / 'nope.bin'}" in capsys.readouterr().err
+    out = capsys.readouterr().err + caplog.text
+    assert f"no such file to send: {tmp_path / 'nope.bin'}" in out
     assert time.monotonic() - t0 < 5
