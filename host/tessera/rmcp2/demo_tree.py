@@ -45,7 +45,7 @@ STREAM_PACKETS = 20
 def run(ctx: DemoContext) -> None:
     if not ctx.boards:
         raise RuntimeError("no virtual boards (the board scenario must run first)")
-    asyncio.run(asyncio.wait_for(_run(ctx), 150))
+    asyncio.run(_run(ctx))  # every wait in it has its own deadline; the clean-up is never cut short
 
 
 def _free_port() -> int:
@@ -115,8 +115,6 @@ async def _run(ctx: DemoContext) -> None:
     t0 = time.monotonic()
     boards = [Board.virtual(f"demo-{name}", name) for name in sorted(ctx.boards)]
     extra = Board.virtual("demo-tree-esp32", "esp32")  # a third board, made for this scenario
-    await asyncio.to_thread(extra.start, True)
-    await asyncio.to_thread(extra.deploy, True)
     boards.append(extra)
     names = [f"rma-tree-{i}" for i in range(len(boards))]
     pki = ctx.workdir / DIR / "tree-pki"
@@ -126,6 +124,8 @@ async def _run(ctx: DemoContext) -> None:
     agents: list[AsyncMaAgent] = []
     dma2 = _Dma2()
     try:
+        await asyncio.to_thread(extra.start, True)
+        await asyncio.to_thread(extra.deploy, True)
         ep = await sm.serve(pki, tick=0.1)
         kw = dict(tick=0.1, retry=0.2, hrs_refresh=0.5)
         sma = AsyncMaAgent("sma", ep, sid, pki, "sma", group="open", gk_mecha=int(C.GkMecha.BACKWARD), instance=1, **kw)
