@@ -132,6 +132,20 @@ def test_hb_with_content_addr_exact_bytes():
     out = bytes(W.hb_addr(w, sid, maid, 40000, 40001))
     assert out == unhex("43ad001c") + sid + maid + unhex("c80800009c409c41"), out
     assert bytes(W.hb_addr(w, sid, maid, 0, 65535))[20:] == unhex("c8080000" + "0000ffff")
+    # the host codec's vectors (tests/vectors/rmcp2/messages.json content_addr_cases): the
+    # RMA's HB built by the board byte for byte, and every case decoded with 0xC8 skipped
+    n = 0
+    for c in iter_array("rmcp2/messages.json", "content_addr_cases"):
+        msg = unhex(c["msg"])
+        d = c["desc"]
+        if d["nt"] == "RMA" and d["type"] == "HB":
+            ca = d["controls"][0]
+            built = bytes(W.hb_addr(w, unhex(d["session_id"]), unhex(d["maid"]), ca["udp"], ca["tcp"]))
+            assert built == msg, (c["name"], built)
+            n += 1
+        dd = Decoder()
+        assert dd.decode(msg) == c["type"] and dd.skipped >= 1, c["name"]
+    assert n >= 1
     # the board's own decoder skips it as an unknown control (B.2): an HB with one skipped
     d = Decoder()
     assert d.decode(out) == 0xAD and d.skipped == 1 and d.count == 0 and d.n == 28
