@@ -774,10 +774,14 @@ class AsyncMaAgent:
                           tuple(c.relay.held()), dict(t.relay.stats))
 
     async def start_source(self, host: str = "127.0.0.1", port: int = TREE_PORT, *, tick: float = 0.5,
-                           **kc: Any) -> AsyncContentSource:
+                           kc_state: str | Path | None = None, **kc: Any) -> AsyncContentSource:
         """An SMA that agreed on the policy starts its tree service on `port` (0: any free):
         DMAs link to it (PPROBREQ + CONTENT_ADDR under Ks), it makes and rotates Kc and delivers
         it under Ks, and the returned source encrypts content under Kc for every linked DMA.
+        `kc_state`: a file keeping the newest Kc generation made (a number, never a key; 0600),
+        so that the source started again after a restart goes on after it: DMAs and RMAs refuse
+        a Kc generation that is not ahead of theirs (B.16); without it a restarted source starts
+        at generation 1 and reaches no RMA that held a later one until the session restarts.
         `kc` goes to smatree.SmaCore / contentkey.KcSchedule (min_interval, max_interval, lead,
         urgent_lead, urgent_gap, t_hb, max_dmas)."""
         import os
@@ -790,6 +794,9 @@ class AsyncMaAgent:
         if a.state != "ready":
             raise AgentError(f"sma {self.name}: no agreed policy yet (state {a.state})")
         try:
+            if kc_state is not None:
+                gens = smatree.KcGenFile(kc_state)
+                kc.update(first_gen=gens.first_gen(), on_new_gen=gens.save)
             core = smatree.from_agent(a, os.urandom, asyncio.get_running_loop().time(), **kc)
         except (TesseraError, ValueError) as e:
             raise AgentError(f"sma {self.name}: {e}") from None

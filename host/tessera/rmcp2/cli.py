@@ -10,6 +10,7 @@ from pathlib import Path
 from tessera import cliargs
 from tessera.api import rmcp2 as api
 from tessera.errors import TesseraError
+from tessera.paths import var_dir
 from tessera.rmcp2 import codec as C
 from tessera.rmcp2.store import default_db
 
@@ -196,7 +197,8 @@ def cmd_agent(role: str):
                              "here)%s", port, st.content_udp, st.content_tcp,
                              f", upstream to the SMA at {args.sma_tree}" if args.sma_tree else ", no upstream (--sma)")
                     return
-                src = await agent.start_source(args.tree_host, args.tree_port)
+                state = args.kc_state or (var_dir() / "rmcp2" / f"sma-{args.session_id:016x}-{agent.maid.hex()}.kcgen")
+                src = await agent.start_source(args.tree_host, args.tree_port, kc_state=state)
             except api.AgentError:
                 agent.stop()  # no tree, no DMA/SMA: the command ends with the reason (exit 2)
                 raise
@@ -352,6 +354,10 @@ def register(sub) -> None:
                            help="send FILE as a stream of 1024-byte packets (UDP, loss tolerated) after the objects")
             p.add_argument("--rate", type=float, default=100.0, help="stream packets per second (default 100)")
             p.add_argument("--dmas", type=int, default=1, help="DMAs to wait for before sending (default 1)")
+            p.add_argument("--kc-state", metavar="FILE",
+                           help="file keeping the newest Kc generation made (a number, never a key), so that a "
+                                "restarted SMA goes on after it: DMAs and RMAs refuse an older one (default "
+                                "$TESSERA_VAR/rmcp2/sma-<session>-<maid>.kcgen)")
         if nt == C.NodeType.DMA:
             p.add_argument("--tree-port", type=cliargs.port, default=TREE_PORT,
                            help=f"tree port RMAs join on, started once the policy is agreed (default {TREE_PORT}, "

@@ -71,15 +71,24 @@ class KcSchedule:
     def __init__(self, session_id: int, sma_maid: bytes, rand: Callable[[int], bytes], now: float,
                  ks_suite: P.Suite = P.BOOTSTRAP, min_interval: float = KC_MIN_INTERVAL,
                  max_interval: float = KC_MAX_INTERVAL, lead: float = KC_LEAD,
-                 urgent_lead: float = KC_URGENT_LEAD, urgent_gap: float = KC_URGENT_GAP) -> None:
+                 urgent_lead: float = KC_URGENT_LEAD, urgent_gap: float = KC_URGENT_GAP, first_gen: int = 1,
+                 on_new_gen: Callable[[int], None] | None = None) -> None:
         if not 0 < lead < min_interval <= max_interval or not 0 <= urgent_lead <= lead or urgent_gap < 0:
             raise ValueError("0 < lead < min_interval <= max_interval, 0 <= urgent_lead <= lead")
+        if not 1 <= first_gen <= 255:
+            raise ValueError("a Kc generation is 1..255 (B.6)")
+        # every generation made is reported before it is used or sent, so that a restarted SMA
+        # can start after the newest one any DMA or RMA may hold (smatree.KcGenFile): they refuse a Gen
+        # that is not ahead of theirs (B.16)
+        self.on_new_gen = on_new_gen
         self.session_id, self.sma_maid, self.rand, self.ks_suite = session_id, bytes(sma_maid), rand, ks_suite
         self.min_interval, self.max_interval, self.lead = min_interval, max_interval, lead
         self.urgent_lead, self.urgent_gap = urgent_lead, urgent_gap
-        self._keys: dict[int, bytes] = {1: rand(16)}  # current and at most one next
-        self._made: dict[int, float] = {1: now}
-        self.cur, self.nxt = 1, 0
+        if on_new_gen is not None:
+            on_new_gen(first_gen)
+        self._keys: dict[int, bytes] = {first_gen: rand(16)}  # current and at most one next
+        self._made: dict[int, float] = {first_gen: now}
+        self.cur, self.nxt = first_gen, 0
         self.switch_at = now + self._interval()
         self._last_urgent = -1e18
         self._pending_since: float | None = None  # a KCREQ not yet served (rate limit)
@@ -169,6 +178,8 @@ class KcSchedule:
     def _announce(self, now: float, use_at: float) -> KcAnnounce:
         newest = self.nxt or self.cur
         gen = P.next_gen(newest)
+        if self.on_new_gen is not None:
+            self.on_new_gen(gen)
         if self.nxt:  # replaced before use: the skipped key is dropped everywhere
             del self._keys[self.nxt], self._made[self.nxt]
         self._keys[gen], self._made[gen], self.nxt = self.rand(16), now, gen

@@ -18,9 +18,11 @@ sender (relay.SmaSender): `stream(payload)` and `await send_object(data)`.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Hashable
 
 from tessera.errors import TesseraError
@@ -61,6 +63,44 @@ class DmaTarget:
     host: str
     udp: int
     tcp: int
+
+
+class KcGenFile:
+    """The newest Kc generation an SMA made, kept in a small file (mode 0600; the generation
+    number only, never a key) so that a restarted SMA starts at the next one: DMAs and RMAs
+    refuse a Gen that is not ahead of the newest they hold (B.16), so an SMA that started
+    again at Gen 1 reached nobody until the session restarted. Written to a temporary name and
+    renamed, so a crash leaves the old number or the new one."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def load(self) -> int:
+        """The newest generation saved, 0 if none (a first start)."""
+        try:
+            gen = int(self.path.read_text().strip())
+        except FileNotFoundError:
+            return 0
+        except ValueError:
+            raise TesseraError(f"{self.path}: not a Kc generation number") from None
+        if not 1 <= gen <= 255:
+            raise TesseraError(f"{self.path}: Kc generation {gen} outside 1..255")
+        return gen
+
+    def first_gen(self) -> int:
+        """Where a (re)started SMA begins: after the newest saved, else 1."""
+        saved = self.load()
+        return P.next_gen(saved) if saved else 1
+
+    def save(self, gen: int) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{gen}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
 
 class SmaCore:

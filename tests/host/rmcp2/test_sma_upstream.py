@@ -178,3 +178,34 @@ def test_the_dma_redials_a_lost_sma_and_binds_again():
             await svc.close()
             await sma.close()
     run(main())
+
+
+def test_a_restarted_sma_goes_on_after_its_newest_kc_generation(tmp_path):
+    """A restarted SMA starts its Kc schedule after the newest generation it made (KcGenFile,
+    a number in a 0600 file): the DMA, which holds a later generation than 1, takes the new
+    Kc. Without the file the restarted SMA begins at generation 1 again and the DMA refuses
+    it (REPLAY: not ahead of what it holds), so content would reach nobody."""
+    state = S.KcGenFile(tmp_path / "sma.kcgen")
+    assert state.first_gen() == 1
+    sma = sma_core(first_gen=state.first_gen(), on_new_gen=state.save)
+    dma = DmaEnd(sma)
+    dma.dial()
+    Member(dma.tree, dma.acl, 1, "10.0.2.1", 1.0)  # FORWARD: KCREQ -> urgent Kc 2 (made before it is sent)
+    dma.tick(1.0)
+    assert dma.tree.relay.held() == [1, 2] and state.load() == 2
+    assert (tmp_path / "sma.kcgen").stat().st_mode & 0o777 == 0o600
+    assert "2" == (tmp_path / "sma.kcgen").read_text().strip()  # the generation only, never a key
+
+    def restarted(first_gen: int, save, wall: float) -> list[int]:
+        dma.sma = sma_core(wall=wall, first_gen=first_gen, on_new_gen=save)
+        dma.dial(2.0)  # the DMA's re-dial binds to the restarted SMA, which sends its current Kc
+        assert dma.up.state == "bound"
+        return dma.tree.relay.held()
+
+    assert restarted(1, None, 1.7e9 + 60) == [1, 2]  # no file: Gen 1 again, refused (the DMA holds Gen 2)
+    assert state.first_gen() == 3
+    assert 3 in restarted(state.first_gen(), state.save, 1.7e9 + 120)  # with the file: Gen 3, ahead of 2, taken
+    assert state.load() == 3
+    # a wrap: after 255 comes 1
+    state.save(255)
+    assert state.first_gen() == 1
