@@ -90,6 +90,7 @@ class HmaEngine:
         self.windows = KsWindows(max_peers)
         self.errors: Counter[str] = Counter()
         self.takeovers = 0
+        self.hleaves = 0  # authentic HLEAVEs from the HMA followed
         self._deadline = 0.0  # next action of the current state
         self._last_hann = 0.0  # HMA: last sent; follower: last heard
 
@@ -120,6 +121,7 @@ class HmaEngine:
         if msg.type == M.HLEAVE:
             self.peers.pop(sender, None)
             if sender == self.hma and self.state != "hma":
+                self.hleaves += 1
                 cands = [c.maid for c in msg.all(C.Candidate)]
                 return self._lost_hma(now, cands)
             return Step()
