@@ -9,6 +9,8 @@ go to the area's HMA port on the group, each under Ks (B.7, KeyRef Ks, replay wi
 - **Start**: HSOLICIT, then wait T_SOLICIT (1.5 T_HANN). A HANNOUNCE heard -> follow that HMA.
   Nothing heard -> become HMA if this DMA's MAID is the lowest of the DMAs heard from within
   T_PEER; otherwise solicit again (the lower one announces; a dead one ages out of T_PEER).
+  A soliciting DMA that hears HSOLICIT from a DMA it did not know solicits once more, so a
+  DMA that started too late to hear the first one still learns of it.
 - **HMA**: HANNOUNCE every T_HANN with its candidates (CANDIDATE controls, the live DMAs in
   MAID order, at most 8); an HSOLICIT from a DMA it did not know is answered at once.
 - **Follower**: HSOLICIT every 3 T_HANN as its presence (so the HMA lists it as a candidate).
@@ -130,6 +132,8 @@ class HmaEngine:
         if msg.type == M.HSOLICIT:
             if self.state == "hma" and not known:
                 return self._announce(now)
+            if self.state == "soliciting" and not known:  # it may have missed ours: tell it we are here
+                return self._send(M.HSOLICIT)
             return Step()
         # HANNOUNCE
         cands = [c.maid for c in msg.all(C.Candidate)]

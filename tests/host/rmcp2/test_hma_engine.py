@@ -93,6 +93,18 @@ def test_dmas_starting_together_elect_exactly_one_the_lowest_maid(order):
     assert [ev for ev in net.events if ev[2] == H.Event.STOP_HMA] == []
 
 
+def test_a_dma_that_missed_an_earlier_solicitation_still_defers_to_the_lower_maid():
+    net = Net(2)
+    net.alive = {0}
+    net.start(0)  # nobody hears it
+    net.now = 0.25
+    net.alive = {0, 1}
+    net.start(1)  # 0 answers with HSOLICIT: 1 learns of it
+    assert maid(0) in net.e[1].peers
+    net.run(5.0)
+    assert net.hmas() == [0] and [ev for _, _, ev in net.events] == [H.Event.BECOME_HMA]
+
+
 def test_a_late_dma_follows_the_existing_hma_even_with_a_lower_maid():
     net = Net(3)
     net.alive = {1, 2}
