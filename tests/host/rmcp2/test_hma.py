@@ -49,10 +49,10 @@ def inside(ns: str | None):
         os.close(back)
 
 
-def receiver(rma_ip: str) -> socket.socket:
+def receiver(rma_ip: str, port: int = PORT) -> socket.socket:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((GROUP, PORT))
+    s.bind((GROUP, port))
     s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, socket.inet_aton(GROUP) + socket.inet_aton(rma_ip))
     s.setblocking(False)
     return s
@@ -68,7 +68,7 @@ async def until(cond, timeout: float, what: str) -> float:
     return loop.time() - t0
 
 
-async def scenario(rx: socket.socket, dma_ip: str) -> None:
+async def scenario(rx: socket.socket, dma_ip: str, port: int = PORT, hport: int = HPORT) -> None:
     loop = asyncio.get_running_loop()
     got: dict[bytes, int] = {}
 
@@ -85,8 +85,8 @@ async def scenario(rx: socket.socket, dma_ip: str) -> None:
     for m in MAIDS:
         core = D.TreeCore(SID, m, acl_lookup={}.get, mecha=C.GkMecha.BACKWARD, suite=SUITE, rand=os.urandom,
                           now=loop.time(), ks_lookup=lambda g: KS if g == 1 else None, ks_current=lambda: KS)
-        svcs.append(D.DmaService(core, port=0, tick=0.05, mcast=(GROUP, PORT), mcast_if=dma_ip,
-                                 hma_kw={"t_hann": T_HANN, "port": HPORT}))
+        svcs.append(D.DmaService(core, port=0, tick=0.05, mcast=(GROUP, port), mcast_if=dma_ip,
+                                 hma_kw={"t_hann": T_HANN, "port": hport}))
     enc = CT.Encoder(SIDB, SMA, 2, 1, os.urandom)
     enc.set_key(1, os.urandom(16))
     feed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -150,5 +150,25 @@ def test_hma_election_and_takeover_across_a_veth_link(netns):  # noqa: F811
     try:
         with inside(dma):
             asyncio.run(asyncio.wait_for(scenario(rx, DMA_IP), 60))
+    finally:
+        rx.close()
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_hma_election_and_takeover_on_loopback():
+    """The same on lo, with ports picked free at run time: runs where the namespaces cannot be
+    made (not root, outside CI), or when TESSERA_HMA_LOOPBACK=1 asks for it."""
+    import shutil
+    if os.environ.get("TESSERA_HMA_LOOPBACK") != "1" and shutil.which("ip") and os.geteuid() == 0:
+        pytest.skip("the network-namespace variant runs on this machine (TESSERA_HMA_LOOPBACK=1 runs this too)")
+    port, hport = _free_udp_port(), _free_udp_port()
+    rx = receiver("127.0.0.1", port)
+    try:
+        asyncio.run(asyncio.wait_for(scenario(rx, "127.0.0.1", port, hport), 60))
     finally:
         rx.close()
