@@ -172,3 +172,22 @@ def test_hma_election_and_takeover_on_loopback():
         asyncio.run(asyncio.wait_for(scenario(rx, "127.0.0.1", port, hport), 60))
     finally:
         rx.close()
+
+
+def test_mcast_options_are_checked_with_a_clear_error():
+    import subprocess
+    import sys
+
+    from tessera import cliargs
+    from tessera.errors import TesseraError
+
+    assert cliargs.mcast_group("239.1.2.3", "--mcast") == ("239.1.2.3", 26033)
+    assert cliargs.mcast_group("239.1.2.3:4000", "--mcast") == ("239.1.2.3", 4000)
+    for bad in ("10.0.0.1", "239.1.2.3:0", "239.1.2.3:x", "host:1", ""):
+        with pytest.raises(TesseraError, match="GROUP"):
+            cliargs.mcast_group(bad, "--mcast")
+    base = [sys.executable, "-m", "tessera", "dma", "--sm", "127.0.0.1:1", "--session-id", "1", "--pki-dir", "/nonexistent"]
+    for extra, want in ((["--mcast", "10.0.0.1"], "--mcast wants GROUP[:PORT]"),
+                        (["--mcast", "239.1.2.3", "--mcast-if", "eth0"], "--mcast-if wants an IPv4 address")):
+        p = subprocess.run(base + extra, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2 and want in p.stderr, p.stderr
