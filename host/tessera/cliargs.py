@@ -17,6 +17,32 @@ def port(s: str) -> int:
     return v
 
 
+def mcast_group(text: str, option: str, default_port: int = 26033) -> tuple[str, int]:
+    """GROUP[:PORT], GROUP an IPv4 multicast address (224.0.0.0/4); the port defaults to
+    the content port (profile B.10); a clean TesseraError when malformed."""
+    import ipaddress
+
+    group, sep, p = text.partition(":")
+    try:
+        ok = ipaddress.IPv4Address(group).is_multicast and (not sep or (p.isdigit() and 1 <= int(p) <= 0xFFFF))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise TesseraError(f"{option} wants GROUP[:PORT] with an IPv4 multicast GROUP (224.0.0.0/4) and a port "
+                           f"in 1..65535, got {text!r}")
+    return group, int(p) if sep else default_port
+
+
+def ipv4(text: str, option: str) -> str:
+    """An IPv4 address given to `option`; a clean TesseraError when malformed."""
+    import ipaddress
+
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        raise TesseraError(f"{option} wants an IPv4 address, got {text!r}") from None
+
+
 def host_port(text: str, option: str) -> tuple[str, int]:
     """HOST:PORT given to `option`; a clean TesseraError when malformed."""
     host, _, p = text.rpartition(":")

@@ -205,6 +205,8 @@ class TreeStatus:
     upstream: str = "none"  # the link to the SMA: none (no --sma), down, probing, bound, refused
     kc_held: tuple[int, ...] = ()  # Kc generations received from the SMA (current, next)
     relay: dict[str, int] = field(default_factory=dict)  # the relay's counters
+    is_hma: bool = False  # this DMA multicasts for its multicast-enabled area (B.18)
+    hma_state: str = "none"  # none (no --mcast), soliciting, follower, waiting, hma, stopped
 
 
 @dataclass(frozen=True)
@@ -730,13 +732,18 @@ class AsyncMaAgent:
 
     async def start_tree(self, host: str = "127.0.0.1", port: int = TREE_PORT, *, tick: float = 0.5,
                          content_udp: int = 0, content_tcp: int = 0, sma: str | tuple[str, int] | None = None,
-                         upstream: dict | None = None, **core: Any) -> int:
+                         upstream: dict | None = None, mcast: str | tuple[str, int] | None = None,
+                         mcast_if: str | None = None, hma: dict | None = None, **core: Any) -> int:
         """A DMA that agreed on the policy starts its tree service (join, Kg per the agreed
         GK_MECHA, members' control links) on `port` (0: any free) and its content relay on
         `content_udp` / `content_tcp` (0: any free; tree_status() names them); given `sma`
         ("HOST:PORT" of the SMA's tree port) it links upstream to the SMA for Kc and content.
         Returns the tree port. `core` goes to dmatree.TreeCore (kg_period, t_hb, max_members),
-        `upstream` to upstream.UpstreamLink (t_hb, tick, backoff)."""
+        `upstream` to upstream.UpstreamLink (t_hb, tick, backoff). With `mcast` ("GROUP[:PORT]",
+        default port 26033) the DMA is in a multicast-enabled area: it takes part in the HMA
+        election (B.18) on `mcast_if` (the IPv4 address of the interface towards the area) and
+        its relay sends each stream packet to the group only while it is the HMA; `hma` goes to
+        hma.HmaEngine (t_hann, max_peers) and may name the HMA `port` (default 26034)."""
         import os
 
         from tessera import cliargs
@@ -752,14 +759,20 @@ class AsyncMaAgent:
                 sma = cliargs.host_port(sma, "sma")
             except TesseraError as e:
                 raise AgentError(str(e)) from None
+        if isinstance(mcast, str):
+            try:
+                mcast = cliargs.mcast_group(mcast, "mcast")
+            except TesseraError as e:
+                raise AgentError(str(e)) from None
         tree = dmatree.DmaService(dmatree.from_agent(a, os.urandom, asyncio.get_running_loop().time(), **core),
                                   host, port, tick=tick, content_udp=content_udp, content_tcp=content_tcp, sma=sma,
-                                  upstream_kw=upstream)
+                                  upstream_kw=upstream, mcast=mcast, mcast_if=mcast_if, hma_kw=hma)
         try:
             await tree.start()
         except OSError as e:
             raise AgentError(f"dma {self.name}: cannot listen on {host} (tree {port}, content UDP {content_udp} "
-                             f"TCP {content_tcp}): {e.strerror or e}") from None
+                             f"TCP {content_tcp}{', multicast ' + mcast[0] if mcast else ''}): "
+                             f"{e.strerror or e}") from None
         self._tree = tree
         return tree.port
 
@@ -771,7 +784,8 @@ class AsyncMaAgent:
         return TreeStatus(t.port, tuple(c.members()), c.group.current()[0], dict(c.group.rotations), dict(c.left),
                           dict(c.join.errors), t.relay.udp_port, t.relay.tcp_port,
                           tuple(s.maid for s in c.subscribers()), t.upstream.state if t.upstream else "none",
-                          tuple(c.relay.held()), dict(t.relay.stats))
+                          tuple(c.relay.held()), dict(t.relay.stats), t.is_hma,
+                          t.hma.engine.state if t.hma is not None else "none")
 
     async def start_source(self, host: str = "127.0.0.1", port: int = TREE_PORT, *, tick: float = 0.5,
                            kc_state: str | Path | None = None, **kc: Any) -> AsyncContentSource:

@@ -171,6 +171,10 @@ def cmd_agent(role: str):
                 raise TesseraError(f"no such file to send: {path}")
         if role == "dma" and args.sma_tree:
             cliargs.host_port(args.sma_tree, "--sma")
+        if role == "dma" and args.mcast:
+            cliargs.mcast_group(args.mcast, "--mcast")
+            if args.mcast_if:
+                cliargs.ipv4(args.mcast_if, "--mcast-if")
         if role == "sma":
             for path in [*args.object, *([args.stream] if args.stream else [])]:
                 if not Path(path).is_file():
@@ -191,7 +195,9 @@ def cmd_agent(role: str):
             try:
                 if role == "dma":
                     port = await agent.start_tree(args.tree_host, args.tree_port, content_udp=args.content_udp,
-                                                  content_tcp=args.content_tcp, sma=args.sma_tree)
+                                                  content_tcp=args.content_tcp, sma=args.sma_tree,
+                                                  mcast=args.mcast, mcast_if=args.mcast_if,
+                                                  hma={"port": args.hma_port})
                     st = agent.tree_status()
                     log.info("rmcp2 DMA: tree port %d (RMAs join here), content UDP %d TCP %d (the SMA sends "
                              "here)%s", port, st.content_udp, st.content_tcp,
@@ -373,6 +379,15 @@ def register(sub) -> None:
             p.add_argument("--hrs-refresh", type=float, default=60.0, metavar="SECONDS",
                            help="how often the DMA fetches the ACL from the SM (HRSREQ; default 60, B.10): an RMA "
                                 "admitted since the last fetch is refused NOT_IN_ACL until the next")
+            p.add_argument("--mcast", metavar="GROUP[:PORT]",
+                           help="multicast-enabled area (B.17, B.18): with the other DMAs of GROUP, elect one HMA; "
+                                "only the HMA sends each stream packet once to GROUP:PORT (default port 26033), and "
+                                "a candidate takes over when it leaves or falls silent")
+            p.add_argument("--mcast-if", metavar="ADDR",
+                           help="IPv4 address of the interface towards the area's RMAs and DMAs (default: the "
+                                "system's multicast route)")
+            p.add_argument("--hma-port", type=cliargs.port, default=26034,
+                           help="UDP port on GROUP of the DMAs' HMA election messages, under Ks (default 26034, B.10)")
         if nt == C.NodeType.RMA:
             p.add_argument("--service-user-id", help="identifier from the content provider (closed groups)")
         p.set_defaults(func=cmd_agent(name))

@@ -22,7 +22,7 @@ MAID_LEN = 8  # A.4 (HRSREQ Length 0x14), layout B.1
 MAX_MESSAGE = 0xFFFF
 MAX_KEY_MATERIAL = 0x804  # 11.2.9.3 b
 MAX_CAPAB = 16  # B.2: per *_CAPAB kind
-MAX_CANDIDATES = 8  # B.3 HLEAVE
+MAX_CANDIDATES = 8  # B.3 HLEAVE, B.18 HANNOUNCE
 MAX_ACL = 2000  # B.8
 ACL_ENTRY_LEN = 32  # B.8: HASHED_MAID(16) || HASHED_KTLS(16)
 
@@ -730,7 +730,8 @@ RULES: dict[MsgType, Rule] = {
     MsgType.PPROBREQ: _r([N.DMA, N.RMA], optional=[C.PROBE_AUTH, C.CONTENT_ADDR]),
     MsgType.PPROBANS: _r([N.SMA, N.DMA], [C.RESULT], [C.STATUS]),
     MsgType.HSOLICIT: _r([N.RMA, N.DMA]),
-    MsgType.HANNOUNCE: _r([N.DMA]),
+    # CANDIDATE on HANNOUNCE: the HMA's ordered candidate list (B.18, defined by this project)
+    MsgType.HANNOUNCE: _r([N.DMA], optional=[C.CANDIDATE], repeat={C.CANDIDATE: MAX_CANDIDATES}),
     MsgType.HLEAVE: _r([N.DMA], optional=[C.CANDIDATE], repeat={C.CANDIDATE: MAX_CANDIDATES}),
     MsgType.STREQ: _r([N.SM]),
     MsgType.STANS: _r(_MAS, [C.STATUS]),

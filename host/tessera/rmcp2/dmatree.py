@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import resource
 import socket
 from collections import Counter, deque
@@ -463,12 +464,27 @@ class DmaService:
     def __init__(self, core: TreeCore, host: str = "127.0.0.1", port: int = TREE_PORT, *,
                  content_udp: int = 0, content_tcp: int = 0, sma: tuple[str, int] | None = None,
                  ks_suite: P.Suite | None = None, tick: float = 0.5, relay_kw: dict | None = None,
-                 upstream_kw: dict | None = None, **server_kw) -> None:
+                 upstream_kw: dict | None = None, mcast: tuple[str, int] | None = None,
+                 mcast_if: str | None = None, hma_kw: dict | None = None, **server_kw) -> None:
         from tessera.rmcp2.relay import Relay
 
         self.core, self.host = core, host
         self.server = DmaTreeServer(core, host, port, tick=tick, **server_kw)
-        self.relay = Relay(core.sid.to_bytes(8, "big"), **(relay_kw or {}))
+        relay_kw = dict(relay_kw or {})
+        self.hma = None
+        if mcast is not None:  # a multicast-enabled area (B.17, B.18): only its HMA sends to the group
+            from tessera.rmcp2 import hma as H
+
+            if core.ks_lookup is None or core.ks_current is None:
+                raise ValueError("a multicast-enabled DMA needs Ks for the HMA election (B.18)")
+            relay_kw.update(multicast=mcast, multicast_if=mcast_if, multicast_on=False)
+            hkw = dict(hma_kw or {})
+            port_h = hkw.pop("port", H.HMA_PORT)
+            engine = H.HmaEngine(core.sid, core.maid, suite=ks_suite or core.suite, ks_current=core.ks_current,
+                                 ks_lookup=core.ks_lookup, rand=hkw.pop("rand", os.urandom),
+                                 seq=hkw.pop("seq", None) or H.new_seq(), **hkw)
+            self.hma = H.HmaService(engine, (mcast[0], port_h), mcast_if, self._hma_event)
+        self.relay = Relay(core.sid.to_bytes(8, "big"), **relay_kw)
         self.content_udp, self.content_tcp = content_udp, content_tcp
         self.sma, self.ks_suite, self.upstream_kw = sma, ks_suite or core.suite, upstream_kw or {}
         self.upstream = None
@@ -477,6 +493,16 @@ class DmaService:
     @property
     def port(self) -> int:
         return self.server.port
+
+    @property
+    def is_hma(self) -> bool:
+        return self.hma is not None and self.hma.engine.is_hma
+
+    def _hma_event(self, ev) -> None:
+        from tessera.rmcp2.hma import Event
+
+        self.relay.multicast_on = ev == Event.BECOME_HMA
+        log.info("rmcp2 dma: %s; multicast sending %s", ev.value, "on" if self.relay.multicast_on else "off")
 
     async def start(self) -> None:
         await self.relay.start(self.host, self.content_udp, self.content_tcp)
@@ -491,10 +517,22 @@ class DmaService:
             self.upstream = UpstreamLink(self.core, self.server, self.sma, self.ks_suite,
                                          (self.relay.udp_port, self.relay.tcp_port), **self.upstream_kw)
             self.upstream.start()
+        if self.hma is not None:
+            try:
+                await self.hma.start()
+            except OSError:
+                await self.close(leave=False)
+                raise
         log.info("rmcp2 dma: tree port %d, content UDP %d TCP %d%s", self.server.port, self.relay.udp_port,
                  self.relay.tcp_port, f", upstream to {self.sma[0]}:{self.sma[1]}" if self.sma else "")
 
     async def close(self, leave: bool = True) -> None:
+        """Stop; with `leave`, the HMA's HLEAVE first (B.18), then the members' LEAVREQ (B.15)."""
+        if self.hma is not None:
+            if leave:
+                await self.hma.close()
+            else:
+                self.hma.abort()
         if self.upstream is not None:
             await self.upstream.close()
         await self.server.close(leave)

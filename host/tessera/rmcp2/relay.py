@@ -120,7 +120,7 @@ class Relay:
                  max_upstream: int = 4, upstream_hosts: Iterable[str] | None = None,
                  link_sndbuf: int = 64 * 1024, idle: float = T_IDLE,
                  multicast: tuple[str, int] | None = None, multicast_if: str | None = None,
-                 multicast_ttl: int = 1) -> None:
+                 multicast_ttl: int = 1, multicast_on: bool = True) -> None:
         if len(session_id) != 8:
             raise ValueError("session id is 8 bytes")
         self.session_id = session_id
@@ -132,6 +132,8 @@ class Relay:
         # address on the interface towards the RMAs, in addition to any unicast subscribers
         self.multicast, self.multicast_if, self.multicast_ttl = multicast, multicast_if, multicast_ttl
         self._mcast: socket.socket | None = None
+        # only the HMA of the area sends to the group (B.18): hma.HmaService switches this
+        self.multicast_on = multicast_on
         # a source address proves nothing (the RMAs' MAC check does); this only sheds load
         self.upstream_hosts = set(upstream_hosts) if upstream_hosts is not None else None
         self.stats: Counter[str] = Counter()
@@ -229,7 +231,7 @@ class Relay:
             self.count(f"rejected_{e.code.name}")
             return
         self.stats["udp_in"] += 1
-        if self._mcast is not None:
+        if self._mcast is not None and self.multicast_on:
             try:
                 self._mcast.sendto(data, self.multicast)  # unchanged, once for the whole group
                 self.stats["mcast_relayed"] += 1

@@ -22,6 +22,7 @@ from tessera.rmcp2.content import Decoder, FrameReader, KcRing, Kind
 from tessera.rmcp2.dmatree import policy_of
 
 from .test_dmatree import HostRma
+from .test_hma import _free_udp_port
 from .test_net import until
 
 SID = 0x5E55_2000_0000_0001  # test_dmatree's HostRma speaks this session
@@ -128,7 +129,10 @@ def test_object_and_stream_reach_every_rma_of_two_dmas_with_backward_and_forward
                 await asyncio.gather(sma.start(), dma1.start(), dma2.start())
                 src = await sma.start_source(port=0, tick=0.05, **KC_TIMING)
                 up = {"tick": 0.05, "backoff": (0.05, 0.5)}
-                ports = [await d.start_tree(port=0, tick=0.05, sma=f"127.0.0.1:{src.port}", upstream=up)
+                # a multicast-enabled area on lo (B.18), ports picked free: the API's mcast wiring
+                mc = {"mcast": f"239.13.0.9:{_free_udp_port()}", "mcast_if": "127.0.0.1",
+                      "hma": {"port": _free_udp_port(), "t_hann": 0.2}}
+                ports = [await d.start_tree(port=0, tick=0.05, sma=f"127.0.0.1:{src.port}", upstream=up, **mc)
                          for d in (dma1, dma2)]
                 st = await src.wait_for_dmas(2, 20)
                 assert set(st.dmas) == {dma1.maid, dma2.maid}
@@ -195,6 +199,8 @@ def test_object_and_stream_reach_every_rma_of_two_dmas_with_backward_and_forward
                 await send([a, c, d], b"three")
                 assert d.objects[-1].endswith(b"three") and d.dec.errors == {}
                 assert dma1.tree_status().upstream == dma2.tree_status().upstream == "bound"
+                hmas = sorted((dma1.tree_status().hma_state, dma2.tree_status().hma_state))
+                assert hmas == ["follower", "hma"] and dma1.tree_status().is_hma != dma2.tree_status().is_hma
                 for m in (a, c, d, b):
                     await m.shut()
                 for x in agents:
