@@ -96,7 +96,7 @@ _RULES = {
     0xA2: (_nt(3, 5), 0, _b(_I_PROBE_AUTH)),  # PPROBREQ
     0xA3: (_nt(2, 5), _b(_I_RESULT), _b(_I_RESULT, _I_STATUS)),  # PPROBANS
     0xA4: (_nt(3, 5), 0, 0),  # HSOLICIT
-    0xA5: (_nt(5), 0, 0),  # HANNOUNCE
+    0xA5: (_nt(5), 0, _b(_I_CANDIDATE)),  # HANNOUNCE (B.18: the HMA's candidates)
     0xA6: (_nt(5), 0, _b(_I_CANDIDATE)),  # HLEAVE
     0xA7: (_nt(1), 0, 0),  # STREQ
     0xA8: (_MAS, _b(_I_STATUS), _b(_I_STATUS)),  # STANS
