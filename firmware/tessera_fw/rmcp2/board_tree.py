@@ -12,7 +12,8 @@
 # join the board binds a UDP socket and a TCP listening socket (rmcp2.json "content"),
 # announces their ports in CONTENT_ADDR inside its first HB (Seq 1 under the new K_MAS) and
 # every HB after it, and its control loop polls the control link, the UDP socket, the
-# listener and at most one accepted content TCP link (a newer one replaces it), feeding
+# listener, at most one accepted content TCP link (a newer one replaces it) and, with
+# "content" "mcast", a UDP socket joined to the group's multicast address, feeding one
 # content.Receiver (board_rx.py); plaintext goes to a sink (sink.py). A content packet's error is counted
 # and dropped; it never ends the control link. The content sockets close with it.
 #
@@ -407,7 +408,7 @@ class Tree:
             try:
                 from tessera_fw.rmcp2.board_rx import Content
 
-                self.cx = Content(self, self.cports, self.sink, self.cmem)
+                self.cx = Content(self, self.cports, self.sink, self.cmem, self.r.cfg.get("mcast"))
             except MemoryError:  # this link runs without content; the next join tries again
                 self.r.log("rmcp2: no heap for content reception (MemoryError)")
         return self.cx
