@@ -6,7 +6,8 @@ rmcp2.json "content" {"mcast": group} is admitted by a real SM and joins a real 
 packet once to the group on the veth. The SMA's side (KcSchedule -> kc_from_sma, Encoder,
 SmaSender) sends a stream and an object: the stream lands byte-exact in the board's
 rx/stream.bin by multicast only (the board announced UDP port 0 in CONTENT_ADDR and the
-relay's counters show no unicast datagram), the object byte-exact by TCP.
+relay's counters show no unicast datagram), the object byte-exact by TCP. When the DMA stops,
+the board's control link ends and it leaves the group (ip maddr) while it goes on running.
 
 The host side runs in this process with its main thread moved into the DMA namespace
 (setns(2) through ctypes: Python 3.11 has no os.setns), and moved back after."""
@@ -89,6 +90,7 @@ def test_board_takes_streams_by_multicast_across_a_link(netns, pki, tmp_path, mp
                 env=dict(os.environ, MICROPYPATH=str(mpy_dir)), stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE))
             sender = None
+            closed = False
             try:
                 await until(lambda: con.count("content on UDP") == 1 or con.proc.returncode is not None, timeout=30,
                             what=lambda: "\n".join(con.lines))
@@ -127,11 +129,24 @@ def test_board_takes_streams_by_multicast_across_a_link(netns, pki, tmp_path, mp
                 await until(lambda: con.count("|") >= 1, what="a status line")
                 got["stats"] = dict(relay.stats)
                 got["errors"] = list(core.errors)
+                # the DMA stops (LEAVREQ LEAVE_NORMAL): the board's control link ends and with it
+                # the group membership, while the board goes on (re-joining, refused: no DMA)
+                closed = True
+                await svc.close()
+                await until(lambda: con.count("the DMA left") == 1, what=lambda: "\n".join(con.lines))
+                for _ in range(30):
+                    got["maddr_after"] = await _maddr(rma_ns)
+                    alive = con.proc.returncode is None  # the board still runs: its exit would leave too
+                    if GROUP not in got["maddr_after"]:
+                        break
+                    await asyncio.sleep(0.1)
+                assert alive, "\n".join(con.lines)
             finally:
                 if sender is not None:
                     await sender.close()
                 err = await con.stop()
-                await svc.close()
+                if not closed:
+                    await svc.close()
             got["lines"], got["err"] = con.lines, err
 
     with in_netns(dma_ns):
@@ -142,6 +157,7 @@ def test_board_takes_streams_by_multicast_across_a_link(netns, pki, tmp_path, mp
     # every stream packet went once to the group and none by unicast to the board
     assert st.get("mcast_relayed") == N_STREAM and st.get("udp_relayed", 0) == 0, st
     assert GROUP in got["maddr"], got["maddr"]  # the board's socket joined the group on its veth
+    assert GROUP not in got["maddr_after"], got["maddr_after"]  # and left it with the control link
     assert not got["errors"], got["errors"]
     c = counters(next(ln for ln in reversed(got["lines"]) if "|" in ln))
     assert c["c_mc_in"] == N_STREAM and c["c_objs"] == 1 and c["c_errors"] == 0 and c["c_udp"] == 0, lines
