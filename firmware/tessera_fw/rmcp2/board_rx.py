@@ -120,33 +120,15 @@ class Content:
         if self.cl is not None:
             p.register(self.cl, select.POLLIN)
         mc = ""
-        if self.mcast is not None:
-            self.cm = self._group()
+        if self.mcast is not None:  # board_mc.py: loaded only for a board that names a group
+            from tessera_fw.rmcp2.board_mc import join
+
+            self.cm = join(self.mcast, self.r.log)
             if self.cm is not None:
-                self.cm.settimeout(0)
                 p.register(self.cm, select.POLLIN)
                 g = self.mcast[0]
                 mc = " multicast %d.%d.%d.%d:%d" % (g[0], g[1], g[2], g[3], self.mcast[1])
         self.r.log("rmcp2: content on UDP %d TCP %d%s" % (self.uport, self.tport, mc))
-
-    def _group(self):
-        """The UDP socket on the group's port, joined to the group (content.mcast_join) on
-        the configured interface; None, said, when it cannot be (that link runs without it)."""
-        from tessera_fw.rmcp2.content import mcast_join
-
-        group, port, iface = self.mcast
-        so = None
-        try:
-            so = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            so.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            so.bind(socket.getaddrinfo("0.0.0.0", port)[0][-1])
-            mcast_join(so, group, iface)
-            return so
-        except OSError as e:
-            if so is not None:
-                so.close()
-            self.r.log("rmcp2: no multicast group (%s)" % type(e).__name__)
-            return None
 
     def _sock(self, kind, want):
         if want is None:
@@ -294,14 +276,11 @@ class Content:
             self.counts[_SINK_ERR] += 1
 
     def close(self):
-        cm = self.cm
-        if cm is not None and self.mcast is not None:  # leave the group (close() would too: Linux, lwIP)
-            g, _port, iface = self.mcast
-            try:
-                cm.setsockopt(0, socket.IP_DROP_MEMBERSHIP, bytes(g) + bytes(iface))
-            except (OSError, AttributeError):  # no IP_DROP_MEMBERSHIP on this port: close() leaves
-                pass
-        for so in (self.cu, self.cl, cm):
+        if self.cm is not None:
+            from tessera_fw.rmcp2.board_mc import leave
+
+            leave(self.cm, self.mcast)
+        for so in (self.cu, self.cl):
             if so is not None:
                 so.close()
         self.cu = self.cl = self.cm = None

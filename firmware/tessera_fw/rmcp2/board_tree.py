@@ -97,9 +97,11 @@ def new_ring(rma):
 
 # what the tree client loads after a join and lets go when the board goes back to the SM
 # (the admission and the join with the SM link open are the board's heap peak): the content
-# layer (with const.py, 11.6 KB of code on the unix port), the content reception and sink
-_CONTENT_MODS = ("tessera_fw.rmcp2.board_rx", "tessera_fw.rmcp2.sink", "tessera_fw.rmcp2.content",
-                 "tessera_fw.rmcp2.const")
+# layer (with const.py, 11.6 KB of code on the unix port), the content reception, sink and
+# multicast group (board_mc: loaded only with "mcast"; its mcast_join keeps content.py's
+# globals alive, so it goes with the reception)
+_CONTENT_MODS = ("tessera_fw.rmcp2.board_rx", "tessera_fw.rmcp2.sink", "tessera_fw.rmcp2.board_mc",
+                 "tessera_fw.rmcp2.content", "tessera_fw.rmcp2.const")
 
 
 class Tree:
@@ -204,7 +206,7 @@ class Tree:
         if self.cx is not None:
             self.cmem = self.cx.memory()
             self.cx = None
-        n = 2
+        n = 3
         if self.own_ring:
             self.kept = None
             ring = self.ring
@@ -214,7 +216,7 @@ class Tree:
                                  for x in (ring.cur, ring.nxt) if x is not None]
                 ring.forget()
                 self.ring = self.keys.ring = None
-            n = 4
+            n = 5
         for i in range(n):
             release(_CONTENT_MODS[i])
 
