@@ -92,7 +92,10 @@ class _Sink:
 
 
 def test_one_receiver_for_unicast_and_the_group():
-    c = next(iter_array("rmcp2/data.json", "cases"))
+    c = None
+    for c in iter_array("rmcp2/data.json", "cases"):
+        if len(c["plain"]) >= 64:  # a payload of some size (the first vectors are empty)
+            break
     ring = D.KcRing(c["enc"], c["auth"])
     ring.install(c["gen"], unhex(c["key"]))
     sink = _Sink()
@@ -120,7 +123,7 @@ def test_one_receiver_for_unicast_and_the_group():
                 cx.handle(got, p)
             seen = cx.counts[0] + cx.rx.errors[17]
         st = cx.status()
-        assert sink.got == [unhex(c["plain"])], st  # once, byte-exact
+        assert sink.got == [unhex(c["plain"])] and cx.counts[1] == len(c["plain"]) // 2, st  # once, byte-exact
         assert cx.counts[0] == 1 and cx.rx.errors[17] == 1 and cx.counts[5] == 1, st  # c_mc_in: one from the group
         assert "cerr17=1" in st and "c_mc_in=1" in st, st
     finally:
