@@ -3,8 +3,11 @@
 # board_tree.Tree makes one Content at its first join, once the SM's TLS link is closed and
 # the join modules released (the join with the SM link open is the board's heap peak), and
 # keeps it: after each join bind() opens a UDP socket and a TCP listening socket whose ports
-# the HBs announce in CONTENT_ADDR, the control loop hands their poll events to handle(),
-# and close() ends them with the control link. Packets go to content.Receiver (the content
+# the HBs announce in CONTENT_ADDR and, for a multicast-enabled group (rmcp2.json "content"
+# "mcast", B.17), a UDP socket on the group's port joined to the group; the control loop
+# hands their poll events to handle(), and close() leaves the group and ends them with the
+# control link. All of them feed the one Receiver: a packet that comes both by unicast and
+# by multicast passes its Kc slot's replay window once (the second copy is ERR_REPLAY). Packets go to content.Receiver (the content
 # layer's checks and decryption, as they are), the plaintext to a sink (sink.py). Every
 # packet error is counted by its B.12/B.17 number and dropped; none ends the control link.
 import select
@@ -29,13 +32,15 @@ _MAX_PACKET = const(1100)
 _EV_UDP = const(1)  # which() bits
 _EV_ACC = const(2)
 _EV_TCP = const(4)
+_EV_MC = const(8)
 # counters (Content.counts), by index
 _PKTS = const(0)  # content packets accepted (checked and decrypted)
 _BYTES = const(1)  # plaintext bytes handed to the sink
 _OBJS = const(2)  # objects verified
 _LINKS = const(3)  # content TCP links accepted
 _SINK_ERR = const(4)  # the sink failed (a file error): that data is lost, the links stay
-NAMES = ("c_pkts", "c_bytes", "c_objs", "c_links", "c_sink_err")
+_MC_IN = const(5)  # datagrams read from the multicast group's socket (accepted or not)
+NAMES = ("c_pkts", "c_bytes", "c_objs", "c_links", "c_sink_err", "c_mc_in")
 
 
 class Content:
@@ -43,10 +48,12 @@ class Content:
     board_tree.Tree, for the runner, the Kc ring and the log); `sink`: sink.py's interface
     (None: sink.FileSink, files under rx/)."""
 
-    def __init__(self, tree, ports, sink=None, mem=None):
+    def __init__(self, tree, ports, sink=None, mem=None, mcast=None):
         self.r = tree.r
         self.ring = tree.ring
         self.ports = ports  # rmcp2.json "content": (udp, tcp), 0 = picked, None = not over it
+        self.mcast = mcast  # rmcp2.json "content" "mcast": (group 4 bytes, port, interface 4 bytes)
+        self.cm = None  # the UDP socket joined to the group
         self.rx = Receiver(self.r.rma.sid, self.ring, self._on_data)
         if sink is None:
             from tessera_fw.rmcp2.sink import FileSink
@@ -84,13 +91,17 @@ class Content:
             return _EV_ACC
         if o is self.ct:
             return _EV_TCP
+        if o is self.cm:
+            return _EV_MC
         return 0
 
     def handle(self, got, p):
         """What the poll said readable (which() bits): after the poll's iteration, since
         accepting or closing a link changes the poll's registrations."""
         if got & _EV_UDP:
-            self._udp()
+            self._udp(self.cu)
+        if got & _EV_MC:
+            self._udp(self.cm)
         if got & _EV_TCP:
             self._tcp(p)
         if got & _EV_ACC:
@@ -108,7 +119,16 @@ class Content:
             p.register(self.cu, select.POLLIN)
         if self.cl is not None:
             p.register(self.cl, select.POLLIN)
-        self.r.log("rmcp2: content on UDP %d TCP %d" % (self.uport, self.tport))
+        mc = ""
+        if self.mcast is not None:  # board_mc.py: loaded only for a board that names a group
+            from tessera_fw.rmcp2.board_mc import join
+
+            self.cm = join(self.mcast, self.r.log)
+            if self.cm is not None:
+                p.register(self.cm, select.POLLIN)
+                g = self.mcast[0]
+                mc = " multicast %d.%d.%d.%d:%d" % (g[0], g[1], g[2], g[3], self.mcast[1])
+        self.r.log("rmcp2: content on UDP %d TCP %d%s" % (self.uport, self.tport, mc))
 
     def _sock(self, kind, want):
         if want is None:
@@ -135,11 +155,10 @@ class Content:
                                                       type(err).__name__))
         return None, 0
 
-    def _udp(self):
-        """Up to _UDP_BURST datagrams, each to the Receiver; a rejected one is counted (its
-        B.12/B.17 number) and dropped. MicroPython has no recv_into for datagrams: recv()
+    def _udp(self, cu):
+        """Up to _UDP_BURST datagrams of `cu` (the unicast socket or the group's), each to
+        the Receiver; a rejected one is counted (its B.12/B.17 number) and dropped. MicroPython has no recv_into for datagrams: recv()
         allocates each one (content.udp_loop says the same); MemoryError drops it."""
-        cu = self.cu
         for _ in range(_UDP_BURST):
             try:
                 data = cu.recv(_MAX_PACKET + 1)  # one more: an oversized datagram is seen as such
@@ -147,6 +166,8 @@ class Content:
                 continue
             except OSError:  # EAGAIN: drained
                 return
+            if cu is self.cm:
+                self.counts[_MC_IN] += 1
             self._feed(data)
             data = None
 
@@ -255,10 +276,14 @@ class Content:
             self.counts[_SINK_ERR] += 1
 
     def close(self):
+        if self.cm is not None:
+            from tessera_fw.rmcp2.board_mc import leave
+
+            leave(self.cm, self.mcast)
         for so in (self.cu, self.cl):
             if so is not None:
                 so.close()
-        self.cu = self.cl = None
+        self.cu = self.cl = self.cm = None
         self.uport = self.tport = 0
         if self.ct is not None:
             self.ct.close()

@@ -12,7 +12,8 @@
 # join the board binds a UDP socket and a TCP listening socket (rmcp2.json "content"),
 # announces their ports in CONTENT_ADDR inside its first HB (Seq 1 under the new K_MAS) and
 # every HB after it, and its control loop polls the control link, the UDP socket, the
-# listener and at most one accepted content TCP link (a newer one replaces it), feeding
+# listener, at most one accepted content TCP link (a newer one replaces it) and, with
+# "content" "mcast", a UDP socket joined to the group's multicast address, feeding one
 # content.Receiver (board_rx.py); plaintext goes to a sink (sink.py). A content packet's error is counted
 # and dropped; it never ends the control link. The content sockets close with it.
 #
@@ -96,9 +97,11 @@ def new_ring(rma):
 
 # what the tree client loads after a join and lets go when the board goes back to the SM
 # (the admission and the join with the SM link open are the board's heap peak): the content
-# layer (with const.py, 11.6 KB of code on the unix port), the content reception and sink
-_CONTENT_MODS = ("tessera_fw.rmcp2.board_rx", "tessera_fw.rmcp2.sink", "tessera_fw.rmcp2.content",
-                 "tessera_fw.rmcp2.const")
+# layer (with const.py, 11.6 KB of code on the unix port), the content reception, sink and
+# multicast group (board_mc: loaded only with "mcast"; its mcast_join keeps content.py's
+# globals alive, so it goes with the reception)
+_CONTENT_MODS = ("tessera_fw.rmcp2.board_rx", "tessera_fw.rmcp2.sink", "tessera_fw.rmcp2.board_mc",
+                 "tessera_fw.rmcp2.content", "tessera_fw.rmcp2.const")
 
 
 class Tree:
@@ -203,7 +206,7 @@ class Tree:
         if self.cx is not None:
             self.cmem = self.cx.memory()
             self.cx = None
-        n = 2
+        n = 3
         if self.own_ring:
             self.kept = None
             ring = self.ring
@@ -213,7 +216,7 @@ class Tree:
                                  for x in (ring.cur, ring.nxt) if x is not None]
                 ring.forget()
                 self.ring = self.keys.ring = None
-            n = 4
+            n = 5
         for i in range(n):
             release(_CONTENT_MODS[i])
 
@@ -407,7 +410,7 @@ class Tree:
             try:
                 from tessera_fw.rmcp2.board_rx import Content
 
-                self.cx = Content(self, self.cports, self.sink, self.cmem)
+                self.cx = Content(self, self.cports, self.sink, self.cmem, self.r.cfg.get("mcast"))
             except MemoryError:  # this link runs without content; the next join tries again
                 self.r.log("rmcp2: no heap for content reception (MemoryError)")
         return self.cx

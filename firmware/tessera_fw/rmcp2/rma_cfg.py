@@ -25,6 +25,19 @@ def _hex8(cfg, key):
     return b
 
 
+def _ip4(cfg, key, default=None):
+    """A dotted IPv4 address of `cfg` as 4 bytes (ValueError naming the key)."""
+    v = cfg.get(key, default)
+    parts = v.split(".") if isinstance(v, str) else ()
+    b = bytearray()
+    for x in parts:
+        if x.isdigit() and len(x) <= 3 and int(x) <= 255:
+            b.append(int(x))
+    if len(parts) != 4 or len(b) != 4:
+        raise ValueError("%s: content %s must be an IPv4 address A.B.C.D" % (CONFIG, key))
+    return b
+
+
 def load(path=CONFIG):
     """The validated settings of `path` (a dict; times in ms), or None without the file.
     A bad value raises ValueError naming the key (never a key file's contents)."""
@@ -61,12 +74,24 @@ def load(path=CONFIG):
     c = cfg.get("content", {})
     if c is None:
         out["content"] = None
+        out["mcast"] = None
     elif not isinstance(c, dict):
         raise ValueError(CONFIG + ": content must be {\"udp\": port, \"tcp\": port} or null")
     else:
+        # "mcast": "A.B.C.D" (B.17 multicast-enabled group): the board also joins that group
+        # on "mcast_port" (B.10's content port) through the interface "mcast_if" (its own
+        # address; 0.0.0.0: the system's choice), and announces no UDP port unless "udp" is
+        # given: the relay then sends streams only to the group
+        mc = c.get("mcast")
+        out["mcast"] = None
+        if mc is not None:
+            g = _ip4(c, "mcast")
+            if g[0] & 0xF0 != 0xE0:
+                raise ValueError(CONFIG + ": content mcast must be an IPv4 multicast address (224.0.0.0/4)")
+            out["mcast"] = (g, int(_num(c, "mcast_port", 26033, 1, 65535)), _ip4(c, "mcast_if", "0.0.0.0"))
         ports = []
         for k in ("udp", "tcp"):
-            v = c.get(k, 0)
+            v = c.get(k, None if (mc is not None and k == "udp") else 0)
             ports.append(None if v is None else int(_num(c, k, 0, 0, 65535)))
         out["content"] = tuple(ports)
     # the candidate parent DMAs in order of preference (B.15 re-graft): "dmas": [[host, port,
