@@ -27,17 +27,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import socket
-import sys
 
 from tessera.rmcp2 import codec as C
+from tessera.rmcp2 import dmatree as D
+from tessera.rmcp2.content import Encoder
+from tessera.rmcp2.contentkey import KcSchedule
+from tessera.rmcp2.relay import SmaSender
 
 from .test_data_multicast import DMA_IP, RMA_IP, netns  # noqa: F401 (fixture)
-from .test_fw_board_content import BOARD_MAID, ERR_MAC, HEAP, SID_B
-from .test_fw_board_mcast import _maddr, in_netns
-from .test_fw_rma_board import BOARD, Lines, board_fs, counters, mpy_dir  # noqa: F401 (fixture)
-from .test_net import SID, Session, pki, until  # noqa: F401 (fixture)
+from .test_fw_board_content import BOARD_MAID, ERR_MAC, SID_B, send_stream
+from .test_fw_board_mcast import _maddr, in_netns, start_board_in, veth_session
+from .test_fw_rma_board import board_fs, counters, mpy_dir  # noqa: F401 (fixture)
+from .test_net import SID, pki, until  # noqa: F401 (fixture)
 
 GROUP = "239.13.0.3"
 MPORT, HPORT = 26033, 26034  # B.10's content and HMA ports: inside the test's own namespaces
@@ -48,19 +50,12 @@ WATCH = 3.0  # seconds the board is watched retrying after the last DMA is gone
 
 
 def test_board_regrafts_to_the_candidate_hma_across_a_link(netns, pki, tmp_path, mpy_dir, capsys):
-    from tessera.rmcp2 import dmatree as D
-    from tessera.rmcp2.content import Encoder
-    from tessera.rmcp2.contentkey import KcSchedule
-    from tessera.rmcp2.relay import SmaSender
-
     dma_ns, rma_ns = netns
     pki_dir = pki[0]
     got: dict = {}
 
     async def main():
-        s = Session(pki_dir, tmp_path, n_dmas=2)
-        s.server.host = "0.0.0.0"  # reached from the RMA namespace over the veth
-        async with s:
+        async with veth_session(pki_dir, tmp_path, 2) as s:
             loop = asyncio.get_running_loop()
             agents = s.dmas()
             svcs = [D.DmaService(D.from_agent(a, os.urandom, loop.time(), t_hb=HB), "0.0.0.0", 0, tick=0.05,
@@ -84,12 +79,7 @@ def test_board_regrafts_to_the_candidate_hma_across_a_link(netns, pki, tmp_path,
                 fs = board_fs(tmp_path, pki_dir, s.server.tls_port, sm_host=DMA_IP, hb_s=HB,
                               dmas=[[DMA_IP, svcs[i].port, agents[i].cfg.maid.hex()] for i in (i_a, i_b)],
                               content={"mcast": GROUP, "mcast_port": MPORT, "mcast_if": RMA_IP})
-                # links=0: the board runs for ever, as deployed (stopped by the test)
-                mp = shutil.which("micropython", path=str(os.path.dirname(sys.executable)))
-                con = Lines(await asyncio.create_subprocess_exec(
-                    "ip", "netns", "exec", rma_ns, mp, "-X", f"heapsize={HEAP}", "-c", BOARD, "0", cwd=fs,
-                    env=dict(os.environ, MICROPYPATH=str(mpy_dir)), stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE))
+                con = await start_board_in(rma_ns, fs, mpy_dir, 0)  # runs for ever, as deployed
                 text = lambda: "\n".join(con.lines)  # noqa: E731
 
                 def at(word: str) -> dict[str, int]:
@@ -119,15 +109,7 @@ def test_board_regrafts_to_the_candidate_hma_across_a_link(netns, pki, tmp_path,
                 sent = bytearray()
 
                 async def stream(snd: SmaSender, n: int, tamper: bool = False) -> None:
-                    for k in range(n):
-                        p = os.urandom(60 + 70 * k)
-                        snd.stream(enc.stream(p))
-                        sent.extend(p)
-                        if tamper and k == 2:  # a Tag bit flipped: relayed, dropped by the board's MAC check
-                            bad = bytearray(enc.stream(os.urandom(64)))
-                            bad[-1] ^= 1
-                            snd.stream(bytes(bad))
-                        await asyncio.sleep(0.01)
+                    await send_stream(snd, enc, n, sent, tamper)
                     await until(lambda: stream_bin.exists() and stream_bin.stat().st_size >= len(sent), timeout=10,
                                 what=lambda: f"{a.relay.stats} {b.relay.stats}\n{text()}")
                     assert stream_bin.read_bytes() == bytes(sent)
@@ -181,7 +163,7 @@ def test_board_regrafts_to_the_candidate_hma_across_a_link(netns, pki, tmp_path,
                         await asyncio.sleep(0.05)
                 await asyncio.sleep(max(0.0, WATCH - (loop.time() - t0)))
                 got["alive"] = con.proc.returncode is None
-                got["size_after"], got["size_before"] = stream_bin.stat().st_size, size
+                got["size_after"], got["size_before"], got["sent"] = stream_bin.stat().st_size, size, len(sent)
                 got["c3"] = counters(next(x for x in reversed(con.lines) if "|" in x))
             finally:
                 for x in senders:
@@ -217,8 +199,7 @@ def test_board_regrafts_to_the_candidate_hma_across_a_link(netns, pki, tmp_path,
     c3 = got["c3"]
     assert got["alive"], lines
     assert GROUP not in got["maddr_after"], got["maddr_after"]
-    assert got["size_after"] == got["size_before"] == sum(60 + 70 * k for k in range(N1)) + sum(
-        60 + 70 * k for k in range(N2))
+    assert got["size_after"] == got["size_before"] == got["sent"]
     # no join since: only failed joins, and after _JOIN_TRIES of them in a row (the short-lived
     # links count too) a new admission at the SM, which is still up (board_tree.run)
     assert (c3["dma_drops"], c3["joined"]) == (1, 2) and "c_mc_in" not in c3, lines
