@@ -53,6 +53,22 @@ def ports(con: Lines, n: int) -> tuple[int, int]:
     return int(m[1]), int(m[2])
 
 
+async def send_stream(snd, enc, n: int, sent: bytearray, tamper: bool = False) -> None:
+    """n stream packets of fresh random plaintext (100 + 90 k bytes, appended to `sent`)
+    through the SMA's sender (relay.SmaSender) under the Encoder `enc`; with `tamper`, after
+    the second one a packet with a Tag bit flipped (the relay passes it, the board's MAC check
+    drops it)."""
+    for k in range(n):
+        p = os.urandom(100 + 90 * k)
+        snd.stream(enc.stream(p))
+        sent.extend(p)
+        if tamper and k == 1:
+            bad = bytearray(enc.stream(os.urandom(64)))
+            bad[-1] ^= 1
+            snd.stream(bytes(bad))
+        await asyncio.sleep(0.01)
+
+
 def last_counters(con: Lines) -> dict[str, int]:
     return counters(next(ln for ln in reversed(con.lines) if "|" in ln))
 
@@ -101,15 +117,7 @@ def test_board_takes_content_through_a_real_dma_and_regrafts(pki, tmp_path, mpy_
             sent_stream = bytearray()
 
             async def stream(snd: SmaSender, n: int, tamper: bool = False) -> None:
-                for k in range(n):
-                    p = os.urandom(100 + 90 * k)
-                    snd.stream(enc.stream(p))
-                    sent_stream.extend(p)
-                    if tamper and k == 1:  # a Tag bit flipped: the relay passes it, the board's MAC check drops it
-                        bad = bytearray(enc.stream(os.urandom(64)))
-                        bad[-1] ^= 1
-                        snd.stream(bytes(bad))
-                    await asyncio.sleep(0.01)
+                await send_stream(snd, enc, n, sent_stream, tamper)
                 await until(lambda: (rx / "stream.bin").exists() and (rx / "stream.bin").stat().st_size
                             >= len(sent_stream), timeout=10, what=lambda: "\n".join(con.lines))
                 assert (rx / "stream.bin").read_bytes() == bytes(sent_stream)

@@ -71,9 +71,7 @@ def test_board_takes_streams_by_multicast_across_a_link(netns, pki, tmp_path, mp
     got: dict = {}
 
     async def main():
-        s = Session(pki_dir, tmp_path, n_dmas=1)
-        s.server.host = "0.0.0.0"  # reached from the RMA namespace over the veth
-        async with s:
+        async with veth_session(pki_dir, tmp_path, 1) as s:
             loop = asyncio.get_running_loop()
             agent = s.dmas()[0]
             core = D.from_agent(agent, os.urandom, loop.time(), t_hb=HB)
@@ -84,11 +82,7 @@ def test_board_takes_streams_by_multicast_across_a_link(netns, pki, tmp_path, mp
             fs = board_fs(tmp_path, pki_dir, s.server.tls_port, sm_host=DMA_IP, hb_s=HB,
                           dmas=[[DMA_IP, svc.port, agent.cfg.maid.hex()]],
                           content={"mcast": GROUP, "mcast_port": MPORT, "mcast_if": RMA_IP})
-            mp = shutil.which("micropython", path=str(os.path.dirname(sys.executable)))
-            con = Lines(await asyncio.create_subprocess_exec(
-                "ip", "netns", "exec", rma_ns, mp, "-X", f"heapsize={HEAP}", "-c", BOARD, "1", cwd=fs,
-                env=dict(os.environ, MICROPYPATH=str(mpy_dir)), stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE))
+            con = await start_board_in(rma_ns, fs, mpy_dir, 1)
             sender = None
             closed = False
             try:
@@ -166,6 +160,24 @@ def test_board_takes_streams_by_multicast_across_a_link(netns, pki, tmp_path, mp
         print(f"\nboard with multicast reception at -X heapsize={HEAP // 1024}K: {N_STREAM} stream packets by "
               f"multicast ({st.get('mcast_relayed')} sent to {GROUP}, {st.get('udp_relayed', 0)} unicast), "
               f"heap in use at most {max(heaps)} B in its status lines")
+
+
+def veth_session(pki_dir, tmp_path, n_dmas: int) -> Session:
+    """test_net.Session with its SM listening on every address of the DMA namespace, so that
+    the board reaches it from the RMA namespace over the veth."""
+    s = Session(pki_dir, tmp_path, n_dmas=n_dmas)
+    s.server.host = "0.0.0.0"
+    return s
+
+
+async def start_board_in(ns: str, fs, mpy_dir, links: int) -> Lines:
+    """The board (test_fw_rma_board.BOARD at HEAP, .mpy from `mpy_dir`, files in `fs`) run in
+    network namespace `ns`; `links`: SM links before it stops (0: for ever, as deployed)."""
+    mp = shutil.which("micropython", path=str(os.path.dirname(sys.executable)))
+    return Lines(await asyncio.create_subprocess_exec(
+        "ip", "netns", "exec", ns, mp, "-X", f"heapsize={HEAP}", "-c", BOARD, str(links), cwd=fs,
+        env=dict(os.environ, MICROPYPATH=str(mpy_dir)), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE))
 
 
 async def _maddr(ns: str) -> str:
