@@ -15,10 +15,10 @@ from tessera.api import AsyncMaAgent, AsyncSessionManager, SmSettings
 from tessera.rmcp2 import codec as C
 from tessera.rmcp2 import protect as P
 from tessera.rmcp2.chain import ChildCore
-from tessera.rmcp2.dmatree import TreeCore, policy_of
+from tessera.rmcp2.dmatree import TreeCore
 from tessera.rmcp2.relay import Subscriber
 
-from .test_content_e2e import KC_TIMING, KEY, SID, ContentRma, pki  # noqa: F401 (pki: the fixture)
+from .test_content_e2e import KC_TIMING, KEY, SID, admit_rmas, pki  # noqa: F401 (pki: the fixture)
 from .test_net import until
 
 SUITE = P.Suite(C.EnDecId.AES_CTR_128, C.AuthId.HMAC_SHA1)
@@ -108,15 +108,7 @@ def test_content_reaches_the_rmas_of_a_child_dma_through_its_parent(pki, tmp_pat
                             dma1.tree_status().subscribers == (dma2.maid,), 10, "DMA2 a child of DMA1")
                 assert dma2.tree_status().parent == "bound" and dma1.tree_status().parent == "none"
 
-                policy = dma1._runner.agent.policy
-                suite = policy_of(policy)[1]
-                content = (int(policy.get(C.ConEnDecAlg).value), int(policy.get(C.AuthAlg).value))
-                agents = [AsyncMaAgent("rma", ep, SID, pki, f"rma{i}", instance=10 + i, **kw) for i in range(3)]
-                await asyncio.gather(*(a.start() for a in agents))
-                for d in (dma1, dma2):
-                    await d.wait_for(lambda s: all(a.acl_entry in s.acl for a in agents), 20, "the RMAs in the ACL")
-                rmas = [ContentRma(i, suite, a.maid, a.acl_entry.hashed_ktls, (dma1 if i == 0 else dma2).maid, content)
-                        for i, a in enumerate(agents)]
+                agents, rmas = await admit_rmas(ep, pki, kw, [dma1, dma2, dma2])
                 a, b, c = rmas  # a under DMA1, b and c under DMA2
                 await a.link(p1)
                 await b.link(p2)
