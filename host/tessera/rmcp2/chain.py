@@ -96,8 +96,8 @@ class ChildCore:
             except (C.Rmcp2Error, E.AnnexeError) as e:
                 self.errors[getattr(e, "code", getattr(e, "reason", None)).name] += 1
                 return [], []
-            if self._client.state == "refused":
-                self.state = "refused"
+            if self._client.state == "refused":  # the link ends; ParentLink waits the longest backoff
+                self.state, self.lost = "refused", True
                 log.warning("rmcp2 dma: the parent DMA refused the join (%s)", self._client.fail)
                 return [], []
             if self._client.state != "joined":

@@ -119,4 +119,5 @@ def test_more_children_than_the_table_holds_are_refused(monkeypatch):
             outs = [o for m in msgs for o in parent.receive(i, m, 0.0)]
             msgs = [u for _c, d in outs if d is not None for u in k.receive(d, 0.0)[0]]
     assert [k.state for k in kids] == ["bound", "bound", "refused"]
+    assert kids[2].lost and not kids[0].lost  # the refused child ends its link (and re-dials later)
     assert len(parent.children()) == 2 and parent.join.errors["BUSY"] == 1 and len(parent.subscribers()) == 2
