@@ -201,8 +201,9 @@ def cmd_agent(role: str):
                                                   mcast=args.mcast, mcast_if=args.mcast_if,
                                                   hma={"port": args.hma_port}, parent=args.parent)
                     st = agent.tree_status()
-                    log.info("rmcp2 DMA: tree port %d (RMAs join here), content UDP %d TCP %d (%s sends "
-                             "here)%s", port, st.content_udp, st.content_tcp,
+                    # its MAID too: a child DMA names its parent by it (--parent HOST:PORT:MAIDHEX)
+                    log.info("rmcp2 DMA: tree port %d (RMAs and child DMAs join here; MAID %s), content UDP %d "
+                             "TCP %d (%s sends here)%s", port, agent.maid.hex(), st.content_udp, st.content_tcp,
                              f"the parent DMA at {args.parent}" if args.parent else "the SMA",
                              f", upstream to the SMA at {args.sma_tree}" if args.sma_tree else ", no upstream (--sma)")
                     return
