@@ -49,3 +49,16 @@ def host_port(text: str, option: str) -> tuple[str, int]:
     if not host or not p.isdigit() or not 1 <= int(p) <= 0xFFFF:
         raise TesseraError(f"{option} wants HOST:PORT with a port in 1..65535, got {text!r}")
     return host, int(p)
+
+
+def parent_dma(text: str, option: str) -> tuple[str, int, bytes]:
+    """HOST:PORT:MAIDHEX of a parent DMA's tree port given to `option` (B.15 "Child DMA"; the
+    MAID is 8 bytes, 16 hex digits, B.1); a clean TesseraError when malformed."""
+    hp, _, mh = text.rpartition(":")
+    try:
+        maid = bytes.fromhex(mh)
+    except ValueError:
+        maid = b""
+    if len(maid) != 8:
+        raise TesseraError(f"{option} wants HOST:PORT:MAIDHEX with an 8-byte MAID (16 hex digits), got {text!r}")
+    return (*host_port(hp, option), maid)

@@ -207,6 +207,8 @@ class TreeStatus:
     relay: dict[str, int] = field(default_factory=dict)  # the relay's counters
     is_hma: bool = False  # this DMA multicasts for its multicast-enabled area (B.18)
     hma_state: str = "none"  # none (no --mcast), soliciting, follower, waiting, hma, stopped
+    parent: str = "none"  # the link to a parent DMA (B.15 "Child DMA"): none (no --parent), down, probing, bound, refused
+    children: tuple[bytes, ...] = ()  # child DMAs whose control link to this DMA is up
 
 
 @dataclass(frozen=True)
@@ -733,7 +735,9 @@ class AsyncMaAgent:
     async def start_tree(self, host: str = "127.0.0.1", port: int = TREE_PORT, *, tick: float = 0.5,
                          content_udp: int = 0, content_tcp: int = 0, sma: str | tuple[str, int] | None = None,
                          upstream: dict | None = None, mcast: str | tuple[str, int] | None = None,
-                         mcast_if: str | None = None, hma: dict | None = None, **core: Any) -> int:
+                         mcast_if: str | None = None, hma: dict | None = None,
+                         parent: str | tuple[str, int, bytes] | None = None, parent_link: dict | None = None,
+                         **core: Any) -> int:
         """A DMA that agreed on the policy starts its tree service (join, Kg per the agreed
         GK_MECHA, members' control links) on `port` (0: any free) and its content relay on
         `content_udp` / `content_tcp` (0: any free; tree_status() names them); given `sma`
@@ -743,7 +747,11 @@ class AsyncMaAgent:
         default port 26033) the DMA is in a multicast-enabled area: it takes part in the HMA
         election (B.18) on `mcast_if` (the IPv4 address of the interface towards the area) and
         its relay sends each stream packet to the group only while it is the HMA; `hma` goes to
-        hma.HmaEngine (t_hann, max_peers) and may name the HMA `port` (default 26034)."""
+        hma.HmaEngine (t_hann, max_peers) and may name the HMA `port` (default 26034). With
+        `parent` ("HOST:PORT:MAIDHEX" or (host, port, maid) of another DMA's tree port) this DMA
+        is that DMA's child (B.15 "Child DMA"): it joins it under Ks and takes content from it,
+        its upstream link to `sma` then carrying Kc only; `parent_link` goes to chain.ParentLink
+        (t_hb, tick, backoff, t_annexe)."""
         import os
 
         from tessera import cliargs
@@ -764,9 +772,15 @@ class AsyncMaAgent:
                 mcast = cliargs.mcast_group(mcast, "mcast")
             except TesseraError as e:
                 raise AgentError(str(e)) from None
+        if isinstance(parent, str):
+            try:
+                parent = cliargs.parent_dma(parent, "parent")
+            except TesseraError as e:
+                raise AgentError(str(e)) from None
         tree = dmatree.DmaService(dmatree.from_agent(a, os.urandom, asyncio.get_running_loop().time(), **core),
                                   host, port, tick=tick, content_udp=content_udp, content_tcp=content_tcp, sma=sma,
-                                  upstream_kw=upstream, mcast=mcast, mcast_if=mcast_if, hma_kw=hma)
+                                  upstream_kw=upstream, mcast=mcast, mcast_if=mcast_if, hma_kw=hma,
+                                  parent=parent, parent_kw=parent_link)
         try:
             await tree.start()
         except OSError as e:
@@ -785,7 +799,8 @@ class AsyncMaAgent:
                           dict(c.join.errors), t.relay.udp_port, t.relay.tcp_port,
                           tuple(s.maid for s in c.subscribers()), t.upstream.state if t.upstream else "none",
                           tuple(c.relay.held()), dict(t.relay.stats), t.is_hma,
-                          t.hma.engine.state if t.hma is not None else "none")
+                          t.hma.engine.state if t.hma is not None else "none",
+                          t.parent_link.state if t.parent_link is not None else "none", tuple(c.children()))
 
     async def start_source(self, host: str = "127.0.0.1", port: int = TREE_PORT, *, tick: float = 0.5,
                            kc_state: str | Path | None = None, **kc: Any) -> AsyncContentSource:

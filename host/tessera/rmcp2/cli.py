@@ -171,6 +171,8 @@ def cmd_agent(role: str):
                 raise TesseraError(f"no such file to send: {path}")
         if role == "dma" and args.sma_tree:
             cliargs.host_port(args.sma_tree, "--sma")
+        if role == "dma" and args.parent:
+            cliargs.parent_dma(args.parent, "--parent")
         if role == "dma" and args.mcast:
             cliargs.mcast_group(args.mcast, "--mcast")
             if args.mcast_if:
@@ -197,10 +199,12 @@ def cmd_agent(role: str):
                     port = await agent.start_tree(args.tree_host, args.tree_port, content_udp=args.content_udp,
                                                   content_tcp=args.content_tcp, sma=args.sma_tree,
                                                   mcast=args.mcast, mcast_if=args.mcast_if,
-                                                  hma={"port": args.hma_port})
+                                                  hma={"port": args.hma_port}, parent=args.parent)
                     st = agent.tree_status()
-                    log.info("rmcp2 DMA: tree port %d (RMAs join here), content UDP %d TCP %d (the SMA sends "
-                             "here)%s", port, st.content_udp, st.content_tcp,
+                    # its MAID too: a child DMA names its parent by it (--parent HOST:PORT:MAIDHEX)
+                    log.info("rmcp2 DMA: tree port %d (RMAs and child DMAs join here; MAID %s), content UDP %d "
+                             "TCP %d (%s sends here)%s", port, agent.maid.hex(), st.content_udp, st.content_tcp,
+                             f"the parent DMA at {args.parent}" if args.parent else "the SMA",
                              f", upstream to the SMA at {args.sma_tree}" if args.sma_tree else ", no upstream (--sma)")
                     return
                 state = args.kc_state or (var_dir() / "rmcp2" / f"sma-{args.session_id:016x}-{agent.maid.hex()}.kcgen")
@@ -372,6 +376,9 @@ def register(sub) -> None:
                            help="address of the tree port and the content ports (default 127.0.0.1)")
             p.add_argument("--sma", dest="sma_tree", metavar="HOST:PORT",
                            help="the SMA's tree port: link upstream for Kc and content (without it: no content)")
+            p.add_argument("--parent", metavar="HOST:PORT:MAIDHEX",
+                           help="make this DMA a child of another DMA (B.15): join that DMA's tree port under Ks "
+                                "and take content from it; --sma then carries Kc only")
             p.add_argument("--content-udp", type=cliargs.port, default=0,
                            help="content UDP port the SMA streams to (default 0: any free; the log names it)")
             p.add_argument("--content-tcp", type=cliargs.port, default=0,

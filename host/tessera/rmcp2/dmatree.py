@@ -62,6 +62,7 @@ class _Link:
     next_hb: float = 0.0
     peer_ip: str | None = None  # the TCP peer: the only address content is ever sent to (B.4)
     content: tuple[int, int] | None = None  # (UDP, TCP) ports of its newest authentic CONTENT_ADDR
+    child: bool = False  # a child DMA's control link (under Ks, B.15 "Child DMA"), not a member's
 
 
 def policy_of(policy: C.Message) -> tuple[C.GkMecha, P.Suite]:
@@ -77,7 +78,8 @@ class TreeCore:
                  mecha: C.GkMecha, suite: P.Suite, rand: Callable[[int], bytes], now: float,
                  kg_period: float = KG_PERIOD, t_hb: float = T_HB, max_members: int = T.MAX_MEMBERS,
                  ks_lookup: Callable[[int], P.ProtKey | None] | None = None,
-                 ks_current: Callable[[], P.ProtKey | None] | None = None, t_annexe: float = T.T_ANNEXE) -> None:
+                 ks_current: Callable[[], P.ProtKey | None] | None = None, t_annexe: float = T.T_ANNEXE,
+                 ks_seq_base: int = 1) -> None:
         self.sid, self.maid, self.suite, self.t_hb = session_id, bytes(maid), suite, t_hb
         self.acl_lookup, self.ks_lookup, self.ks_current = acl_lookup, ks_lookup, ks_current
         self.group = GroupKeyManager(session_id, maid, mecha, suite, rand, now, period=kg_period,
@@ -85,9 +87,11 @@ class TreeCore:
         self.relay = KcRelay(session_id, maid, self.group, suite)
         self.join = T.JoinEngine(session_id, maid, acl_lookup=acl_lookup, kg_source=self.group.current, suite=suite,
                                  rand=rand, ks_lookup=ks_lookup, ks_current=ks_current, t_annexe=t_annexe,
-                                 max_members=max_members, status=self._status, on_join=self._on_join)
+                                 max_members=max_members, status=self._status, on_join=self._on_join,
+                                 on_child=self._on_child, ks_seq_base=ks_seq_base)
         self._links: dict[Hashable, _Link] = {}
         self._member_conn: dict[bytes, Hashable] = {}
+        self._child_conn: dict[bytes, Hashable] = {}  # child DMAs (B.15 "Child DMA"): relay subscribers too
         self._out: list[Out] = []  # what _on_join routes while the join engine runs
         self._joined: list[bytes] = []
         self.left: Counter = Counter()  # why members left: leavreq, closed, heartbeat, expelled, slow
@@ -100,10 +104,14 @@ class TreeCore:
     def members(self) -> list[bytes]:
         return list(self._member_conn)
 
+    def children(self) -> list[bytes]:
+        """MAIDs of the child DMAs whose control link is up."""
+        return list(self._child_conn)
+
     def subscribers(self) -> list[Subscriber]:
         """The members with a content address (B.17): peer IP of their link, ports of CONTENT_ADDR."""
         out = []
-        for maid, conn in self._member_conn.items():
+        for maid, conn in [*self._member_conn.items(), *self._child_conn.items()]:
             link = self._links[conn]
             if link.content is None or link.peer_ip is None:
                 continue
@@ -127,7 +135,7 @@ class TreeCore:
 
     @property
     def unjoined(self) -> int:
-        return len(self._links) - len(self._member_conn)
+        return len(self._links) - len(self._member_conn) - len(self._child_conn)
 
     def _status(self) -> tuple[int, int, int]:
         return len(self.join.children()), len(self._member_conn), self.group.current()[0]
@@ -140,6 +148,8 @@ class TreeCore:
         link = self._links.get(conn)
         if link is None:
             return []
+        if link.child:
+            return self._child_control(conn, link, data, now)
         if link.maid is not None:
             return self._control(conn, link, data, now)
         self._out, self._joined = [], []
@@ -153,6 +163,9 @@ class TreeCore:
     def closed(self, conn: Hashable, now: float, why: str = "closed") -> list[Out]:
         link = self._links.pop(conn, None)
         self.join.drop(conn)
+        if link is not None and link.child:
+            self._child_gone(conn, link, why)
+            return []
         if link is None or link.maid is None or self._member_conn.get(link.maid) != conn:
             return []
         return self._leave(link.maid, why, now, link)
@@ -172,6 +185,16 @@ class TreeCore:
             elif now >= link.next_hb:
                 link.next_hb = now + self.t_hb
                 out += self._to(conn, maid, M.HB)
+        for maid, conn in list(self._child_conn.items()):
+            link = self._links[conn]
+            if now - link.last_rx >= HB_MISSED * self.t_hb:
+                log.info("rmcp2 dma: child DMA %s missed %d heartbeats", maid.hex(), HB_MISSED)
+                self._links.pop(conn, None)
+                self._child_gone(conn, link, "heartbeat")
+                out.append((conn, None))
+            elif now >= link.next_hb:
+                link.next_hb = now + self.t_hb
+                out += self._to_child(conn, M.HB)
         return out
 
     def stop(self, now: float) -> list[Out]:
@@ -183,6 +206,11 @@ class TreeCore:
             self._links.pop(conn, None)
             self.join.remove(maid)
             self.left["dma_stop"] += 1
+        for maid, conn in list(self._child_conn.items()):  # a child takes the parent as gone and re-dials
+            out.append((conn, None))
+            link = self._links.pop(conn, None)
+            if link is not None:
+                self._child_gone(conn, link, "dma_stop")
         had = bool(self._member_conn)
         self._member_conn.clear()
         if had:
@@ -218,6 +246,65 @@ class TreeCore:
         if lost_addr:  # the old link's content address goes with it; the new link announces its own
             self._subs_changed()
         return True
+
+    def _on_child(self, member: T.Member, now: float) -> bool:
+        """A child DMA passed Annex E under Ks (B.15 "Child DMA"): its join link becomes its
+        control link; one link per child, a new join replaces the old link."""
+        old = self._child_conn.pop(member.maid, None)
+        if old is not None and old != member.conn:
+            gone = self._links.pop(old, None)
+            self._out.append((old, None))
+            if gone is not None:
+                self._child_gone(old, gone, "replaced")
+        link = self._links[member.conn]
+        link.maid, link.child, link.hashed = member.maid, True, member.hashed_maid
+        link.last_rx, link.next_hb = now, now + self.t_hb
+        self._child_conn[member.maid] = member.conn
+        return True
+
+    def _child_gone(self, conn: Hashable, link: _Link, why: str) -> None:
+        maid = link.maid
+        if maid is None:
+            return
+        if self._child_conn.get(maid) == conn:  # not when a new join already replaced this link
+            del self._child_conn[maid]
+            self.join.remove(maid)
+        link.maid, link.child = None, False
+        self.left["child_" + why] += 1
+        log.info("rmcp2 dma: child DMA %s gone (%s); %d children", maid.hex(), why, len(self._child_conn))
+        if link.content is not None:
+            link.content = None
+            self._subs_changed()
+
+    def _to_child(self, conn: Hashable, t: C.MsgType, *controls: C.Control) -> list[Out]:
+        """Under Ks, MAID = this DMA (the sender: a message reflected to the child names the wrong MAID)."""
+        try:
+            return [(conn, self.join.ks_seal(C.Message(t, N.DMA, self.sid, self.maid, controls).encode()))]
+        except C.Rmcp2Error as e:
+            self.errors[e.code.name] += 1
+            return []
+
+    def _child_control(self, conn: Hashable, link: _Link, data: bytes, now: float) -> list[Out]:
+        """One message on a child DMA's control link: only that child's, under Ks."""
+        try:
+            msg, _key = self.join.ks_unseal(data)
+        except C.Rmcp2Error as e:
+            self.errors[e.code.name] += 1
+            return []
+        if msg.nt != N.DMA or msg.maid != link.maid:
+            self.errors["not from this child DMA"] += 1
+            return []
+        link.last_rx = now
+        if msg.type != M.HB:
+            self.errors[f"{msg.type.name} on a child link"] += 1
+            return []
+        ca = msg.get(C.ContentAddr)
+        if ca is not None and (ca.udp, ca.tcp) != link.content:  # B.4: the newest authentic one counts
+            link.content = (ca.udp, ca.tcp) if (ca.udp or ca.tcp) else None
+            log.info("rmcp2 dma: child DMA %s takes content at %s UDP %d TCP %d", msg.maid.hex(), link.peer_ip,
+                     ca.udp, ca.tcp)
+            self._subs_changed()
+        return []
 
     def _leave(self, maid: bytes, why: str, now: float, link: _Link | None = None) -> list[Out]:
         conn = self._member_conn.pop(maid, None)
@@ -448,7 +535,12 @@ def from_agent(agent, rand: Callable[[int], bytes], now: float, **kw) -> TreeCor
     Ks, GK_MECHA and suite."""
     if agent.state != "ready" or agent.policy is None:
         raise ValueError("the DMA has not agreed on a security policy yet")
+    import time
+
+    from tessera.rmcp2.upstream import seq_base
+
     mecha, suite = policy_of(agent.policy)
+    kw.setdefault("ks_seq_base", seq_base(time.time()))  # the Seq under Ks its children see (B.15)
     return TreeCore(agent.cfg.session_id, agent.cfg.maid, acl_lookup=T.agent_acl_lookup(agent), mecha=mecha,
                     suite=suite, rand=rand, now=now, ks_lookup=agent_ks_lookup(agent), ks_current=lambda: agent.ks,
                     **kw)
@@ -465,7 +557,8 @@ class DmaService:
                  content_udp: int = 0, content_tcp: int = 0, sma: tuple[str, int] | None = None,
                  ks_suite: P.Suite | None = None, tick: float = 0.5, relay_kw: dict | None = None,
                  upstream_kw: dict | None = None, mcast: tuple[str, int] | None = None,
-                 mcast_if: str | None = None, hma_kw: dict | None = None, **server_kw) -> None:
+                 mcast_if: str | None = None, hma_kw: dict | None = None,
+                 parent: tuple[str, int, bytes] | None = None, parent_kw: dict | None = None, **server_kw) -> None:
         from tessera.rmcp2.relay import Relay
 
         self.core, self.host = core, host
@@ -488,6 +581,8 @@ class DmaService:
         self.content_udp, self.content_tcp = content_udp, content_tcp
         self.sma, self.ks_suite, self.upstream_kw = sma, ks_suite or core.suite, upstream_kw or {}
         self.upstream = None
+        self.parent, self.parent_kw = parent, parent_kw or {}
+        self.parent_link = None  # chain.ParentLink when this DMA is a child of `parent` (B.15 "Child DMA")
         core.on_subscribers = self.relay.set_subscribers
 
     @property
@@ -514,17 +609,29 @@ class DmaService:
         if self.sma is not None:
             from tessera.rmcp2.upstream import UpstreamLink
 
-            self.upstream = UpstreamLink(self.core, self.server, self.sma, self.ks_suite,
-                                         (self.relay.udp_port, self.relay.tcp_port), **self.upstream_kw)
+            # a child DMA takes content from its parent, so it asks the SMA for Kc only (B.4 port 0)
+            ports = (0, 0) if self.parent is not None else (self.relay.udp_port, self.relay.tcp_port)
+            self.upstream = UpstreamLink(self.core, self.server, self.sma, self.ks_suite, ports, **self.upstream_kw)
             self.upstream.start()
+        if self.parent is not None:
+            from tessera.rmcp2.chain import ParentLink
+
+            if self.sma is None:
+                log.warning("rmcp2 dma: a child DMA without an upstream link (--sma) gets no Kc: "
+                            "its members can open none of the content its parent relays")
+
+            self.parent_link = ParentLink(self.core, self.server, self.parent, self.ks_suite,
+                                          (self.relay.udp_port, self.relay.tcp_port), **self.parent_kw)
+            self.parent_link.start()
         if self.hma is not None:
             try:
                 await self.hma.start()
             except OSError:
                 await self.close(leave=False)
                 raise
-        log.info("rmcp2 dma: tree port %d, content UDP %d TCP %d%s", self.server.port, self.relay.udp_port,
-                 self.relay.tcp_port, f", upstream to {self.sma[0]}:{self.sma[1]}" if self.sma else "")
+        log.info("rmcp2 dma: tree port %d, content UDP %d TCP %d%s%s", self.server.port, self.relay.udp_port,
+                 self.relay.tcp_port, f", upstream to {self.sma[0]}:{self.sma[1]}" if self.sma else "",
+                 f", child of {self.parent[2].hex()} at {self.parent[0]}:{self.parent[1]}" if self.parent else "")
 
     async def close(self, leave: bool = True) -> None:
         """Stop; with `leave`, the HMA's HLEAVE first (B.18), then the members' LEAVREQ (B.15)."""
@@ -535,5 +642,7 @@ class DmaService:
                 self.hma.abort()
         if self.upstream is not None:
             await self.upstream.close()
+        if self.parent_link is not None:
+            await self.parent_link.close()
         await self.server.close(leave)
         await self.relay.close()

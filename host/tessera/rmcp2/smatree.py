@@ -293,7 +293,8 @@ class SmaTreeServer(LinkListener):
         return self.core.is_bound(conn)
 
     def _targets(self, targets: list[DmaTarget]) -> None:
-        self.sender.dmas = [(t.host, t.udp, t.tcp) for t in targets]
+        # a DMA that announced no port (a child DMA, fed by its parent: B.15) takes Kc only
+        self.sender.dmas = [(t.host, t.udp, t.tcp) for t in targets if t.udp or t.tcp]
 
     async def start(self) -> None:
         await self._listen()

@@ -25,6 +25,7 @@ from tessera.crypto.mac import ct_equal
 from tessera.rmcp2 import annexe as E
 from tessera.rmcp2 import codec as C
 from tessera.rmcp2 import protect as P
+from tessera.rmcp2.upstream import KsSeq
 
 log = logging.getLogger("tessera.rmcp2.tree")
 N, M = C.NodeType, C.MsgType
@@ -98,7 +99,8 @@ class JoinEngine:
                  ks_current: Callable[[], P.ProtKey | None] | None = None,
                  t_annexe: float = T_ANNEXE, max_pending: int = MAX_PENDING,
                  max_members: int = MAX_MEMBERS, status: Callable[[], tuple[int, int, int]] | None = None,
-                 on_join: Callable[[Member, float], bool] | None = None) -> None:
+                 on_join: Callable[[Member, float], bool] | None = None,
+                 on_child: Callable[[Member, float], bool] | None = None, ks_seq_base: int = 1) -> None:
         self.sid, self.maid = session_id, C._check_maid(maid)
         self.hashed = P.hashed_maid(session_id, maid)
         self.acl_lookup, self.kg_source, self.suite, self.rand = acl_lookup, kg_source, suite, rand
@@ -106,13 +108,16 @@ class JoinEngine:
         self.t_annexe, self.max_pending, self.max_members = t_annexe, max_pending, max_members
         self._status = status
         self.on_join = on_join  # an RMA passed pass 3: called before kg_source(); False refuses it (BUSY)
+        self.on_child = on_child  # a child DMA passed pass 3: called before its RELANS; False refuses it (BUSY)
         self.errors: Counter = Counter()
         self._pending: dict[bytes, _Pending] = {}
         self._members: dict[bytes, Member] = {}
         self._children: dict[bytes, Member] = {}
         self._probes: OrderedDict[bytes, None] = OrderedDict()
         self._ks_windows: OrderedDict[tuple, P.ReplayWindow] = OrderedDict()
-        self._ks_seq = _Seq()
+        # one Seq under Ks per generation, from a base above what an earlier process sent (B.15
+        # "Replay windows and Seq": a child keeps its window for the parent's life of its process)
+        self._ks_seq = KsSeq(ks_seq_base)
 
     # ------------------------------------------------------------------ state views
     def members(self) -> dict[bytes, Member]:
@@ -217,6 +222,9 @@ class JoinEngine:
         if ks is None and self.on_join is not None and not self.on_join(member, now):
             del table[msg.maid]  # the key layer refused it (its group is full)
             return self._fail(Fail.BUSY, msg.maid)
+        if ks is not None and self.on_child is not None and not self.on_child(member, now):
+            del table[msg.maid]
+            return self._fail(Fail.BUSY, msg.maid)
         if ks is not None:
             log.info("child DMA %s joined", msg.maid.hex())
             return [self._reply(M.RELANS, msg.maid, C.AuthAns(C.SecReturn.OK))]
@@ -279,7 +287,9 @@ class JoinEngine:
             return e.reason
 
     # ---------------------------------------------------------------- DMA (CMA) side
-    def _from_dma(self, conn, data: bytes, now: float) -> list[bytes]:
+    def ks_unseal(self, data: bytes) -> tuple[C.Message, P.ProtKey]:
+        """One message under Ks from a DMA: opened and checked against its window per (MAID,
+        Ks generation), a window kept only once the Tag verified. Raises Rmcp2Error."""
         if self.ks_lookup is None or self.ks_current is None:
             raise C.Rmcp2Error(C.ErrorCode.KEY, "no Ks: this engine serves RMAs only")
 
@@ -300,15 +310,20 @@ class JoinEngine:
             self._ks_windows.popitem(last=False)
         if msg.session_id != self.sid:
             raise C.Rmcp2Error(C.ErrorCode.VALUE, "another session")
-        if msg.type == M.PPROBREQ:
-            return [self._ks_seal(self._reply(M.PPROBANS, msg.maid, C.ResultCtl(C.Result.ACCEPTED), self._status_ctl()))]
-        return [self._ks_seal(r) for r in self._relreq(conn, msg, now, key)]
+        return msg, key
 
-    def _ks_seal(self, plain: bytes) -> bytes:
-        ks = self.ks_current()
+    def _from_dma(self, conn, data: bytes, now: float) -> list[bytes]:
+        msg, key = self.ks_unseal(data)
+        if msg.type == M.PPROBREQ:
+            return [self.ks_seal(self._reply(M.PPROBANS, msg.maid, C.ResultCtl(C.Result.ACCEPTED), self._status_ctl()))]
+        return [self.ks_seal(r) for r in self._relreq(conn, msg, now, key)]
+
+    def ks_seal(self, plain: bytes) -> bytes:
+        """A message to a child DMA under the current Ks (this engine's Seq under Ks)."""
+        ks = self.ks_current() if self.ks_current is not None else None
         if ks is None:
             raise C.Rmcp2Error(C.ErrorCode.KEY, "no Ks")
-        return P.seal(plain, ks, self.suite, self._ks_seq.next(), self.rand(16))
+        return P.seal(plain, ks, self.suite, self._ks_seq.next(ks), self.rand(16))
 
 
 # ------------------------------------------------------------------------ client side
@@ -321,7 +336,7 @@ class JoinClient:
 
     def __init__(self, session_id: int, maid: bytes, nt: C.NodeType, suite: P.Suite,
                  rand: Callable[[int], bytes], *, hashed_ktls: bytes | None = None,
-                 ks: P.ProtKey | None = None, dh: DH | None = None) -> None:
+                 ks: P.ProtKey | None = None, dh: DH | None = None, ks_seq: KsSeq | None = None) -> None:
         if (nt == N.RMA) == (hashed_ktls is None) or (nt == N.DMA) == (ks is None):
             raise ValueError("an RMA joins with its HASHED_KTLS, a DMA with Ks")
         self.sid, self.maid, self.nt, self.suite, self.rand = session_id, maid, nt, suite, rand
@@ -331,6 +346,7 @@ class JoinClient:
         self._dh = dh
         self._cli: E.Client | None = None
         self._seq = _Seq()
+        self._ks_seq = ks_seq  # a CMA's Seq under Ks kept across its joins (the PMA's window outlives a link)
         self._win = P.ReplayWindow()
         self.state = "new"
         self.fail: Fail | None = None
@@ -343,7 +359,8 @@ class JoinClient:
         plain = C.Message(t, self.nt, self.sid, self.maid, controls).encode()
         if self.nt == N.RMA:
             return plain
-        return P.seal(plain, self._ks, self.suite, self._seq.next(), self.rand(16))  # type: ignore[arg-type]
+        seq = self._ks_seq.next(self._ks) if self._ks_seq is not None else self._seq.next()  # type: ignore[arg-type]
+        return P.seal(plain, self._ks, self.suite, seq, self.rand(16))  # type: ignore[arg-type]
 
     def start(self) -> bytes:
         self.state = "probe"

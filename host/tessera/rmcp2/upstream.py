@@ -201,7 +201,11 @@ class UpstreamCore:
 
 
 class UpstreamLink:
-    """The asyncio side: dial, PPROBREQ, read, tick; re-dial with a bounded jittered backoff."""
+    """The asyncio side: dial, PPROBREQ, read, tick; re-dial with a bounded jittered backoff.
+    Its core: `connected(now)`, `receive(data, now) -> (up, down)`, `tick(now)`, `disconnected()`,
+    `state` (down, probing, bound, refused), `lost`, `t_hb` (chain.ParentLink reuses it)."""
+
+    peer = "the SMA"
 
     def __init__(self, tree: TreeCore, server: DmaTreeServer, sma: tuple[str, int], suite: P.Suite,
                  ports: tuple[int, int], *, t_hb: float = T_HB, tick: float = 0.5,
@@ -212,9 +216,12 @@ class UpstreamLink:
 
         if tree.ks_lookup is None or tree.ks_current is None:
             raise ValueError("the upstream link needs the DMA's Ks")
-        self.server, self.sma, self.tick_s, self.backoff = server, sma, tick, backoff
-        self.core = UpstreamCore(tree, suite, tree.ks_current, tree.ks_lookup, ports, rand or os.urandom,
-                                 KsSeq(seq_base((wall or time.time)())), t_hb=t_hb)
+        self._setup(server, sma, tick, backoff, UpstreamCore(
+            tree, suite, tree.ks_current, tree.ks_lookup, ports, rand or os.urandom,
+            KsSeq(seq_base((wall or time.time)())), t_hb=t_hb))
+
+    def _setup(self, server: DmaTreeServer, peer: tuple, tick: float, backoff: tuple[float, float], core) -> None:
+        self.server, self.sma, self.tick_s, self.backoff, self.core = server, peer, tick, backoff, core
         self.dials = 0
         self._was_bound = False
         self._task: asyncio.Task | None = None
@@ -248,7 +255,7 @@ class UpstreamLink:
             if self.core.state == "refused":  # the SMA said no (e.g. full): ask again, but rarely
                 failures, self.core.state = 16, "down"
             delay = min(hi, lo * 2 ** min(failures, 16)) * (0.5 + random.random() / 2)
-            log.info("rmcp2 dma: upstream link down; dialling %s:%d again in %.1f s", *self.sma, delay)
+            log.info("rmcp2 dma: link to %s down; dialling %s:%d again in %.1f s", self.peer, *self.sma[:2], delay)
             await asyncio.sleep(delay)
 
     async def _session(self) -> None:
@@ -258,9 +265,9 @@ class UpstreamLink:
         self._was_bound = False
         self.dials += 1
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(*self.sma), T_CONNECT)
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(*self.sma[:2]), T_CONNECT)
         except (OSError, asyncio.TimeoutError) as e:
-            log.info("rmcp2 dma: cannot reach the SMA at %s:%d: %s", *self.sma, e)
+            log.info("rmcp2 dma: cannot reach %s at %s:%d: %s", self.peer, *self.sma[:2], e)
             return
         self._writer = writer
         ticker = asyncio.create_task(self._ticks(writer))

@@ -117,6 +117,20 @@ class ContentRma(HostRma):
         await self.close()
 
 
+async def admit_rmas(ep, pki, kw: dict, under: list) -> tuple[list[AsyncMaAgent], list[ContentRma]]:
+    """RMA agents rma0.. admitted at the SM (one per entry of `under`, the DMA agent it will
+    join), in every DMA's ACL, and a ContentRma for each with the agreed suite and content pair."""
+    policy = under[0]._runner.agent.policy
+    suite = policy_of(policy)[1]
+    content = (int(policy.get(C.ConEnDecAlg).value), int(policy.get(C.AuthAlg).value))
+    agents = [AsyncMaAgent("rma", ep, SID, pki, f"rma{i}", instance=10 + i, **kw) for i in range(len(under))]
+    await asyncio.gather(*(a.start() for a in agents))
+    for d in {id(d): d for d in under}.values():
+        await d.wait_for(lambda s: all(a.acl_entry in s.acl for a in agents), 20, "the RMAs in the ACL")
+    return agents, [ContentRma(i, suite, a.maid, a.acl_entry.hashed_ktls, d.maid, content)
+                    for i, (a, d) in enumerate(zip(agents, under))]
+
+
 def test_object_and_stream_reach_every_rma_of_two_dmas_with_backward_and_forward_secrecy(pki, tmp_path):
     async def main():
         async with AsyncSessionManager.open(tmp_path / "sm.sqlite", SmSettings(SID, agree_time=0.3), key=KEY) as sm:
@@ -137,15 +151,7 @@ def test_object_and_stream_reach_every_rma_of_two_dmas_with_backward_and_forward
                 st = await src.wait_for_dmas(2, 20)
                 assert set(st.dmas) == {dma1.maid, dma2.maid}
 
-                policy = dma1._runner.agent.policy
-                suite = policy_of(policy)[1]
-                content = (int(policy.get(C.ConEnDecAlg).value), int(policy.get(C.AuthAlg).value))
-                agents = [AsyncMaAgent("rma", ep, SID, pki, f"rma{i}", instance=10 + i, **kw) for i in range(4)]
-                await asyncio.gather(*(a.start() for a in agents))
-                for d in (dma1, dma2):
-                    await d.wait_for(lambda s: all(a.acl_entry in s.acl for a in agents), 20, "the RMAs in the ACL")
-                rmas = [ContentRma(i, suite, a.maid, a.acl_entry.hashed_ktls, (dma1 if i < 2 else dma2).maid, content)
-                        for i, a in enumerate(agents)]
+                agents, rmas = await admit_rmas(ep, pki, kw, [dma1, dma1, dma2, dma2])
                 a, b, c, d = rmas
                 await a.link(ports[0])
                 await b.link(ports[0])
