@@ -17,6 +17,8 @@ from tessera import (AgentError, AsyncMaAgent, AsyncSessionManager, MaAgent, NoS
                      RequestRefused, SecReturn, SessionManager, SmError, SmNotServing, SmSettings,
                      SubscriptionRefused, SubsResult, make_sm_pki)
 
+from ..rmcp2.test_net import _free_port, _wait_listening
+
 SID = 0x5E55_3000_0000_0001
 KEY = bytes(range(32))
 NAMES = ["sm", "sma", "dma1", "dma2", "rma1", "rma2", "rma3"]
@@ -176,13 +178,6 @@ def test_requests_without_a_serving_sm_are_withdrawn(tmp_path):
             sm.rekey(timeout=0.1)  # the bound holds: no unbounded queue in the store
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_cli_rekey_and_truncate_act_on_a_running_sm(pki, tmp_path):
     db = tmp_path / "sm.sqlite"
@@ -199,11 +194,7 @@ def test_cli_rekey_and_truncate_act_on_a_running_sm(pki, tmp_path):
                              "--tls-port", str(tp), "--plain-port", str(pp), "--agree-time", "0.3"], env=env,
                             stderr=subprocess.PIPE, text=True)
     try:
-        for line in proc.stderr:
-            if "TLS admission on" in line:
-                break
-        else:
-            raise AssertionError(f"the SM did not start (rc {proc.wait()})")
+        _wait_listening(proc)
 
         async def main():
             kw = dict(plain_port=pp, tick=0.05, retry=0.1)

@@ -233,11 +233,54 @@ def _serve(db, pki_dir, tls_port: int, plain_port: int) -> subprocess.Popen:
                              str(plain_port), "--agree-time", "0.5"], env=env, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_listening(proc: subprocess.Popen) -> None:
-    for line in proc.stderr:
-        if re.search(r"TLS admission on", line):
-            return
-    raise AssertionError(f"the SM did not start (rc {proc.wait()})")
+class _Log:
+    """A child's stderr read by a thread, so that a test waits for a line with a deadline
+    (a blocking `for line in p.stderr` hangs for ever when the line never comes) and shows
+    the whole log when it fails."""
+
+    def __init__(self, name: str, p: subprocess.Popen) -> None:
+        import threading
+
+        self.name, self.p, self.lines, self.cv = name, p, [], threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.p.stderr:
+            with self.cv:
+                self.lines.append(line.rstrip())
+                self.cv.notify_all()
+        with self.cv:
+            self.lines.append(None)  # EOF
+            self.cv.notify_all()
+
+    def wait(self, pattern: str, timeout: float = 60.0) -> re.Match:
+        """The first line matching `pattern` (from the start of the log)."""
+        deadline = time.monotonic() + timeout
+        i = 0
+        with self.cv:
+            while True:
+                while i < len(self.lines):
+                    line = self.lines[i]
+                    i += 1
+                    if line is None:
+                        raise AssertionError(f"{self.name} ended (rc {self.p.poll()}) before /{pattern}/:\n{self}")
+                    if m := re.search(pattern, line):
+                        return m
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"{self.name}: no /{pattern}/ within {timeout:.0f} s:\n{self}")
+                self.cv.wait(left)
+
+    def __str__(self) -> str:
+        return "\n".join(f"  {self.name}| {ln}" for ln in self.lines if ln is not None)
+
+
+def _wait_listening(proc: subprocess.Popen) -> _Log:
+    """The SM's log, once it listens; its stderr stays drained (a pipe nobody reads would
+    block the SM once full)."""
+    log = _Log("sm", proc)
+    log.wait(r"TLS admission on", 30)
+    return log
 
 
 @pytest.mark.slow
@@ -266,7 +309,7 @@ def test_kill_9_of_tessera_sm_serve_loses_nothing_and_sigterm_stops_it(pki, tmp_
         sma, dma, rma = run(first())
         assert proc.returncode == -signal.SIGKILL
         proc = _serve(db, pki_dir, tp, pp)
-        _wait_listening(proc)
+        log = _wait_listening(proc)
 
         async def second():
             # the same DMA (its K_TLS and Ks as before the kill) reconnects its plain link
@@ -282,54 +325,13 @@ def test_kill_9_of_tessera_sm_serve_loses_nothing_and_sigterm_stops_it(pki, tmp_
         assert dma.ks_gen == sma.ks_gen == 1
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
-        assert "stopped" in proc.stderr.read()
+        log.wait(r"stopped", 10)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     store = SmStore(db, key=bytes(range(32)))
     assert store.counts()["members"] == 3 and store.counts()["acl"] == 1
-
-
-class _Log:
-    """A child's stderr read by a thread, so that a test waits for a line with a deadline
-    (a blocking `for line in p.stderr` hangs for ever when the line never comes) and shows
-    the whole log when it fails."""
-
-    def __init__(self, name: str, p: subprocess.Popen) -> None:
-        import threading
-
-        self.name, self.p, self.lines, self.cv = name, p, [], threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.p.stderr:
-            with self.cv:
-                self.lines.append(line.rstrip())
-                self.cv.notify_all()
-        with self.cv:
-            self.lines.append(None)  # EOF
-            self.cv.notify_all()
-
-    def wait(self, pattern: str, timeout: float = 60.0, start: int = 0) -> re.Match:
-        deadline = time.monotonic() + timeout
-        i = start
-        with self.cv:
-            while True:
-                while i < len(self.lines):
-                    line = self.lines[i]
-                    i += 1
-                    if line is None:
-                        raise AssertionError(f"{self.name} ended (rc {self.p.poll()}) before /{pattern}/:\n{self}")
-                    if m := re.search(pattern, line):
-                        return m
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"{self.name}: no /{pattern}/ within {timeout:.0f} s:\n{self}")
-                self.cv.wait(left)
-
-    def __str__(self) -> str:
-        return "\n".join(f"  {self.name}| {ln}" for ln in self.lines if ln is not None)
 
 
 @pytest.mark.slow
@@ -341,7 +343,7 @@ def test_cli_sma_dma_rma_against_tessera_sm_serve(pki, tmp_path):
     sm = _serve(tmp_path / "sm.sqlite", pki_dir, tp, pp)
     procs = [sm]
     try:
-        _Log("sm", sm).wait(r"TLS admission on", 30)
+        _wait_listening(sm)
         common = ["--sm", f"127.0.0.1:{tp}", "--plain-port", str(pp), "--session-id", f"{SID:x}", "--pki-dir",
                   str(pki_dir)]
 
