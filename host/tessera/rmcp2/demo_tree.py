@@ -239,8 +239,7 @@ def _cleanup(board: Board, stop: bool) -> None:
     runs the RMA), no key file, no received content."""
     from tessera.rmcp2.demo import _cleanup as remove_identity
 
-    for p in (board.files / "rmcp2.json",):
-        p.unlink(missing_ok=True)
+    (board.files / "rmcp2.json").unlink(missing_ok=True)
     shutil.rmtree(board.files / "rx", ignore_errors=True)
     remove_identity(board)
     with contextlib.suppress(Exception):

@@ -23,6 +23,7 @@ sends each member LEAVREQ LEAVE_NORMAL under its K_MAS, then closes its link (B.
 """
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 import os
@@ -371,7 +372,7 @@ class TreeCore:
 
 
 # ------------------------------------------------------------------------ asyncio adapters
-class LinkListener:
+class LinkListener(abc.ABC):
     """A tree-control listener over a sans-IO core (`opened(conn, now, peer_ip)`, `receive`,
     `closed(conn, now, why) -> outs`, `tick`, `t_hb`): one task reads each link (framing by
     header Length, at most `max_message` bytes); sends never wait: a link whose unsent bytes
@@ -396,11 +397,13 @@ class LinkListener:
     def links(self) -> int:
         return len(self._writers)
 
-    def _unbound(self) -> int:  # links without a member / DMA
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _unbound(self) -> int:
+        """How many links the core holds without a member / DMA bound to them."""
 
+    @abc.abstractmethod
     def _bound(self, conn: Hashable) -> bool:
-        raise NotImplementedError
+        """Whether the core holds `conn` as a member's / DMA's link."""
 
     async def _listen(self) -> None:
         self._server = await asyncio.start_server(self._serve, self.host, self.port)
